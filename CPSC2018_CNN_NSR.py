@@ -1,0 +1,42 @@
+"""Train with noise-to-signal-ratio regularization (SPEC section 5, NSR).
+
+    python CPSC2018_CNN_NSR.py                          # the paper's settings
+    python CPSC2018_CNN_NSR.py --beta2 0.5 --preset demo
+
+loss = MSE to the one-hot label + beta1 * multi-margin + beta2 * log(1 + NSR), the last
+two from epoch ``reg_start_epoch`` on and only over the correctly classified samples.
+"""
+import sys
+
+import harness
+from losses import mse_onehot_loss, multi_margin_loss, nsr_loss
+
+HYPERPARAMETERS = dict(
+    beta1=1.0,            # weight of the multi-margin term
+    beta2=1.0,            # weight of the noise-to-signal-ratio term
+    reg_start_epoch=10,   # epochs before this use the MSE term alone
+)
+PRESET_OVERRIDES = {"demo": dict(reg_start_epoch=2), "smoke": dict(reg_start_epoch=0)}
+
+
+def loss_fn(model, x, y, mask, epoch, cfg):
+    logits = model(x, mask)
+    loss1 = mse_onehot_loss(logits, y)
+    if epoch < cfg.reg_start_epoch:
+        return loss1, {"loss_mse": loss1.detach()}
+    correct = logits.argmax(dim=1) == y
+    n = int(correct.sum())
+    if n == 0:
+        return loss1, {"loss_mse": loss1.detach(), "loss_margin": 0.0, "loss_nsr": 0.0}
+    loss2 = multi_margin_loss(logits[correct], y[correct])
+    loss3 = nsr_loss(model, x[correct], y[correct], mask[correct]) / n
+    loss = loss1 + cfg.beta1 * loss2 + cfg.beta2 * loss3
+    return loss, {"loss_mse": loss1.detach(), "loss_margin": loss2.detach(), "loss_nsr": loss3.detach()}
+
+
+def run_name(cfg):
+    return f"NSR_beta1_{cfg.beta1:g}_beta2_{cfg.beta2:g}"
+
+
+if __name__ == "__main__":
+    sys.exit(harness.main("NSR", loss_fn, HYPERPARAMETERS, run_name, PRESET_OVERRIDES))

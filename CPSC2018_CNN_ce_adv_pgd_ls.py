@@ -1,0 +1,51 @@
+"""Train with PGD adversarial training, "advls" (SPEC section 5, adversarial training).
+
+    python CPSC2018_CNN_ce_adv_pgd_ls.py                  # eps 0.01, the paper's default
+    python CPSC2018_CNN_ce_adv_pgd_ls.py --eps 0.05       # the paper also trains 0.005, 0.05, 0.1
+    python CPSC2018_CNN_ce_adv_pgd_ls.py --label_smoothing 0.1
+
+From epoch ``adv_start_epoch`` the correctly classified samples of each batch are attacked
+with 20-step L-inf PGD (soft logit-margin loss, random start, budget growing linearly to
+eps at the last epoch) and loss = (1 - beta) * CE(clean) + beta * sum CE(adversarial) / B.
+"ls" is read two ways: the reference code's soft logit-margin attack loss (always used)
+and, as an option, label smoothing of both CE terms (default 0, as in the reference code).
+"""
+import sys
+
+import torch.nn.functional as F
+
+import harness
+from losses import adversarial_eps, adversarial_loss, adversarial_step
+
+HYPERPARAMETERS = dict(
+    eps=0.01,               # final L-inf budget
+    beta=0.5,               # weight of the adversarial term
+    adv_start_epoch=10,     # plain CE before this epoch
+    pgd_steps=20,
+    pgd_alpha=4.0,          # step size = pgd_alpha * eps_t / pgd_steps
+    label_smoothing=0.0,    # of the CE terms; 0 reproduces the reference code
+)
+PRESET_OVERRIDES = {"demo": dict(adv_start_epoch=2), "smoke": dict(adv_start_epoch=0, pgd_steps=2)}
+
+
+def loss_fn(model, x, y, mask, epoch, cfg):
+    logits = model(x, mask)
+    loss1 = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    eps_t = adversarial_eps(epoch, cfg.eps, cfg.adv_start_epoch, cfg.epochs)
+    correct = logits.argmax(dim=1) == y
+    if eps_t == 0 or not correct.any():
+        return loss1, {"loss_ce": loss1.detach()}
+    loss2 = adversarial_loss(model, x[correct], y[correct], mask[correct], eps_t,
+                             adversarial_step(eps_t, cfg.pgd_alpha, cfg.pgd_steps),
+                             steps=cfg.pgd_steps, label_smoothing=cfg.label_smoothing) / len(y)
+    loss = (1 - cfg.beta) * loss1 + cfg.beta * loss2
+    return loss, {"loss_ce": loss1.detach(), "loss_adv": loss2.detach(), "eps_t": eps_t}
+
+
+def run_name(cfg):
+    smoothing = f"_ls_{cfg.label_smoothing:g}" if cfg.label_smoothing else ""
+    return f"advls_eps_{cfg.eps:g}_beta_{cfg.beta:g}{smoothing}"
+
+
+if __name__ == "__main__":
+    sys.exit(harness.main("advls", loss_fn, HYPERPARAMETERS, run_name, PRESET_OVERRIDES))

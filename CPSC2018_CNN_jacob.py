@@ -1,0 +1,33 @@
+"""Train with Jacobian regularization (SPEC section 5, Jacobian).
+
+    python CPSC2018_CNN_jacob.py                              # the paper's settings (exact term)
+    python CPSC2018_CNN_jacob.py --jacobian_projections 1     # Hoffman et al.'s random projection
+
+loss = CE + beta * sqrt(sum of squared input-gradient norms of all 9 logits) / (B * 9).
+"""
+import sys
+
+import torch.nn.functional as F
+
+import harness
+from losses import jacobian_loss
+
+HYPERPARAMETERS = dict(
+    beta=44.0,                # weight of the Jacobian term, from epoch 0
+    jacobian_projections=0,   # 0: the exact Frobenius norm (paper); K > 0: K random projections
+)
+
+
+def loss_fn(model, x, y, mask, epoch, cfg):
+    loss1 = F.cross_entropy(model(x, mask), y)
+    loss2 = jacobian_loss(model, x, mask, projections=cfg.jacobian_projections)
+    return loss1 + cfg.beta * loss2, {"loss_ce": loss1.detach(), "loss_jacobian": loss2.detach()}
+
+
+def run_name(cfg):
+    projections = f"_proj_{cfg.jacobian_projections}" if cfg.jacobian_projections else ""
+    return f"jacob_beta_{cfg.beta:g}{projections}"
+
+
+if __name__ == "__main__":
+    sys.exit(harness.main("jacob", loss_fn, HYPERPARAMETERS, run_name))

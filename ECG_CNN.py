@@ -1,0 +1,252 @@
+"""The paper's 1D CNN for variable-length 12-lead ECG (SPEC section 4).
+
+Every model is called as ``model(x, mask)`` with x of shape (B, leads, T) and mask of
+shape (B, 1, T) (1 on signal samples, 0 on padding) and returns logits of shape
+(B, num_classes). T must be a multiple of 1024 and at least 3072: the trunk divides
+the length by 1024 and the final valid convolution removes two positions.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DOWNSAMPLE = 1024  # stem (4) x eight stride-2 blocks (256)
+POOL_KERNEL = 3 * DOWNSAMPLE  # the receptive field of one position of the last conv
+MIN_LENGTH = POOL_KERNEL
+
+
+def check_length(length: int) -> None:
+    """Raise ValueError unless ``length`` is a valid input length T for the CNN."""
+    if length < MIN_LENGTH or length % DOWNSAMPLE:
+        raise ValueError(
+            f"input length {length} is not supported: it must be a multiple of "
+            f"{DOWNSAMPLE} and at least {MIN_LENGTH}")
+
+
+class ResidualBlock(nn.Module):
+    """Two 3-tap convolutions with GroupNorm; a strided 1x1 convolution on the shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 2):
+        super().__init__()
+        self.conv1 = nn.Conv1d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.norm1 = nn.GroupNorm(out_channels, out_channels)
+        self.conv2 = nn.Conv1d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.norm2 = nn.GroupNorm(out_channels, out_channels)
+        self.shortcut = nn.Sequential(
+            nn.Conv1d(in_channels, out_channels, 1, stride, bias=False),
+            nn.GroupNorm(out_channels, out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.leaky_relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return F.leaky_relu(out + self.shortcut(x))
+
+
+class Trunk(nn.Module):
+    """Stem, eight stride-2 residual blocks and the final valid convolution: (B, 512, T/1024 - 2)."""
+
+    CHANNELS = (64, 64, 64, 128, 128, 256, 256, 512, 512)
+
+    def __init__(self, in_leads: int = 8):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv1d(in_leads, 64, 11, 2, 5, bias=False),
+            nn.GroupNorm(64, 64),
+            nn.LeakyReLU(),
+            nn.MaxPool1d(3, 2, 1))
+        self.blocks = nn.Sequential(*[
+            ResidualBlock(c_in, c_out) for c_in, c_out in zip(self.CHANNELS[:-1], self.CHANNELS[1:])])
+        self.head_conv = nn.Conv1d(512, 512, 3, 1, 0, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.head_conv(self.blocks(self.stem(x))))
+
+
+def masked_average_pool(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Average the positions whose receptive field is mostly signal (SPEC section 4).
+
+    features: (B, C, P); mask: (B, 1, T) with P = (T - 3072) / 1024 + 1. Returns (B, C).
+    """
+    weight = F.avg_pool1d(mask, POOL_KERNEL, DOWNSAMPLE)
+    weight = weight * (weight >= 0.5)
+    return (features * weight).sum(dim=2) / (weight.sum(dim=2) + 1e-8)
+
+
+class ResNet18A(nn.Module):
+    """``resnet18a``, the paper's model: masked average pooling, then a linear classifier."""
+
+    def __init__(self, in_leads: int = 8, num_classes: int = 9):
+        super().__init__()
+        self.trunk = Trunk(in_leads)
+        self.classifier = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.classifier(masked_average_pool(self.trunk(x), mask))
+
+
+class ResNet18M(nn.Module):
+    """``resnet18m``: the classifier at every position, then the maximum over positions; no mask."""
+
+    def __init__(self, in_leads: int = 8, num_classes: int = 9):
+        super().__init__()
+        self.trunk = Trunk(in_leads)
+        self.classifier = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.classifier(self.trunk(x).transpose(1, 2))  # (B, P, classes)
+        return logits.max(dim=1).values
+
+
+# --------------------------------------------------------------------------- variable length
+#
+# ``resnet18a_vl`` computes resnet18a's layers on the valid (signal) positions only, so that a
+# record's logits do not depend on how much zero padding surrounds it. Each layer's output
+# carries a validity mask of its own resolution:
+#
+# - A stride-2 layer's output position j covers the input cell [2j, 2j + 2); it is valid when
+#   that cell holds a valid input position (the mask is max-pooled with kernel 2, stride 2).
+#   After the trunk's total stride of 1024, position j is valid when the input samples
+#   [1024 j, 1024 (j + 1)) contain signal. A rule that only looks at a position's own cell
+#   commutes with shifting the signal by a multiple of 1024 and never marks a position valid
+#   that exists in one padding but lies outside the array in another (cells tile the array).
+#   Every record longer than 2048 samples keeps at least three valid positions at stride 1024.
+# - Invalid positions are held at zero after every layer, which is exactly the zero padding a
+#   convolution sees at the array's ends, so a valid position's receptive field reads the same
+#   values (signal or zero) whatever the padding. GroupNorm statistics use valid positions
+#   only; the stem's max pooling treats invalid positions as -inf, like its own padding.
+# - The final convolution has no padding: output p reads positions p, p + 1, p + 2 and is
+#   valid only when all three are (the mask is eroded). A looser rule would count an output
+#   next to a signal that ends at the array's last position in one padding but not in another.
+# - Pooling is a plain mean over the valid final positions. The paper's 3072-window rule is
+#   not padding-invariant: a window reaching past the signal's end exists (and may pass the
+#   0.5 threshold) only when there is padding to the right. A record with no valid final
+#   position (a signal of at most 2048 samples, depending on its alignment) pools to zero.
+#
+# Consequently the logits of a record are the same (up to rounding) for every zero padding
+# that shifts it by a multiple of 1024 samples, and with an all-ones mask the model computes
+# exactly resnet18a. The parameters (names and shapes) are those of resnet18a, so checkpoints
+# load either way.
+
+
+def downsample_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Validity after a stride-2 layer: output j is valid when input j's cell [2j, 2j+2) has a valid position."""
+    return F.max_pool1d(mask, 2, 2, ceil_mode=True)
+
+
+def erode_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Validity after the unpadded 3-tap convolution: output p needs inputs p, p+1, p+2 valid."""
+    return -F.max_pool1d(-mask, 3, 1)
+
+
+class MaskedGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics use only the valid positions; outputs are zero elsewhere.
+
+    ``forward(x, mask)`` with x (B, C, L) and mask (B, 1, L) of 0/1. Same parameters as
+    nn.GroupNorm; with an all-ones mask it computes nn.GroupNorm. A sample without any valid
+    position gives zeros (no division by zero).
+    """
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        batch, channels, length = x.shape
+        grouped = x.reshape(batch, self.num_groups, -1, length)
+        valid = mask.unsqueeze(1)  # (B, 1, 1, L): broadcast over groups and their channels
+        count = (valid.sum(dim=3, keepdim=True) * grouped.shape[2]).clamp_min(1)
+        mean = (grouped * valid).sum(dim=(2, 3), keepdim=True) / count
+        centred = (grouped - mean) * valid
+        variance = centred.square().sum(dim=(2, 3), keepdim=True) / count  # biased, as GroupNorm
+        out = (centred * torch.rsqrt(variance + self.eps)).reshape(batch, channels, length)
+        if self.affine:
+            out = (out * self.weight[:, None] + self.bias[:, None]) * mask
+        return out
+
+
+class MaskedResidualBlock(nn.Module):
+    """ResidualBlock (stride 2) on valid positions; ``forward(x, mask) -> (out, out_mask)``.
+
+    The shortcut is a ModuleList (conv, norm) rather than a Sequential because the norm takes
+    the mask; its parameter names (shortcut.0, shortcut.1) stay those of ResidualBlock.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv1d(in_channels, out_channels, 3, 2, 1, bias=False)
+        self.norm1 = MaskedGroupNorm(out_channels, out_channels)
+        self.conv2 = nn.Conv1d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.norm2 = MaskedGroupNorm(out_channels, out_channels)
+        self.shortcut = nn.ModuleList([
+            nn.Conv1d(in_channels, out_channels, 1, 2, bias=False),
+            MaskedGroupNorm(out_channels, out_channels)])
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = downsample_mask(mask)
+        out = F.leaky_relu(self.norm1(self.conv1(x), mask))
+        out = self.norm2(self.conv2(out), mask)
+        shortcut_conv, shortcut_norm = self.shortcut
+        return F.leaky_relu(out + shortcut_norm(shortcut_conv(x), mask)), mask
+
+
+class MaskedTrunk(nn.Module):
+    """Trunk on valid positions: ``forward(x, mask) -> (features (B, 512, T/1024 - 2), final mask)``.
+
+    Input samples outside the mask are ignored (read as zero). Features are zero at invalid
+    final positions.
+    """
+
+    def __init__(self, in_leads: int = 8):
+        super().__init__()
+        channels = Trunk.CHANNELS
+        # Only the parameterized stem layers are modules (indices 0 and 1, as in Trunk.stem);
+        # LeakyReLU and the max pooling are applied in forward, with the mask.
+        self.stem = nn.ModuleList([nn.Conv1d(in_leads, 64, 11, 2, 5, bias=False),
+                                   MaskedGroupNorm(64, 64)])
+        self.blocks = nn.ModuleList([
+            MaskedResidualBlock(c_in, c_out) for c_in, c_out in zip(channels[:-1], channels[1:])])
+        self.head_conv = nn.Conv1d(512, 512, 3, 1, 0, bias=True)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        stem_conv, stem_norm = self.stem
+        conv_mask = downsample_mask(mask)
+        out = F.leaky_relu(stem_norm(stem_conv(x * mask), conv_mask))
+        mask = downsample_mask(conv_mask)
+        out = F.max_pool1d(out.masked_fill(conv_mask == 0, float("-inf")), 3, 2, 1)
+        out = out.masked_fill(mask == 0, 0.0)  # every window of a valid output has a finite value
+        for block in self.blocks:
+            out, mask = block(out, mask)
+        mask = erode_mask(mask)
+        return F.relu(self.head_conv(out)) * mask, mask
+
+
+def masked_mean_pool(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of features (B, C, P) over the positions where mask (B, 1, P) is 1; zero if none."""
+    return (features * mask).sum(dim=2) / mask.sum(dim=2).clamp_min(1)
+
+
+class ResNet18AVariableLength(nn.Module):
+    """``resnet18a_vl``: resnet18a computed on the signal only, independent of the zero padding.
+
+    Same parameters as resnet18a (a checkpoint of one loads into the other). See the notes
+    above MaskedGroupNorm for the mask rules and the pooling.
+    """
+
+    def __init__(self, in_leads: int = 8, num_classes: int = 9):
+        super().__init__()
+        self.trunk = MaskedTrunk(in_leads)
+        self.classifier = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.classifier(masked_mean_pool(*self.trunk(x, mask)))
+
+
+MODELS = {"resnet18a": ResNet18A, "resnet18m": ResNet18M, "resnet18a_vl": ResNet18AVariableLength}
+
+
+def build_model(name: str = "resnet18a", in_leads: int = 8, num_classes: int = 9) -> nn.Module:
+    """Build a model by name; raises ValueError naming the known models for an unknown one."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}': choose one of {', '.join(MODELS)}")
+    return MODELS[name](in_leads=in_leads, num_classes=num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

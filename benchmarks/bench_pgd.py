@@ -1,0 +1,167 @@
+"""Benchmark: 100-iteration PGD against 100 bare forward + input-gradient passes.
+
+The attack's own work per iteration (normalizing, stepping, projecting, clipping, the
+early-stop bookkeeping) should add little to the model's forward and input-gradient
+pass; the target ratio is <= 1.15. Two attack runs are timed on ``resnet18a`` with
+random inputs and the same batch as the bare passes:
+
+- ``pgd (no early stop)``: L-inf PGD, random start, ``early_stop=False``: every iteration runs.
+- ``pgd (early stop)``: ``early_stop=True``, one start, on the untrained model with labels
+  equal to its clean predictions and a budget too small to flip any of them, so that all
+  iterations run and the early-stop bookkeeping (clean check, per-iteration freeze and
+  host sync) is paid in full. The number of samples fooled is reported.
+
+Example: python benchmarks/bench_pgd.py --length 8192 --batch-size 8
+Writes JSON to --out (default benchmarks/results/pgd_<device>.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere: import the repo's modules
+
+from ECG_CNN import build_model, check_length  # noqa: E402
+from attacks import ce_loss, pgd_attack  # noqa: E402
+
+RATIO_TARGET = 1.15
+SMOKE = dict(batch_size=2, length=3072, steps=3, repeats=1)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--length", type=int, default=33792, help="input length T")
+    parser.add_argument("--steps", type=int, default=100, help="PGD iterations = bare passes")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    parser.add_argument("--eps", type=float, default=0.01, help="L-inf budget, no-early-stop run")
+    parser.add_argument("--early-stop-eps", type=float, default=1e-6,
+                        help="L-inf budget of the early-stop run (small: nothing is fooled)")
+    parser.add_argument("--model", default="resnet18a")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default benchmarks/results/pgd_<device>[_smoke].json)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny run for CI: batch 2, length 3072, 3 steps, 1 repeat")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        for name, value in SMOKE.items():
+            setattr(args, name, value)
+    for name in ("batch_size", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    check_length(args.length)
+    return args
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def bare_passes(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                steps: int) -> None:
+    """The floor for PGD: ``steps`` forward + input-gradient passes on the same batch."""
+    for _ in range(steps):
+        x_req = x.detach().requires_grad_(True)
+        torch.autograd.grad(ce_loss(model(x_req, mask), y), x_req)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        device = torch.device(args.device)
+        torch.empty(0, device=device)  # fails early on an unavailable device
+    except (ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    command = "python benchmarks/bench_pgd.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+
+    torch.manual_seed(args.seed)
+    model = build_model(args.model).to(device).eval()
+    x = torch.rand(args.batch_size, 8, args.length, device=device) * 2 - 1
+    mask = torch.ones(args.batch_size, 1, args.length, device=device)
+    y_random = torch.randint(0, 9, (args.batch_size,), device=device)
+    with torch.no_grad():
+        y_clean = model(x, mask).argmax(dim=1)  # nothing is clean-wrong in the early-stop run
+
+    def run_pgd(early_stop: bool, steps: int) -> torch.Tensor:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        if early_stop:
+            return pgd_attack(model, x, y_clean, mask, args.early_stop_eps, steps=steps,
+                              restarts=1, early_stop=True, generator=generator)
+        return pgd_attack(model, x, y_random, mask, args.eps, steps=steps, early_stop=False,
+                          generator=generator)
+
+    cases = {
+        "bare forward+input-grad": lambda steps: bare_passes(model, x, y_random, mask, steps),
+        "pgd (no early stop)": lambda steps: run_pgd(False, steps),
+        "pgd (early stop)": lambda steps: run_pgd(True, steps),
+    }
+    for case in cases.values():  # warm-up: allocator, thread pools, kernels
+        case(min(2, args.steps))
+    timings: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.repeats):  # interleaved so that load drift hits every case alike
+        for name, case in cases.items():
+            timings[name].append(time_call(lambda: case(args.steps), device))
+
+    with torch.no_grad():
+        fooled = int((model(run_pgd(True, args.steps), mask).argmax(dim=1) != y_clean).sum())
+    baseline = statistics.median(timings["bare forward+input-grad"])
+    results = {name: {"median_s": statistics.median(values), "min_s": min(values),
+                      "all_s": values,
+                      "ratio_to_bare": statistics.median(values) / baseline}
+               for name, values in timings.items()}
+
+    print(f"command: {command}")
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.model}, batch {args.batch_size}, length {args.length}, "
+          f"{args.steps} iterations, {args.repeats} repeats (median)")
+    print(f"{'case':<26}{'median s':>10}{'min s':>10}{'per iter ms':>13}{'ratio':>8}")
+    for name, result in results.items():
+        print(f"{name:<26}{result['median_s']:>10.3f}{result['min_s']:>10.3f}"
+              f"{1000 * result['median_s'] / args.steps:>13.2f}{result['ratio_to_bare']:>8.3f}")
+    print(f"early-stop run: {fooled} of {args.batch_size} samples fooled "
+          f"(eps {args.early_stop_eps}); ratio target <= {RATIO_TARGET}")
+
+    out = args.out or REPO / "benchmarks" / "results" / (
+        f"pgd_{device.type}{'_smoke' if args.smoke else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "command": command, "device": str(device), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+        "model": args.model, "batch_size": args.batch_size, "length": args.length,
+        "steps": args.steps, "repeats": args.repeats, "eps": args.eps,
+        "early_stop_eps": args.early_stop_eps, "early_stop_fooled": fooled,
+        "ratio_target": RATIO_TARGET, "smoke": args.smoke, "results": results}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

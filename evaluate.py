@@ -1,0 +1,431 @@
+"""Clean metrics and robustness evaluation of trained models (SPEC sections 6 and 7).
+
+    python evaluate.py result/CE                     # clean metrics + the run's sweeps, test split
+    python evaluate.py result/CE --split val --sweeps ""
+    python evaluate.py result/NSR/model.pt --sweeps pgd_linf --max_batches 2
+    python evaluate.py compare result/CE result/NSR  # the paper's tables and figures
+
+The metric functions at the top are import-safe and work on plain numpy arrays.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from preprocess import CLASSES
+
+NUM_CLASSES = len(CLASSES)
+# CPSC2018 sub-scores: groups of class indices (0-based) scored together.
+SUBSCORE_GROUPS = {"Faf": (1,), "Fblock": (2, 3, 4), "Fpc": (5, 6), "Fst": (7, 8)}
+
+
+# SPEC section 6: the paper's noise levels. The real-ECG noises (beyond the paper) are swept
+# over signal-to-noise ratios in dB; their curves use the noise-to-signal amplitude ratio
+# 10 ** (-snr / 20) as the level, so that clean (infinite SNR) is level 0 as for the others.
+PGD_LINF_LEVELS = (0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1, 0.2, 0.3)
+PGD_L2_LEVELS = (0.1, 0.2, 0.3, 0.5, 0.7, 1, 3, 5, 10, 20, 30)
+WHITE_LEVELS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+SNR_DB_LEVELS = (40, 30, 20, 15, 10, 5, 0)
+
+SWEEPS = {
+    # name: (kind, norm or noise function name, levels, x-axis label)
+    "pgd_linf": ("attack", "inf", PGD_LINF_LEVELS, "L-inf eps"),
+    "pgd_l2": ("attack", "2", PGD_L2_LEVELS, "L2 eps"),
+    "ifgsm_linf": ("ifgsm", "inf", PGD_LINF_LEVELS, "L-inf eps"),
+    "ifgsm_l2": ("ifgsm", "2", PGD_L2_LEVELS, "L2 eps"),
+    "white": ("white", None, WHITE_LEVELS, "white noise amplitude eps"),
+    "baseline_wander": ("snr", "baseline_wander", SNR_DB_LEVELS, "noise/signal amplitude"),
+    "powerline_50hz": ("snr", "powerline_50", SNR_DB_LEVELS, "noise/signal amplitude"),
+    "powerline_60hz": ("snr", "powerline_60", SNR_DB_LEVELS, "noise/signal amplitude"),
+    "muscle": ("snr", "muscle_noise", SNR_DB_LEVELS, "noise/signal amplitude"),
+}
+
+
+class EvaluationError(Exception):
+    """A run, checkpoint or evaluation setting that cannot be used; the message names it."""
+
+
+# --- metrics -----------------------------------------------------------------------------
+
+def confusion_matrix(y_true, y_pred, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """N[i, j] = number of samples of true class i predicted as j."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes ** 2).reshape(
+        num_classes, num_classes)
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator, 0 where the denominator is 0."""
+    numerator, denominator = np.asarray(numerator, float), np.asarray(denominator, float)
+    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
+
+
+def class_balanced_accuracy(cm: np.ndarray) -> float:
+    """Mean per-class recall over the classes present in the true labels."""
+    rows = cm.sum(axis=1)
+    present = rows > 0
+    return float((np.diag(cm)[present] / rows[present]).mean()) if present.any() else 0.0
+
+
+def classification_scores(cm: np.ndarray) -> dict:
+    """All clean metrics of SPEC section 7 from a confusion matrix (rows true, columns predicted)."""
+    diag, rows, cols = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
+    f1 = _ratio(2 * diag, rows + cols)
+    scores = {
+        "accuracy": class_balanced_accuracy(cm),
+        "mean_f1": float(f1.mean()),
+        "sensitivity": _ratio(diag, rows).tolist(),
+        "precision": _ratio(diag, cols).tolist(),
+        "f1": f1.tolist(),
+        "n": int(cm.sum()),
+        "confusion_matrix": cm.tolist(),
+    }
+    for name, group in SUBSCORE_GROUPS.items():
+        group = list(group)
+        scores[name] = float(_ratio(2 * diag[group].sum(), rows[group].sum() + cols[group].sum()))
+    return scores
+
+
+def robustness_auc(levels, accuracies) -> float:
+    """Trapezoid area under accuracy-versus-level from 0 to the largest level, over that level.
+
+    ``levels`` must start at 0 (the clean accuracy) and increase.
+    """
+    levels, accuracies = np.asarray(levels, float), np.asarray(accuracies, float)
+    if len(levels) < 2 or levels[0] != 0 or np.any(np.diff(levels) <= 0):
+        raise ValueError("levels must start at 0 and increase")
+    return float(np.trapezoid(accuracies, levels) / levels[-1])
+
+
+def to_markdown(table) -> str:
+    """A DataFrame as a Markdown table, floats to 3 decimals (no optional dependency)."""
+    header = [table.index.name or ""] + [str(c) for c in table.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for index, row in table.iterrows():
+        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row]
+        lines.append("| " + " | ".join([str(index), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def scores_table(scores: dict) -> str:
+    """The clean metrics as Markdown: one row per class, then the summary scores."""
+    import pandas as pd
+
+    per_class = pd.DataFrame({k: scores[k] for k in ("sensitivity", "precision", "f1")},
+                             index=pd.Index(CLASSES, name="class"))
+    summary = pd.DataFrame([{k: scores[k] for k in ("accuracy", "mean_f1", "Faf", "Fblock", "Fpc", "Fst")}],
+                           index=pd.Index([scores["n"]], name="records"))
+    return to_markdown(per_class) + "\n\n" + to_markdown(summary)
+
+
+# --- predictions -------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader, device: torch.device, max_batches: int = 0,
+            desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(true labels, predicted labels) over a loader, the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    truths, predictions = [], []
+    total = min(len(loader), max_batches) if max_batches else len(loader)
+    for index, (x, y, mask) in enumerate(tqdm(loader, total=total, desc=desc, leave=False,
+                                              disable=desc is None)):
+        if max_batches and index >= max_batches:
+            break
+        logits = model(x.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+        truths.append(y)
+        predictions.append(logits.argmax(dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(truths).numpy(), torch.cat(predictions).numpy()
+
+
+def balanced_accuracy_on(model: torch.nn.Module, loader, device: torch.device) -> float:
+    return class_balanced_accuracy(confusion_matrix(*predict(model, loader, device)))
+
+
+# --- robustness sweeps (SPEC sections 6 and 7) --------------------------------------------
+
+def parse_sweeps(names: str) -> list[str]:
+    """A comma-separated list of sweep names ("" for none, "all" for every one)."""
+    if names.strip() == "all":
+        return list(SWEEPS)
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in SWEEPS]
+    if unknown:
+        raise EvaluationError(f"--sweeps: unknown sweep '{unknown[0]}' (known: {', '.join(SWEEPS)}, all)")
+    return chosen
+
+
+def perturb(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+            sweep: str, level: float, steps: int, restarts: int,
+            generator: torch.Generator) -> torch.Tensor:
+    """The input of one sweep at one level (the attack runs with the model as given)."""
+    import attacks
+
+    kind, variant, _, _ = SWEEPS[sweep]
+    if kind == "attack":
+        return attacks.pgd_attack(model, x, y, mask, level, variant, steps=steps,
+                                  restarts=restarts, generator=generator)
+    if kind == "ifgsm":
+        return attacks.ifgsm_attack(model, x, y, mask, level, variant, steps=steps)
+    if kind == "white":
+        return attacks.white_noise(x, level, generator=generator)
+    if variant.startswith("powerline"):
+        return attacks.powerline(x, mask, level, freq=float(variant.split("_")[1]), generator=generator)
+    return getattr(attacks, variant)(x, mask, level, generator=generator)
+
+
+def sweep_levels(sweep: str) -> tuple[list[float], list[float]]:
+    """(the levels as given to the noise, the levels on the curve's axis), clean first."""
+    kind, _, levels, _ = SWEEPS[sweep]
+    if kind == "snr":
+        return [float("inf"), *levels], [0.0, *(10 ** (-snr / 20) for snr in levels)]
+    return [0.0, *levels], [0.0, *levels]
+
+
+def robustness_sweep(model: torch.nn.Module, loader, sweep: str, device: torch.device,
+                     steps: int = 100, restarts: int = 2, max_batches: int = 0,
+                     seed: int = 0) -> dict:
+    """Class-balanced accuracy and per-class sensitivity at every level of one sweep."""
+    was_training = model.training
+    model.eval()
+    levels, axis = sweep_levels(sweep)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    total = min(len(loader), max_batches) if max_batches else len(loader)
+    matrices = np.zeros((len(levels), NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    with tqdm(total=total * len(levels), desc=sweep, leave=False, mininterval=1.0) as bar:
+        for index, (x, y, mask) in enumerate(loader):
+            if index >= total:
+                break
+            x, y, mask = x.to(device), y.to(device), mask.to(device)
+            for i, level in enumerate(levels):
+                x_noisy = x if i == 0 else perturb(model, x, y, mask, sweep, level, steps,
+                                                   restarts, generator)
+                with torch.no_grad():
+                    predicted = model(x_noisy, mask).argmax(dim=1)
+                matrices[i] += confusion_matrix(y.cpu().numpy(), predicted.cpu().numpy())
+                bar.update()
+    model.train(was_training)
+    accuracy = [class_balanced_accuracy(cm) for cm in matrices]
+    return {"sweep": sweep, "axis": SWEEPS[sweep][3],
+            "levels": [None if np.isinf(v) else v for v in levels], "axis_levels": axis,
+            "accuracy": accuracy,
+            "sensitivity": [_ratio(np.diag(cm), cm.sum(axis=1)).tolist() for cm in matrices],
+            "auc": robustness_auc(axis, accuracy), "n": int(matrices[0].sum()),
+            "settings": {"steps": steps, "restarts": restarts, "max_batches": max_batches,
+                         "seed": seed}}
+
+
+def plot_sweeps(curves: dict[str, dict[str, dict]], path: Path, title: str) -> None:
+    """One panel per sweep, one curve per run: curves[run][sweep] = robustness_sweep(...)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweeps = list(dict.fromkeys(s for run in curves.values() for s in run))
+    columns = min(3, len(sweeps))
+    rows = -(-len(sweeps) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False)
+    for ax, sweep in zip(axes.flat, sweeps):
+        for run, results in curves.items():
+            if sweep in results:
+                r = results[sweep]
+                ax.plot(r["axis_levels"], r["accuracy"], marker="o", label=f"{run} (AUC {r['auc']:.3f})")
+        ax.set(title=sweep, xlabel=SWEEPS[sweep][3], ylabel="class-balanced accuracy", ylim=(0, 1))
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(sweeps):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def sweep_rows(run: str, result: dict) -> list[dict]:
+    """Long-format CSV rows of one sweep: one row per level."""
+    rows = []
+    for level, axis, acc, sens in zip(result["levels"], result["axis_levels"], result["accuracy"],
+                                      result["sensitivity"]):
+        rows.append({"run": run, "sweep": result["sweep"], "level": level, "axis_level": axis,
+                     "accuracy": acc, **{f"sensitivity_{c}": s for c, s in zip(CLASSES, sens)}})
+    return rows
+
+
+# --- runs --------------------------------------------------------------------------------
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """The model of a run folder (its model.pt) or of a checkpoint file, with its settings."""
+    from ECG_CNN import build_model
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise EvaluationError(f"{path}: no such checkpoint (train the run first)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = build_model(state["model_name"])
+        model.load_state_dict(state["model"])
+    except Exception as error:  # truncated, foreign or mismatched file: one clear line
+        raise EvaluationError(f"{path}: not a checkpoint of this project "
+                              f"({type(error).__name__}: {str(error).splitlines()[0]})") from None
+    return model.to(device), state["config"]
+
+
+def evaluate_clean(model: torch.nn.Module, loader, device: torch.device, max_batches: int = 0) -> dict:
+    return classification_scores(confusion_matrix(*predict(model, loader, device, max_batches,
+                                                           desc="clean")))
+
+
+def evaluate_run(run_dir: Path, model: torch.nn.Module, cfg: SimpleNamespace, split: str = "test",
+                 max_batches: int = 0) -> dict:
+    """Clean metrics of ``model`` on ``split`` (run_dir/eval_<split>.json and .md), then the
+    sweeps named by cfg.sweeps (run_dir/robustness_<split>.json, .csv and .png)."""
+    from ECG_Dataset import get_dataloaders
+    from harness import choose_device, write_json
+
+    device = choose_device(cfg.device)
+    model = model.to(device)
+    loader = get_dataloaders(cfg.data_dir, cfg.batch_size, cfg.eval_batch_size, cfg.max_length,
+                             cfg.random_pad, splits=(split,))[split]
+    scores = evaluate_clean(model, loader, device, max_batches)
+    result = {"run": str(run_dir), "split": split, "checkpoint": str(Path(run_dir) / "model.pt"),
+              "settings": vars(cfg), "clean": scores}
+    write_json(result, Path(run_dir) / f"eval_{split}.json")
+    table = scores_table(scores)
+    (Path(run_dir) / f"eval_{split}.md").write_text(
+        f"# {cfg.run_name}: clean metrics on the {split} split ({scores['n']} records)\n\n{table}\n")
+    print(f"\n{cfg.run_name}: clean metrics on the {split} split ({scores['n']} records)\n{table}")
+
+    sweeps = parse_sweeps(cfg.sweeps)
+    if sweeps:
+        import pandas as pd
+
+        curves = {name: robustness_sweep(model, loader, name, device, cfg.sweep_steps,
+                                         cfg.sweep_restarts, cfg.sweep_max_batches, cfg.seed)
+                  for name in tqdm(sweeps, desc="robustness sweeps")}
+        result["robustness"] = curves
+        write_json({"run": str(run_dir), "split": split, "settings": vars(cfg), "sweeps": curves},
+                   Path(run_dir) / f"robustness_{split}.json")
+        pd.DataFrame([row for c in curves.values() for row in sweep_rows(cfg.run_name, c)]).to_csv(
+            Path(run_dir) / f"robustness_{split}.csv", index=False)
+        plot_sweeps({cfg.run_name: curves}, Path(run_dir) / f"robustness_{split}.png",
+                    f"{cfg.run_name}: {split} split")
+        for name, curve in curves.items():
+            print(f"{name}: AUC {curve['auc']:.3f}; accuracy " +
+                  ", ".join(f"{a:.3f}" for a in curve["accuracy"]))
+    return result
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise EvaluationError(f"{path}: not found (evaluate that run first: python evaluate.py {path.parent})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise EvaluationError(f"{path}: not valid JSON ({error})") from None
+
+
+def _format_level(level) -> str:
+    return "clean" if level in (0, None) or level == float("inf") else f"{level:g}"
+
+
+def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "test") -> dict[str, str]:
+    """The paper's tables and figures for several evaluated runs.
+
+    Writes to out_dir: clean.md/.csv (per-class F1, mean F1, CPSC sub-scores, accuracy per
+    run) and, for every sweep the runs share, <sweep>.md/.csv (rows: runs; columns: clean,
+    each level, AUC) and <sweep>.png (one curve per run). Returns {table name: Markdown}.
+    """
+    import pandas as pd
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [Path(r).name for r in run_dirs]
+    if len(set(names)) != len(names):
+        names = [str(r) for r in run_dirs]
+    clean_rows, curves = [], {}
+    for name, run in zip(names, run_dirs):
+        clean = _read_json(Path(run) / f"eval_{split}.json")["clean"]
+        clean_rows.append({"run": name, **{f"F1 {c}": f for c, f in zip(CLASSES, clean["f1"])},
+                           **{k: clean[k] for k in ("mean_f1", "Faf", "Fblock", "Fpc", "Fst", "accuracy")},
+                           "n": clean["n"]})
+        robustness = Path(run) / f"robustness_{split}.json"
+        curves[name] = _read_json(robustness)["sweeps"] if robustness.is_file() else {}
+    tables = {"clean": pd.DataFrame(clean_rows).set_index("run")}
+    for sweep in dict.fromkeys(s for run in curves.values() for s in run):
+        rows = {}
+        for name, results in curves.items():
+            if sweep in results:
+                r = results[sweep]
+                rows[name] = {**{_format_level(lv): a for lv, a in zip(r["levels"], r["accuracy"])},
+                              "AUC": r["auc"]}
+        tables[sweep] = pd.DataFrame.from_dict(rows, orient="index").rename_axis("run")
+    markdown = {}
+    for table_name, table in tables.items():
+        table.to_csv(out_dir / f"{table_name}.csv", float_format="%.4f")
+        markdown[table_name] = to_markdown(table)
+        (out_dir / f"{table_name}.md").write_text(markdown[table_name] + "\n")
+        if table_name != "clean":
+            plot_sweeps({name: {table_name: c[table_name]} for name, c in curves.items()
+                         if table_name in c}, out_dir / f"{table_name}.png",
+                        f"{table_name}, {split} split: class-balanced accuracy")
+    return markdown
+
+
+def main(argv: list[str] | None = None) -> int:
+    from harness import ConfigError, choose_device
+    from preprocess import DataError
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["compare"]:
+            parser = argparse.ArgumentParser(prog="evaluate.py compare",
+                                             description="Tables and figures for several evaluated runs.")
+            parser.add_argument("runs", nargs="+", help="run folders (evaluated)")
+            parser.add_argument("--split", default="test", choices=("test", "val"))
+            parser.add_argument("--out", default="result/compare", help="output folder")
+            args = parser.parse_args(argv[1:])
+            for name, table in compare_runs(args.runs, args.out, args.split).items():
+                print(f"\n## {name}\n{table}")
+            print(f"\ntables and figures written to {args.out}/")
+            return 0
+        parser = argparse.ArgumentParser(description="Evaluate a trained run (SPEC sections 6-7).")
+        parser.add_argument("run", help="a run folder under result/ or a checkpoint file")
+        parser.add_argument("--split", default="test", choices=("test", "val"))
+        parser.add_argument("--data_dir", help="override the run's data cache folder")
+        parser.add_argument("--device", default="auto")
+        parser.add_argument("--max_batches", type=int, default=0, help="clean evaluation: at most this many batches")
+        parser.add_argument("--sweeps", help=f"comma-separated, 'all' or '' (default: the run's); known: {', '.join(SWEEPS)}")
+        parser.add_argument("--sweep_steps", type=int, help="PGD/IFGSM iterations (default: the run's, 100 in the paper)")
+        parser.add_argument("--sweep_restarts", type=int, help="PGD random starts (the paper: 2)")
+        parser.add_argument("--sweep_max_batches", type=int, help="sweeps: at most this many batches")
+        args = parser.parse_args(argv)
+        model, config = load_model(args.run)
+        cfg = SimpleNamespace(**config)
+        for key in ("device", "data_dir", "sweeps", "sweep_steps", "sweep_restarts", "sweep_max_batches"):
+            if getattr(args, key) is not None:
+                setattr(cfg, key, getattr(args, key))
+        for key in ("sweep_steps", "sweep_max_batches", "max_batches"):
+            if getattr(args, key) is not None and getattr(args, key) < 0:
+                raise EvaluationError(f"--{key} must be >= 0, got {getattr(args, key)}")
+        if args.sweep_restarts is not None and args.sweep_restarts < 1:
+            raise EvaluationError(f"--sweep_restarts must be >= 1, got {args.sweep_restarts}")
+        parse_sweeps(cfg.sweeps)
+        run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
+        evaluate_run(run_dir, model.to(choose_device(cfg.device)), cfg, args.split, args.max_batches)
+    except (EvaluationError, DataError, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,409 @@
+"""The training harness shared by the four method scripts (SPEC section 5).
+
+A method script supplies its hyperparameters, a loss function and a run name; this
+module does everything else: configuration from defaults, presets and command-line
+flags; seeding and device choice; data; Adam; the epoch loop with a progress bar;
+validation after every epoch; atomic checkpoints (every ``checkpoint_every`` epochs, a
+rolling ``last.pt`` after every epoch, and on SIGINT/SIGTERM at the next batch
+boundary); ``--resume``; history JSON and a training-curve PNG; and, at the end, the
+evaluation of the final model. Everything lands in ``result/<run name>/``.
+
+A loss function has the signature ``loss_fn(model, x, y, mask, epoch, cfg)`` and returns
+``(loss, parts)``: the scalar to minimise and a dict of named detached scalars to log.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ECG_CNN import MODELS, build_model, check_length
+
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+# SPEC section 5: the settings shared by all four methods; each is a command-line flag.
+TRAIN_DEFAULTS = dict(
+    data_dir="data/CPSC2018/processed",  # the cache written by preprocess.py
+    result_dir="result",
+    run_name="",             # empty: the method's own name with its key settings
+    model="resnet18a",
+    epochs=70,
+    batch_size=64,
+    eval_batch_size=64,
+    lr=1e-3,
+    seed=0,
+    max_length=30720,        # records are truncated to this many samples
+    random_pad=3072,         # training shift range; inputs are max_length + random_pad long
+    device="auto",           # auto: CUDA when available, else CPU
+    num_workers=0,
+    checkpoint_every=10,
+    max_batches=0,           # >0: stop each epoch after this many batches (quick looks)
+    resume=False,
+    overwrite=False,
+    sweeps="pgd_linf,pgd_l2,white",  # robustness sweeps after training (empty: none)
+    sweep_steps=100,
+    sweep_restarts=2,
+    sweep_max_batches=0,
+)
+
+# Named bundles of overrides. "paper" is the defaults; "demo" and "smoke" run on the
+# synthetic dataset that `python synthetic.py` writes (see README).
+PRESETS = {
+    "paper": {},
+    "demo": dict(data_dir="data/demo/processed", result_dir="result/demo", max_length=4096,
+                 random_pad=1024, epochs=6, batch_size=32, checkpoint_every=2,
+                 sweep_steps=10, sweep_restarts=1),
+    "smoke": dict(data_dir="data/smoke/processed", result_dir="result/smoke", max_length=2048,
+                  random_pad=1024, epochs=1, batch_size=16, checkpoint_every=1,
+                  max_batches=2, sweeps="white", sweep_steps=2, sweep_restarts=1,
+                  sweep_max_batches=1),
+}
+
+
+class ConfigError(Exception):
+    """A bad flag or setting; the message names it."""
+
+
+class TrainingError(Exception):
+    """Training cannot go on (for example a non-finite loss)."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+def _flag_type(default):
+    if isinstance(default, bool):
+        return None
+    return type(default)
+
+
+def parse_config(method: str, hyperparameters: dict, preset_overrides: dict | None = None,
+                 argv: list[str] | None = None) -> SimpleNamespace:
+    """Defaults, then the preset, then the method's preset overrides, then the flags."""
+    defaults = {**TRAIN_DEFAULTS, **hyperparameters}
+    parser = _OneLineParser(prog=f"{method} training", description=f"Train {method} (SPEC section 5).",
+                            argument_default=argparse.SUPPRESS)
+    parser.add_argument("--preset", default="paper", choices=sorted(PRESETS))
+    for key, value in defaults.items():
+        if isinstance(value, bool):
+            parser.add_argument(f"--{key}", action=argparse.BooleanOptionalAction)
+        else:
+            parser.add_argument(f"--{key}", type=_flag_type(value), metavar=type(value).__name__.upper())
+    args = vars(parser.parse_args(argv))
+    preset = args.pop("preset", "paper")
+    config = {**defaults, **PRESETS[preset], **(preset_overrides or {}).get(preset, {}), **args}
+    config["preset"] = preset
+    config["method"] = method
+    validate_config(config, hyperparameters)
+    return SimpleNamespace(**config)
+
+
+def validate_config(config: dict, hyperparameters: dict) -> None:
+    """Reject settings that cannot work, naming the flag."""
+    for key in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "max_length"):
+        if config[key] < 1:
+            raise ConfigError(f"--{key} must be at least 1, got {config[key]}")
+    for key in ("num_workers", "max_batches", "random_pad", "sweep_steps", "sweep_max_batches"):
+        if config[key] < 0:
+            raise ConfigError(f"--{key} must be >= 0, got {config[key]}")
+    if not config["lr"] > 0:
+        raise ConfigError(f"--lr must be positive, got {config['lr']}")
+    if config["model"] not in MODELS:
+        raise ConfigError(f"--model: unknown model '{config['model']}' (known: {', '.join(MODELS)})")
+    try:
+        check_length(config["max_length"] + config["random_pad"])
+    except ValueError as error:
+        raise ConfigError(f"--max_length + --random_pad: {error}") from None
+    for key in hyperparameters:
+        value = config[key]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not value >= 0:
+            raise ConfigError(f"--{key} must be a non-negative number, got {value}")
+    device = config["device"]
+    if device != "auto":
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise ConfigError(f"--device: unknown device '{device}'") from None
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+
+
+def choose_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+# --- checkpoints -------------------------------------------------------------------------
+
+def rng_state(loader_generator: torch.Generator) -> dict:
+    """Every RNG the training draws from, in a form that loads with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state(), "loader": loader_generator.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict, loader_generator: torch.Generator) -> None:
+    loader_generator.set_state(state["loader"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """Write to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint without executing anything from the file."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def newest_checkpoint(run_dir: Path) -> dict | None:
+    """The valid checkpoint furthest into training; unreadable ones are skipped with a warning."""
+    best = None
+    for path in sorted(glob.glob(str(run_dir / "checkpoints" / "*.pt"))):
+        try:
+            state = load_checkpoint(Path(path))
+            position = (state["epoch"], state["batch"])
+        except Exception as error:  # a truncated or foreign file: never fatal, never silent
+            warnings.warn(f"ignoring unreadable checkpoint {path}: {type(error).__name__}: {error}")
+            continue
+        if best is None or position > (best["epoch"], best["batch"]):
+            best = state
+    return best
+
+
+# --- the run -----------------------------------------------------------------------------
+
+@dataclass
+class Progress:
+    """Where training stands: the next (epoch, batch) to run and what has been logged."""
+    epoch: int = 0
+    batch: int = 0
+    history: list | None = None
+    running: dict | None = None  # sums for the epoch in progress
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def prepare_run_dir(cfg: SimpleNamespace) -> Path:
+    run_dir = Path(cfg.result_dir) / cfg.run_name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"--result_dir: cannot write to {run_dir}: {error.strerror}") from None
+    if (run_dir / "checkpoints").exists() and not (cfg.resume or cfg.overwrite):
+        raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it, "
+                          "--overwrite to start it again, or --run_name for another")
+    if cfg.overwrite and not cfg.resume:
+        for path in glob.glob(str(run_dir / "checkpoints" / "*.pt")):
+            os.remove(path)
+    return run_dir
+
+
+def write_json(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def plot_history(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    loss_keys = [k for k in history[0] if k.startswith("loss")]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in loss_keys:
+        ax_loss.plot(epochs, [h[key] for h in history], marker="o", label=key)
+    ax_loss.set(xlabel="epoch", ylabel="training loss (epoch mean)", yscale="symlog")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [h["val_accuracy"] for h in history], marker="o", label="validation")
+    ax_acc.set(xlabel="epoch", ylabel="class-balanced accuracy", ylim=(0, 1))
+    ax_acc.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class _StopRequest:
+    """Remembers SIGINT/SIGTERM so that training stops at the next batch boundary."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path) -> tuple[torch.nn.Module, int]:
+    """Train per ``cfg``; returns (model, exit status): 0 when done, 128+signal when stopped."""
+    from ECG_Dataset import get_dataloaders
+    from evaluate import balanced_accuracy_on
+
+    device = choose_device(cfg.device)
+    seed_everything(cfg.seed)
+    loaders = get_dataloaders(cfg.data_dir, cfg.batch_size, cfg.eval_batch_size, cfg.max_length,
+                              cfg.random_pad, cfg.seed, cfg.num_workers,
+                              pin_memory=device.type == "cuda", splits=("train", "val"))
+    model = build_model(cfg.model).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    progress = Progress(history=[], running={})
+
+    if cfg.resume:
+        state = newest_checkpoint(run_dir)
+        if state is not None:
+            if state["model_name"] != cfg.model:
+                raise ConfigError(f"--resume: the checkpoint in {run_dir} is a {state['model_name']}, "
+                                  f"not a {cfg.model}")
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"], loaders["train"].generator)
+            progress = Progress(state["epoch"], state["batch"], state["history"], state["running"])
+            print(f"resuming {run_dir} at epoch {progress.epoch}, batch {progress.batch}")
+
+    def checkpoint(name: str) -> None:
+        save_atomic({"model_name": cfg.model, "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "epoch": progress.epoch,
+                     "batch": progress.batch, "history": progress.history,
+                     "running": progress.running, "rng": rng_state(loaders["train"].generator), "config": vars(cfg)},
+                    run_dir / "checkpoints" / name)
+
+    train_loader = loaders["train"]
+    batches_per_epoch = len(train_loader)
+    if cfg.max_batches:
+        batches_per_epoch = min(batches_per_epoch, cfg.max_batches)
+    with _StopRequest() as stop:
+        while progress.epoch < cfg.epochs:
+            epoch = progress.epoch
+            train_loader.sampler.set_epoch(epoch, start=progress.batch * cfg.batch_size)
+            model.train()
+            started = time.time() - progress.running.get("seconds", 0.0)
+            bar = tqdm(total=batches_per_epoch, initial=progress.batch, desc=f"epoch {epoch}",
+                       unit="batch", dynamic_ncols=True, mininterval=1.0)
+            for x, y, mask in train_loader:
+                if progress.batch >= batches_per_epoch:
+                    break
+                x, y, mask = (t.to(device, non_blocking=True) for t in (x, y, mask))
+                loss, parts = loss_fn(model, x, y, mask, epoch, cfg)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch}, batch "
+                                        f"{progress.batch}; the last good checkpoint in "
+                                        f"{run_dir / 'checkpoints'} is kept")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                running = progress.running
+                for key, value in {"loss": loss.detach(), **parts}.items():
+                    running[key] = running.get(key, 0.0) + float(value) * len(y)
+                running["samples"] = running.get("samples", 0) + len(y)
+                progress.batch += 1
+                bar.update()
+                bar.set_postfix(loss=f"{running['loss'] / running['samples']:.4f}")
+                if stop.signum is not None:
+                    bar.close()
+                    running["seconds"] = time.time() - started
+                    checkpoint("last.pt")
+                    print(f"stopped by signal {stop.signum}: saved epoch {epoch}, batch "
+                          f"{progress.batch} to {run_dir / 'checkpoints' / 'last.pt'}; "
+                          "continue with --resume", file=sys.stderr)
+                    return model, 128 + stop.signum
+            bar.close()
+            samples = max(progress.running.pop("samples", 0), 1)
+            progress.running.pop("seconds", None)
+            record = {"epoch": epoch, **{k: v / samples for k, v in progress.running.items()}}
+            record["val_accuracy"] = balanced_accuracy_on(model, loaders["val"], device)
+            record["seconds"] = round(time.time() - started, 3)
+            progress.history.append(record)
+            print(f"epoch {epoch}: loss {record['loss']:.4f}, val class-balanced accuracy "
+                  f"{record['val_accuracy']:.4f} ({record['seconds']:.1f} s)")
+            progress.epoch, progress.batch, progress.running = epoch + 1, 0, {}
+            checkpoint("last.pt")
+            if progress.epoch % cfg.checkpoint_every == 0 or progress.epoch == cfg.epochs:
+                checkpoint(f"epoch_{progress.epoch:03d}.pt")
+            write_json(progress.history, run_dir / "history.json")
+            plot_history(progress.history, run_dir / "curves.png", f"{cfg.method}: {cfg.run_name}")
+    return model, 0
+
+
+def main(method: str, loss_fn: LossFn, hyperparameters: dict, run_name: Callable[[SimpleNamespace], str],
+         preset_overrides: dict | None = None, argv: list[str] | None = None) -> int:
+    """Parse flags, train, evaluate the final model. Returns the process exit status."""
+    from preprocess import DataError
+    import evaluate
+
+    try:
+        cfg = parse_config(method, hyperparameters, preset_overrides, argv)
+        cfg.run_name = cfg.run_name or run_name(cfg)
+        run_dir = prepare_run_dir(cfg)
+        write_json({**vars(cfg), "command": " ".join(sys.argv), "git_commit": _git_commit(),
+                    "torch": torch.__version__, "python": platform.python_version(),
+                    "device_used": str(choose_device(cfg.device)),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S")}, run_dir / "config.json")
+        model, status = train(cfg, loss_fn, run_dir)
+        if status:
+            return status
+        save_atomic({"model_name": cfg.model, "model": model.state_dict(), "config": vars(cfg)},
+                    run_dir / "model.pt")
+        evaluate.evaluate_run(run_dir, model, cfg)
+        return 0
+    except (ConfigError, DataError, TrainingError, evaluate.EvaluationError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1 if isinstance(error, TrainingError) else 2

@@ -1,0 +1,157 @@
+"""resnet18a_vl: resnet18a on the valid positions only, independent of the zero padding."""
+import pytest
+import torch
+import torch.nn as nn
+
+from ECG_CNN import (DOWNSAMPLE, MaskedGroupNorm, build_model, count_parameters, downsample_mask,
+                     erode_mask)
+
+LEADS = 8
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[nn.Module, nn.Module]:
+    """A random resnet18a and a resnet18a_vl holding the same weights (eval mode)."""
+    torch.manual_seed(0)
+    paper = build_model("resnet18a").eval()
+    variable = build_model("resnet18a_vl").eval()
+    variable.load_state_dict(paper.state_dict())
+    return paper, variable
+
+
+def place(signal: torch.Tensor, length: int, shifts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row per shift: ``signal`` (leads, t) zero-padded to ``length``, ending ``shift`` samples
+    before the right end (shift 0: right-aligned), with its mask."""
+    t = signal.shape[1]
+    x = torch.zeros(len(shifts), LEADS, length, dtype=signal.dtype)
+    mask = torch.zeros(len(shifts), 1, length, dtype=signal.dtype)
+    for row, shift in enumerate(shifts):
+        x[row, :, length - shift - t:length - shift] = signal
+        mask[row, :, length - shift - t:length - shift] = 1
+    return x, mask
+
+
+def test_same_parameters_as_resnet18a_and_checkpoints_load_both_ways():
+    paper, variable = build_model("resnet18a"), build_model("resnet18a_vl")
+    assert count_parameters(variable) == 4_994_953
+    paper_state, variable_state = paper.state_dict(), variable.state_dict()
+    assert list(variable_state) == list(paper_state)
+    assert all(variable_state[k].shape == paper_state[k].shape for k in paper_state)
+    variable.load_state_dict(paper_state)  # strict
+    paper.load_state_dict(variable.state_dict())
+
+
+def test_with_an_all_ones_mask_it_computes_resnet18a(models):
+    paper, variable = models
+    torch.manual_seed(1)
+    x, mask = torch.rand(2, LEADS, 3 * DOWNSAMPLE) * 2 - 1, torch.ones(2, 1, 3 * DOWNSAMPLE)
+    with torch.no_grad():
+        torch.testing.assert_close(variable(x, mask), paper(x, mask), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_groups", [4, 2])
+def test_masked_group_norm_matches_group_norm_on_the_valid_part(num_groups):
+    torch.manual_seed(2)
+    masked = MaskedGroupNorm(num_groups, 4).double()
+    plain = nn.GroupNorm(num_groups, 4).double()
+    with torch.no_grad():
+        for norm in (masked, plain):
+            norm.weight.copy_(torch.tensor([0.5, 1.0, 1.5, -2.0]))
+            norm.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.4]))
+    x = torch.randn(3, 4, 20, dtype=torch.float64) * 3 + 1
+    mask = torch.zeros(3, 1, 20, dtype=torch.float64)
+    mask[0, :, 5:17] = 1
+    mask[1, :, :] = 1
+    # sample 2: no valid position at all
+    out = masked(x, mask)
+    for b, (start, stop) in enumerate([(5, 17), (0, 20)]):
+        expected = torch.zeros(4, 20, dtype=torch.float64)
+        expected[:, start:stop] = plain(x[b:b + 1, :, start:stop])[0]
+        torch.testing.assert_close(out[b], expected)
+    assert torch.equal(out[2], torch.zeros(4, 20, dtype=torch.float64))
+
+
+def test_final_mask_follows_the_cell_rule():
+    """Position j of the stride-1024 map is valid iff input samples [1024 j, 1024 j + 1024) hold
+    signal; a final position p needs p, p+1 and p+2 valid. Checked against direct counting."""
+    length = 12 * DOWNSAMPLE
+    spans = [(0, length), (1500, 5000), (3 * DOWNSAMPLE, 6 * DOWNSAMPLE), (7000, length), (100, 2100)]
+    mask = torch.zeros(len(spans), 1, length)
+    for row, (start, stop) in enumerate(spans):
+        mask[row, :, start:stop] = 1
+    coarse = mask
+    for _ in range(10):  # stem conv, stem max pool, eight blocks
+        coarse = downsample_mask(coarse)
+    final = erode_mask(coarse)
+    for row, (start, stop) in enumerate(spans):
+        cells = [bool(mask[row, 0, j * DOWNSAMPLE:(j + 1) * DOWNSAMPLE].any()) for j in range(12)]
+        expected = [float(all(cells[p:p + 3])) for p in range(10)]
+        assert final[row, 0].tolist() == expected, (start, stop)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_logits_do_not_depend_on_the_padding_but_resnet18a_logits_do(models, dtype, tolerance):
+    """Two records, each alone in the shortest array that holds it and in T = 8192 at several
+    shifts (multiples of 1024). The 4500-sample one starts off the 1024-sample grid; the
+    4096-sample one fills its shortest array (no padding at all, both ends touch the border)."""
+    paper, variable = (model.to(dtype) for model in models)
+    torch.manual_seed(3)
+    long_record, grid_record = (torch.rand(LEADS, t, dtype=dtype) * 2 - 1 for t in (4500, 4096))
+    wide = 8 * DOWNSAMPLE
+    x_wide, mask_wide = (torch.cat(parts) for parts in zip(
+        place(long_record, wide, [0, 3 * DOWNSAMPLE]), place(grid_record, wide, [DOWNSAMPLE])))
+    try:
+        with torch.no_grad():
+            logits = {name: (model(*place(long_record, 5 * DOWNSAMPLE, [0])),
+                             model(*place(grid_record, 4 * DOWNSAMPLE, [0])),
+                             model(x_wide, mask_wide))
+                      for name, model in (("paper", paper), ("variable", variable))}
+    finally:
+        for model in models:
+            model.float()
+    long_alone, grid_alone, wide_logits = logits["variable"]
+    expected = torch.cat([long_alone, long_alone, grid_alone])
+    torch.testing.assert_close(wide_logits, expected, rtol=tolerance, atol=tolerance)
+    # The test can fail: the paper's model sees the padding through GroupNorm and pooling.
+    long_alone, grid_alone, wide_logits = logits["paper"]
+    assert (wide_logits - torch.cat([long_alone, long_alone, grid_alone])).abs().amax(dim=1).min() > 1e-3
+
+
+def test_padding_content_and_other_samples_do_not_matter(models):
+    _, variable = models
+    torch.manual_seed(4)
+    x, mask = place(torch.rand(LEADS, 3500) * 2 - 1, 5 * DOWNSAMPLE, [0, 700])
+    noisy = x + 5 * (1 - mask) * torch.randn_like(x)  # garbage outside the mask
+    with torch.no_grad():
+        both = variable(noisy, mask)
+        alone = variable(x[1:], mask[1:])
+    torch.testing.assert_close(both[1:], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(both, variable(x, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_every_parameter_and_only_the_signal_samples():
+    torch.manual_seed(5)
+    model = build_model("resnet18a_vl")
+    x, mask = place(torch.rand(LEADS, 3000) * 2 - 1, 4 * DOWNSAMPLE, [0, 1000])
+    x.requires_grad_(True)
+    loss = nn.functional.cross_entropy(model(x, mask), torch.tensor([1, 7]))
+    loss.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, name
+    assert torch.isfinite(x.grad).all()
+    assert torch.equal(x.grad * (1 - mask), torch.zeros_like(x))
+    assert (x.grad * mask).abs().sum() > 0
+
+
+def test_a_record_without_a_valid_final_position_gives_the_bias_and_finite_gradients():
+    """1500 samples in 2 cells of 1024: no 3 valid coarse positions, so the pooled features are 0."""
+    torch.manual_seed(6)
+    model = build_model("resnet18a_vl")
+    x, mask = place(torch.rand(LEADS, 1500) * 2 - 1, 3 * DOWNSAMPLE, [0])
+    x.requires_grad_(True)
+    logits = model(x, mask)
+    torch.testing.assert_close(logits[0], model.classifier.bias.detach())
+    logits.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert torch.isfinite(x.grad).all()

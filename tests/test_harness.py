@@ -1,0 +1,170 @@
+"""The shared training harness: a tiny run end to end, resume, signals, bad flags."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import harness
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_flags(cache, result_dir, *extra):
+    return ["--data_dir", str(cache), "--result_dir", str(result_dir), "--max_length", "2048",
+            "--random_pad", "1024", "--batch_size", "8", "--eval_batch_size", "18",
+            "--sweeps", "", *extra]
+
+
+def ce_loss(model, x, y, mask, epoch, cfg):
+    return F.cross_entropy(model(x, mask), y), {}
+
+
+def train_ce(cache, result_dir, *extra, loss_fn=ce_loss):
+    return harness.main("CE", loss_fn, {}, lambda cfg: "CE", argv=tiny_flags(cache, result_dir, *extra))
+
+
+def weights(run_dir):
+    return torch.load(Path(run_dir) / "model.pt", weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_one_epoch_tiny_run_writes_every_artifact(tiny_cache, tmp_path):
+    assert train_ce(tiny_cache, tmp_path, "--epochs", "1") == 0
+    run = tmp_path / "CE"
+    for name in ("config.json", "history.json", "curves.png", "model.pt", "eval_test.json",
+                 "eval_test.md", "checkpoints/last.pt", "checkpoints/epoch_001.pt"):
+        assert (run / name).is_file(), name
+    history = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0]
+    assert 0 <= history[0]["val_accuracy"] <= 1 and history[0]["loss"] > 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["epochs"] == 1 and config["lr"] == 1e-3 and config["method"] == "CE"
+    result = json.loads((run / "eval_test.json").read_text())
+    assert result["clean"]["n"] == 18
+    checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["batch"] == 0 and "optimizer" in checkpoint
+
+
+def test_defaults_follow_the_paper():
+    cfg = harness.parse_config("CE", {}, argv=[])
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed, cfg.model) == (70, 64, 1e-3, 0, "resnet18a")
+    assert (cfg.max_length, cfg.random_pad, cfg.checkpoint_every) == (30720, 3072, 10)
+    assert (cfg.sweep_steps, cfg.sweep_restarts) == (100, 2)
+
+
+def test_preset_then_method_override_then_flag():
+    cfg = harness.parse_config("X", {"start": 10}, {"demo": {"start": 2}}, ["--preset", "demo", "--epochs", "3"])
+    assert cfg.preset == "demo" and cfg.start == 2 and cfg.epochs == 3
+    assert cfg.max_length == harness.PRESETS["demo"]["max_length"]
+
+
+def test_resume_after_an_epoch_gives_the_same_weights_bit_for_bit(tiny_cache, tmp_path):
+    assert train_ce(tiny_cache, tmp_path / "straight", "--epochs", "2") == 0
+    assert train_ce(tiny_cache, tmp_path / "split", "--epochs", "1") == 0
+    assert train_ce(tiny_cache, tmp_path / "split", "--epochs", "2", "--resume") == 0
+    assert_same_weights(weights(tmp_path / "straight" / "CE"), weights(tmp_path / "split" / "CE"))
+    straight = json.loads((tmp_path / "straight" / "CE" / "history.json").read_text())
+    split = json.loads((tmp_path / "split" / "CE" / "history.json").read_text())
+    assert [h["loss"] for h in straight] == [h["loss"] for h in split]
+
+
+def test_a_signal_saves_at_the_next_batch_and_resume_finishes_identically(tiny_cache, tmp_path):
+    calls = {"n": 0}
+
+    def interrupted_loss(model, x, y, mask, epoch, cfg):
+        calls["n"] += 1
+        if calls["n"] == 2:  # as if Ctrl-C arrived during the second batch
+            os.kill(os.getpid(), signal.SIGINT)
+        return ce_loss(model, x, y, mask, epoch, cfg)
+
+    assert train_ce(tiny_cache, tmp_path / "straight", "--epochs", "1") == 0
+    status = train_ce(tiny_cache, tmp_path / "stopped", "--epochs", "1", loss_fn=interrupted_loss)
+    assert status == 128 + signal.SIGINT
+    saved = torch.load(tmp_path / "stopped" / "CE" / "checkpoints" / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["batch"]) == (0, 2)
+    assert not (tmp_path / "stopped" / "CE" / "model.pt").exists()
+    assert train_ce(tiny_cache, tmp_path / "stopped", "--epochs", "1", "--resume") == 0
+    assert_same_weights(weights(tmp_path / "straight" / "CE"), weights(tmp_path / "stopped" / "CE"))
+
+
+def test_resume_ignores_a_truncated_checkpoint(tiny_cache, tmp_path):
+    assert train_ce(tiny_cache, tmp_path, "--epochs", "1") == 0
+    checkpoints = tmp_path / "CE" / "checkpoints"
+    (checkpoints / "epoch_999.pt").write_bytes((checkpoints / "last.pt").read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="ignoring unreadable checkpoint .*epoch_999.pt"):
+        state = harness.newest_checkpoint(tmp_path / "CE")
+    assert state["epoch"] == 1
+
+
+def test_non_finite_loss_stops_naming_epoch_and_batch(tiny_cache, tmp_path, capsys):
+    calls = {"n": 0}
+
+    def exploding_loss(model, x, y, mask, epoch, cfg):
+        calls["n"] += 1
+        loss, parts = ce_loss(model, x, y, mask, epoch, cfg)
+        return (loss * float("nan") if calls["n"] == 3 else loss), parts
+
+    status = train_ce(tiny_cache, tmp_path, "--epochs", "1", loss_fn=exploding_loss)
+    assert status == 1
+    assert "non-finite loss (nan) at epoch 0, batch 2" in capsys.readouterr().err
+    assert not (tmp_path / "CE" / "model.pt").exists()
+
+
+def test_an_existing_run_is_not_overwritten_by_accident(tiny_cache, tmp_path, capsys):
+    assert train_ce(tiny_cache, tmp_path, "--epochs", "1") == 0
+    assert train_ce(tiny_cache, tmp_path, "--epochs", "1") == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tiny_cache, tmp_path, capsys):
+    assert train_ce(tiny_cache, tmp_path, "--epochs", "1") == 0
+    assert train_ce(tiny_cache, tmp_path, "--epochs", "2", "--resume", "--model", "resnet18m") == 2
+    assert "is a resnet18a, not a resnet18m" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+    (["--model", "resnet99"], "--model: unknown model 'resnet99'"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--max_length", "3000"], "multiple of 1024"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_bad_flags_give_one_line_and_exit_status_2(tmp_path, capsys, flags, message):
+    assert harness.main("CE", ce_loss, {}, lambda cfg: "CE", argv=["--result_dir", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_negative_method_hyperparameter_is_rejected(tmp_path, capsys):
+    status = harness.main("advls", ce_loss, {"eps": 0.01}, lambda cfg: "adv",
+                          argv=["--result_dir", str(tmp_path), "--eps", "-0.1"])
+    assert status == 2 and "--eps must be a non-negative number" in capsys.readouterr().err
+
+
+def test_unwritable_result_folder_is_named(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    status = harness.main("CE", ce_loss, {}, lambda cfg: "CE", argv=["--result_dir", str(blocker)])
+    assert status == 2 and f"cannot write to {blocker / 'CE'}" in capsys.readouterr().err
+
+
+def test_script_reports_missing_data_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "CPSC2018_CNN_CE.py"), "--data_dir",
+                             str(tmp_path / "nowhere"), "--result_dir", str(tmp_path / "r")],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.startswith("error: ")
+    assert str(tmp_path / "nowhere") in result.stderr
