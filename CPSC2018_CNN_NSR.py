@@ -16,7 +16,8 @@ HYPERPARAMETERS = dict(
     beta2=1.0,            # weight of the noise-to-signal-ratio term
     reg_start_epoch=10,   # epochs before this use the MSE term alone
 )
-PRESET_OVERRIDES = {"demo": dict(reg_start_epoch=2), "smoke": dict(reg_start_epoch=0)}
+PRESET_OVERRIDES = {"demo": dict(reg_start_epoch=2), "smoke": dict(reg_start_epoch=0),
+                    "mini": dict(reg_start_epoch=3)}
 
 
 def loss_fn(model, x, y, mask, epoch, cfg):

@@ -25,7 +25,8 @@ HYPERPARAMETERS = dict(
     pgd_alpha=4.0,          # step size = pgd_alpha * eps_t / pgd_steps
     label_smoothing=0.0,    # of the CE terms; 0 reproduces the reference code
 )
-PRESET_OVERRIDES = {"demo": dict(adv_start_epoch=2), "smoke": dict(adv_start_epoch=0, pgd_steps=2)}
+PRESET_OVERRIDES = {"demo": dict(adv_start_epoch=2), "smoke": dict(adv_start_epoch=0, pgd_steps=2),
+                    "mini": dict(adv_start_epoch=3)}
 
 
 def loss_fn(model, x, y, mask, epoch, cfg):

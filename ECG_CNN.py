@@ -125,12 +125,12 @@ class ResNet18M(nn.Module):
 #
 # Consequently the logits of a record are the same (up to rounding) for every zero padding
 # that shifts it by a multiple of 1024 samples, and with an all-ones mask the model computes
-# exactly resnet18a. The parameters (names and shapes) are those of resnet18a, so checkpoints
+# resnet18a (up to rounding). The parameters (names and shapes) are those of resnet18a, so checkpoints
 # load either way.
 
 
 def downsample_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Validity after a stride-2 layer: output j is valid when input j's cell [2j, 2j+2) has a valid position."""
+    """Validity after a stride-2 layer: output j is valid when its input cell [2j, 2j+2) has a valid position."""
     return F.max_pool1d(mask, 2, 2, ceil_mode=True)
 
 

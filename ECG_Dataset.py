@@ -223,6 +223,8 @@ def get_dataloaders(data_dir: str, batch_size: int = 64, eval_batch_size: int = 
     batches shuffled; the others: sorted by length) and crops each batch with crop_collate,
     so T varies between batches. Select a bucketed training loader's epoch with
     ``set_loader_epoch`` (its ``sampler`` attribute is not the class-balanced sampler).
+    resnet18a_vl only sees a shift modulo 1024, so for it random_pad=1024 is the same
+    augmentation as 3072 with less padding.
     """
     cache = load_cache(data_dir)
     padded_length = max_length + random_pad

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -194,6 +195,7 @@ def robustness_sweep(model: torch.nn.Module, loader, sweep: str, device: torch.d
                      steps: int = 100, restarts: int = 2, max_batches: int = 0,
                      seed: int = 0) -> dict:
     """Class-balanced accuracy and per-class sensitivity at every level of one sweep."""
+    started = time.perf_counter()
     was_training = model.training
     model.eval()
     levels, axis = sweep_levels(sweep)
@@ -220,7 +222,8 @@ def robustness_sweep(model: torch.nn.Module, loader, sweep: str, device: torch.d
             "sensitivity": [_ratio(np.diag(cm), cm.sum(axis=1)).tolist() for cm in matrices],
             "auc": robustness_auc(axis, accuracy), "n": int(matrices[0].sum()),
             "settings": {"steps": steps, "restarts": restarts, "max_batches": max_batches,
-                         "seed": seed}}
+                         "seed": seed},
+            "seconds": round(time.perf_counter() - started, 3)}
 
 
 def plot_sweeps(curves: dict[str, dict[str, dict]], path: Path, title: str) -> None:

@@ -73,6 +73,10 @@ PRESETS = {
                   random_pad=1024, epochs=1, batch_size=16, checkpoint_every=1,
                   max_batches=2, sweeps="white", sweep_steps=2, sweep_restarts=1,
                   sweep_max_batches=1),
+    # The 151 real records of ../shared/data/cpsc2018/wfdb_sample (reproduce.py --preset mini).
+    "mini": dict(data_dir="data/mini/processed", result_dir="result/mini", max_length=6144,
+                 random_pad=1024, epochs=12, batch_size=16, checkpoint_every=5,
+                 sweeps="pgd_linf,pgd_l2,white", sweep_steps=20, sweep_restarts=1),
 }
 
 
@@ -89,12 +93,6 @@ class _OneLineParser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def _flag_type(default):
-    if isinstance(default, bool):
-        return None
-    return type(default)
-
-
 def parse_config(method: str, hyperparameters: dict, preset_overrides: dict | None = None,
                  argv: list[str] | None = None) -> SimpleNamespace:
     """Defaults, then the preset, then the method's preset overrides, then the flags."""
@@ -103,10 +101,11 @@ def parse_config(method: str, hyperparameters: dict, preset_overrides: dict | No
                             argument_default=argparse.SUPPRESS)
     parser.add_argument("--preset", default="paper", choices=sorted(PRESETS))
     for key, value in defaults.items():
+        names = dict.fromkeys([f"--{key}", f"--{key.replace('_', '-')}"])  # --data_dir or --data-dir
         if isinstance(value, bool):
-            parser.add_argument(f"--{key}", action=argparse.BooleanOptionalAction)
+            parser.add_argument(*names, dest=key, action=argparse.BooleanOptionalAction)
         else:
-            parser.add_argument(f"--{key}", type=_flag_type(value), metavar=type(value).__name__.upper())
+            parser.add_argument(*names, dest=key, type=type(value), metavar=type(value).__name__.upper())
     args = vars(parser.parse_args(argv))
     preset = args.pop("preset", "paper")
     config = {**defaults, **PRESETS[preset], **(preset_overrides or {}).get(preset, {}), **args}

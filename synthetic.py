@@ -8,8 +8,8 @@ white, muscle (EMG) and power-line noise are simulated too. Each of the 9 CPSC20
 gets a textbook version of its defining feature: irregular RR and f-waves without P waves
 (AF), PR > 0.2 s (I-AVB), wide QRS of the left or right bundle-branch-block shape (LBBB,
 RBBB), frequent premature atrial or ventricular beats (PAC, PVC), ST depression or
-elevation (STD, STE). The files mimic the original CPSC2018 distribution byte for byte in
-layout: ``A0001.mat``, ``A0002.mat``, ... each holding a 1x1 MATLAB struct ``ECG`` with
+elevation (STD, STE). The files follow the layout of the original CPSC2018 distribution:
+``A0001.mat``, ``A0002.mat``, ... each holding a 1x1 MATLAB struct ``ECG`` with
 fields sex, age, data (12 x N double, mV, 500 Hz, leads I, II, III, aVR, aVL, aVF, V1..V6,
 quantized to 0.001 mV), and ``REFERENCE.csv`` (labels 1..9, about 5% of the records with
 more than one label).
@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.io
+import scipy.signal
 import scipy.stats
 
 CLASSES = ("Normal", "AF", "I-AVB", "LBBB", "RBBB", "PAC", "PVC", "STD", "STE")  # label k = CLASSES[k - 1]
@@ -58,6 +59,7 @@ _THIRD_LABEL_PROBABILITY = 0.1  # of a multi-label record
 # thin tail to 60 s, truncated to the requested bounds.
 _MEDIAN_SECONDS = 12.0
 _LOG_SIGMA = 0.45
+_WANDER_STEP = 10  # samples between exact evaluations of the slow baseline wander
 
 # The eight independent leads I, II, V1..V6 (the other four follow from I and II).
 _N_INDEPENDENT = 8
@@ -82,6 +84,9 @@ _LEAD_VECTORS = np.vstack([
 ])
 
 
+_Wave = tuple[float, float, np.ndarray]  # (offset s, sigma s, amplitudes in the 8 independent leads mV)
+
+
 @dataclass(frozen=True)
 class _Beat:
     """One beat shape: Gaussian waves at ``offsets`` (s, relative to the beat's time) with
@@ -92,7 +97,7 @@ class _Beat:
     amps: np.ndarray
 
     @classmethod
-    def of(cls, waves: Iterable[tuple[float, float, np.ndarray]]) -> _Beat:
+    def of(cls, waves: Iterable[_Wave]) -> _Beat:
         offsets, sigmas, amps = zip(*waves)
         return cls(np.array(offsets, float), np.array(sigmas, float), np.array(amps, float).reshape(-1, _N_INDEPENDENT))
 
@@ -102,11 +107,14 @@ class _Beat:
 
 def _check_labels(label: int | Sequence[int]) -> frozenset[int]:
     """The label set of one record; ValueError for unknown labels or impossible combinations."""
-    labels = [label] if np.isscalar(label) else list(label)
-    if not labels or any(not float(value).is_integer() or not 1 <= value <= 9 for value in labels):
+    try:
+        values = [float(label)] if np.isscalar(label) else [float(value) for value in label]
+    except (TypeError, ValueError):
+        values = []
+    if not values or any(not value.is_integer() or not 1 <= value <= 9 for value in values):
         raise ValueError(f"labels must be integers 1..9 ({', '.join(CLASSES)}), got {label!r}")
-    unique = frozenset(int(value) for value in labels)
-    if len(unique) != len(labels) or not _compatible(unique):
+    unique = frozenset(int(value) for value in values)
+    if len(unique) != len(values) or not _compatible(unique):
         raise ValueError(f"labels {label!r} cannot describe one record (repeated label or incompatible classes)")
     return unique
 
@@ -137,16 +145,13 @@ def _dipole(magnitude: float, direction: np.ndarray) -> np.ndarray:
     return magnitude * _LEAD_VECTORS @ (direction / np.linalg.norm(direction))
 
 
-def _random_direction(rng: np.random.Generator) -> np.ndarray:
-    return rng.normal(size=3)
-
-
 def _jitter(rng: np.random.Generator, shape: int | tuple[int, ...], spread: float = 0.15) -> np.ndarray:
     """Multiplicative record-to-record variation of wave amplitudes."""
     return rng.lognormal(0.0, spread, shape)
 
 
-def _ventricular_waves(labels: frozenset[int], rr_mean: float, rng: np.random.Generator):
+def _ventricular_waves(labels: frozenset[int], rr_mean: float,
+                       rng: np.random.Generator) -> tuple[list[_Wave], float, float]:
     """QRS, ST and T waves of a conducted beat; returns (waves, QRS onset s, J point s)."""
     width = rng.uniform(0.9, 1.15) if labels.isdisjoint({LBBB, RBBB}) else rng.uniform(1.0, 1.2)
     if LBBB in labels:
@@ -174,7 +179,8 @@ def _ventricular_waves(labels: frozenset[int], rr_mean: float, rng: np.random.Ge
                (0.012 * width, 0.009 * width, s * _jitter(rng, 8)),
                (0.055 * width, 0.02 * width, terminal * _jitter(rng, 8))]
         onset, j_point, t_delay = -0.05 * width, 0.1 * width, 0.03
-        t_amps = np.r_[_frontal(rng.uniform(0.15, 0.35), axis + rng.uniform(-25, 25)), -0.2, -0.15, 0.3, 0.35, 0.3, 0.22]
+        t_amps = np.r_[_frontal(rng.uniform(0.15, 0.35), axis + rng.uniform(-25, 25)),
+                       -0.2, -0.15, 0.3, 0.35, 0.3, 0.22]
         st = np.zeros(8)
     else:
         axis = rng.uniform(0, 80)
@@ -217,7 +223,7 @@ def _st_shift(labels: frozenset[int], t_amps: np.ndarray, rng: np.random.Generat
     return shift
 
 
-def _p_wave(magnitude: float, direction: np.ndarray, qrs_onset: float, pr: float, sigma: float):
+def _p_wave(magnitude: float, direction: np.ndarray, qrs_onset: float, pr: float, sigma: float) -> _Wave:
     """A P wave whose onset (2.5 sigma before its peak) lies ``pr`` before the QRS onset."""
     return qrs_onset - pr + 2.5 * sigma, sigma, _dipole(magnitude, direction)
 
@@ -240,8 +246,8 @@ def _beat_shapes(labels: frozenset[int], rr_mean: float, rng: np.random.Generato
                    + ventricular)
 
     # PVC: no P; a wide bizarre QRS from a random ventricular focus, discordant large T
-    main = _dipole(rng.uniform(1.0, 1.8), _random_direction(rng))
-    late = _dipole(rng.uniform(0.4, 0.9), _random_direction(rng))
+    main = _dipole(rng.uniform(1.0, 1.8), rng.normal(size=3))
+    late = _dipole(rng.uniform(0.4, 0.9), rng.normal(size=3))
     pvc_t = rng.uniform(0.3, 0.32) * np.sqrt(rr_mean) + 0.06
     pvc = _Beat.of([(0.0, rng.uniform(0.026, 0.034), main), (0.05, 0.022, late),
                     (pvc_t, 0.07, -rng.uniform(0.25, 0.4) * main)])
@@ -297,22 +303,23 @@ def _beat_schedule(labels: frozenset[int], rr_mean: float, duration: float,
 
 def _render(times: np.ndarray, kinds: np.ndarray, shapes: list[_Beat], beat_gains: np.ndarray,
             n_samples: int) -> np.ndarray:
-    """Sum every Gaussian wave of every beat into an (8, n_samples) signal, in one pass."""
-    centers, sigmas, amps = [], [], []
+    """The (8, n_samples) heart signal: each beat kind's waveform is drawn once and placed at its
+    beats (to the nearest sample) by convolving it with a train of impulses weighted by the beat gains."""
+    half = max(int(np.ceil(np.max(np.abs(shape.offsets) + 4.5 * shape.sigmas) * FS)) for shape in shapes)
+    lags = np.arange(-half, half + 1) / FS
+    # impulse positions in a buffer starting `half` samples before the record, so that beats
+    # just outside it still contribute their P or T waves
+    positions = np.rint(times * FS).astype(np.int64) + half
+    inside = (positions >= 0) & (positions < n_samples + 2 * half)
+    signal = np.zeros((_N_INDEPENDENT, n_samples + 4 * half))
     for kind, shape in enumerate(shapes):
-        chosen = kinds == kind
-        centers.append((times[chosen, None] + shape.offsets).ravel())
-        sigmas.append(np.broadcast_to(shape.sigmas, (chosen.sum(), shape.sigmas.size)).ravel())
-        amps.append((beat_gains[chosen, None, None] * shape.amps).reshape(-1, _N_INDEPENDENT))
-    centers, sigmas, amps = np.concatenate(centers), np.concatenate(sigmas), np.concatenate(amps)
-    half = int(np.ceil(4.5 * sigmas.max() * FS)) if sigmas.size else 0
-    sample = np.rint(centers * FS).astype(np.int64)[:, None] + np.arange(-half, half + 1)
-    inside = (sample >= 0) & (sample < n_samples)
-    bumps = np.exp(-0.5 * ((sample / FS - centers[:, None]) / sigmas[:, None]) ** 2)
-    positions, bumps = sample[inside], bumps[inside]
-    wave_of_entry = np.nonzero(inside)[0]
-    return np.stack([np.bincount(positions, weights=bumps * amps[wave_of_entry, lead], minlength=n_samples)
-                     for lead in range(_N_INDEPENDENT)])
+        chosen = inside & (kinds == kind)
+        if chosen.any():
+            impulses = np.zeros((1, n_samples + 2 * half))
+            impulses[0, positions[chosen]] = beat_gains[chosen]
+            waveform = shape.amps.T @ np.exp(-0.5 * ((lags - shape.offsets[:, None]) / shape.sigmas[:, None]) ** 2)
+            signal += scipy.signal.fftconvolve(impulses, waveform, axes=1)
+    return signal[:, 2 * half:2 * half + n_samples]
 
 
 def _fibrillatory_waves(n_samples: int, rng: np.random.Generator) -> np.ndarray:
@@ -324,22 +331,26 @@ def _fibrillatory_waves(n_samples: int, rng: np.random.Generator) -> np.ndarray:
     lead_weights = np.array([0.3, 0.6, 1.0, 0.6, 0.4, 0.3, 0.25, 0.2])
     lead_phase = rng.uniform(0, 2 * np.pi, (_N_INDEPENDENT, 1, 1))
     components = envelope * np.sin(2 * np.pi * freqs * t + rng.uniform(0, 2 * np.pi, (3, 1)) + lead_phase)
-    return rng.uniform(0.03, 0.08) / 1.5 * lead_weights[:, None] * components.sum(axis=1)
+    return rng.uniform(0.05, 0.13) * lead_weights[:, None] * components.mean(axis=1)  # V1: 0.03-0.07 mV RMS
 
 
 def _nuisances(n_samples: int, rng: np.random.Generator) -> np.ndarray:
     """Baseline wander, white noise and, in some records, EMG bursts and 50 Hz hum; (8, n) mV."""
     t = np.arange(n_samples) / FS
+    # wander (three sinusoids < 0.35 Hz per lead) is smooth: evaluate it every 10 samples and interpolate
+    coarse = t[::_WANDER_STEP] if n_samples % _WANDER_STEP == 1 else np.r_[t[::_WANDER_STEP], t[-1]]
     shape = (_N_INDEPENDENT, 3, 1)
-    wander = rng.uniform(0.02, 0.2) * rng.uniform(0.2, 0.6, shape) \
-        * np.sin(2 * np.pi * rng.uniform(0.05, 0.35, shape) * t + rng.uniform(0, 2 * np.pi, shape))
-    noise = wander.sum(axis=1) + rng.uniform(0.003, 0.012) * rng.standard_normal((_N_INDEPENDENT, n_samples))
+    components = np.sin(2 * np.pi * rng.uniform(0.05, 0.35, shape) * coarse + rng.uniform(0, 2 * np.pi, shape))
+    wander = rng.uniform(0.02, 0.2) * (rng.uniform(0.2, 0.6, shape) * components).sum(axis=1)
+    noise = np.stack([np.interp(t, coarse, lead) for lead in wander]) \
+        + rng.uniform(0.003, 0.012) * rng.standard_normal((_N_INDEPENDENT, n_samples))
     if rng.random() < 0.3:  # muscle noise: differenced white noise (high-pass), in slow bursts
         burst = np.clip(np.sin(2 * np.pi * rng.uniform(0.05, 0.3) * t + rng.uniform(0, 2 * np.pi)), 0, None) ** 2
         white = rng.standard_normal((_N_INDEPENDENT, n_samples + 1))
         noise += rng.uniform(0.01, 0.04) * burst * np.diff(white, axis=1) / np.sqrt(2)
     if rng.random() < 0.15:
-        noise += rng.uniform(0.005, 0.02) * np.sin(2 * np.pi * 50.0 * t + rng.uniform(0, 2 * np.pi, (_N_INDEPENDENT, 1)))
+        phases = rng.uniform(0, 2 * np.pi, (_N_INDEPENDENT, 1))
+        noise += rng.uniform(0.005, 0.02) * np.sin(2 * np.pi * 50.0 * t + phases)
     return noise
 
 
@@ -352,21 +363,25 @@ def synthesize_record(label: int | Sequence[int], n_samples: int, rng: np.random
     float64. Raises ValueError for an unknown label, incompatible labels or n_samples < 1.
     """
     labels = _check_labels(label)
-    if int(n_samples) != n_samples or n_samples < 1:
+    if not _is_positive_integer(n_samples):
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
     n_samples = int(n_samples)
     duration = n_samples / FS
     rr_mean = 60.0 / rng.uniform(*_heart_rate_range(labels))
     times, kinds = _beat_schedule(labels, rr_mean, duration, rng)
     shapes = _beat_shapes(labels, rr_mean, rng)
-    breathing = rng.uniform(0.02, 0.06) * np.sin(2 * np.pi * rng.uniform(0.15, 0.35) * times + rng.uniform(0, 2 * np.pi))
-    beat_gains = 1.0 + breathing + rng.normal(0.0, 0.02, times.size)
+    breathing = np.sin(2 * np.pi * rng.uniform(0.15, 0.35) * times + rng.uniform(0, 2 * np.pi))
+    beat_gains = 1.0 + rng.uniform(0.02, 0.06) * breathing + rng.normal(0.0, 0.02, times.size)
     heart = _render(times, kinds, shapes, beat_gains, n_samples)
     if AF in labels:
         heart += _fibrillatory_waves(n_samples, rng)
     lead_gains = rng.lognormal(0.0, 0.2) * rng.lognormal(0.0, 0.12, (_N_INDEPENDENT, 1))
     independent = _quantize(lead_gains * heart + _nuisances(n_samples, rng))
     return _quantize(_TWELVE_FROM_INDEPENDENT @ independent)
+
+
+def _is_positive_integer(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
 
 
 def _quantize(signal: np.ndarray) -> np.ndarray:
@@ -379,7 +394,7 @@ def _quantize(signal: np.ndarray) -> np.ndarray:
 
 def _check_settings(records_per_class: int, min_seconds: float, max_seconds: float,
                     multilabel_fraction: float) -> None:
-    if int(records_per_class) != records_per_class or records_per_class < 1:
+    if not _is_positive_integer(records_per_class):
         raise ValueError(f"records_per_class must be a positive integer, got {records_per_class!r}")
     if not 1.0 <= min_seconds <= max_seconds:
         raise ValueError(f"need 1 <= min_seconds <= max_seconds, got min_seconds={min_seconds}, "
@@ -413,20 +428,18 @@ def _reference_table(records_per_class: int, multilabel_fraction: float, rng: np
     return table
 
 
-def _prepare_out_dir(out_dir: Path) -> None:
-    """Create out_dir, or clear a dataset this module wrote there before; refuse to mix with other data."""
+def _prepare_out_dir(out_dir: Path, marker_text: str) -> None:
+    """Create out_dir and mark it as synthetic, clearing a dataset this module wrote there
+    before (so that no stale record survives); refuse a folder holding other ECG data."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    reference_path = out_dir / "REFERENCE.csv"
-    dataset_files = [*out_dir.glob("*.mat"), *out_dir.glob("*.hea")] + ([reference_path] if reference_path.exists() else [])
-    if not dataset_files:
-        return
-    if not (out_dir / MARKER_NAME).exists():
+    marker = out_dir / MARKER_NAME
+    dataset_files = [*out_dir.glob("*.mat"), *out_dir.glob("*.hea"), *out_dir.glob("REFERENCE.csv")]
+    if dataset_files and not marker.exists():
         raise FileExistsError(f"{out_dir}: holds ECG files not written by synthetic.py (e.g. {dataset_files[0].name}); "
                               "choose an empty or new --out-dir")
-    if reference_path.exists():
-        for name in pd.read_csv(reference_path, dtype=str)["Recording"].dropna():
-            (out_dir / f"{name}.mat").unlink(missing_ok=True)
-        reference_path.unlink()
+    marker.write_text(marker_text)  # first, so that an interrupted run still leaves a folder marked as ours
+    for path in dataset_files:
+        path.unlink()
 
 
 _MAT_HEADER_BYTES = 128
@@ -471,18 +484,17 @@ def generate_dataset(out_dir: str | Path, records_per_class: int = 30, seed: int
     lengths = _record_lengths(len(table), min_seconds, max_seconds, table_rng)
     sexes = np.where(table_rng.random(len(table)) < 0.54, "Male", "Female")
     ages = np.clip(np.rint(table_rng.normal(58.0, 18.0, len(table))), 18, 95)
-    _prepare_out_dir(out_dir)
+    _prepare_out_dir(out_dir, "SYNTHETIC ECG DATA: simulated by synthetic.py for the demo and the tests.\n"
+                     "These are NOT CPSC2018 recordings and NOT clinical data; results on them say nothing about "
+                     "real ECGs.\n"
+                     f"settings: records_per_class={records_per_class} seed={seed} min_seconds={min_seconds} "
+                     f"max_seconds={max_seconds} multilabel_fraction={multilabel_fraction}\n")
     label_columns = table[list(REFERENCE_COLUMNS[1:])].to_numpy()
     for row, record_seed in enumerate(record_seeds):
         labels = [int(value) for value in label_columns[row] if not pd.isna(value)]
         data = synthesize_record(labels, int(lengths[row]), np.random.default_rng(record_seed))
         _save_record(out_dir / f"{table.Recording[row]}.mat", data, str(sexes[row]), float(ages[row]))
     table.to_csv(out_dir / "REFERENCE.csv", index=False)
-    (out_dir / MARKER_NAME).write_text(
-        "SYNTHETIC ECG DATA: simulated by synthetic.py for the demo and the tests.\n"
-        "These are NOT CPSC2018 recordings and NOT clinical data; results on them say nothing about real ECGs.\n"
-        f"settings: records_per_class={records_per_class} seed={seed} min_seconds={min_seconds} "
-        f"max_seconds={max_seconds} multilabel_fraction={multilabel_fraction}\n")
     return table
 
 

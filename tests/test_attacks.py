@@ -96,3 +96,436 @@ def predictions(model: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.
 
 def generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def binary_linear_problem(lengths: list[int], total: int = 64, seed: int = 0
+                          ) -> tuple[LinearModel, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 2-class linear model on 2 leads with small inputs (no clipping within eps <= 0.5)."""
+    g = torch.Generator().manual_seed(seed)
+    model = LinearModel(torch.randn(2, 2, total, generator=g), torch.randn(2, generator=g))
+    mask = right_aligned_masks(lengths, total)
+    x = 0.3 * (2 * torch.rand(len(lengths), 2, total, generator=g) - 1) * mask
+    y = torch.tensor([i % 2 for i in range(len(lengths))])
+    return model, x, y, mask
+
+
+def weight_gap(model: LinearModel, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(w_other - w_y) * mask per sample: the direction that lowers the margin z_y - z_other."""
+    with torch.no_grad():
+        return (model.weight[1 - y] - model.weight[y]) * mask
+
+
+def margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """z_y - max_{j != y} z_j per sample."""
+    with torch.no_grad():
+        logits = model(x, mask)
+    own = logits.gather(1, y[:, None]).squeeze(1)
+    return own - logits.scatter(1, y[:, None], float("-inf")).max(dim=1).values
+
+
+def per_sample_norms(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L-inf, L2) norm of each sample's perturbation."""
+    flat = delta.flatten(1)
+    return flat.abs().max(dim=1).values, flat.norm(dim=1)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def test_ce_loss_is_summed_cross_entropy():
+    logits, y = torch.randn(5, 9), torch.randint(0, 9, (5,))
+    expected = sum(-torch.log_softmax(logits[i], 0)[y[i]] for i in range(5))
+    torch.testing.assert_close(attacks.ce_loss(logits, y), expected)
+
+
+def test_soft_margin_loss_matches_brute_force():
+    logits, y = torch.randn(6, 9, dtype=torch.float64), torch.randint(0, 9, (6,))
+    expected = 0.0
+    for row, label in zip(logits.tolist(), y.tolist()):
+        others = [v for j, v in enumerate(row) if j != label]
+        expected += math.log(sum(math.exp(v) for v in others)) - row[label]
+    assert attacks.soft_margin_loss(logits, y).item() == pytest.approx(expected, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- budgets and masks
+
+@pytest.mark.parametrize("norm, eps", [("inf", 0.05), (2, 0.5)])
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_pgd_stays_in_ball_inside_mask_and_range(norm, eps, early_stop):
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    mask = right_aligned_masks([200, 256, 130, 256], 256)
+    x = (2 * torch.rand(4, 2, 256) - 1) * mask  # values up to +-1: the clip is exercised
+    y = torch.randint(0, 3, (4,))
+    x_adv = attacks.pgd_attack(model, x, y, mask, eps, norm=norm, steps=5, step_size=eps / 2,
+                               early_stop=early_stop, generator=generator())
+    delta = x_adv - x
+    linf, l2 = per_sample_norms(delta)
+    assert x_adv.shape == x.shape and not x_adv.requires_grad
+    assert (linf <= eps + 1e-6).all() if norm == "inf" else (l2 <= eps * (1 + 1e-5)).all()
+    assert (linf > 0).any(), "the attack did not move"
+    assert torch.equal(x_adv * (1 - mask), x * (1 - mask)), "padding changed"
+    assert x_adv.abs().max() <= 1
+
+
+@pytest.mark.parametrize("norm, eps", [("inf", 0.05), ("l2", 0.5)])
+def test_random_start_is_inside_ball_and_masked(norm, eps):
+    model = TinyCNN().eval()
+    mask = right_aligned_masks([300, 512], 512)
+    x = 0.5 * torch.rand(2, 2, 512) * mask
+    start = attacks.pgd_attack(model, x, torch.tensor([0, 1]), mask, eps, norm=norm, steps=0,
+                               early_stop=False, generator=generator())
+    delta = start - x
+    linf, l2 = per_sample_norms(delta)
+    assert torch.equal(delta * (1 - mask), torch.zeros_like(delta))
+    if norm == "inf":  # U(-eps, eps) on every signal sample: the extremes come close to eps
+        assert (linf <= eps).all() and (linf > 0.99 * eps).all()
+        assert (delta.abs() > 0)[mask.expand_as(delta).bool()].float().mean() > 0.99
+    else:  # eps * U(-1, 1) on hundreds of samples is far longer than eps: scaled to eps
+        torch.testing.assert_close(l2, torch.full((2,), eps), rtol=1e-5, atol=0)
+
+
+def test_zero_budget_returns_input_and_bad_arguments_raise():
+    model, x, y, mask = binary_linear_problem([64, 40])
+    for attack in (attacks.pgd_attack, attacks.ifgsm_attack):
+        out = attack(model, x, y, mask, 0.0)
+        assert torch.equal(out, x) and out is not x
+    assert torch.equal(attacks.white_noise(x, 0.0), x)
+    with pytest.raises(ValueError, match="eps"):
+        attacks.pgd_attack(model, x, y, mask, -0.1)
+    with pytest.raises(ValueError, match="eps"):
+        attacks.white_noise(x, -0.1)
+    with pytest.raises(ValueError, match="norm"):
+        attacks.pgd_attack(model, x, y, mask, 0.1, norm="l1")
+    with pytest.raises(ValueError, match="mask"):
+        attacks.pgd_attack(model, x, y, mask[:, :, :10], 0.1)
+    with pytest.raises(ValueError, match="steps"):
+        attacks.pgd_attack(model, x, y, mask, 0.1, steps=-1)
+
+
+@pytest.mark.parametrize("spelling, same_as", [("linf", "inf"), (math.inf, "inf"),
+                                               ("L2", 2), ("2", 2)])
+def test_norm_spellings_are_equivalent(spelling, same_as):
+    model, x, y, mask = binary_linear_problem([64, 50])
+    run = lambda norm: attacks.ifgsm_attack(model, x, y, mask, 0.1, norm=norm, steps=3,
+                                            early_stop=False)
+    assert torch.equal(run(spelling), run(same_as))
+
+
+# ----------------------------------------------------------------------------- closed forms
+
+def test_linf_step_on_linear_model_is_sign_of_weight_difference():
+    model, x, y, mask = binary_linear_problem([64, 64, 33, 50])
+    step = 0.01
+    x_adv = attacks.ifgsm_attack(model, x, y, mask, eps=0.05, steps=1, step_size=step,
+                                 early_stop=False)
+    # CE gradient of a 2-class linear model: p_other (w_other - w_y) * mask, p_other > 0.
+    expected = step * weight_gap(model, y, mask).sign()
+    torch.testing.assert_close(x_adv - x, expected, rtol=0, atol=1e-7)
+
+
+def test_l2_step_on_linear_model_is_normalized_weight_difference():
+    model, x, y, mask = binary_linear_problem([64, 40])
+    gap = weight_gap(model, y, mask)
+    x_adv = attacks.ifgsm_attack(model, x, y, mask, eps=1.0, norm=2, steps=1, step_size=0.2,
+                                 early_stop=False)
+    expected = 0.2 * gap / gap.flatten(1).norm(dim=1)[:, None, None]
+    torch.testing.assert_close(x_adv - x, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm, dual, random_start", [("inf", 1, True), (2, 2, False)])
+def test_attack_reaches_closed_form_optimum_on_linear_model(norm, dual, random_start):
+    # max over ||delta|| <= eps of the margin drop <w_other - w_y, delta * mask> is eps times
+    # the dual norm of the masked weight gap (L1 for L-inf, L2 for L2). L-inf PGD gets there
+    # from any random start within 2 eps / step steps; L2 PGD from a random start only turns
+    # towards the optimum gradually, so L2 starts from x (exact after eps / step steps).
+    model, x, y, mask = binary_linear_problem([64, 64, 20, 47])
+    eps = 0.1 if norm == "inf" else 0.5
+    x_adv = attacks.pgd_attack(model, x, y, mask, eps, norm=norm, steps=25, early_stop=False,
+                               random_start=random_start, generator=generator())
+    achieved = margins(model, x, y, mask) - margins(model, x_adv, y, mask)
+    optimum = eps * weight_gap(model, y, mask).flatten(1).norm(p=dual, dim=1)
+    torch.testing.assert_close(achieved, optimum, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- early stop
+
+def test_early_stop_freezes_each_sample_at_its_first_fooling_iterate():
+    # Each IFGSM L-inf step lowers a sample's margin by step * ||gap * mask||_1. Inputs are
+    # built so the margin is (k - 0.5) steps' worth: the sample is first fooled after k steps.
+    total, step, eps = 64, 0.01, 0.1
+    model, x, y, mask = binary_linear_problem([64, 50, 64, 40, 30], total)
+    y = torch.zeros(5, dtype=torch.long)
+    gap = weight_gap(model, y, mask)
+    first_fooled = torch.tensor([3.0, 7.0, 1.0, math.inf, 0.0])  # inf: never, 0: clean-wrong
+    steps_of_margin = torch.tensor([2.5, 6.5, 0.5, 12.5, -0.5])
+    drop_per_step = step * gap.flatten(1).abs().sum(dim=1)
+    shift = (margins(model, x, y, mask) - steps_of_margin * drop_per_step) / drop_per_step
+    x = x + shift[:, None, None] * step * gap.sign()  # moves each margin to its target
+    assert x.abs().max() < 1 - eps, "test inputs would be clipped"
+
+    x_adv = attacks.ifgsm_attack(model, x, y, mask, eps, steps=20, step_size=step)
+    k = first_fooled.clamp(max=eps / step)  # never fooled: walks to the boundary, eps
+    torch.testing.assert_close(x_adv - x, k[:, None, None] * step * gap.sign(), rtol=0, atol=1e-5)
+    assert torch.equal(x_adv[4], x[4]), "a clean-wrong sample was attacked"
+    fooled = margins(model, x_adv, y, mask) < 0
+    assert fooled.tolist() == [True, True, True, False, True]
+
+    no_stop = attacks.ifgsm_attack(model, x, y, mask, eps, steps=20, step_size=step,
+                                   early_stop=False)
+    torch.testing.assert_close(no_stop - x, eps * gap.sign(), rtol=0, atol=1e-5)
+
+
+class RecordingModel(nn.Module):
+    """Wraps a model and records every input it sees while gradients are enabled."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.iterates: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            self.iterates.append(x.detach().clone())
+        return self.model(x, mask)
+
+
+def test_early_stop_returns_the_first_fooling_iterate_exactly(trained):
+    model, x, y, mask = trained
+    recorder = RecordingModel(model)
+    x_adv = attacks.pgd_attack(recorder, x, y, mask, 0.2, steps=10, restarts=1,
+                               generator=generator())
+    iterates = torch.stack(recorder.iterates)  # (steps, B, leads, T)
+    wrong = torch.stack([predictions(model, it, mask) != y for it in iterates])
+    broken = wrong.any(dim=0)
+    assert 0 < broken.sum() < len(y), "the test needs some but not all samples broken"
+    first = wrong.float().argmax(dim=0)
+    assert torch.equal(x_adv[broken], iterates[first[broken], broken.nonzero().squeeze(1)])
+
+
+def test_clean_wrong_samples_are_returned_unchanged(trained):
+    model, x, y, mask = trained
+    y_wrong = (y + 1) % 3
+    x_adv = attacks.pgd_attack(model, x[:8], y_wrong[:8], mask[:8], 0.2, steps=5,
+                               generator=generator())
+    assert torch.equal(x_adv, x[:8])
+
+
+def test_restarts_never_lower_the_number_of_broken_samples(trained):
+    model, x, y, mask = trained
+    run = lambda restarts: attacks.pgd_attack(model, x, y, mask, 0.2, steps=10,
+                                              restarts=restarts, generator=generator(3))
+    one, two = run(1), run(2)
+    broken_one = predictions(model, one, mask) != y
+    broken_two = predictions(model, two, mask) != y
+    assert broken_one.any() and not broken_two.all()
+    assert not (broken_one & ~broken_two).any(), "a second start unbroke a sample"
+    assert torch.equal(two[broken_one], one[broken_one]), "the first start differs"
+    assert broken_two.sum() >= broken_one.sum()
+
+
+# ----------------------------------------------------------------------------- strength
+
+class ZeroOneWrapper(nn.Module):
+    """torchattacks expects one input in [0, 1] and an nn.Module: x01 = (x + 1) / 2, so
+    the model sees 2 x01 - 1 with a full mask (torchattacks has no mask)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        return self.model(2 * x01 - 1, torch.ones(x01.shape[0], 1, x01.shape[2]))
+
+
+def test_pgd_breaks_at_least_as_many_as_white_noise_and_torchattacks(trained):
+    torchattacks = pytest.importorskip("torchattacks")
+    model, x, y, _ = trained
+    full = torch.ones(x.shape[0], 1, x.shape[2])
+    eps, steps = 0.2, 20
+    ours = attacks.pgd_attack(model, x, y, full, eps, steps=steps, generator=generator())
+    noisy = attacks.white_noise(x, eps, generator=generator())
+    # [-1, 1] = 2 [0, 1] - 1: distances halve, so eps01 = eps / 2 and alpha01 = (eps / 10) / 2.
+    torch.manual_seed(0)  # torchattacks draws its random start from the global RNG
+    theirs01 = torchattacks.PGD(ZeroOneWrapper(model), eps=eps / 2, alpha=eps / 20,
+                                steps=steps)((x + 1) / 2, y)
+    broken = {name: int((predictions(model, inputs, full) != y).sum())
+              for name, inputs in [("pgd", ours), ("white", noisy),
+                                   ("torchattacks", 2 * theirs01 - 1)]}
+    assert broken["pgd"] > broken["white"], broken
+    assert broken["pgd"] >= broken["torchattacks"] > 0, broken
+
+
+def test_ifgsm_matches_torchattacks_pgd_without_random_start(trained):
+    # Same algorithm (no random start, no early stop, L-inf, full mask) in another library:
+    # the iterates agree up to float rounding of the [0, 1] <-> [-1, 1] map.
+    torchattacks = pytest.importorskip("torchattacks")
+    model, x, y, _ = trained
+    full = torch.ones(x.shape[0], 1, x.shape[2])
+    ours = attacks.ifgsm_attack(model, x, y, full, 0.1, steps=10, early_stop=False)
+    theirs01 = torchattacks.PGD(ZeroOneWrapper(model), eps=0.05, alpha=0.005, steps=10,
+                                random_start=False)((x + 1) / 2, y)
+    agree = ((ours - (2 * theirs01 - 1)).abs() < 1e-5).float().mean().item()
+    assert agree > 0.999, f"only {agree:.4f} of the elements agree"
+
+
+def test_batch_result_equals_per_sample_results(trained):
+    # No cross-sample leakage: norms, steps and freezing are per sample (float64 rules out
+    # rounding differences between batch sizes).
+    model, x, y, mask = trained
+    model64 = TinyCNN()
+    model64.load_state_dict(model.state_dict())
+    model64 = model64.double().eval()
+    x, mask = x[:6].double(), mask[:6].double()
+    for norm, eps in [("inf", 0.2), (2, 2.0)]:
+        batch = attacks.ifgsm_attack(model64, x, y[:6], mask, eps, norm=norm, steps=8)
+        alone = torch.cat([attacks.ifgsm_attack(model64, x[i:i + 1], y[i:i + 1], mask[i:i + 1],
+                                                eps, norm=norm, steps=8) for i in range(6)])
+        torch.testing.assert_close(batch, alone, rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- model state
+
+@pytest.mark.parametrize("training", [False, True])
+def test_attacks_keep_model_mode_and_leave_no_parameter_grad(training):
+    torch.manual_seed(0)
+    model = TinyCNN().train(training)
+    mask = right_aligned_masks([256, 200], 256)
+    x, y = torch.rand(2, 2, 256) * mask, torch.tensor([0, 2])
+    with torch.no_grad():  # callers often evaluate under no_grad; the attack needs gradients
+        for early_stop in (True, False):
+            attacks.pgd_attack(model, x, y, mask, 0.1, steps=3, early_stop=early_stop)
+            attacks.ifgsm_attack(model, x, y, mask, 0.5, norm=2, steps=3, early_stop=early_stop,
+                                 loss_fn=attacks.soft_margin_loss)
+    assert model.training is training
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_real_model_small_length():
+    torch.manual_seed(0)
+    model = build_model("resnet18a").eval()
+    mask = right_aligned_masks([4096, 3500], 4096)
+    x = 0.9 * (2 * torch.rand(2, 8, 4096) - 1) * mask
+    y = predictions(model, x, mask)  # clean-correct by construction: both get attacked
+    for norm, eps in [("inf", 0.01), (2, 1.0)]:
+        x_adv = attacks.pgd_attack(model, x, y, mask, eps, norm=norm, steps=2, restarts=2,
+                                   generator=generator())
+        linf, l2 = per_sample_norms(x_adv - x)
+        assert ((linf <= eps + 1e-6) if norm == "inf" else (l2 <= eps * (1 + 1e-5))).all()
+        assert (linf > 0).all()
+        assert torch.equal(x_adv * (1 - mask), x * (1 - mask))
+    assert not model.training
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_random_starts_and_noises_are_reproducible_with_a_generator():
+    model, x, y, mask = binary_linear_problem([64, 40])
+    run = lambda seed: attacks.pgd_attack(model, x, y, mask, 0.1, steps=2, early_stop=False,
+                                          generator=generator(seed))
+    assert torch.equal(run(5), run(5)) and not torch.equal(run(5), run(6))
+    for noise in (attacks.baseline_wander, attacks.powerline, attacks.muscle_noise):
+        same = noise(x, mask, 10.0, generator=generator(1))
+        assert torch.equal(same, noise(x, mask, 10.0, generator=generator(1)))
+        assert not torch.equal(same, noise(x, mask, 10.0, generator=generator(2)))
+
+
+# ----------------------------------------------------------------------------- white noise
+
+def test_white_noise_is_uniform_on_every_element_and_clipped():
+    x = torch.zeros(4, 8, 4096)
+    x[0] = 0.98  # near the top: the clip must act
+    noisy = attacks.white_noise(x, 0.1, generator=generator())
+    noise = (noisy - x)[1:]  # the unclipped samples, padding included by design
+    assert noise.abs().max() <= 0.1 and noise.abs().max() > 0.0999
+    assert abs(noise.mean().item()) < 1e-3
+    assert noise.var().item() == pytest.approx(0.1 ** 2 / 3, rel=0.02)  # variance of U(-e, e)
+    assert noisy.max() <= 1 and (noisy[0] == 1).any()
+
+
+# ----------------------------------------------------------------------------- real-ECG noises
+
+def ecg_like(lengths: list[int], total: int = 5120) -> tuple[torch.Tensor, torch.Tensor]:
+    """Small-amplitude periodic 'beats' (|x| <= 0.4, so noise at 10 dB is never clipped)."""
+    t = torch.arange(total) / FS
+    beats = 0.3 * torch.exp(-((t % 0.8 - 0.4) ** 2) / 2e-4) + 0.05 * torch.sin(2 * math.pi * t)
+    scale = torch.tensor([1.0, -0.6, 0.8])[None, :, None]
+    mask = right_aligned_masks(lengths, total)
+    return beats * scale * mask, mask
+
+
+def spectrum(noise: torch.Tensor, mask: torch.Tensor, record: int, lead: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Frequencies and power of one record/lead's noise over its signal samples (numpy)."""
+    segment = noise[record, lead][mask[record, 0].bool()].double().numpy()
+    return np.fft.rfftfreq(len(segment), 1 / FS), np.abs(np.fft.rfft(segment)) ** 2
+
+
+NOISES = {
+    "baseline_wander": attacks.baseline_wander,
+    "powerline_50": attacks.powerline,
+    "powerline_60": lambda x, mask, snr, generator=None: attacks.powerline(
+        x, mask, snr, freq=60.0, generator=generator),
+    "muscle_noise": attacks.muscle_noise,
+}
+
+
+@pytest.mark.parametrize("name", NOISES)
+@pytest.mark.parametrize("snr_db", [6.0, 20.0])
+def test_noise_snr_matches_request_and_stays_in_mask(name, snr_db):
+    x, mask = ecg_like([5120, 4000, 2600])
+    x[1, 2] = 0.0  # an all-zero lead gets no noise (no signal to scale to)
+    noisy = NOISES[name](x, mask, snr_db, generator=generator())
+    noise = noisy - x
+    assert noisy.abs().max() < 1, "clipped: the SNR check would be off"
+    assert torch.equal(noise * (1 - mask), torch.zeros_like(noise))
+    assert torch.equal(noise[1, 2], torch.zeros(5120))
+    signal_power = (x.double() ** 2 * mask).sum(dim=2)
+    noise_power = (noise.double() ** 2 * mask).sum(dim=2)
+    achieved = 10 * torch.log10(signal_power / noise_power)
+    achieved[1, 2] = snr_db  # the zero lead
+    torch.testing.assert_close(achieved, torch.full_like(achieved, snr_db), rtol=0, atol=0.5)
+
+
+def test_baseline_wander_is_below_one_hertz():
+    x, mask = ecg_like([5120, 4000])
+    noise = attacks.baseline_wander(x, mask, 10.0, generator=generator()) - x
+    for record in range(2):
+        for lead in range(3):
+            freqs, power = spectrum(noise, mask, record, lead)
+            assert power[freqs < 1.0].sum() / power.sum() > 0.95
+
+
+@pytest.mark.parametrize("freq", [50.0, 60.0])
+def test_powerline_peaks_at_mains_frequency_with_small_harmonic(freq):
+    x, mask = ecg_like([5120, 4000])
+    noise = attacks.powerline(x, mask, 10.0, freq=freq, generator=generator()) - x
+    for record in range(2):
+        freqs, power = spectrum(noise, mask, record, 0)
+        resolution = freqs[1]
+        assert abs(freqs[power.argmax()] - freq) <= resolution
+        near = lambda f: power[np.abs(freqs - f) <= 1.0].sum()
+        fundamental, harmonic = near(freq), near(3 * freq)
+        assert fundamental / power.sum() > 0.9
+        assert harmonic / fundamental == pytest.approx(0.1 ** 2, rel=0.3)
+
+
+def test_muscle_noise_is_broadband_between_20_and_150_hz():
+    x, mask = ecg_like([5120, 4000])
+    noise = attacks.muscle_noise(x, mask, 10.0, generator=generator()) - x
+    for record in range(2):
+        freqs, power = spectrum(noise, mask, record, 1)
+        band = (freqs >= 20) & (freqs <= 150)
+        assert power[band].sum() / power.sum() > 0.95
+        # broadband: the lower and upper halves of the band carry comparable power
+        low_half = power[(freqs >= 20) & (freqs < 85)].sum()
+        high_half = power[(freqs >= 85) & (freqs <= 150)].sum()
+        assert 0.7 < low_half / high_half < 1.4
+
+
+def test_noise_arguments_are_checked():
+    x, mask = ecg_like([5120])
+    with pytest.raises(ValueError, match="freq"):
+        attacks.powerline(x, mask, 10.0, freq=300.0)
+    with pytest.raises(ValueError, match="snr_db"):
+        attacks.muscle_noise(x, mask, float("nan"))
+    with pytest.raises(ValueError, match="fs"):
+        attacks.baseline_wander(x, mask, 10.0, fs=0)

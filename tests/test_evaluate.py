@@ -74,3 +74,97 @@ def test_robustness_auc_on_hand_computed_curves():
 def test_robustness_auc_rejects_bad_levels(levels):
     with pytest.raises(ValueError):
         robustness_auc(levels, [0.5] * len(levels))
+
+
+# --- the command line: runs, checkpoints, sweeps --------------------------------------------
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+import evaluate  # noqa: E402
+import harness  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_cache, tmp_path_factory):
+    """Two small real runs (CE with two seeds), each trained one epoch and evaluated."""
+    import torch.nn.functional as F
+
+    root = tmp_path_factory.mktemp("runs")
+    for name, seed in [("A", "0"), ("B", "1")]:
+        status = harness.main("CE", lambda m, x, y, mask, e, c: (F.cross_entropy(m(x, mask), y), {}),
+                              {}, lambda cfg: name,
+                              argv=["--data_dir", str(tiny_cache), "--result_dir", str(root),
+                                    "--max_length", "2048", "--random_pad", "1024", "--batch_size", "8",
+                                    "--eval_batch_size", "18", "--epochs", "1", "--seed", seed,
+                                    "--sweeps", "white,pgd_linf", "--sweep_steps", "3",
+                                    "--sweep_restarts", "1"])
+        assert status == 0
+    return root
+
+
+def test_compare_writes_the_papers_tables_and_figures(two_runs, tmp_path):
+    assert evaluate.main(["compare", str(two_runs / "A"), str(two_runs / "B"), "--out", str(tmp_path)]) == 0
+    for name in ("clean", "white", "pgd_linf"):
+        assert (tmp_path / f"{name}.md").is_file() and (tmp_path / f"{name}.csv").is_file()
+    for name in ("white", "pgd_linf"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "pgd_linf.csv", index_col=0)
+    assert list(table.index) == ["A", "B"]
+    assert list(table.columns) == ["clean", *(f"{v:g}" for v in evaluate.PGD_LINF_LEVELS), "AUC"]
+    for run in ("A", "B"):
+        sweep = json.loads((two_runs / run / "robustness_test.json").read_text())["sweeps"]["pgd_linf"]
+        assert table.loc[run, "AUC"] == pytest.approx(sweep["auc"], abs=1e-4)
+        assert table.loc[run, "AUC"] == pytest.approx(robustness_auc(sweep["axis_levels"], sweep["accuracy"]), abs=1e-4)
+        clean = json.loads((two_runs / run / "eval_test.json").read_text())["clean"]
+        assert table.loc[run, "clean"] == pytest.approx(clean["accuracy"], abs=1e-4)
+        # early-stopped PGD never does better than the clean input
+        assert max(sweep["accuracy"][1:]) <= sweep["accuracy"][0] + 1e-12
+    markdown = (tmp_path / "clean.md").read_text().splitlines()
+    assert len(markdown) == 4 and markdown[2].startswith("| A |")
+
+
+def test_evaluate_cli_reevaluates_a_run_on_validation(two_runs):
+    assert evaluate.main([str(two_runs / "A"), "--split", "val", "--sweeps", "muscle,powerline_50hz",
+                          "--sweep_max_batches", "1"]) == 0
+    result = json.loads((two_runs / "A" / "robustness_val.json").read_text())
+    assert set(result["sweeps"]) == {"muscle", "powerline_50hz"}
+    assert result["sweeps"]["muscle"]["levels"][0] is None  # clean = infinite SNR
+    assert json.loads((two_runs / "A" / "eval_val.json").read_text())["clean"]["n"] == 9
+
+
+@pytest.mark.parametrize("make_args,message", [
+    (lambda runs, tmp: [str(tmp / "missing")], "no such checkpoint"),
+    (lambda runs, tmp: [str(runs / "A"), "--sweeps", "pgd_l3"], "unknown sweep 'pgd_l3'"),
+    (lambda runs, tmp: [str(runs / "A"), "--sweep_steps", "-1"], "--sweep_steps must be >= 0"),
+    (lambda runs, tmp: [str(tmp / "foreign.pt")], "not a checkpoint of this project"),
+    (lambda runs, tmp: [str(tmp / "truncated.pt")], "not a checkpoint of this project"),
+    (lambda runs, tmp: ["compare", str(tmp)], "eval_test.json: not found"),
+])
+def test_evaluate_cli_bad_inputs_give_one_line(two_runs, tmp_path, capsys, make_args, message):
+    torch.save({"model_name": "resnet18a", "model": {"w": torch.zeros(1)}, "config": {}}, tmp_path / "foreign.pt")
+    (tmp_path / "truncated.pt").write_bytes((two_runs / "A" / "model.pt").read_bytes()[:500])
+    assert evaluate.main(make_args(two_runs, tmp_path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_a_pickled_object_in_a_checkpoint_is_never_executed(tmp_path, capsys):
+    marker = tmp_path / "executed"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"model_name": "resnet18a", "model": Exploit(), "config": {}}, tmp_path / "evil.pt")
+    assert evaluate.main([str(tmp_path / "evil.pt")]) == 2
+    assert not marker.exists()
+    assert "not a checkpoint of this project" in capsys.readouterr().err

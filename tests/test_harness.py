@@ -79,23 +79,32 @@ def test_resume_after_an_epoch_gives_the_same_weights_bit_for_bit(tiny_cache, tm
     assert [h["loss"] for h in straight] == [h["loss"] for h in split]
 
 
-def test_a_signal_saves_at_the_next_batch_and_resume_finishes_identically(tiny_cache, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_at_the_next_batch_and_resume_finishes_identically(tiny_cache, tmp_path, signum):
     calls = {"n": 0}
 
     def interrupted_loss(model, x, y, mask, epoch, cfg):
         calls["n"] += 1
-        if calls["n"] == 2:  # as if Ctrl-C arrived during the second batch
-            os.kill(os.getpid(), signal.SIGINT)
+        if calls["n"] == 2:  # as if Ctrl-C (or a scheduler's SIGTERM) arrived during the second batch
+            os.kill(os.getpid(), signum)
         return ce_loss(model, x, y, mask, epoch, cfg)
 
     assert train_ce(tiny_cache, tmp_path / "straight", "--epochs", "1") == 0
     status = train_ce(tiny_cache, tmp_path / "stopped", "--epochs", "1", loss_fn=interrupted_loss)
-    assert status == 128 + signal.SIGINT
+    assert status == 128 + signum
     saved = torch.load(tmp_path / "stopped" / "CE" / "checkpoints" / "last.pt", weights_only=True)
     assert (saved["epoch"], saved["batch"]) == (0, 2)
     assert not (tmp_path / "stopped" / "CE" / "model.pt").exists()
     assert train_ce(tiny_cache, tmp_path / "stopped", "--epochs", "1", "--resume") == 0
     assert_same_weights(weights(tmp_path / "straight" / "CE"), weights(tmp_path / "stopped" / "CE"))
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tiny_cache, tmp_path):
+    for name, seed in [("a", "0"), ("b", "0"), ("c", "1")]:
+        assert train_ce(tiny_cache, tmp_path / name, "--epochs", "1", "--seed", seed) == 0
+    assert_same_weights(weights(tmp_path / "a" / "CE"), weights(tmp_path / "b" / "CE"))
+    other = weights(tmp_path / "c" / "CE")
+    assert not torch.equal(other["classifier.weight"], weights(tmp_path / "a" / "CE")["classifier.weight"])
 
 
 def test_resume_ignores_a_truncated_checkpoint(tiny_cache, tmp_path):
@@ -148,10 +157,13 @@ def test_bad_flags_give_one_line_and_exit_status_2(tmp_path, capsys, flags, mess
     assert err.startswith("error: ") and message in err and "\n" not in err
 
 
-def test_negative_method_hyperparameter_is_rejected(tmp_path, capsys):
+@pytest.mark.parametrize("value,message", [("-0.1", "--eps must be a non-negative number, got -0.1"),
+                                           ("nan", "--eps must be a non-negative number, got nan"),
+                                           ("abc", "argument --eps: invalid float value: 'abc'")])
+def test_bad_method_hyperparameter_is_rejected(tmp_path, capsys, value, message):
     status = harness.main("advls", ce_loss, {"eps": 0.01}, lambda cfg: "adv",
-                          argv=["--result_dir", str(tmp_path), "--eps", "-0.1"])
-    assert status == 2 and "--eps must be a non-negative number" in capsys.readouterr().err
+                          argv=["--result_dir", str(tmp_path), "--eps", value])
+    assert status == 2 and message in capsys.readouterr().err
 
 
 def test_unwritable_result_folder_is_named(tmp_path, capsys):

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import io
 import re
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -24,7 +22,6 @@ import synthetic
 from synthetic import AF, CLASSES, IAVB, LBBB, NORMAL, PAC, PVC, RBBB, STD, STE, generate_dataset, synthesize_record
 
 FS = 500
-ROOT = Path(__file__).resolve().parents[1]
 INDEPENDENT_LEADS = [0, 1, 6, 7, 8, 9, 10, 11]  # I, II, V1..V6
 WINDOW_SAMPLES = 4000  # 8 s, what the demo may truncate records to
 RECORDS_PER_CLASS = 20
@@ -56,7 +53,8 @@ def measure(ecg: np.ndarray) -> dict:
     # QRS = where the spatial velocity of the median beat exceeds 15% of its peak, near the detection
     velocity = np.sqrt((np.diff(sps.sosfiltfilt(_LOWPASS_40, beat[INDEPENDENT_LEADS], axis=1), axis=1) ** 2).sum(0))
     near = int(0.12 * FS)
-    above = np.nonzero(velocity[_BEFORE - near:_BEFORE + near] > 0.15 * velocity[_BEFORE - near:_BEFORE + near].max())[0]
+    around = velocity[_BEFORE - near:_BEFORE + near]
+    above = np.nonzero(around > 0.15 * around.max())[0]
     onset, end = _BEFORE - near + above[0], _BEFORE - near + above[-1]
     baseline = beat[:, onset - int(0.02 * FS):onset - int(0.01 * FS)].mean(axis=1)  # PR segment
     st = beat[:, end + int(0.04 * FS)] - baseline  # 40 ms after the J point
@@ -147,7 +145,9 @@ def test_reference_csv_columns_labels_and_multilabel_rows(dataset):
     assert all(line.endswith(",,") for line, second in zip(text[1:], written.Second_label) if pd.isna(second))
     assert list(written.Recording) == [f"A{i:04d}" for i in range(1, 19)]
     labels = written[["First_label", "Second_label", "Third_label"]]
-    assert labels.stack().between(1, 9).all() and (labels.stack() % 1 == 0).all()
+    present = labels.to_numpy(float).ravel()
+    present = present[~np.isnan(present)]
+    assert ((present >= 1) & (present <= 9) & (present % 1 == 0)).all()
     assert written.First_label.value_counts().to_dict() == {label: 2 for label in range(1, 10)}
     multi = written[written.Second_label.notna()]
     assert len(multi) == round(0.2 * 18)
@@ -236,7 +236,8 @@ def test_bad_settings_raise_value_error(tmp_path, kwargs, message):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("label", [0, 10, 2.5, (NORMAL, AF), (LBBB, RBBB), (STD, STE), (AF, IAVB), (PAC, PAC), ()])
+@pytest.mark.parametrize("label", [0, 10, 2.5, "AF", (NORMAL, AF), (LBBB, RBBB), (STD, STE), (AF, IAVB),
+                                   (PAC, PAC), ()])
 def test_unknown_or_incompatible_labels_raise_value_error(label):
     with pytest.raises(ValueError, match="label"):
         synthesize_record(label, 1000, np.random.default_rng(0))
@@ -244,8 +245,9 @@ def test_unknown_or_incompatible_labels_raise_value_error(label):
 
 def test_synthesize_record_shape_and_bad_length():
     assert synthesize_record(STE, 1234, np.random.default_rng(0)).shape == (12, 1234)
-    with pytest.raises(ValueError, match="n_samples"):
-        synthesize_record(STE, 0, np.random.default_rng(0))
+    for bad_length in (0, 100.0):
+        with pytest.raises(ValueError, match="n_samples"):
+            synthesize_record(STE, bad_length, np.random.default_rng(0))
 
 
 def test_cli_prints_counts_and_size_and_says_synthetic(tmp_path, capsys):
@@ -255,12 +257,11 @@ def test_cli_prints_counts_and_size_and_says_synthetic(tmp_path, capsys):
     assert all(name in out for name in CLASSES) and re.search(r"total\s+9\b", out)
 
 
-def test_cli_error_is_one_line_without_traceback(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "synthetic.py"), "--out-dir", str(tmp_path),
-                             "--min-seconds", "9", "--max-seconds", "7"], capture_output=True, text=True)
-    assert result.returncode != 0 and result.stdout == ""
-    assert result.stderr.startswith("error: ") and "min_seconds" in result.stderr
-    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+def test_cli_error_is_one_line_and_a_nonzero_exit(tmp_path, capsys):
+    assert synthetic.main(["--out-dir", str(tmp_path), "--min-seconds", "9", "--max-seconds", "7"]) != 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error: ") and "min_seconds" in captured.err
+    assert captured.err.count("\n") == 1
 
 
 # ----------------------------------------------------------------------------- class features
@@ -323,7 +324,8 @@ def test_the_toolkit_finds_the_same_differences_in_real_cpsc2018(cpsc2018_dir):
     sample = cpsc2018_dir / "wfdb_sample"
     reference = pd.read_csv(sample / "REFERENCE.csv")
     single = reference[reference.Second_label.isna()]
-    rows = [{"label": row.First_label, **measure(scipy.io.loadmat(sample / f"{row.Recording}.mat")["val"][:, :5000] / 1000)}
+    rows = [{"label": row.First_label,
+             **measure(scipy.io.loadmat(sample / f"{row.Recording}.mat")["val"][:, :5000] / 1000)}  # 10 s, mV
             for row in single.itertuples()]
     real = pd.DataFrame(rows)
     median = real.groupby("label")[["rr_cv", "prematurity", "qrs_width", "p_to_qrs", "st_max"]].median()

@@ -1,0 +1,170 @@
+"""Time per sample of each method's training step and of evaluation, with peak memory.
+
+    python benchmarks/bench_methods.py                       # the paper's T = 33792, batch 8
+    python benchmarks/bench_methods.py --length 8192 --repeats 2
+    python benchmarks/bench_methods.py --smoke               # seconds; what CI runs
+
+Every row runs in its own process so that its peak memory is its own (peak RSS on the
+CPU, peak allocated memory on CUDA). A training step is forward, the method's loss,
+backward and an Adam step, with the method's extra terms active (NSR from its start
+epoch, advls at its final eps); the labels are the model's own predictions, so the terms
+that apply to correctly classified samples run on the whole batch (their worst case).
+Evaluation rows: a clean forward pass, and PGD with 100 iterations (L-inf, eps 0.01, no
+early stop, one start). Prints a table, the command line and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import harness  # noqa: E402
+from ECG_CNN import build_model  # noqa: E402
+
+ROWS = {
+    # name: (script, extra flags, epoch at which the step is timed)
+    "CE": ("CPSC2018_CNN_CE", [], 0),
+    "NSR": ("CPSC2018_CNN_NSR", [], 10),
+    "jacob": ("CPSC2018_CNN_jacob", [], 0),
+    "jacob (1 projection)": ("CPSC2018_CNN_jacob", ["--jacobian_projections", "1"], 0),
+    "advls": ("CPSC2018_CNN_ce_adv_pgd_ls", [], 69),
+    "eval: clean forward": (None, [], 0),
+    "eval: PGD-100": (None, [], 0),
+}
+
+
+def make_batch(batch_size: int, length: int, device: torch.device):
+    """Scaled random signals, right-aligned with CPSC2018-like lengths (6 s up to the whole T)."""
+    generator = torch.Generator().manual_seed(0)
+    x = (2 * torch.rand(batch_size, 8, length, generator=generator) - 1) * 0.5
+    lengths = torch.randint(min(3000, length), length + 1, (batch_size,), generator=generator)
+    mask = (torch.arange(length) >= length - lengths[:, None]).float()[:, None, :]
+    return (x * mask).to(device), mask.to(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(row: str, args) -> dict:
+    """Seconds per sample of one row, measured in this process."""
+    import attacks
+
+    device = harness.choose_device(args.device)
+    torch.manual_seed(0)
+    model = build_model("resnet18a").to(device)
+    x, mask = make_batch(args.batch_size, args.length, device)
+    with torch.no_grad():
+        y = model(x, mask).argmax(dim=1)
+    script_name, flags, epoch = ROWS[row]
+    if script_name:
+        script = importlib.import_module(script_name)
+        cfg = harness.parse_config(row, script.HYPERPARAMETERS, argv=flags)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        model.train()
+
+        def step():
+            loss, _ = script.loss_fn(model, x, y, mask, epoch, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    elif row == "eval: clean forward":
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                model(x, mask)
+    else:
+        model.eval()
+
+        def step():
+            attacks.pgd_attack(model, x, y, mask, 0.01, "inf", steps=args.pgd_steps, restarts=1,
+                               early_stop=False)
+    for _ in range(args.warmup):
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    best = min(times)
+    return {"row": row, "seconds_per_sample": best / args.batch_size, "seconds_per_step": best,
+            "all_step_seconds": times, "peak_memory_mb": peak_memory_mb(device)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--length", type=int, default=33792, help="input length T (paper: 33792)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps; the fastest counts")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--pgd-steps", type=int, default=100)
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
+    parser.add_argument("--out", help="JSON path (default benchmarks/results/methods_<device>.json)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.length, args.batch_size, args.repeats, args.warmup, args.pgd_steps = 3072, 2, 1, 0, 2
+    if args.worker:
+        print(json.dumps(measure(args.worker, args)))
+        return 0
+
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        print(f"error: --rows: unknown row '{unknown[0]}'", file=sys.stderr)
+        return 2
+    forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--rows")]
+    results = []
+    for row in rows:
+        command = [sys.executable, __file__, *forwarded, "--worker", row]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            print(f"error: row '{row}' failed:\n{done.stderr}", file=sys.stderr)
+            return 1
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"  {row}: {results[-1]['seconds_per_sample'] * 1000:.1f} ms/sample", file=sys.stderr)
+    ce = next((r["seconds_per_sample"] for r in results if r["row"] == "CE"), None)
+    device = harness.choose_device(args.device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    command = "python benchmarks/bench_methods.py " + " ".join(forwarded)
+    settings = {"length": args.length, "batch_size": args.batch_size, "repeats": args.repeats,
+                "warmup": args.warmup, "pgd_steps": args.pgd_steps, "device": str(device),
+                "device_name": device_name, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    print(f"\n{command}\ndevice {device} ({device_name}), T = {args.length}, batch {args.batch_size}, "
+          f"fastest of {args.repeats}\n")
+    print("| row | ms / sample | x CE step | peak memory (MB) |\n|---|---|---|---|")
+    for r in results:
+        ratio = f"{r['seconds_per_sample'] / ce:.2f}" if ce else "-"
+        print(f"| {r['row']} | {r['seconds_per_sample'] * 1000:.1f} | {ratio} | {r['peak_memory_mb']:.0f} |")
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"methods_{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": command, "settings": settings, "rows": results}, indent=2))
+    print(f"\nwritten to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

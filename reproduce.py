@@ -1,0 +1,598 @@
+"""Reproduce the paper in one command: data, the four methods, the comparison, a report.
+
+    python reproduce.py                    # the paper: CPSC2018 in data/CPSC2018/train, 7 runs
+    python reproduce.py --preset demo      # synthetic data it generates itself, ~10 min on 2 CPU cores
+    python reproduce.py --preset smoke     # the smallest chain (CI), synthetic data
+    python reproduce.py --preset mini      # the 151 real records in ../shared/data/cpsc2018/wfdb_sample
+    python reproduce.py --dry-run          # print the commands, run nothing
+    python reproduce.py --methods CE advls --skip-train   # tables and report from finished runs
+
+Stages: the data (synthetic presets generate their records; a valid preprocessed cache is
+reused), one training subprocess per run (the method scripts, with this Python; each
+evaluates its final model and runs the sweeps at the end), `evaluate.compare_runs` into
+<result dir>/compare/, then <result dir>/report.md and timings.json. A finished run
+(model.pt and its evaluation files) is skipped, an interrupted one resumed from its
+checkpoints, so rerunning the same command continues where it stopped. A stage that fails
+stops the chain: its name and exit status are printed and reproduce exits non-zero.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import resource
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parent
+SHARED_SAMPLE = REPO.parent / "shared" / "data" / "cpsc2018" / "wfdb_sample"
+
+# Method name -> its training script (module name in this folder), in the paper's order.
+METHOD_SCRIPTS = {"CE": "CPSC2018_CNN_CE", "NSR": "CPSC2018_CNN_NSR", "jacob": "CPSC2018_CNN_jacob",
+                  "advls": "CPSC2018_CNN_ce_adv_pgd_ls"}
+PAPER_SWEEPS = "pgd_linf,pgd_l2,white"
+REAL_NOISE_SWEEPS = "baseline_wander,powerline_50hz,muscle"  # beyond the paper, for the report
+SWEEP_TITLES = {"pgd_linf": "PGD, L-inf budget", "pgd_l2": "PGD, L2 budget",
+                "ifgsm_linf": "IFGSM, L-inf budget", "ifgsm_l2": "IFGSM, L2 budget",
+                "white": "White noise", "baseline_wander": "Real-ECG noise: baseline wander",
+                "powerline_50hz": "Real-ECG noise: power line 50 Hz",
+                "powerline_60hz": "Real-ECG noise: power line 60 Hz",
+                "muscle": "Real-ECG noise: muscle (EMG)"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one --preset runs. Paths are relative to the working directory."""
+
+    harness_preset: str        # the method scripts' --preset
+    data_note: str             # the report's statement of what the data is
+    raw_dir: str               # the records (synthetic presets generate them here)
+    data_dir: str              # the preprocessed cache
+    result_dir: str
+    val_per_class: int
+    test_per_class: int
+    adv_eps: tuple[float, ...]
+    sweeps: str
+    synthetic_records_per_class: int = 0  # > 0: a synthetic dataset (synthetic.py)
+    synthetic_max_seconds: float = 60.0
+    # Extra flags per method for this plan (stated in the report with the run's settings).
+    method_flags: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+SYNTHETIC_NOTE = ("**Data: synthetic signals, not CPSC2018.** The records are simulated by "
+                  "`synthetic.py` (Gaussian-wave beats with a textbook feature per class, in "
+                  "CPSC2018's file format); they are not recordings of patients, and nothing "
+                  "below says anything about real ECGs or about the paper's numbers.")
+PLANS = {
+    "paper": Plan("paper", "**Data: CPSC2018** (real 12-lead ECGs, the official training set) with the "
+                  "paper's reference split (SPEC section 2).",
+                  "data/CPSC2018/train", "data/CPSC2018/processed", "result", 5, 50,
+                  (0.005, 0.01, 0.05, 0.1), f"{PAPER_SWEEPS},{REAL_NOISE_SWEEPS}"),
+    "demo": Plan("demo", SYNTHETIC_NOTE, "data/demo/train", "data/demo/processed", "result/demo", 3, 8,
+                 (0.01, 0.05), f"{PAPER_SWEEPS},{REAL_NOISE_SWEEPS}",
+                 synthetic_records_per_class=30, synthetic_max_seconds=20.0,
+                 method_flags={"jacob": ("--jacobian_projections", "1"), "advls": ("--pgd_steps", "5")}),
+    "smoke": Plan("smoke", SYNTHETIC_NOTE, "data/smoke/train", "data/smoke/processed", "result/smoke", 1, 1,
+                  (0.01,), "white,pgd_linf", synthetic_records_per_class=4, synthetic_max_seconds=8.0,
+                  method_flags={"jacob": ("--jacobian_projections", "1")}),
+    "mini": Plan("mini", "**Data: real CPSC2018 records, but only the 151-record sample** with a small "
+                 "stratified split of its own (2 validation and 4 test records per class), not the "
+                 "paper's 450-record test set: a small-scale check of the pipeline on real ECGs, "
+                 "not a reproduction of the paper's numbers.",
+                 str(SHARED_SAMPLE), "data/mini/processed", "result/mini", 2, 4,
+                 (0.01, 0.05), f"{PAPER_SWEEPS},{REAL_NOISE_SWEEPS}"),
+}
+
+
+class ReproduceError(Exception):
+    """A bad flag or a state reproduce cannot continue from; the message says which."""
+
+
+class StageFailed(Exception):
+    """A stage's command exited non-zero."""
+
+    def __init__(self, stage: str, status: int):
+        super().__init__(stage, status)
+        self.stage, self.status = stage, status
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during a stage (the training scripts checkpoint before exiting)."""
+
+    def __init__(self, stage: str):
+        super().__init__(stage)
+        self.stage = stage
+
+
+# --- the runs ------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Job:
+    """One training run: its script, flags, settings and folder."""
+
+    method: str
+    script: Path
+    flags: list[str]
+    cfg: SimpleNamespace
+    hyperparameters: dict
+    run_dir: Path
+
+    @property
+    def label(self) -> str:
+        eps = f" eps {self.cfg.eps:g}" if self.method == "advls" else ""
+        return f"{self.method}{eps} ({self.run_dir.name})"
+
+
+def plan_jobs(plan: Plan, methods: list[str], data_dir: str, result_dir: str) -> list[Job]:
+    """The training runs of ``plan`` for ``methods``, in the paper's order, settings resolved
+    exactly as the script will resolve them (so the run folder name is the script's)."""
+    import harness
+
+    jobs = []
+    for method in (m for m in METHOD_SCRIPTS if m in methods):
+        module = importlib.import_module(METHOD_SCRIPTS[method])
+        for eps in plan.adv_eps if method == "advls" else (None,):
+            flags = ["--preset", plan.harness_preset, "--data_dir", data_dir, "--result_dir", result_dir,
+                     "--sweeps", plan.sweeps, *plan.method_flags.get(method, ())]
+            if eps is not None:
+                flags += ["--eps", f"{eps:g}"]
+            cfg = harness.parse_config(method, module.HYPERPARAMETERS,
+                                       getattr(module, "PRESET_OVERRIDES", None), flags)
+            jobs.append(Job(method, REPO / f"{module.__name__}.py", flags, cfg, module.HYPERPARAMETERS,
+                            Path(result_dir) / module.run_name(cfg)))
+    return jobs
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _check_same_settings(job: Job) -> None:
+    """A run folder that holds a run with other training settings is not this preset's run."""
+    config = _read_json(job.run_dir / "config.json")
+    if config is None:
+        return
+    keys = ("model", "epochs", "batch_size", "lr", "seed", "max_length", "random_pad", "max_batches",
+            *job.hyperparameters)
+    for key in keys:
+        if key in config and config[key] != getattr(job.cfg, key):
+            raise ReproduceError(f"{job.run_dir} holds a run trained with {key}={config[key]!r}, but this "
+                                 f"preset asks for {getattr(job.cfg, key)!r}: delete that folder or "
+                                 "choose another --result-dir")
+
+
+def evaluation_complete(job: Job) -> bool:
+    """eval_test.json is there and robustness_test.json has every requested sweep with the
+    requested attack settings."""
+    from evaluate import parse_sweeps
+
+    if not (job.run_dir / "eval_test.json").is_file():
+        return False
+    sweeps = parse_sweeps(job.cfg.sweeps)
+    if not sweeps:
+        return True
+    done = (_read_json(job.run_dir / "robustness_test.json") or {}).get("sweeps", {})
+    wanted = {"steps": job.cfg.sweep_steps, "restarts": job.cfg.sweep_restarts,
+              "max_batches": job.cfg.sweep_max_batches}
+    return all(name in done and all(done[name].get("settings", {}).get(k) == v for k, v in wanted.items())
+               for name in sweeps)
+
+
+def run_state(job: Job) -> str:
+    """'done', 'evaluate' (trained, evaluation missing or incomplete), 'resume' or 'train'."""
+    trained = (job.run_dir / "model.pt").is_file()
+    resumable = any((job.run_dir / "checkpoints").glob("*.pt"))
+    if trained or resumable:
+        _check_same_settings(job)
+    if trained:
+        return "done" if evaluation_complete(job) else "evaluate"
+    return "resume" if resumable else "train"
+
+
+def job_command(job: Job, state: str) -> list[str]:
+    if state == "evaluate":
+        return [sys.executable, str(REPO / "evaluate.py"), str(job.run_dir), "--data_dir", job.cfg.data_dir,
+                "--sweeps", job.cfg.sweeps, "--sweep_steps", str(job.cfg.sweep_steps),
+                "--sweep_restarts", str(job.cfg.sweep_restarts),
+                "--sweep_max_batches", str(job.cfg.sweep_max_batches)]
+    return [sys.executable, str(job.script), *job.flags, *(["--resume"] if state == "resume" else [])]
+
+
+# --- the data ------------------------------------------------------------------------------
+
+def synthetic_complete(raw_dir: Path, records_per_class: int) -> bool:
+    """A dataset synthetic.py wrote with this many records per class, every file present."""
+    import pandas as pd
+    from synthetic import MARKER_NAME
+
+    if not (raw_dir / MARKER_NAME).is_file() or not (raw_dir / "REFERENCE.csv").is_file():
+        return False
+    try:
+        reference = pd.read_csv(raw_dir / "REFERENCE.csv", dtype={"Recording": str})
+        counts = reference["First_label"].value_counts()
+    except (ValueError, KeyError, pd.errors.ParserError):
+        return False
+    return (len(reference) == 9 * records_per_class and sorted(counts.index) == list(range(1, 10))
+            and (counts == records_per_class).all()
+            and all((raw_dir / f"{name}.mat").is_file() for name in reference["Recording"]))
+
+
+def cache_valid(data_dir: Path, raw_dir: Path, val_per_class: int, test_per_class: int) -> bool:
+    """load_cache accepts the cache and it was made from raw_dir with these split settings."""
+    from preprocess import DataError, load_cache
+
+    try:
+        meta = load_cache(data_dir).meta
+    except DataError:
+        return False
+    settings = meta.get("settings", {})
+    return (settings.get("val_per_class") == val_per_class and settings.get("test_per_class") == test_per_class
+            and meta.get("raw_dir") == str(raw_dir.resolve()))
+
+
+# --- stages and timings --------------------------------------------------------------------
+
+class Timings:
+    """Per-stage wall and CPU times, kept in <result dir>/timings.json across invocations:
+    a stage skipped now keeps the times of the invocation that ran it."""
+
+    def __init__(self, path: Path, preset: str, dry_run: bool):
+        self.path, self.dry_run = path, dry_run
+        previous = _read_json(path) if path.is_file() else None
+        self.previous = {s["stage"]: s for s in (previous or {}).get("stages", [])} \
+            if (previous or {}).get("preset") == preset else {}
+        self.preset = preset
+        self.stages: list[dict] = []
+        self.started = time.time()
+
+    def record(self, stage: str, status: str, seconds: float = 0.0, cpu_seconds: float = 0.0,
+               command: list[str] | None = None) -> None:
+        entry = {"stage": stage, "status": status, "seconds": round(seconds, 2),
+                 "cpu_seconds": round(cpu_seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if command:
+            entry["command"] = shlex.join(command)
+        earlier = self.previous.get(stage)
+        if status == "skipped" and earlier:
+            entry["earlier"] = earlier if earlier["status"] != "skipped" else earlier.get("earlier")
+        self.stages.append(entry)
+        self.save()
+
+    def save(self) -> None:
+        if self.dry_run:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"preset": self.preset, "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started)),
+                "total_seconds": round(time.time() - self.started, 2),
+                "total_cpu_seconds": round(sum(s["cpu_seconds"] for s in self.stages), 2),
+                "stages": self.stages}
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(self.path)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_stage(stage: str, command: list[str], timings: Timings, dry_run: bool) -> None:
+    """Run one command with inherited stdout/stderr (its output streams live)."""
+    print(f"\n=== {stage}\n$ {shlex.join(command)}", flush=True)
+    if dry_run:
+        return
+    started, cpu = time.perf_counter(), _children_cpu()
+    process = subprocess.Popen(command)
+    interrupted = False
+
+    def forward_sigterm(signum, frame):  # let the script checkpoint, as for Ctrl-C
+        nonlocal interrupted
+        interrupted = True
+        process.send_signal(signal.SIGTERM)
+
+    previous_handler = signal.signal(signal.SIGTERM, forward_sigterm)
+    try:
+        while True:
+            try:
+                status = process.wait()
+                break
+            except KeyboardInterrupt:  # the child got the same SIGINT and stops at a batch boundary
+                interrupted = True
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    seconds, cpu = time.perf_counter() - started, _children_cpu() - cpu
+    if interrupted:
+        timings.record(stage, "interrupted", seconds, cpu, command)
+        raise Interrupted(stage)
+    timings.record(stage, "ran" if status == 0 else "failed", seconds, cpu, command)
+    if status != 0:
+        raise StageFailed(stage, status)
+    print(f"=== {stage}: done in {_duration(seconds)}", flush=True)
+
+
+def skip_stage(stage: str, reason: str, timings: Timings) -> None:
+    print(f"skip {stage}: {reason}", flush=True)
+    timings.record(stage, "skipped")
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s" if minutes \
+        else f"{seconds} s"
+
+
+# --- the chain -----------------------------------------------------------------------------
+
+def prepare_data(plan: Plan, raw_dir: Path, data_dir: Path, timings: Timings, dry_run: bool) -> None:
+    regenerated = False
+    if plan.synthetic_records_per_class:
+        stage = "data: generate synthetic records"
+        if synthetic_complete(raw_dir, plan.synthetic_records_per_class):
+            skip_stage(stage, f"{raw_dir} holds the complete synthetic dataset", timings)
+        else:
+            run_stage(stage, [sys.executable, str(REPO / "synthetic.py"), "--out-dir", str(raw_dir),
+                              "--records-per-class", str(plan.synthetic_records_per_class), "--seed", "0",
+                              "--max-seconds", f"{plan.synthetic_max_seconds:g}"], timings, dry_run)
+            regenerated = True
+    stage = "data: preprocess"
+    if not regenerated and cache_valid(data_dir, raw_dir, plan.val_per_class, plan.test_per_class):
+        skip_stage(stage, f"{data_dir} holds a valid cache of {raw_dir} with these split settings", timings)
+        return
+    run_stage(stage, [sys.executable, str(REPO / "preprocess.py"), "--raw-dir", str(raw_dir),
+                      "--out-dir", str(data_dir), "--val-per-class", str(plan.val_per_class),
+                      "--test-per-class", str(plan.test_per_class)], timings, dry_run)
+
+
+def train_all(jobs: list[Job], timings: Timings, dry_run: bool) -> None:
+    for job in jobs:
+        state = run_state(job)
+        if state == "done":
+            skip_stage(f"train {job.label}", f"{job.run_dir} is finished (model.pt and evaluation present)",
+                       timings)
+            continue
+        stage = f"evaluate {job.label}" if state == "evaluate" else f"train {job.label}"
+        if state == "resume":
+            print(f"resume {job.run_dir} from its checkpoints", flush=True)
+        run_stage(stage, job_command(job, state), timings, dry_run)
+
+
+def compare(jobs: list[Job], out_dir: Path, timings: Timings) -> tuple[list[Job], dict[str, str]]:
+    """compare_runs over every run of the plan that has been evaluated."""
+    import evaluate
+
+    ready = [job for job in jobs if (job.run_dir / "eval_test.json").is_file()]
+    for job in jobs:
+        if job not in ready:
+            print(f"note: {job.run_dir} is not evaluated yet; it is left out of the tables", flush=True)
+    if not ready:
+        raise ReproduceError(f"no evaluated run under {jobs[0].run_dir.parent if jobs else 'the result dir'}"
+                             " to compare: train first (run without --skip-train)")
+    print(f"\n=== compare {len(ready)} runs -> {out_dir}", flush=True)
+    started, cpu = time.perf_counter(), time.process_time()
+    tables = evaluate.compare_runs([job.run_dir for job in ready], out_dir)
+    timings.record("compare", "ran", time.perf_counter() - started, time.process_time() - cpu)
+    return ready, tables
+
+
+# --- the report ----------------------------------------------------------------------------
+
+def _format_seconds(seconds) -> str:
+    return "n/a" if seconds is None else _duration(seconds)
+
+
+def _run_settings(job: Job) -> str:
+    """The run's own hyperparameters (method-specific), as key=value."""
+    return ", ".join(f"{k}={getattr(job.cfg, k):g}" if isinstance(getattr(job.cfg, k), float)
+                     else f"{k}={getattr(job.cfg, k)}" for k in job.hyperparameters) or "none"
+
+
+def _sweep_settings_line(sweep: str, results: dict[str, dict]) -> str:
+    """One line stating the attack/noise settings (they are shared when the runs agree)."""
+    from evaluate import SWEEPS
+
+    kind = SWEEPS[sweep][0]
+
+    def describe(settings: dict) -> str:
+        records = "all test batches" if not settings["max_batches"] else \
+            f"the first {settings['max_batches']} test batch(es)"
+        if kind in ("attack", "ifgsm"):
+            starts = "no random start" if kind == "ifgsm" else f"{settings['restarts']} random start(s)"
+            return (f"{settings['steps']} steps of size eps/10, {starts}, CE loss, early stop, model in eval "
+                    f"mode, {records}, seed {settings['seed']}")
+        return f"one noise draw per record and level, {records}, seed {settings['seed']}"
+
+    described = {run: describe(r["settings"]) for run, r in results.items()}
+    if len(set(described.values())) == 1:
+        return next(iter(described.values()))
+    return "; ".join(f"{run}: {text}" for run, text in described.items())
+
+
+def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, result_dir: Path,
+                 jobs: list[Job], ready: list[Job], tables: dict[str, str], timings: Timings) -> str:
+    from evaluate import SWEEPS
+    from preprocess import DataError, load_cache
+
+    def rel(path: Path) -> str:
+        return Path(path).relative_to(result_dir).as_posix() if Path(path).is_relative_to(result_dir) \
+            else Path(path).as_posix()
+
+    lines = [f"# Reproduction report: `{plan_name}` preset", "", plan.data_note, "",
+             f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} by "
+             f"`python {shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`.",
+             ""]
+    try:
+        meta = load_cache(data_dir).meta
+    except DataError:
+        meta = None
+    lines += ["## Data", "", f"- records: `{raw_dir}` ({meta['source_format'] if meta else '?'} form, "
+              f"{meta['n_records'] if meta else '?'} usable records)",
+              f"- cache: `{data_dir}`; split: {plan.val_per_class} validation and {plan.test_per_class} test "
+              "records per class (SPEC section 2's seeded procedure), multi-label records in no split"]
+    if meta:
+        counts = meta["class_counts"]
+        classes = list(counts["train"])
+        lines += ["", "| split | " + " | ".join(classes) + " | total |", "|---|" + "---|" * (len(classes) + 1)]
+        for split in ("train", "val", "test"):
+            lines.append(f"| {split} | " + " | ".join(str(counts[split][c]) for c in classes)
+                         + f" | {sum(counts[split].values())} |")
+    lines += [""]
+
+    histories = {job: _read_json(job.run_dir / "history.json") or [] for job in ready}
+    configs = {job: _read_json(job.run_dir / "config.json") or {} for job in ready}
+    lines += ["## Runs", "",
+              f"Harness preset `{plan.harness_preset}` for every run: " +
+              ", ".join(f"{k}={getattr(jobs[0].cfg, k)}" for k in
+                        ("epochs", "batch_size", "lr", "max_length", "random_pad", "max_batches", "model")) +
+              ". Checkpoint evaluated: each run's final `model.pt` (the last epoch).", "",
+              "| run | method | method settings | epochs done | checkpoint | device | training time | "
+              "final val accuracy | curves |", "|---|---|---|---|---|---|---|---|---|"]
+    for job in ready:
+        history = histories[job]
+        train_seconds = sum(h.get("seconds", 0) for h in history) if history else None
+        val = f"{history[-1]['val_accuracy']:.3f}" if history else "n/a"
+        lines.append(f"| {job.run_dir.name} | {job.method} | {_run_settings(job)} | {len(history)} | "
+                     f"`{rel(job.run_dir / 'model.pt')}` | {configs[job].get('device_used', '?')} | "
+                     f"{_format_seconds(train_seconds)} | {val} | [png]({rel(job.run_dir / 'curves.png')}) |")
+    missing = [job for job in jobs if job not in ready]
+    if missing:
+        lines += ["", "Not in the tables (not trained or not evaluated yet): "
+                  + ", ".join(f"`{job.run_dir.name}`" for job in missing) + "."]
+
+    evals = {job: _read_json(job.run_dir / "eval_test.json") or {} for job in ready}
+    n_test = {evals[job].get("clean", {}).get("n") for job in ready}
+    lines += ["", "## Clean metrics", "",
+              f"Split: test ({', '.join(map(str, sorted(n for n in n_test if n)))} records), clean inputs, model in "
+              "eval mode, signals right-aligned. Checkpoint of each row: that run's `model.pt` (see Runs). "
+              "Columns: per-class F1, mean F1 over the 9 classes, the CPSC2018 sub-scores Faf, Fblock, Fpc, "
+              "Fst, class-balanced accuracy (mean per-class recall), number of records. Time: part of each "
+              "run's training stage (see Stage timings).", "", tables["clean"], ""]
+
+    robustness = {job: (_read_json(job.run_dir / "robustness_test.json") or {}).get("sweeps", {})
+                  for job in ready}
+    sweep_names = [s for s in SWEEPS if s in tables]
+    if sweep_names:
+        lines += ["## Robustness", "",
+                  "Rows: runs; columns: clean, then each noise level, then the robustness AUC (trapezoid area "
+                  "under class-balanced accuracy over the level, from 0 to the largest level, divided by it). "
+                  "Split: test. Checkpoint of each row: that run's `model.pt`. Sweep times are per run, "
+                  "measured inside its training stage.", ""]
+    for sweep in sweep_names:
+        results = {job.run_dir.name: robustness[job][sweep] for job in ready if sweep in robustness[job]}
+        n_used = sorted({r["n"] for r in results.values()})
+        axis = SWEEPS[sweep][3]
+        level_note = ("columns: SNR in dB (noise only on the signal, scaled per record and lead); AUC over "
+                      "the noise/signal amplitude ratio 10^(-SNR/20), 0 to 1"
+                      if SWEEPS[sweep][0] == "snr" else f"columns: {axis}")
+        times = ", ".join(f"{run} {_format_seconds(r.get('seconds'))}" for run, r in results.items())
+        lines += [f"### {SWEEP_TITLES.get(sweep, sweep)} (`{sweep}`)", "",
+                  f"Split: test, {', '.join(map(str, n_used))} records used; {level_note}. "
+                  f"Settings: {_sweep_settings_line(sweep, results)}. Time: {times}.", "",
+                  tables[sweep], "", f"![{sweep}]({rel(result_dir / 'compare' / f'{sweep}.png')})", ""]
+
+    lines += ["## Stage timings", "",
+              f"Wall time and CPU time (user + system of the stage's processes) of this invocation; a skipped "
+              f"stage shows the invocation that ran it. Also in `{rel(timings.path)}`.", "",
+              "| stage | status | wall time | CPU time | finished |", "|---|---|---|---|---|"]
+    for entry in timings.stages:
+        shown = entry.get("earlier") if entry["status"] == "skipped" and entry.get("earlier") else entry
+        status = entry["status"] + (" (ran earlier)" if shown is not entry else "")
+        lines.append(f"| {entry['stage']} | {status} | {_format_seconds(shown['seconds'])} | "
+                     f"{_format_seconds(shown['cpu_seconds'])} | {shown['finished']} |")
+    lines += ["", f"Total wall time of this invocation: {_duration(time.time() - timings.started)}.", ""]
+    return "\n".join(lines)
+
+
+# --- command line --------------------------------------------------------------------------
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ReproduceError(message)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = _OneLineParser(description=__doc__.split("\n\n")[0],
+                            epilog="Presets: paper (CPSC2018, the paper's settings), demo (synthetic, "
+                                   "~10 min on 2 CPU cores), smoke (synthetic, CI), mini (151 real records).")
+    parser.add_argument("--preset", default="paper", choices=list(PLANS))
+    parser.add_argument("--raw-dir", help="the records (synthetic presets generate them there); default per "
+                                          "preset: " + ", ".join(f"{k} {p.raw_dir}" for k, p in PLANS.items()))
+    parser.add_argument("--result-dir", help="where the runs, compare/, report.md and timings.json go "
+                                             "(default per preset: result, result/demo, result/smoke, result/mini)")
+    parser.add_argument("--methods", nargs="+", default=list(METHOD_SCRIPTS), metavar="METHOD",
+                        help=f"a subset of {', '.join(METHOD_SCRIPTS)} (space- or comma-separated)")
+    parser.add_argument("--skip-train", action="store_true",
+                        help="no data or training stages: compare the finished runs and write the report")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = parser.parse_args(argv)
+    methods = [m.strip() for token in args.methods for m in token.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHOD_SCRIPTS]
+    if unknown or not methods:
+        raise ReproduceError(f"--methods: unknown method '{unknown[0] if unknown else ''}' "
+                             f"(known: {', '.join(METHOD_SCRIPTS)})")
+    args.methods = methods
+    return args
+
+
+def reproduce(args: argparse.Namespace) -> int:
+    plan = PLANS[args.preset]
+    raw_dir = Path(args.raw_dir or plan.raw_dir)
+    data_dir = Path(plan.data_dir)
+    result_dir = Path(args.result_dir or plan.result_dir)
+    all_jobs = plan_jobs(plan, list(METHOD_SCRIPTS), str(data_dir), str(result_dir))
+    jobs = [job for job in all_jobs if job.method in args.methods]
+    timings = Timings(result_dir / "timings.json", args.preset, args.dry_run)
+    print(f"reproduce: preset {args.preset}, records {raw_dir}, cache {data_dir}, results {result_dir}, "
+          f"{len(jobs)} run(s): {', '.join(job.run_dir.name for job in jobs)}", flush=True)
+
+    if not args.skip_train:
+        prepare_data(plan, raw_dir, data_dir, timings, args.dry_run)
+        train_all(jobs, timings, args.dry_run)
+    if args.dry_run:
+        print(f"\n=== compare -> {result_dir / 'compare'}\n=== report -> {result_dir / 'report.md'}")
+        return 0
+    ready, tables = compare(all_jobs, result_dir / "compare", timings)
+    started = time.perf_counter()
+    report_path = result_dir / "report.md"
+    report_path.write_text(build_report(args.preset, plan, raw_dir, data_dir, result_dir, all_jobs, ready,
+                                        tables, timings))
+    timings.record("report", "ran", time.perf_counter() - started)
+    print(f"\nreport written to {report_path} (this invocation: {_duration(time.time() - timings.started)})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from evaluate import EvaluationError
+    from harness import ConfigError
+    from preprocess import DataError
+
+    try:
+        return reproduce(parse_args(argv))
+    except StageFailed as failure:
+        print(f"error: stage '{failure.stage}' failed with exit status {failure.status} (its output is "
+              "above); fix the cause and rerun the same command: finished stages are skipped, an "
+              "interrupted run resumes from its checkpoints", file=sys.stderr)
+        return 1
+    except Interrupted as interruption:
+        print(f"error: interrupted during stage '{interruption.stage}'; rerun the same command to "
+              "continue (training resumes from its last checkpoint)", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (ReproduceError, ConfigError, DataError, EvaluationError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
