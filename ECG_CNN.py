@@ -144,21 +144,28 @@ class MaskedGroupNorm(nn.GroupNorm):
 
     ``forward(x, mask)`` with x (B, C, L) and mask (B, 1, L) of 0/1. Same parameters as
     nn.GroupNorm; with an all-ones mask it computes nn.GroupNorm. A sample without any valid
-    position gives zeros (no division by zero).
+    position gives zeros (no division by zero). The variance is taken around the mean (two
+    passes, as accurate as GroupNorm); the sums over valid positions are batched matrix
+    products with the mask, which read x without building a masked copy.
     """
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        batch, channels, length = x.shape
-        grouped = x.reshape(batch, self.num_groups, -1, length)
-        valid = mask.unsqueeze(1)  # (B, 1, 1, L): broadcast over groups and their channels
-        count = (valid.sum(dim=3, keepdim=True) * grouped.shape[2]).clamp_min(1)
-        mean = (grouped * valid).sum(dim=(2, 3), keepdim=True) / count
-        centred = (grouped - mean) * valid
-        variance = centred.square().sum(dim=(2, 3), keepdim=True) / count  # biased, as GroupNorm
-        out = (centred * torch.rsqrt(variance + self.eps)).reshape(batch, channels, length)
+        batch, channels, _ = x.shape
+        per_group = channels // self.num_groups
+        valid = mask.to(x.dtype).transpose(1, 2)  # (B, L, 1)
+        count = (mask.sum(dim=2, keepdim=True) * per_group).clamp_min(1)  # (B, 1, 1)
+
+        def group_mean(values: torch.Tensor) -> torch.Tensor:
+            """Mean over each group's valid positions, repeated per channel: (B, C, 1)."""
+            sums = torch.bmm(values, valid).view(batch, self.num_groups, per_group)
+            means = sums.sum(dim=2, keepdim=True) / count
+            return means.expand(-1, -1, per_group).reshape(batch, channels, 1)
+
+        centred = x - group_mean(x)
+        scale = torch.rsqrt(group_mean(centred.square()) + self.eps)  # biased variance, as GroupNorm
         if self.affine:
-            out = (out * self.weight[:, None] + self.bias[:, None]) * mask
-        return out
+            return torch.addcmul(self.bias[:, None], centred, scale * self.weight[:, None]) * mask
+        return centred * scale * mask
 
 
 class MaskedResidualBlock(nn.Module):

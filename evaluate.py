@@ -109,7 +109,7 @@ def to_markdown(table) -> str:
     """A DataFrame as a Markdown table, floats to 3 decimals (no optional dependency)."""
     header = [table.index.name or ""] + [str(c) for c in table.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for index, row in table.iterrows():
+    for index, *row in table.itertuples(name=None):  # itertuples keeps integer columns integer
         cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row]
         lines.append("| " + " | ".join([str(index), *cells]) + " |")
     return "\n".join(lines)
@@ -297,7 +297,7 @@ def evaluate_run(run_dir: Path, model: torch.nn.Module, cfg: SimpleNamespace, sp
     device = choose_device(cfg.device)
     model = model.to(device)
     loader = get_dataloaders(cfg.data_dir, cfg.batch_size, cfg.eval_batch_size, cfg.max_length,
-                             cfg.random_pad, splits=(split,))[split]
+                             cfg.random_pad, splits=(split,), bucket=cfg.bucket)[split]
     scores = evaluate_clean(model, loader, device, max_batches)
     result = {"run": str(run_dir), "split": split, "checkpoint": str(Path(run_dir) / "model.pt"),
               "settings": vars(cfg), "clean": scores}

@@ -50,8 +50,11 @@ TRAIN_DEFAULTS = dict(
     seed=0,
     max_length=30720,        # records are truncated to this many samples
     random_pad=3072,         # training shift range; inputs are max_length + random_pad long
+    bucket=False,            # batch by length and crop the padding (for --model resnet18a_vl)
     device="auto",           # auto: CUDA when available, else CPU
-    num_workers=0,
+    num_workers=-1,          # -1: 4 loader processes on CUDA (pinned memory), none on the CPU
+    amp=False,               # CUDA only: bf16 autocast of the forward passes and losses
+    cudnn_benchmark=False,   # CUDA only: cuDNN autotuning (faster, no longer deterministic)
     checkpoint_every=10,
     max_batches=0,           # >0: stop each epoch after this many batches (quick looks)
     resume=False,
@@ -66,9 +69,10 @@ TRAIN_DEFAULTS = dict(
 # synthetic dataset that `python synthetic.py` writes (see README).
 PRESETS = {
     "paper": {},
+    # Sized for about ten minutes of `python reproduce.py --preset demo` on 2 CPU cores.
     "demo": dict(data_dir="data/demo/processed", result_dir="result/demo", max_length=4096,
-                 random_pad=1024, epochs=6, batch_size=32, checkpoint_every=2,
-                 sweep_steps=10, sweep_restarts=1),
+                 random_pad=1024, epochs=10, batch_size=16, checkpoint_every=5,
+                 sweep_steps=5, sweep_restarts=1),
     "smoke": dict(data_dir="data/smoke/processed", result_dir="result/smoke", max_length=2048,
                   random_pad=1024, epochs=1, batch_size=16, checkpoint_every=1,
                   max_batches=2, sweeps="white", sweep_steps=2, sweep_restarts=1,
@@ -120,7 +124,9 @@ def validate_config(config: dict, hyperparameters: dict) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "max_length"):
         if config[key] < 1:
             raise ConfigError(f"--{key} must be at least 1, got {config[key]}")
-    for key in ("num_workers", "max_batches", "random_pad", "sweep_steps", "sweep_max_batches"):
+    if config["num_workers"] < -1:
+        raise ConfigError(f"--num_workers must be >= -1 (-1: automatic), got {config['num_workers']}")
+    for key in ("max_batches", "random_pad", "sweep_steps", "sweep_max_batches"):
         if config[key] < 0:
             raise ConfigError(f"--{key} must be >= 0, got {config[key]}")
     if not config["lr"] > 0:
@@ -143,6 +149,9 @@ def validate_config(config: dict, hyperparameters: dict) -> None:
             raise ConfigError(f"--device: unknown device '{device}'") from None
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    for key in ("amp", "cudnn_benchmark"):
+        if config[key] and choose_device(device).type != "cuda":
+            raise ConfigError(f"--{key} needs a CUDA device (this run uses {choose_device(device)})")
 
 
 def choose_device(name: str) -> torch.device:
@@ -151,12 +160,12 @@ def choose_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, cudnn_benchmark: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = not cudnn_benchmark
+    torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
 # --- checkpoints -------------------------------------------------------------------------
@@ -294,14 +303,16 @@ class _StopRequest:
 
 def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path) -> tuple[torch.nn.Module, int]:
     """Train per ``cfg``; returns (model, exit status): 0 when done, 128+signal when stopped."""
-    from ECG_Dataset import get_dataloaders
+    from ECG_Dataset import get_dataloaders, set_loader_epoch
     from evaluate import balanced_accuracy_on
 
     device = choose_device(cfg.device)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, cfg.cudnn_benchmark)
+    workers = cfg.num_workers if cfg.num_workers >= 0 else (4 if device.type == "cuda" else 0)
     loaders = get_dataloaders(cfg.data_dir, cfg.batch_size, cfg.eval_batch_size, cfg.max_length,
-                              cfg.random_pad, cfg.seed, cfg.num_workers,
-                              pin_memory=device.type == "cuda", splits=("train", "val"))
+                              cfg.random_pad, cfg.seed, workers,
+                              pin_memory=device.type == "cuda", splits=("train", "val"),
+                              bucket=cfg.bucket)
     model = build_model(cfg.model).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     progress = Progress(history=[], running={})
@@ -332,7 +343,7 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path) -> tuple[torch.n
     with _StopRequest() as stop:
         while progress.epoch < cfg.epochs:
             epoch = progress.epoch
-            train_loader.sampler.set_epoch(epoch, start=progress.batch * cfg.batch_size)
+            set_loader_epoch(train_loader, epoch, start=progress.batch * cfg.batch_size)
             model.train()
             started = time.time() - progress.running.get("seconds", 0.0)
             bar = tqdm(total=batches_per_epoch, initial=progress.batch, desc=f"epoch {epoch}",
@@ -341,7 +352,8 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path) -> tuple[torch.n
                 if progress.batch >= batches_per_epoch:
                     break
                 x, y, mask = (t.to(device, non_blocking=True) for t in (x, y, mask))
-                loss, parts = loss_fn(model, x, y, mask, epoch, cfg)
+                with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
+                    loss, parts = loss_fn(model, x, y, mask, epoch, cfg)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch}, batch "
                                         f"{progress.batch}; the last good checkpoint in "

@@ -74,7 +74,7 @@ PLANS = {
                   "paper's reference split (SPEC section 2).",
                   "data/CPSC2018/train", "data/CPSC2018/processed", "result", 5, 50,
                   (0.005, 0.01, 0.05, 0.1), f"{PAPER_SWEEPS},{REAL_NOISE_SWEEPS}"),
-    "demo": Plan("demo", SYNTHETIC_NOTE, "data/demo/train", "data/demo/processed", "result/demo", 3, 8,
+    "demo": Plan("demo", SYNTHETIC_NOTE, "data/demo/train", "data/demo/processed", "result/demo", 3, 6,
                  (0.01, 0.05), f"{PAPER_SWEEPS},{REAL_NOISE_SWEEPS}",
                  synthetic_records_per_class=30, synthetic_max_seconds=20.0,
                  method_flags={"jacob": ("--jacobian_projections", "1"), "advls": ("--pgd_steps", "5")}),

@@ -10,7 +10,9 @@ backward and an Adam step, with the method's extra terms active (NSR from its st
 epoch, advls at its final eps); the labels are the model's own predictions, so the terms
 that apply to correctly classified samples run on the whole batch (their worst case).
 Evaluation rows: a clean forward pass, and PGD with 100 iterations (L-inf, eps 0.01, no
-early stop, one start). Prints a table, the command line and writes JSON.
+early stop, one start). The data row times the training DataLoader (class-balanced sampler,
+random pad, no worker processes) over an in-memory cache of 200 records with CPSC2018-like
+lengths. Prints a table, the command line and writes JSON.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ ROWS = {
     "jacob": ("CPSC2018_CNN_jacob", [], 0),
     "jacob (1 projection)": ("CPSC2018_CNN_jacob", ["--jacobian_projections", "1"], 0),
     "advls": ("CPSC2018_CNN_ce_adv_pgd_ls", [], 69),
+    "data: training loader": (None, [], 0),
     "eval: clean forward": (None, [], 0),
     "eval: PGD-100": (None, [], 0),
 }
@@ -51,6 +54,27 @@ def make_batch(batch_size: int, length: int, device: torch.device):
     lengths = torch.randint(min(3000, length), length + 1, (batch_size,), generator=generator)
     mask = (torch.arange(length) >= length - lengths[:, None]).float()[:, None, :]
     return (x * mask).to(device), mask.to(device)
+
+
+def make_loader(batch_size: int, length: int):
+    """The training loader over 200 random records of 6 to 60 s (truncated to fit ``length``)."""
+    import numpy as np
+    import pandas as pd
+
+    from ECG_Dataset import ClassBalancedSampler, ECGDataset
+    from preprocess import Cache
+
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(np.log(6500), 0.5, 200).astype(int), 3000, 30000)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    names = [f"A{i:04d}" for i in range(200)]
+    records = pd.DataFrame({"Recording": names, "First_label": rng.integers(1, 10, 200),
+                            "offset": offsets, "length": lengths}).set_index("Recording", drop=False)
+    cache = Cache(signals=rng.normal(size=(12, lengths.sum())).astype(np.float32), records=records,
+                  splits={}, meta={})
+    pad = min(3072, length - 1024)
+    dataset = ECGDataset(cache, records, length - pad, length, random_pad=pad)
+    return torch.utils.data.DataLoader(dataset, batch_size, sampler=ClassBalancedSampler(dataset.labels))
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -86,6 +110,12 @@ def measure(row: str, args) -> dict:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+    elif row == "data: training loader":
+        loader = make_loader(args.batch_size, args.length)
+
+        def step():
+            for _ in zip(range(1), loader):  # one batch from a fresh iterator
+                pass
     elif row == "eval: clean forward":
         model.eval()
 

@@ -180,3 +180,13 @@ def test_script_reports_missing_data_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.startswith("error: ")
     assert str(tmp_path / "nowhere") in result.stderr
+
+
+def test_variable_length_mode_trains_and_resumes_identically(tiny_cache, tmp_path):
+    flags = ("--model", "resnet18a_vl", "--bucket", "--random_pad", "1024")
+    assert train_ce(tiny_cache, tmp_path / "straight", "--epochs", "2", *flags) == 0
+    assert train_ce(tiny_cache, tmp_path / "split", "--epochs", "1", *flags) == 0
+    assert train_ce(tiny_cache, tmp_path / "split", "--epochs", "2", "--resume", *flags) == 0
+    assert_same_weights(weights(tmp_path / "straight" / "CE"), weights(tmp_path / "split" / "CE"))
+    config = json.loads((tmp_path / "straight" / "CE" / "config.json").read_text())
+    assert config["model"] == "resnet18a_vl" and config["bucket"] is True

@@ -245,16 +245,15 @@ def test_jacobian_loss_on_linear_model_closed_form():
     torch.testing.assert_close(losses.jacobian_loss(model, x, mask), expected)
 
 
-def test_jacobian_squared_norm_on_resnet18a_matches_per_class_gradients():
+def test_jacobian_loss_on_resnet18a_matches_per_sample_brute_force():
+    # Each sample alone through autograd.functional.jacobian: also checks that the batched
+    # computation has no cross-sample leakage with different paddings (GroupNorm per sample).
     torch.manual_seed(7)
     model = build_model("resnet18a").double()
     x = torch.rand(2, 8, 3072, dtype=torch.float64) * 2 - 1
     mask = right_aligned_masks([3072, 2200], 3072, torch.float64)
-    inputs = x.clone().requires_grad_(True)
-    logits = model(inputs, mask)
-    expected = sum(torch.autograd.grad(logits[:, m].sum(), inputs, retain_graph=True)[0]
-                   .pow(2).sum() for m in range(9))
-    torch.testing.assert_close(losses.jacobian_squared_norm(model, x, mask).detach(), expected)
+    torch.testing.assert_close(losses.jacobian_loss(model, x, mask).detach(),
+                               brute_force_jacobian_loss(model, x, mask).detach())
 
 
 def test_jacobian_projection_estimate_is_unbiased_with_shrinking_error():
@@ -263,7 +262,7 @@ def test_jacobian_projection_estimate_is_unbiased_with_shrinking_error():
     x, mask = small_batch(seed=1)
     exact = losses.jacobian_squared_norm(model, x, mask).item()
     g = torch.Generator().manual_seed(9)
-    draws = 300
+    draws = 150
     rms_errors = {}
     for k in (1, 4, 16):
         estimates = torch.tensor([losses.jacobian_squared_norm(model, x, mask, k, g).item()

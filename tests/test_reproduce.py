@@ -1,0 +1,176 @@
+"""reproduce.py: the smoke chain end to end, skipping on a rerun, the report, the paper's plan."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import reproduce
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE_RUNS = ["CE", "NSR_beta1_1_beta2_1", "jacob_beta_44_proj_1", "advls_eps_0.01_beta_0.5"]
+
+
+def run_reproduce(cwd: Path, *flags: str) -> subprocess.CompletedProcess:
+    # One torch thread: on a shared 2-core machine two threads per process oversubscribe the cores.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "reproduce.py"), *flags], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The smoke preset run twice in an empty folder: (folder, first result, second result)."""
+    root = tmp_path_factory.mktemp("smoke_chain")
+    first = run_reproduce(root, "--preset", "smoke")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_reproduce(root, "--preset", "smoke")
+    assert second.returncode == 0, second.stderr[-3000:]
+    return root, first, second
+
+
+def markdown_tables(text: str) -> list[list[list[str]]]:
+    """Every Markdown table in ``text`` as rows of cells (header first, separator dropped)."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            if not re.fullmatch(r"\|(---\|)+", line):
+                current.append([cell.strip() for cell in line.strip("|").split("|")])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def test_smoke_chain_writes_report_runs_and_timings(smoke):
+    root, first, _ = smoke
+    result = root / "result" / "smoke"
+    assert (root / "data" / "smoke" / "train" / "REFERENCE.csv").is_file()
+    assert (root / "data" / "smoke" / "processed" / "meta.json").is_file()
+    for run in SMOKE_RUNS:
+        for name in ("model.pt", "eval_test.json", "robustness_test.json", "config.json"):
+            assert (result / run / name).is_file(), f"{run}/{name}"
+        assert json.loads((result / run / "config.json").read_text())["preset"] == "smoke"
+    for name in ("clean.md", "clean.csv", "white.md", "pgd_linf.md", "pgd_linf.png", "white.png"):
+        assert (result / "compare" / name).is_file(), name
+    for run in SMOKE_RUNS:  # every run was trained, in the paper's order, with its stage named
+        assert f"=== train " in first.stdout and f"({run})" in first.stdout
+    order = [first.stdout.index(f"({run}): done") for run in SMOKE_RUNS]
+    assert order == sorted(order)
+    timings = json.loads((result / "timings.json").read_text())
+    stages = {s["stage"]: s for s in timings["stages"]}
+    assert stages["data: generate synthetic records"]["status"] == "ran"
+    assert all(s["seconds"] >= 0 for s in timings["stages"])
+
+
+def test_second_invocation_skips_every_finished_stage(smoke):
+    root, first, second = smoke
+    assert "=== train" not in second.stdout and "=== data" not in second.stdout
+    for run in SMOKE_RUNS:
+        assert re.search(rf"^skip train .*\({re.escape(run)}\)", second.stdout, re.M), run
+    assert "skip data: generate synthetic records" in second.stdout
+    assert "skip data: preprocess" in second.stdout
+    timings = json.loads((root / "result" / "smoke" / "timings.json").read_text())
+    trained = [s for s in timings["stages"] if s["stage"].startswith("train ")]
+    assert len(trained) == 4 and all(s["status"] == "skipped" for s in trained)
+    # A skipped stage keeps the time of the invocation that ran it.
+    assert all(s["earlier"]["status"] == "ran" and s["earlier"]["seconds"] > 0 for s in trained)
+
+
+def test_report_tables_have_one_row_per_run_with_the_runs_numbers(smoke):
+    root, _, _ = smoke
+    result = root / "result" / "smoke"
+    report = (result / "report.md").read_text()
+    assert "synthetic signals, not CPSC2018" in report
+    assert "## Clean metrics" in report and "(`pgd_linf`)" in report and "(`white`)" in report
+    tables = {tuple(t[0][:3]): t for t in markdown_tables(report)}
+    clean = next(t for header, t in tables.items() if header[1] == "F1 Normal")
+    pgd = next(t for header, t in tables.items() if header[1:3] == ("clean", "0.001"))
+    white = next(t for header, t in tables.items() if header[1:3] == ("clean", "0.05"))
+    for table in (clean, pgd, white):
+        assert [row[0] for row in table[1:]] == SMOKE_RUNS
+    # The numbers are the runs' own evaluation files, independently read here.
+    header = clean[0]
+    for row in clean[1:]:
+        scores = json.loads((result / row[0] / "eval_test.json").read_text())["clean"]
+        assert float(row[header.index("mean_f1")]) == pytest.approx(scores["mean_f1"], abs=5e-4)
+        assert float(row[header.index("accuracy")]) == pytest.approx(scores["accuracy"], abs=5e-4)
+        assert row[header.index("n")] == str(scores["n"]) == "9"
+    for row in pgd[1:]:
+        sweep = json.loads((result / row[0] / "robustness_test.json").read_text())["sweeps"]["pgd_linf"]
+        assert float(row[-1]) == pytest.approx(sweep["auc"], abs=5e-4)
+        assert len(row) == 1 + len(sweep["accuracy"]) + 1  # run, clean + 10 levels, AUC
+    # Settings, checkpoints and times are stated; every linked figure exists.
+    assert "2 steps of size eps/10, 1 random start(s)" in report
+    for run in SMOKE_RUNS:
+        assert f"`{run}/model.pt`" in report
+    links = re.findall(r"\]\(([^)]+\.png)\)", report)
+    assert "compare/pgd_linf.png" in links and "compare/white.png" in links
+    assert all((result / link).is_file() for link in links)
+    assert "## Stage timings" in report and "train CE (CE)" in report
+
+
+def test_run_state_follows_the_files(smoke, tmp_path):
+    root, _, _ = smoke
+    plan = reproduce.PLANS["smoke"]
+    shutil.copytree(root / "result" / "smoke" / "CE", tmp_path / "CE")
+    (job,) = reproduce.plan_jobs(plan, ["CE"], str(root / plan.data_dir), str(tmp_path))
+    assert job.run_dir == tmp_path / "CE" and reproduce.run_state(job) == "done"
+    (job.run_dir / "robustness_test.json").unlink()
+    assert reproduce.run_state(job) == "evaluate"
+    assert "evaluate.py" in " ".join(reproduce.job_command(job, "evaluate"))
+    (job.run_dir / "model.pt").unlink()
+    assert reproduce.run_state(job) == "resume"
+    assert reproduce.job_command(job, "resume")[-1] == "--resume"
+    config = json.loads((job.run_dir / "config.json").read_text())
+    (job.run_dir / "config.json").write_text(json.dumps({**config, "epochs": 5}))
+    with pytest.raises(reproduce.ReproduceError, match="epochs=5"):
+        reproduce.run_state(job)
+    shutil.rmtree(job.run_dir / "checkpoints")
+    assert reproduce.run_state(job) == "train"
+
+
+def test_cache_is_reused_only_with_the_same_split_settings(smoke):
+    root, _, _ = smoke
+    data, raw = root / "data" / "smoke" / "processed", root / "data" / "smoke" / "train"
+    assert reproduce.cache_valid(data, raw, 1, 1)
+    assert not reproduce.cache_valid(data, raw, 1, 2)
+    assert not reproduce.cache_valid(data, root, 1, 1)  # made from another folder
+    assert reproduce.synthetic_complete(raw, 4) and not reproduce.synthetic_complete(raw, 5)
+
+
+def test_dry_run_of_the_paper_prints_the_seven_training_commands_in_order(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert reproduce.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    commands = [line for line in out.splitlines() if line.startswith("$ ") and "CPSC2018_CNN_" in line]
+    scripts = [re.search(r"(CPSC2018_CNN_\w+)\.py", c).group(1) for c in commands]
+    assert scripts == ["CPSC2018_CNN_CE", "CPSC2018_CNN_NSR", "CPSC2018_CNN_jacob"] + \
+        ["CPSC2018_CNN_ce_adv_pgd_ls"] * 4
+    assert [re.search(r"--eps (\S+)", c).group(1) for c in commands[3:]] == ["0.005", "0.01", "0.05", "0.1"]
+    for command in commands:
+        assert "--preset paper" in command and "--resume" not in command
+        assert "--sweeps pgd_linf,pgd_l2,white,baseline_wander,powerline_50hz,muscle" in command
+    assert "preprocess.py --raw-dir data/CPSC2018/train" in out
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def test_a_failing_stage_is_named_and_stops_without_a_traceback(tmp_path):
+    foreign = tmp_path / "not_synthetic"
+    foreign.mkdir()
+    (foreign / "A0001.mat").write_bytes(b"not written by synthetic.py")
+    result = run_reproduce(tmp_path, "--preset", "smoke", "--raw-dir", str(foreign))
+    assert result.returncode == 1
+    assert "stage 'data: generate synthetic records' failed with exit status" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "result" / "smoke" / "CE").exists()  # the chain stopped there
+
+
+def test_bad_methods_flag_is_one_line_error(capsys):
+    assert reproduce.main(["--methods", "CE,svm", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --methods: unknown method 'svm' (known: CE, NSR, jacob, advls)"
