@@ -9,7 +9,7 @@ two from epoch ``reg_start_epoch`` on and only over the correctly classified sam
 import sys
 
 import harness
-from losses import mse_onehot_loss, multi_margin_loss, nsr_loss
+from losses import mse_onehot_loss, multi_margin_terms, nsr_loss
 
 HYPERPARAMETERS = dict(
     beta1=1.0,            # weight of the multi-margin term
@@ -26,11 +26,15 @@ def loss_fn(model, x, y, mask, epoch, cfg):
     if epoch < cfg.reg_start_epoch:
         return loss1, {"loss_mse": loss1.detach()}
     correct = logits.argmax(dim=1) == y
-    n = int(correct.sum())
+    # Counts and sums over the whole batch: under torchrun, union_sum adds up the processes'
+    # shares so that loss2 and loss3 are those of the single-process batch (identity otherwise).
+    n = int(harness.union_sum(correct.sum()))
     if n == 0:
         return loss1, {"loss_mse": loss1.detach(), "loss_margin": 0.0, "loss_nsr": 0.0}
-    loss2 = multi_margin_loss(logits[correct], y[correct])
-    loss3 = nsr_loss(model, x[correct], y[correct], mask[correct]) / n
+    margin_sum, margin_count = multi_margin_terms(logits[correct], y[correct])
+    loss2 = harness.union_sum(margin_sum) / harness.union_sum(margin_count).clamp(min=1)
+    # The input-gradient pass runs on the plain module (see harness.unwrap).
+    loss3 = harness.union_sum(nsr_loss(harness.unwrap(model), x[correct], y[correct], mask[correct])) / n
     loss = loss1 + cfg.beta1 * loss2 + cfg.beta2 * loss3
     return loss, {"loss_mse": loss1.detach(), "loss_margin": loss2.detach(), "loss_nsr": loss3.detach()}
 

@@ -34,9 +34,11 @@ def loss_fn(model, x, y, mask, epoch, cfg):
     loss1 = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
     eps_t = adversarial_eps(epoch, cfg.eps, cfg.adv_start_epoch, cfg.epochs)
     correct = logits.argmax(dim=1) == y
-    if eps_t == 0 or not correct.any():
+    # Whether to attack is decided over the whole batch (all processes under torchrun); the
+    # attack and the adversarial pass run on the plain module (see harness.unwrap).
+    if eps_t == 0 or not harness.union_sum(correct.sum()):
         return loss1, {"loss_ce": loss1.detach()}
-    loss2 = adversarial_loss(model, x[correct], y[correct], mask[correct], eps_t,
+    loss2 = adversarial_loss(harness.unwrap(model), x[correct], y[correct], mask[correct], eps_t,
                              adversarial_step(eps_t, cfg.pgd_alpha, cfg.pgd_steps),
                              steps=cfg.pgd_steps, label_smoothing=cfg.label_smoothing) / len(y)
     loss = (1 - cfg.beta) * loss1 + cfg.beta * loss2

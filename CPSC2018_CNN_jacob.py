@@ -10,7 +10,7 @@ import sys
 import torch.nn.functional as F
 
 import harness
-from losses import jacobian_loss
+from losses import jacobian_squared_norm
 
 HYPERPARAMETERS = dict(
     beta=44.0,                # weight of the Jacobian term, from epoch 0
@@ -19,8 +19,14 @@ HYPERPARAMETERS = dict(
 
 
 def loss_fn(model, x, y, mask, epoch, cfg):
-    loss1 = F.cross_entropy(model(x, mask), y)
-    loss2 = jacobian_loss(model, x, mask, projections=cfg.jacobian_projections)
+    logits = model(x, mask)
+    loss1 = F.cross_entropy(logits, y)
+    # losses.jacobian_loss over the whole batch: under torchrun, union_sum adds up the
+    # processes' squared norms (identity otherwise); the input-gradient passes run on the
+    # plain module (see harness.unwrap).
+    squared_norm = harness.union_sum(jacobian_squared_norm(harness.unwrap(model), x, mask,
+                                                           cfg.jacobian_projections))
+    loss2 = squared_norm.sqrt() / (len(y) * harness.world_size() * logits.shape[1])
     return loss1 + cfg.beta * loss2, {"loss_ce": loss1.detach(), "loss_jacobian": loss2.detach()}
 
 

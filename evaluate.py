@@ -144,11 +144,37 @@ def predict(model: torch.nn.Module, loader, device: torch.device, max_batches: i
         truths.append(y)
         predictions.append(logits.argmax(dim=1).cpu())
     model.train(was_training)
+    if not truths:  # an empty share of a sharded evaluation
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return torch.cat(truths).numpy(), torch.cat(predictions).numpy()
 
 
 def balanced_accuracy_on(model: torch.nn.Module, loader, device: torch.device) -> float:
     return class_balanced_accuracy(confusion_matrix(*predict(model, loader, device)))
+
+
+def shard_loader(loader, rank: int, world_size: int, max_batches: int = 0):
+    """One process's share of an evaluation loader, for evaluating with several processes.
+
+    The records that ``loader`` yields in its first ``max_batches`` batches (all when 0) are
+    dealt out in turn (the i-th to rank i mod world_size) and batched as ``loader`` batches
+    (by length when bucketed), so the shares partition exactly the records one process
+    evaluates and the sum of their confusion matrices is its confusion matrix.
+    """
+    from torch.utils.data import DataLoader
+
+    from ECG_Dataset import BucketBatchSampler, crop_collate
+
+    batches = list(loader.batch_sampler)[:max_batches or None]
+    indices = np.concatenate(batches)[rank::world_size].tolist() if batches else []
+    if isinstance(loader.batch_sampler, BucketBatchSampler):
+        batching: dict = dict(batch_sampler=BucketBatchSampler(
+            indices, loader.dataset.lengths, loader.batch_sampler.batch_size, chunk_batches=None,
+            shuffle=False), collate_fn=crop_collate)
+    else:
+        batching = dict(batch_size=loader.batch_size, sampler=indices)
+    return DataLoader(loader.dataset, **batching, num_workers=loader.num_workers,
+                      pin_memory=loader.pin_memory)
 
 
 # --- robustness sweeps (SPEC sections 6 and 7) --------------------------------------------
@@ -193,16 +219,23 @@ def sweep_levels(sweep: str) -> tuple[list[float], list[float]]:
 
 def robustness_sweep(model: torch.nn.Module, loader, sweep: str, device: torch.device,
                      steps: int = 100, restarts: int = 2, max_batches: int = 0,
-                     seed: int = 0) -> dict:
-    """Class-balanced accuracy and per-class sensitivity at every level of one sweep."""
+                     seed: int = 0, sharded: bool = False) -> dict:
+    """Class-balanced accuracy and per-class sensitivity at every level of one sweep.
+
+    ``sharded``: under torchrun, ``loader`` is this process's share (``shard_loader``); the
+    counts are summed over the processes and rank r draws its noise from seed + r.
+    """
+    from harness import all_sum, is_main_process, rank
+
     started = time.perf_counter()
     was_training = model.training
     model.eval()
     levels, axis = sweep_levels(sweep)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed + (rank() if sharded else 0))
     total = min(len(loader), max_batches) if max_batches else len(loader)
     matrices = np.zeros((len(levels), NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
-    with tqdm(total=total * len(levels), desc=sweep, leave=False, mininterval=1.0) as bar:
+    with tqdm(total=total * len(levels), desc=sweep, leave=False, mininterval=1.0,
+              disable=not is_main_process()) as bar:
         for index, (x, y, mask) in enumerate(loader):
             if index >= total:
                 break
@@ -215,6 +248,8 @@ def robustness_sweep(model: torch.nn.Module, loader, sweep: str, device: torch.d
                 matrices[i] += confusion_matrix(y.cpu().numpy(), predicted.cpu().numpy())
                 bar.update()
     model.train(was_training)
+    if sharded:
+        matrices = all_sum(torch.from_numpy(matrices)).numpy()
     accuracy = [class_balanced_accuracy(cm) for cm in matrices]
     return {"sweep": sweep, "axis": SWEEPS[sweep][3],
             "levels": [None if np.isinf(v) else v for v in levels], "axis_levels": axis,
@@ -282,39 +317,60 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[to
     return model.to(device), state["config"]
 
 
-def evaluate_clean(model: torch.nn.Module, loader, device: torch.device, max_batches: int = 0) -> dict:
-    return classification_scores(confusion_matrix(*predict(model, loader, device, max_batches,
-                                                           desc="clean")))
+def evaluate_clean(model: torch.nn.Module, loader, device: torch.device, max_batches: int = 0,
+                   sharded: bool = False) -> dict:
+    """Clean metrics over a loader; ``sharded`` as in ``robustness_sweep`` (counts summed over
+    the processes)."""
+    from harness import all_sum, is_main_process
+
+    counts = confusion_matrix(*predict(model, loader, device, max_batches,
+                                       desc="clean" if is_main_process() else None))
+    if sharded:
+        counts = all_sum(torch.from_numpy(counts)).numpy()
+    return classification_scores(counts)
 
 
 def evaluate_run(run_dir: Path, model: torch.nn.Module, cfg: SimpleNamespace, split: str = "test",
                  max_batches: int = 0) -> dict:
     """Clean metrics of ``model`` on ``split`` (run_dir/eval_<split>.json and .md), then the
-    sweeps named by cfg.sweeps (run_dir/robustness_<split>.json, .csv and .png)."""
-    from ECG_Dataset import get_dataloaders
-    from harness import choose_device, write_json
+    sweeps named by cfg.sweeps (run_dir/robustness_<split>.json, .csv and .png).
 
-    device = choose_device(cfg.device)
+    Under torchrun every process calls this: each evaluates its share of the records
+    (``shard_loader``), the confusion matrices are summed, and rank 0 writes and prints.
+    """
+    from ECG_Dataset import get_dataloaders
+    from harness import distributed, is_main_process, process_device, rank, world_size, write_json
+
+    device = process_device(cfg.device)
     model = model.to(device)
     loader = get_dataloaders(cfg.data_dir, cfg.batch_size, cfg.eval_batch_size, cfg.max_length,
                              cfg.random_pad, splits=(split,), bucket=cfg.bucket)[split]
-    scores = evaluate_clean(model, loader, device, max_batches)
+    sharded, main = distributed(), is_main_process()
+
+    def share(limit: int):
+        return shard_loader(loader, rank(), world_size(), limit) if sharded else loader
+
+    scores = evaluate_clean(model, share(max_batches), device, max_batches, sharded)
     result = {"run": str(run_dir), "split": split, "checkpoint": str(Path(run_dir) / "model.pt"),
               "settings": vars(cfg), "clean": scores}
-    write_json(result, Path(run_dir) / f"eval_{split}.json")
     table = scores_table(scores)
-    (Path(run_dir) / f"eval_{split}.md").write_text(
-        f"# {cfg.run_name}: clean metrics on the {split} split ({scores['n']} records)\n\n{table}\n")
-    print(f"\n{cfg.run_name}: clean metrics on the {split} split ({scores['n']} records)\n{table}")
+    if main:
+        write_json(result, Path(run_dir) / f"eval_{split}.json")
+        (Path(run_dir) / f"eval_{split}.md").write_text(
+            f"# {cfg.run_name}: clean metrics on the {split} split ({scores['n']} records)\n\n{table}\n")
+        print(f"\n{cfg.run_name}: clean metrics on the {split} split ({scores['n']} records)\n{table}")
 
     sweeps = parse_sweeps(cfg.sweeps)
     if sweeps:
         import pandas as pd
 
-        curves = {name: robustness_sweep(model, loader, name, device, cfg.sweep_steps,
-                                         cfg.sweep_restarts, cfg.sweep_max_batches, cfg.seed)
-                  for name in tqdm(sweeps, desc="robustness sweeps")}
+        sweep_loader = share(cfg.sweep_max_batches)
+        curves = {name: robustness_sweep(model, sweep_loader, name, device, cfg.sweep_steps,
+                                         cfg.sweep_restarts, cfg.sweep_max_batches, cfg.seed, sharded)
+                  for name in tqdm(sweeps, desc="robustness sweeps", disable=not main)}
         result["robustness"] = curves
+        if not main:
+            return result
         write_json({"run": str(run_dir), "split": split, "settings": vars(cfg), "sweeps": curves},
                    Path(run_dir) / f"robustness_{split}.json")
         pd.DataFrame([row for c in curves.values() for row in sweep_rows(cfg.run_name, c)]).to_csv(
@@ -336,8 +392,11 @@ def _read_json(path: Path) -> dict:
         raise EvaluationError(f"{path}: not valid JSON ({error})") from None
 
 
-def _format_level(level) -> str:
-    return "clean" if level in (0, None) or level == float("inf") else f"{level:g}"
+def _level_labels(sweep: str, levels: list) -> list[str]:
+    """Column names of a sweep table: "clean" for the first (noise-free) level, then the levels;
+    SNR levels carry "dB" (their 0 dB is the loudest noise, not clean)."""
+    unit = " dB" if sweep in SWEEPS and SWEEPS[sweep][0] == "snr" else ""
+    return ["clean", *(f"{level:g}{unit}" for level in levels[1:])]
 
 
 def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "test") -> dict[str, str]:
@@ -368,7 +427,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
         for name, results in curves.items():
             if sweep in results:
                 r = results[sweep]
-                rows[name] = {**{_format_level(lv): a for lv, a in zip(r["levels"], r["accuracy"])},
+                rows[name] = {**dict(zip(_level_labels(sweep, r["levels"]), r["accuracy"])),
                               "AUC": r["auc"]}
         tables[sweep] = pd.DataFrame.from_dict(rows, orient="index").rename_axis("run")
     markdown = {}
@@ -384,7 +443,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness import ConfigError, choose_device
+    from harness import ConfigError, init_distributed, is_main_process, shutdown_distributed
     from preprocess import DataError
 
     argv = sys.argv[1:] if argv is None else argv
@@ -423,10 +482,15 @@ def main(argv: list[str] | None = None) -> int:
             raise EvaluationError(f"--sweep_restarts must be >= 1, got {args.sweep_restarts}")
         parse_sweeps(cfg.sweeps)
         run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
-        evaluate_run(run_dir, model.to(choose_device(cfg.device)), cfg, args.split, args.max_batches)
+        # Under torchrun the processes share the records (evaluate_run); alone, this is the device.
+        device = init_distributed(cfg.device)
+        evaluate_run(run_dir, model.to(device), cfg, args.split, args.max_batches)
     except (EvaluationError, DataError, ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if is_main_process():
+            print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        shutdown_distributed()
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import io
 import json
 import os
 import platform
@@ -31,6 +32,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ECG_CNN import MODELS, build_model, check_length
@@ -78,9 +81,9 @@ PRESETS = {
                   max_batches=2, sweeps="white", sweep_steps=2, sweep_restarts=1,
                   sweep_max_batches=1),
     # The 151 real records of ../shared/data/cpsc2018/wfdb_sample (reproduce.py --preset mini).
-    "mini": dict(data_dir="data/mini/processed", result_dir="result/mini", max_length=6144,
-                 random_pad=1024, epochs=12, batch_size=16, checkpoint_every=5,
-                 sweeps="pgd_linf,pgd_l2,white", sweep_steps=20, sweep_restarts=1),
+    "mini": dict(data_dir="data/mini/processed", result_dir="result/mini", max_length=4096,
+                 random_pad=1024, epochs=10, batch_size=16, checkpoint_every=5,
+                 sweeps="pgd_linf,white", sweep_steps=10, sweep_restarts=1),
 }
 
 
@@ -124,6 +127,9 @@ def validate_config(config: dict, hyperparameters: dict) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "max_length"):
         if config[key] < 1:
             raise ConfigError(f"--{key} must be at least 1, got {config[key]}")
+    if config["batch_size"] % world_size():
+        raise ConfigError(f"--batch_size {config['batch_size']} must be a multiple of the number of "
+                          f"processes ({world_size()}): each takes an equal share of every batch")
     if config["num_workers"] < -1:
         raise ConfigError(f"--num_workers must be >= -1 (-1: automatic), got {config['num_workers']}")
     for key in ("max_batches", "random_pad", "sweep_steps", "sweep_max_batches"):
@@ -166,6 +172,167 @@ def seed_everything(seed: int, cudnn_benchmark: bool = False) -> None:
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = not cudnn_benchmark
     torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+# --- several processes (torchrun) ----------------------------------------------------------
+# `torchrun --nproc_per_node N <script> ...` starts N copies of a script with WORLD_SIZE, RANK
+# and LOCAL_RANK set. Each process takes batch_size / N samples of every batch (the union of
+# the processes' shares is the single-process batch) and DistributedDataParallel averages the
+# gradients; rank 0 alone writes files. Outside torchrun (or with N = 1) the helpers below are
+# the identity and nothing else changes.
+
+def world_size() -> int:
+    """The number of training processes: the process group's size, else torchrun's WORLD_SIZE."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    """This process's rank (0 outside torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """True for the process that writes files and prints (rank 0)."""
+    return rank() == 0
+
+
+def distributed() -> bool:
+    """True in one of several processes that have joined the process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def process_device(name: str) -> torch.device:
+    """This process's device: ``choose_device(name)``, except that under torchrun a CUDA device
+    is the process's own GPU, cuda:LOCAL_RANK."""
+    device = choose_device(name)
+    if world_size() > 1 and device.type == "cuda":
+        if device.index is not None:
+            raise ConfigError(f"--device {name}: under torchrun each process uses its own GPU "
+                              "(cuda:LOCAL_RANK); pass --device cuda or auto")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def init_distributed(device_name: str) -> torch.device:
+    """This process's device; under torchrun with several processes, also join the process
+    group once (NCCL on GPUs, gloo on the CPU)."""
+    device = process_device(device_name)
+    if world_size() > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return device
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group (no-op outside torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every process (no-op outside torchrun)."""
+    if distributed():
+        dist.barrier()
+
+
+def all_sum(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+    """The sum (or another reduction ``op``) of ``tensor`` over the processes, detached
+    (``tensor`` itself outside torchrun)."""
+    if not distributed():
+        return tensor
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    total = tensor.detach().to(on, copy=True)
+    dist.all_reduce(total, op)
+    return total.to(tensor.device)
+
+
+def union_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over the processes, differentiable so that DistributedDataParallel
+    averages the gradient of the whole (union) batch's loss.
+
+    Its value is the sum S over ranks, the same on every rank; its gradient on a rank is
+    world_size times that of the rank's own ``tensor``. DDP divides the sum of the ranks'
+    gradients by world_size, so a loss f(union_sum(t)) gets f'(S) * sum_r dt_r/dw, the
+    gradient of f on the union batch: use it for normalizers and for non-additive terms
+    (a mean over a data-dependent count, a square root of a sum). Terms that are means over
+    the local batch need nothing (equal shares: DDP's average is the union mean).
+    Outside torchrun: ``tensor`` itself.
+    """
+    if not distributed():
+        return tensor
+    total = all_sum(tensor)
+    if not tensor.requires_grad:
+        return total
+    return total + world_size() * (tensor - tensor.detach())
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (the model itself otherwise).
+
+    Loss functions run their extra passes (attacks, input gradients with create_graph) on it:
+    only the main forward pass goes through the wrapper, and the single backward at the end
+    still reaches every parameter once, so DDP all-reduces the whole gradient.
+    """
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def distributed_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` in a DistributedDataParallel wrapper under torchrun, else ``model`` itself."""
+    if not distributed():
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def on_main_process(function: Callable[[], object]):
+    """Run ``function`` on rank 0 only; every rank returns its result or raises its error."""
+    if not distributed():
+        return function()
+    outcome: list = [None]
+    if is_main_process():
+        try:
+            outcome = [(True, function())]
+        except Exception as error:  # raised again on every rank below
+            outcome = [(False, error)]
+    dist.broadcast_object_list(outcome, src=0)
+    succeeded, value = outcome[0]
+    if not succeeded:
+        raise value
+    return value
+
+
+def gather_to_main(state: dict) -> list[dict] | None:
+    """Every process's ``state`` (tensors, numbers, containers) in rank order on rank 0, None
+    on the others ([state] outside torchrun). Sent as torch.save bytes, read back with
+    weights_only=True."""
+    if not distributed():
+        return [state]
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    gathered = [None] * world_size() if is_main_process() else None
+    dist.gather_object(buffer.getvalue(), gathered, dst=0)
+    if gathered is None:
+        return None
+    return [torch.load(io.BytesIO(data), weights_only=True) for data in gathered]
+
+
+def average_logged(values: dict, flag: bool) -> tuple[dict[str, float], bool]:
+    """The mean over the processes of each logged scalar and whether any process raised
+    ``flag``, in one all_reduce (outside torchrun: the values as floats and ``flag``).
+
+    Every process must pass the same keys in the same order.
+    """
+    if not distributed():
+        return {key: float(value) for key, value in values.items()}, flag
+    packed = all_sum(torch.tensor([*map(float, values.values()), float(flag)], dtype=torch.float64))
+    means = (packed[:-1] / world_size()).tolist()
+    return dict(zip(values, means)), bool(packed[-1] > 0)
 
 
 # --- checkpoints -------------------------------------------------------------------------
@@ -302,18 +469,29 @@ class _StopRequest:
 
 
 def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path) -> tuple[torch.nn.Module, int]:
-    """Train per ``cfg``; returns (model, exit status): 0 when done, 128+signal when stopped."""
-    from ECG_Dataset import get_dataloaders, set_loader_epoch
-    from evaluate import balanced_accuracy_on
+    """Train per ``cfg``; returns (model, exit status): 0 when done, 128+signal when stopped.
 
-    device = choose_device(cfg.device)
+    Under torchrun every process runs this together: each takes its share of every batch,
+    DistributedDataParallel averages the gradients, and rank 0 alone writes checkpoints,
+    history and plots (the other ranks wait for each checkpoint). The returned model is the
+    plain module, with the same weights on every rank.
+    """
+    from ECG_Dataset import get_dataloaders, set_loader_epoch
+    from evaluate import class_balanced_accuracy, confusion_matrix, predict, shard_loader
+
+    device = init_distributed(cfg.device)
+    world, this_rank = world_size(), rank()
     seed_everything(cfg.seed, cfg.cudnn_benchmark)
     workers = cfg.num_workers if cfg.num_workers >= 0 else (4 if device.type == "cuda" else 0)
-    loaders = get_dataloaders(cfg.data_dir, cfg.batch_size, cfg.eval_batch_size, cfg.max_length,
+    batch_size = cfg.batch_size // world  # this process's share; validate_config checks it divides
+    loaders = get_dataloaders(cfg.data_dir, batch_size, cfg.eval_batch_size, cfg.max_length,
                               cfg.random_pad, cfg.seed, workers,
                               pin_memory=device.type == "cuda", splits=("train", "val"),
-                              bucket=cfg.bucket)
-    model = build_model(cfg.model).to(device)
+                              num_replicas=world, rank=this_rank, bucket=cfg.bucket)
+    model = build_model(cfg.model).to(device)  # the same initial weights on every rank
+    if this_rank:  # other random pads, projections and PGD starts than rank 0's
+        seed_everything(int(np.random.SeedSequence([cfg.seed, this_rank]).generate_state(1)[0]),
+                        cfg.cudnn_benchmark)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     progress = Progress(history=[], running={})
 
@@ -325,16 +503,35 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path) -> tuple[torch.n
                                   f"not a {cfg.model}")
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            set_rng_state(state["rng"], loaders["train"].generator)
+            # Each rank continues its own random streams; a checkpoint of another number of
+            # processes gives rank 0 its stream and the others fresh ones.
+            rng_per_rank = state.get("rng_per_rank") or [state["rng"]]
+            if len(rng_per_rank) == world:
+                set_rng_state(rng_per_rank[this_rank], loaders["train"].generator)
+            elif this_rank == 0:
+                set_rng_state(state["rng"], loaders["train"].generator)
             progress = Progress(state["epoch"], state["batch"], state["history"], state["running"])
-            print(f"resuming {run_dir} at epoch {progress.epoch}, batch {progress.batch}")
+            if is_main_process():
+                print(f"resuming {run_dir} at epoch {progress.epoch}, batch {progress.batch}")
+    model = distributed_model(model, device)
 
     def checkpoint(name: str) -> None:
-        save_atomic({"model_name": cfg.model, "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "epoch": progress.epoch,
-                     "batch": progress.batch, "history": progress.history,
-                     "running": progress.running, "rng": rng_state(loaders["train"].generator), "config": vars(cfg)},
-                    run_dir / "checkpoints" / name)
+        rng = gather_to_main(rng_state(loaders["train"].generator))
+        if is_main_process():
+            save_atomic({"model_name": cfg.model, "model": unwrap(model).state_dict(),
+                         "optimizer": optimizer.state_dict(), "epoch": progress.epoch,
+                         "batch": progress.batch, "history": progress.history,
+                         "running": progress.running, "rng": rng[0],
+                         **({"rng_per_rank": rng} if world > 1 else {}), "config": vars(cfg)},
+                        run_dir / "checkpoints" / name)
+        barrier()
+
+    # Validation: each rank predicts its share of the records; the counts are summed.
+    val_loader = shard_loader(loaders["val"], this_rank, world) if world > 1 else loaders["val"]
+
+    def validation_accuracy() -> float:
+        counts = confusion_matrix(*predict(unwrap(model), val_loader, device))
+        return class_balanced_accuracy(all_sum(torch.from_numpy(counts)).numpy())
 
     train_loader = loaders["train"]
     batches_per_epoch = len(train_loader)
@@ -343,78 +540,103 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path) -> tuple[torch.n
     with _StopRequest() as stop:
         while progress.epoch < cfg.epochs:
             epoch = progress.epoch
-            set_loader_epoch(train_loader, epoch, start=progress.batch * cfg.batch_size)
+            set_loader_epoch(train_loader, epoch, start=progress.batch * batch_size)
             model.train()
             started = time.time() - progress.running.get("seconds", 0.0)
             bar = tqdm(total=batches_per_epoch, initial=progress.batch, desc=f"epoch {epoch}",
-                       unit="batch", dynamic_ncols=True, mininterval=1.0)
+                       unit="batch", dynamic_ncols=True, mininterval=1.0, disable=not is_main_process())
             for x, y, mask in train_loader:
                 if progress.batch >= batches_per_epoch:
                     break
                 x, y, mask = (t.to(device, non_blocking=True) for t in (x, y, mask))
                 with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
                     loss, parts = loss_fn(model, x, y, mask, epoch, cfg)
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch}, batch "
+                # One all_reduce decides for every rank: the logged means, a non-finite loss
+                # anywhere, and a stop request on any rank (all stop after this same batch).
+                logged, stop_requested = average_logged({"loss": loss.detach(), **parts},
+                                                        stop.signum is not None)
+                if not np.isfinite(logged["loss"]):
+                    raise TrainingError(f"non-finite loss ({logged['loss']}) at epoch {epoch}, batch "
                                         f"{progress.batch}; the last good checkpoint in "
                                         f"{run_dir / 'checkpoints'} is kept")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 running = progress.running
-                for key, value in {"loss": loss.detach(), **parts}.items():
-                    running[key] = running.get(key, 0.0) + float(value) * len(y)
-                running["samples"] = running.get("samples", 0) + len(y)
+                samples = len(y) * world
+                for key, value in logged.items():
+                    running[key] = running.get(key, 0.0) + value * samples
+                running["samples"] = running.get("samples", 0) + samples
                 progress.batch += 1
                 bar.update()
                 bar.set_postfix(loss=f"{running['loss'] / running['samples']:.4f}")
-                if stop.signum is not None:
+                if stop_requested:
                     bar.close()
                     running["seconds"] = time.time() - started
                     checkpoint("last.pt")
-                    print(f"stopped by signal {stop.signum}: saved epoch {epoch}, batch "
-                          f"{progress.batch} to {run_dir / 'checkpoints' / 'last.pt'}; "
-                          "continue with --resume", file=sys.stderr)
-                    return model, 128 + stop.signum
+                    signum = int(all_sum(torch.tensor(stop.signum or 0), dist.ReduceOp.MAX))
+                    if is_main_process():
+                        print(f"stopped by signal {signum}: saved epoch {epoch}, batch "
+                              f"{progress.batch} to {run_dir / 'checkpoints' / 'last.pt'}; "
+                              "continue with --resume", file=sys.stderr)
+                    return unwrap(model), 128 + signum
             bar.close()
             samples = max(progress.running.pop("samples", 0), 1)
             progress.running.pop("seconds", None)
             record = {"epoch": epoch, **{k: v / samples for k, v in progress.running.items()}}
-            record["val_accuracy"] = balanced_accuracy_on(model, loaders["val"], device)
+            record["val_accuracy"] = validation_accuracy()
             record["seconds"] = round(time.time() - started, 3)
             progress.history.append(record)
-            print(f"epoch {epoch}: loss {record['loss']:.4f}, val class-balanced accuracy "
-                  f"{record['val_accuracy']:.4f} ({record['seconds']:.1f} s)")
+            if is_main_process():
+                print(f"epoch {epoch}: loss {record['loss']:.4f}, val class-balanced accuracy "
+                      f"{record['val_accuracy']:.4f} ({record['seconds']:.1f} s)")
             progress.epoch, progress.batch, progress.running = epoch + 1, 0, {}
             checkpoint("last.pt")
             if progress.epoch % cfg.checkpoint_every == 0 or progress.epoch == cfg.epochs:
                 checkpoint(f"epoch_{progress.epoch:03d}.pt")
-            write_json(progress.history, run_dir / "history.json")
-            plot_history(progress.history, run_dir / "curves.png", f"{cfg.method}: {cfg.run_name}")
-    return model, 0
+            if is_main_process():
+                write_json(progress.history, run_dir / "history.json")
+                plot_history(progress.history, run_dir / "curves.png", f"{cfg.method}: {cfg.run_name}")
+    return unwrap(model), 0
 
 
 def main(method: str, loss_fn: LossFn, hyperparameters: dict, run_name: Callable[[SimpleNamespace], str],
          preset_overrides: dict | None = None, argv: list[str] | None = None) -> int:
-    """Parse flags, train, evaluate the final model. Returns the process exit status."""
+    """Parse flags, train, evaluate the final model. Returns the process exit status.
+
+    Under torchrun every process calls this; rank 0 alone prepares the run folder, writes
+    files and prints (errors are raised on every rank alike, so none is left waiting).
+    """
     from preprocess import DataError
     import evaluate
 
+    joins_group = not (dist.is_available() and dist.is_initialized())  # then it leaves it at the end
     try:
         cfg = parse_config(method, hyperparameters, preset_overrides, argv)
         cfg.run_name = cfg.run_name or run_name(cfg)
-        run_dir = prepare_run_dir(cfg)
-        write_json({**vars(cfg), "command": " ".join(sys.argv), "git_commit": _git_commit(),
-                    "torch": torch.__version__, "python": platform.python_version(),
-                    "device_used": str(choose_device(cfg.device)),
-                    "started": time.strftime("%Y-%m-%d %H:%M:%S")}, run_dir / "config.json")
+        device = init_distributed(cfg.device)
+
+        def start_run() -> Path:
+            run_dir = prepare_run_dir(cfg)
+            write_json({**vars(cfg), "command": " ".join(sys.argv), "git_commit": _git_commit(),
+                        "torch": torch.__version__, "python": platform.python_version(),
+                        "device_used": str(device), "world_size": world_size(),
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S")}, run_dir / "config.json")
+            return run_dir
+
+        run_dir = on_main_process(start_run)
         model, status = train(cfg, loss_fn, run_dir)
         if status:
             return status
-        save_atomic({"model_name": cfg.model, "model": model.state_dict(), "config": vars(cfg)},
-                    run_dir / "model.pt")
+        if is_main_process():
+            save_atomic({"model_name": cfg.model, "model": model.state_dict(), "config": vars(cfg)},
+                        run_dir / "model.pt")
         evaluate.evaluate_run(run_dir, model, cfg)
         return 0
     except (ConfigError, DataError, TrainingError, evaluate.EvaluationError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if is_main_process():
+            print(f"error: {error}", file=sys.stderr)
         return 1 if isinstance(error, TrainingError) else 2
+    finally:
+        if joins_group:
+            shutdown_distributed()

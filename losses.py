@@ -35,6 +35,18 @@ def mse_onehot_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits - onehot).pow(2).sum(dim=1).mean()
 
 
+def multi_margin_terms(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, number) of the kept terms of NSR loss2 (see ``multi_margin_loss``).
+
+    For each sample and class j != y: d = 1 - z_y + z_j; the terms with 0 < d < 2 are kept.
+    Computed without a host sync.
+    """
+    own = logits.gather(1, y[:, None])
+    margins = 1 - own + logits
+    kept = (margins > 0) & (margins < 2) & ~F.one_hot(y, logits.shape[1]).bool()
+    return torch.where(kept, margins, torch.zeros_like(margins)).sum(), kept.sum()
+
+
 def multi_margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """NSR loss2 over the given (correctly classified) samples.
 
@@ -42,13 +54,10 @@ def multi_margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     the result is their mean when more than one is kept, else their sum (0 when none).
     Computed without a host sync.
     """
-    own = logits.gather(1, y[:, None])
-    margins = 1 - own + logits
-    kept = (margins > 0) & (margins < 2) & ~F.one_hot(y, logits.shape[1]).bool()
-    total = torch.where(kept, margins, torch.zeros_like(margins)).sum()
+    total, count = multi_margin_terms(logits, y)
     # "Mean if more than one term, else the sum" is sum / max(count, 1): one term is its own
     # mean and no term sums to 0.
-    return total / kept.sum().clamp(min=1)
+    return total / count.clamp(min=1)
 
 
 def nsr_loss(model: Model, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

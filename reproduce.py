@@ -5,7 +5,9 @@
     python reproduce.py --preset smoke     # the smallest chain (CI), synthetic data
     python reproduce.py --preset mini      # the 151 real records in ../shared/data/cpsc2018/wfdb_sample
     python reproduce.py --dry-run          # print the commands, run nothing
-    python reproduce.py --methods CE advls --skip-train   # tables and report from finished runs
+    python reproduce.py --nproc-per-node 4 # each run trained and evaluated by 4 processes (torchrun, 4 GPUs)
+    python reproduce.py --preset demo --methods CE advls  # only these runs (the tables show every finished one)
+    python reproduce.py --preset demo --skip-train        # tables and report from the finished runs
 
 Stages: the data (synthetic presets generate their records; a valid preprocessed cache is
 reused), one training subprocess per run (the method scripts, with this Python; each
@@ -36,6 +38,7 @@ SHARED_SAMPLE = REPO.parent / "shared" / "data" / "cpsc2018" / "wfdb_sample"
 # Method name -> its training script (module name in this folder), in the paper's order.
 METHOD_SCRIPTS = {"CE": "CPSC2018_CNN_CE", "NSR": "CPSC2018_CNN_NSR", "jacob": "CPSC2018_CNN_jacob",
                   "advls": "CPSC2018_CNN_ce_adv_pgd_ls"}
+CHANCE_NOTE_ACCURACY = 1.5 / 9  # the report flags runs whose clean accuracy is no better than this
 PAPER_SWEEPS = "pgd_linf,pgd_l2,white"
 REAL_NOISE_SWEEPS = "baseline_wander,powerline_50hz,muscle"  # beyond the paper, for the report
 SWEEP_TITLES = {"pgd_linf": "PGD, L-inf budget", "pgd_l2": "PGD, L2 budget",
@@ -86,7 +89,7 @@ PLANS = {
                  "paper's 450-record test set: a small-scale check of the pipeline on real ECGs, "
                  "not a reproduction of the paper's numbers.",
                  str(SHARED_SAMPLE), "data/mini/processed", "result/mini", 2, 4,
-                 (0.01, 0.05), f"{PAPER_SWEEPS},{REAL_NOISE_SWEEPS}"),
+                 (0.01, 0.05), f"pgd_linf,white,{REAL_NOISE_SWEEPS}"),
 }
 
 
@@ -161,10 +164,10 @@ def _check_same_settings(job: Job) -> None:
     config = _read_json(job.run_dir / "config.json")
     if config is None:
         return
-    keys = ("model", "epochs", "batch_size", "lr", "seed", "max_length", "random_pad", "max_batches",
+    keys = ("model", "epochs", "batch_size", "lr", "seed", "max_length", "random_pad", "bucket", "max_batches",
             *job.hyperparameters)
     for key in keys:
-        if key in config and config[key] != getattr(job.cfg, key):
+        if key in config and hasattr(job.cfg, key) and config[key] != getattr(job.cfg, key):
             raise ReproduceError(f"{job.run_dir} holds a run trained with {key}={config[key]!r}, but this "
                                  f"preset asks for {getattr(job.cfg, key)!r}: delete that folder or "
                                  "choose another --result-dir")
@@ -198,13 +201,22 @@ def run_state(job: Job) -> str:
     return "resume" if resumable else "train"
 
 
-def job_command(job: Job, state: str) -> list[str]:
+def launcher(nproc_per_node: int = 1) -> list[str]:
+    """What runs a training or evaluation script: this Python, or torchrun with that many
+    processes (one per GPU; the scripts split each batch between them, see README)."""
+    if nproc_per_node == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}"]
+
+
+def job_command(job: Job, state: str, nproc_per_node: int = 1) -> list[str]:
     if state == "evaluate":
-        return [sys.executable, str(REPO / "evaluate.py"), str(job.run_dir), "--data_dir", job.cfg.data_dir,
+        return [*launcher(nproc_per_node), str(REPO / "evaluate.py"), str(job.run_dir),
+                "--data_dir", job.cfg.data_dir,
                 "--sweeps", job.cfg.sweeps, "--sweep_steps", str(job.cfg.sweep_steps),
                 "--sweep_restarts", str(job.cfg.sweep_restarts),
                 "--sweep_max_batches", str(job.cfg.sweep_max_batches)]
-    return [sys.executable, str(job.script), *job.flags, *(["--resume"] if state == "resume" else [])]
+    return [*launcher(nproc_per_node), str(job.script), *job.flags, *(["--resume"] if state == "resume" else [])]
 
 
 # --- the data ------------------------------------------------------------------------------
@@ -260,11 +272,26 @@ class Timings:
                  "cpu_seconds": round(cpu_seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         if command:
             entry["command"] = shlex.join(command)
-        earlier = self.previous.get(stage)
-        if status == "skipped" and earlier:
-            entry["earlier"] = earlier if earlier["status"] != "skipped" else earlier.get("earlier")
+        if status == "skipped" and self._last_run(stage):
+            entry["earlier"] = self._last_run(stage)
         self.stages.append(entry)
         self.save()
+
+    def _last_run(self, stage: str) -> dict | None:
+        """The entry of the last invocation that ran ``stage`` (not just skipped it)."""
+        earlier = self.previous.get(stage)
+        return earlier.get("earlier") if earlier and earlier["status"] == "skipped" else earlier
+
+    def all_stages(self) -> list[dict]:
+        """This invocation's stages, plus (as skipped) those that only an earlier invocation ran
+        (with --skip-train or --methods), in the order they ran."""
+        current = {entry["stage"]: entry for entry in self.stages}
+        carried = {name: {"stage": name, "status": "skipped", "seconds": 0.0, "cpu_seconds": 0.0,
+                          "finished": None, "earlier": self._last_run(name)}
+                   for name in self.previous if name not in current and self._last_run(name)}
+        by_name = {**carried, **current}
+        order = list(self.previous) + [name for name in current if name not in self.previous]
+        return [by_name[name] for name in order if name in by_name]
 
     def save(self) -> None:
         if self.dry_run:
@@ -274,7 +301,7 @@ class Timings:
                 "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started)),
                 "total_seconds": round(time.time() - self.started, 2),
                 "total_cpu_seconds": round(sum(s["cpu_seconds"] for s in self.stages), 2),
-                "stages": self.stages}
+                "stages": self.all_stages()}
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text(json.dumps(data, indent=2))
         tmp.replace(self.path)
@@ -353,7 +380,7 @@ def prepare_data(plan: Plan, raw_dir: Path, data_dir: Path, timings: Timings, dr
                       "--test-per-class", str(plan.test_per_class)], timings, dry_run)
 
 
-def train_all(jobs: list[Job], timings: Timings, dry_run: bool) -> None:
+def train_all(jobs: list[Job], timings: Timings, dry_run: bool, nproc_per_node: int = 1) -> None:
     for job in jobs:
         state = run_state(job)
         if state == "done":
@@ -363,7 +390,7 @@ def train_all(jobs: list[Job], timings: Timings, dry_run: bool) -> None:
         stage = f"evaluate {job.label}" if state == "evaluate" else f"train {job.label}"
         if state == "resume":
             print(f"resume {job.run_dir} from its checkpoints", flush=True)
-        run_stage(stage, job_command(job, state), timings, dry_run)
+        run_stage(stage, job_command(job, state, nproc_per_node), timings, dry_run)
 
 
 def compare(jobs: list[Job], out_dir: Path, timings: Timings) -> tuple[list[Job], dict[str, str]]:
@@ -453,7 +480,9 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
               f"Harness preset `{plan.harness_preset}` for every run: " +
               ", ".join(f"{k}={getattr(jobs[0].cfg, k)}" for k in
                         ("epochs", "batch_size", "lr", "max_length", "random_pad", "max_batches", "model")) +
-              ". Checkpoint evaluated: each run's final `model.pt` (the last epoch).", "",
+              ". Checkpoint evaluated: each run's final `model.pt` (the last epoch)." +
+              "".join(f" This preset adds `{' '.join(flags)}` to the {method} runs (to fit its time budget)."
+                      for method, flags in plan.method_flags.items()), "",
               "| run | method | method settings | epochs done | checkpoint | device | training time | "
               "final val accuracy | curves |", "|---|---|---|---|---|---|---|---|---|"]
     for job in ready:
@@ -476,6 +505,13 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
               "Columns: per-class F1, mean F1 over the 9 classes, the CPSC2018 sub-scores Faf, Fblock, Fpc, "
               "Fst, class-balanced accuracy (mean per-class recall), number of records. Time: part of each "
               "run's training stage (see Stage timings).", "", tables["clean"], ""]
+    near_chance = [job.run_dir.name for job in ready
+                   if evals[job].get("clean", {}).get("accuracy", 1.0) <= CHANCE_NOTE_ACCURACY]
+    if near_chance:
+        lines += [f"Note: near chance (class-balanced accuracy of guessing: 1/9 = 0.111): "
+                  f"{', '.join(f'`{name}`' for name in near_chance)}. Within this preset's training budget "
+                  "such a run learned (almost) nothing, so its robustness rows below are no evidence of "
+                  "robustness (a constant prediction does not change under any noise).", ""]
 
     robustness = {job: (_read_json(job.run_dir / "robustness_test.json") or {}).get("sweeps", {})
                   for job in ready}
@@ -490,8 +526,8 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
         results = {job.run_dir.name: robustness[job][sweep] for job in ready if sweep in robustness[job]}
         n_used = sorted({r["n"] for r in results.values()})
         axis = SWEEPS[sweep][3]
-        level_note = ("columns: SNR in dB (noise only on the signal, scaled per record and lead); AUC over "
-                      "the noise/signal amplitude ratio 10^(-SNR/20), 0 to 1"
+        level_note = ("columns: signal-to-noise ratio in dB (noise only on the signal, scaled per record and "
+                      "lead; 0 dB is the loudest); AUC over the noise/signal amplitude ratio 10^(-SNR/20), 0 to 1"
                       if SWEEPS[sweep][0] == "snr" else f"columns: {axis}")
         times = ", ".join(f"{run} {_format_seconds(r.get('seconds'))}" for run, r in results.items())
         lines += [f"### {SWEEP_TITLES.get(sweep, sweep)} (`{sweep}`)", "",
@@ -503,7 +539,7 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
               f"Wall time and CPU time (user + system of the stage's processes) of this invocation; a skipped "
               f"stage shows the invocation that ran it. Also in `{rel(timings.path)}`.", "",
               "| stage | status | wall time | CPU time | finished |", "|---|---|---|---|---|"]
-    for entry in timings.stages:
+    for entry in (e for e in timings.all_stages() if e["stage"] != "report"):  # this one is being written
         shown = entry.get("earlier") if entry["status"] == "skipped" and entry.get("earlier") else entry
         status = entry["status"] + (" (ran earlier)" if shown is not entry else "")
         lines.append(f"| {entry['stage']} | {status} | {_format_seconds(shown['seconds'])} | "
@@ -533,7 +569,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-train", action="store_true",
                         help="no data or training stages: compare the finished runs and write the report")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1, metavar="N",
+                        help="train and evaluate each run with N processes under torchrun (one per GPU); "
+                             "the batch size must be a multiple of N")
     args = parser.parse_args(argv)
+    if args.nproc_per_node < 1:
+        raise ReproduceError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
     methods = [m.strip() for token in args.methods for m in token.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHOD_SCRIPTS]
     if unknown or not methods:
@@ -556,7 +597,7 @@ def reproduce(args: argparse.Namespace) -> int:
 
     if not args.skip_train:
         prepare_data(plan, raw_dir, data_dir, timings, args.dry_run)
-        train_all(jobs, timings, args.dry_run)
+        train_all(jobs, timings, args.dry_run, args.nproc_per_node)
     if args.dry_run:
         print(f"\n=== compare -> {result_dir / 'compare'}\n=== report -> {result_dir / 'report.md'}")
         return 0

@@ -1,0 +1,130 @@
+"""Helper of tests/test_distributed.py, run by it under torchrun (not a test module).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py grads OUT
+    python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py train OUT METHOD \
+        [--stop_on_rank R --stop_at_call K] -- <harness flags>
+
+``grads``: every rank takes its share of a fixed union batch, runs a method's loss through
+the DistributedDataParallel model and one backward, and saves the averaged gradients (and
+the logged values) to OUT/<case>_rank<r>.pt; the test compares them with one process's
+gradients on the union batch (``union_batch`` and ``labels_for`` rebuild it).
+``train``: harness.main of METHOD (the script's loss) with the given flags; each rank saves
+its final weights to OUT/weights_rank<r>.pt; ``--stop_on_rank R --stop_at_call K`` sends
+SIGTERM to rank R's own process during its K-th loss evaluation, as a scheduler would.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import harness  # noqa: E402
+from ECG_CNN import build_model  # noqa: E402
+
+UNION = 6         # samples in the union batch (3 per rank with 2 ranks)
+LENGTH = 3072
+# Which samples of the union batch get their predicted label (the others a wrong one):
+# "mixed" has correct samples on both ranks, "one_rank" on rank 0 only (rank 1 has n_r = 0).
+PATTERNS = {"mixed": (0, 1, 3), "one_rank": (0, 2)}
+CASES = {  # case name: (script module, label pattern, extra settings)
+    "CE": ("CPSC2018_CNN_CE", "mixed", {}),
+    "NSR_mixed": ("CPSC2018_CNN_NSR", "mixed", {}),
+    "NSR_one_rank": ("CPSC2018_CNN_NSR", "one_rank", {}),
+    "jacob": ("CPSC2018_CNN_jacob", "mixed", {}),
+    "advls": ("CPSC2018_CNN_ce_adv_pgd_ls", "mixed", dict(adv_start_epoch=0, pgd_steps=2)),
+}
+
+
+def union_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed union batch (x, mask): random signals, different lengths."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(UNION, 8, LENGTH, generator=generator) * 2 - 1
+    mask = torch.zeros(UNION, 1, LENGTH)
+    for i, start in enumerate(range(0, 6 * 300, 300)):
+        mask[i, :, start:] = 1
+    return x * mask, mask
+
+
+def fresh_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("resnet18a")
+
+
+def labels_for(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, pattern: str) -> torch.Tensor:
+    with torch.no_grad():
+        predicted = model(x, mask).argmax(dim=1)
+    correct = torch.zeros(UNION, dtype=torch.bool)
+    correct[list(PATTERNS[pattern])] = True
+    return torch.where(correct, predicted, (predicted + 1) % 9)
+
+
+def case_config(case: str):
+    module_name, _, extra = CASES[case]
+    module = importlib.import_module(module_name)
+    cfg = harness.parse_config(module_name, module.HYPERPARAMETERS, argv=["--device", "cpu"])
+    cfg.reg_start_epoch = 0  # NSR's extra terms from the first epoch
+    for key, value in extra.items():
+        setattr(cfg, key, value)
+    return module, cfg
+
+
+def grads(out: Path) -> None:
+    device = harness.init_distributed("cpu")
+    rank, world = harness.rank(), harness.world_size()
+    x, mask = union_batch()
+    share = slice(rank * UNION // world, (rank + 1) * UNION // world)
+    for case, (_, pattern, _) in CASES.items():
+        module, cfg = case_config(case)
+        model = fresh_model()
+        y = labels_for(model, x, mask, pattern)
+        ddp = harness.distributed_model(model, device)
+        loss, parts = module.loss_fn(ddp, x[share], y[share], mask[share], 0, cfg)
+        logged, _ = harness.average_logged({"loss": loss.detach(), **parts}, False)
+        loss.backward()
+        torch.save({"grads": {name: p.grad for name, p in model.named_parameters()}, "logged": logged},
+                   out / f"{case}_rank{rank}.pt")
+    harness.shutdown_distributed()
+
+
+def train(out: Path, method: str, stop_on_rank: int, stop_at_call: int, flags: list[str]) -> int:
+    module = importlib.import_module(method)
+    seen: dict = {"calls": 0}
+
+    def loss_fn(model, x, y, mask, epoch, cfg):
+        seen["model"] = model
+        seen["calls"] += 1
+        if harness.rank() == stop_on_rank and seen["calls"] == stop_at_call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return module.loss_fn(model, x, y, mask, epoch, cfg)
+
+    status = harness.main(method, loss_fn, module.HYPERPARAMETERS, module.run_name,
+                          getattr(module, "PRESET_OVERRIDES", None), argv=flags)
+    if "model" in seen:
+        torch.save(harness.unwrap(seen["model"]).state_dict(), out / f"weights_rank{harness.rank()}.pt")
+    return status
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=("grads", "train"))
+    parser.add_argument("out", type=Path)
+    parser.add_argument("method", nargs="?")
+    parser.add_argument("--stop_on_rank", type=int, default=-1)
+    parser.add_argument("--stop_at_call", type=int, default=0)
+    args, flags = parser.parse_known_args()
+    flags = [f for f in flags if f != "--"]
+    if args.mode == "grads":
+        grads(args.out)
+        return 0
+    return train(args.out, args.method, args.stop_on_rank, args.stop_at_call, flags)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
