@@ -33,8 +33,8 @@ def loss_fn(model, x, y, mask, epoch, cfg):
         return loss1, {"loss_mse": loss1.detach(), "loss_margin": 0.0, "loss_nsr": 0.0}
     margin_sum, margin_count = multi_margin_terms(logits[correct], y[correct])
     loss2 = harness.union_sum(margin_sum) / harness.union_sum(margin_count).clamp(min=1)
-    # The input-gradient pass runs on the plain module (see harness.unwrap).
-    loss3 = harness.union_sum(nsr_loss(harness.unwrap(model), x[correct], y[correct], mask[correct])) / n
+    plain_model = harness.unwrap(model)  # the input-gradient pass runs on the plain module
+    loss3 = harness.union_sum(nsr_loss(plain_model, x[correct], y[correct], mask[correct])) / n
     loss = loss1 + cfg.beta1 * loss2 + cfg.beta2 * loss3
     return loss, {"loss_mse": loss1.detach(), "loss_margin": loss2.detach(), "loss_nsr": loss3.detach()}
 

@@ -149,10 +149,6 @@ def predict(model: torch.nn.Module, loader, device: torch.device, max_batches: i
     return torch.cat(truths).numpy(), torch.cat(predictions).numpy()
 
 
-def balanced_accuracy_on(model: torch.nn.Module, loader, device: torch.device) -> float:
-    return class_balanced_accuracy(confusion_matrix(*predict(model, loader, device)))
-
-
 def shard_loader(loader, rank: int, world_size: int, max_batches: int = 0):
     """One process's share of an evaluation loader, for evaluating with several processes.
 
