@@ -8,6 +8,7 @@ Scaling is done once, when the dataset is built, not per access.
 """
 from __future__ import annotations
 
+import signal
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -115,7 +116,7 @@ class ClassBalancedSampler(Sampler[int]):
         return iter(indices[self.rank::self.num_replicas][self.start:].tolist())
 
     def __len__(self) -> int:
-        return -(-len(self.classes) * self.per_class // self.num_replicas) - self.start
+        return max(0, -(-len(self.classes) * self.per_class // self.num_replicas) - self.start)
 
 
 class BucketBatchSampler(Sampler[list[int]]):
@@ -209,6 +210,11 @@ def set_loader_epoch(loader: DataLoader, epoch: int, start: int = 0) -> None:
         loader.sampler.set_epoch(epoch, start)
 
 
+def _ignore_interrupts(worker_id: int) -> None:
+    """Ctrl-C reaches loader workers too; the training process alone decides how to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def get_dataloaders(data_dir: str, batch_size: int = 64, eval_batch_size: int = 64,
                     max_length: int = MAX_LENGTH, random_pad: int = RANDOM_PAD,
                     seed: int = 0, num_workers: int = 0, pin_memory: bool = False,
@@ -247,6 +253,7 @@ def get_dataloaders(data_dir: str, batch_size: int = 64, eval_batch_size: int = 
         # The loader's own generator seeds its workers, so starting an epoch does not draw
         # from the global RNG that the losses use (and its state can be checkpointed).
         loaders[name] = DataLoader(dataset, **batching, num_workers=num_workers,
+                                   worker_init_fn=_ignore_interrupts if num_workers else None,
                                    pin_memory=pin_memory, persistent_workers=num_workers > 0,
                                    generator=torch.Generator().manual_seed(seed + rank))
     return loaders

@@ -2,7 +2,7 @@
 
     python evaluate.py result/CE                     # clean metrics + the run's sweeps, test split
     python evaluate.py result/CE --split val --sweeps ""
-    python evaluate.py result/NSR/model.pt --sweeps pgd_linf --max_batches 2
+    python evaluate.py result/NSR/model.pt --sweeps pgd_linf --sweep_max_batches 2
     python evaluate.py compare result/CE result/NSR  # the paper's tables and figures
 
 The metric functions at the top are import-safe and work on plain numpy arrays.

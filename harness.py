@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,6 +133,16 @@ def validate_config(config: dict, hyperparameters: dict) -> None:
                           f"processes ({world_size()}): each takes an equal share of every batch")
     if config["num_workers"] < -1:
         raise ConfigError(f"--num_workers must be >= -1 (-1: automatic), got {config['num_workers']}")
+    if config["sweep_restarts"] < 1:
+        raise ConfigError(f"--sweep_restarts must be at least 1, got {config['sweep_restarts']}")
+    if config["bucket"] and config["model"] != "resnet18a_vl":
+        raise ConfigError(f"--bucket needs --model resnet18a_vl: the predictions of {config['model']} "
+                          "depend on the padding that bucketing crops")
+    from evaluate import EvaluationError, parse_sweeps
+    try:
+        parse_sweeps(config["sweeps"])
+    except EvaluationError as error:
+        raise ConfigError(str(error)) from None
     for key in ("max_batches", "random_pad", "sweep_steps", "sweep_max_batches"):
         if config[key] < 0:
             raise ConfigError(f"--{key} must be >= 0, got {config[key]}")
@@ -415,9 +426,9 @@ def prepare_run_dir(cfg: SimpleNamespace) -> Path:
     if (run_dir / "checkpoints").exists() and not (cfg.resume or cfg.overwrite):
         raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it, "
                           "--overwrite to start it again, or --run_name for another")
-    if cfg.overwrite and not cfg.resume:
-        for path in glob.glob(str(run_dir / "checkpoints" / "*.pt")):
-            os.remove(path)
+    if cfg.overwrite and not cfg.resume:  # nothing of the old run may be mistaken for the new one
+        for path in run_dir.iterdir():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     return run_dir
 
 
@@ -433,10 +444,10 @@ def plot_history(history: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
-    loss_keys = [k for k in history[0] if k.startswith("loss")]
+    loss_keys = dict.fromkeys(k for h in history for k in h if k.startswith("loss"))  # terms may start late
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for key in loss_keys:
-        ax_loss.plot(epochs, [h[key] for h in history], marker="o", label=key)
+        ax_loss.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=key)
     ax_loss.set(xlabel="epoch", ylabel="training loss (epoch mean)", yscale="symlog")
     ax_loss.legend()
     ax_acc.plot(epochs, [h["val_accuracy"] for h in history], marker="o", label="validation")
@@ -461,6 +472,9 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: the user does not want to wait
+            self.__exit__()
+            raise KeyboardInterrupt
         self.signum = signum
 
     def __exit__(self, *exc):
@@ -468,7 +482,12 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path) -> tuple[torch.nn.Module, int]:
+# Settings a resumed run must share with its checkpoint (besides the method's hyperparameters).
+RESUME_KEYS = ("model", "batch_size", "lr", "seed", "max_length", "random_pad", "bucket")
+
+
+def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path,
+          hyperparameters: tuple[str, ...] = ()) -> tuple[torch.nn.Module, int]:
     """Train per ``cfg``; returns (model, exit status): 0 when done, 128+signal when stopped.
 
     Under torchrun every process runs this together: each takes its share of every batch,
@@ -497,10 +516,19 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path) -> tuple[torch.n
 
     if cfg.resume:
         state = newest_checkpoint(run_dir)
+        if state is None and is_main_process():
+            print(f"--resume: no checkpoint in {run_dir}; starting from scratch")
         if state is not None:
             if state["model_name"] != cfg.model:
                 raise ConfigError(f"--resume: the checkpoint in {run_dir} is a {state['model_name']}, "
                                   f"not a {cfg.model}")
+            saved = state["config"]
+            for key in (*RESUME_KEYS, *hyperparameters):
+                if key in saved and saved[key] != getattr(cfg, key):
+                    raise ConfigError(f"--resume: {run_dir} was trained with --{key} {saved[key]}, "
+                                      f"not {getattr(cfg, key)}")
+            if saved.get("epochs") != cfg.epochs and is_main_process():
+                print(f"--resume: training to epoch {cfg.epochs} (the run was started for {saved['epochs']})")
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             # Each rank continues its own random streams; a checkpoint of another number of
@@ -597,6 +625,8 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path) -> tuple[torch.n
             if is_main_process():
                 write_json(progress.history, run_dir / "history.json")
                 plot_history(progress.history, run_dir / "curves.png", f"{cfg.method}: {cfg.run_name}")
+        if stop.signum is not None:  # arrived after the last batch: stop before the evaluation
+            return unwrap(model), 128 + stop.signum
     return unwrap(model), 0
 
 
@@ -618,14 +648,18 @@ def main(method: str, loss_fn: LossFn, hyperparameters: dict, run_name: Callable
 
         def start_run() -> Path:
             run_dir = prepare_run_dir(cfg)
+            # A resumed run keeps the config.json of its start; each resume is recorded beside it.
+            name = "config.json"
+            if cfg.resume and (run_dir / name).exists():
+                name = f"config_resume_{len(list(run_dir.glob('config_resume_*.json'))) + 1}.json"
             write_json({**vars(cfg), "command": " ".join(sys.argv), "git_commit": _git_commit(),
                         "torch": torch.__version__, "python": platform.python_version(),
                         "device_used": str(device), "world_size": world_size(),
-                        "started": time.strftime("%Y-%m-%d %H:%M:%S")}, run_dir / "config.json")
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S")}, run_dir / name)
             return run_dir
 
         run_dir = on_main_process(start_run)
-        model, status = train(cfg, loss_fn, run_dir)
+        model, status = train(cfg, loss_fn, run_dir, tuple(hyperparameters))
         if status:
             return status
         if is_main_process():

@@ -150,6 +150,9 @@ def test_resume_refuses_a_checkpoint_of_another_model(tiny_cache, tmp_path, caps
     (["--max_length", "3000"], "multiple of 1024"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--sweeps", "pgd_inf"], "unknown sweep 'pgd_inf'"),
+    (["--sweep_restarts", "0"], "--sweep_restarts must be at least 1"),
+    (["--bucket"], "--bucket needs --model resnet18a_vl"),
 ])
 def test_bad_flags_give_one_line_and_exit_status_2(tmp_path, capsys, flags, message):
     assert harness.main("CE", ce_loss, {}, lambda cfg: "CE", argv=["--result_dir", str(tmp_path), *flags]) == 2
@@ -190,3 +193,27 @@ def test_variable_length_mode_trains_and_resumes_identically(tiny_cache, tmp_pat
     assert_same_weights(weights(tmp_path / "straight" / "CE"), weights(tmp_path / "split" / "CE"))
     config = json.loads((tmp_path / "straight" / "CE" / "config.json").read_text())
     assert config["model"] == "resnet18a_vl" and config["bucket"] is True
+
+
+def test_resume_refuses_other_training_settings(tiny_cache, tmp_path, capsys):
+    assert train_ce(tiny_cache, tmp_path, "--epochs", "1") == 0
+    assert train_ce(tiny_cache, tmp_path, "--epochs", "2", "--resume", "--lr", "0.01") == 2
+    assert "was trained with --lr 0.001, not 0.01" in capsys.readouterr().err
+    assert json.loads((tmp_path / "CE" / "config.json").read_text())["lr"] == 1e-3  # kept
+
+
+def test_overwrite_removes_every_file_of_the_old_run(tiny_cache, tmp_path):
+    assert train_ce(tiny_cache, tmp_path, "--epochs", "1") == 0
+    stale = tmp_path / "CE" / "robustness_test.json"
+    stale.write_text("{}")
+    calls = {"n": 0}
+
+    def stopping_loss(model, x, y, mask, epoch, cfg):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return ce_loss(model, x, y, mask, epoch, cfg)
+
+    assert train_ce(tiny_cache, tmp_path, "--epochs", "1", "--overwrite", loss_fn=stopping_loss) == 130
+    assert not stale.exists() and not (tmp_path / "CE" / "model.pt").exists()
+    assert sorted(p.name for p in (tmp_path / "CE" / "checkpoints").iterdir()) == ["last.pt"]
