@@ -9,7 +9,7 @@ two from epoch ``reg_start_epoch`` on and only over the correctly classified sam
 import sys
 
 import harness
-from losses import mse_onehot_loss, multi_margin_terms, nsr_loss
+from losses import mse_onehot_loss, multi_margin_loss, nsr_loss
 
 HYPERPARAMETERS = dict(
     beta1=1.0,            # weight of the multi-margin term
@@ -31,8 +31,7 @@ def loss_fn(model, x, y, mask, epoch, cfg):
     n = int(harness.union_sum(correct.sum()))
     if n == 0:
         return loss1, {"loss_mse": loss1.detach(), "loss_margin": 0.0, "loss_nsr": 0.0}
-    margin_sum, margin_count = multi_margin_terms(logits[correct], y[correct])
-    loss2 = harness.union_sum(margin_sum) / harness.union_sum(margin_count).clamp(min=1)
+    loss2 = multi_margin_loss(logits[correct], y[correct], reduce=harness.union_sum)
     plain_model = harness.unwrap(model)  # the input-gradient pass runs on the plain module
     loss3 = harness.union_sum(nsr_loss(plain_model, x[correct], y[correct], mask[correct])) / n
     loss = loss1 + cfg.beta1 * loss2 + cfg.beta2 * loss3

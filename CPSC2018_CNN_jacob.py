@@ -10,7 +10,7 @@ import sys
 import torch.nn.functional as F
 
 import harness
-from losses import jacobian_squared_norm
+from losses import jacobian_loss
 
 HYPERPARAMETERS = dict(
     beta=44.0,                # weight of the Jacobian term, from epoch 0
@@ -19,14 +19,11 @@ HYPERPARAMETERS = dict(
 
 
 def loss_fn(model, x, y, mask, epoch, cfg):
-    logits = model(x, mask)
-    loss1 = F.cross_entropy(logits, y)
-    # losses.jacobian_loss over the whole batch: under torchrun, union_sum adds up the
-    # processes' squared norms (identity otherwise); the input-gradient passes run on the
-    # plain module (see harness.unwrap).
-    squared_norm = harness.union_sum(jacobian_squared_norm(harness.unwrap(model), x, mask,
-                                                           cfg.jacobian_projections))
-    loss2 = squared_norm.sqrt() / (len(y) * harness.world_size() * logits.shape[1])
+    loss1 = F.cross_entropy(model(x, mask), y)
+    # Over the whole batch: under torchrun, union_sum adds up the processes' shares (identity
+    # otherwise); the input-gradient passes run on the plain module (see harness.unwrap).
+    loss2 = jacobian_loss(harness.unwrap(model), x, mask, cfg.jacobian_projections,
+                          reduce=harness.union_sum)
     return loss1 + cfg.beta * loss2, {"loss_ce": loss1.detach(), "loss_jacobian": loss2.detach()}
 
 

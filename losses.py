@@ -35,29 +35,26 @@ def mse_onehot_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits - onehot).pow(2).sum(dim=1).mean()
 
 
-def multi_margin_terms(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum, number) of the kept terms of NSR loss2 (see ``multi_margin_loss``).
-
-    For each sample and class j != y: d = 1 - z_y + z_j; the terms with 0 < d < 2 are kept.
-    Computed without a host sync.
-    """
-    own = logits.gather(1, y[:, None])
-    margins = 1 - own + logits
-    kept = (margins > 0) & (margins < 2) & ~F.one_hot(y, logits.shape[1]).bool()
-    return torch.where(kept, margins, torch.zeros_like(margins)).sum(), kept.sum()
+def _no_reduction(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
-def multi_margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def multi_margin_loss(logits: torch.Tensor, y: torch.Tensor,
+                      reduce: Callable[[torch.Tensor], torch.Tensor] = _no_reduction) -> torch.Tensor:
     """NSR loss2 over the given (correctly classified) samples.
 
     For each sample and class j != y: d = 1 - z_y + z_j; the terms with 0 < d < 2 are kept;
     the result is their mean when more than one is kept, else their sum (0 when none).
-    Computed without a host sync.
+    Computed without a host sync. ``reduce`` combines the sum and the count across
+    processes before dividing (harness.union_sum under torchrun).
     """
-    total, count = multi_margin_terms(logits, y)
+    own = logits.gather(1, y[:, None])
+    margins = 1 - own + logits
+    kept = (margins > 0) & (margins < 2) & ~F.one_hot(y, logits.shape[1]).bool()
+    total = torch.where(kept, margins, torch.zeros_like(margins)).sum()
     # "Mean if more than one term, else the sum" is sum / max(count, 1): one term is its own
     # mean and no term sums to 0.
-    return total / count.clamp(min=1)
+    return reduce(total) / reduce(kept.sum()).clamp(min=1)
 
 
 def nsr_loss(model: Model, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -132,14 +129,17 @@ def jacobian_squared_norm(model: Model, x: torch.Tensor, mask: torch.Tensor,
 
 
 def jacobian_loss(model: Model, x: torch.Tensor, mask: torch.Tensor, projections: int = 0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None,
+                  reduce: Callable[[torch.Tensor], torch.Tensor] = _no_reduction) -> torch.Tensor:
     """Jacobian loss2: sqrt(sum_{m, i} ||dz_m(x_i)/dx_i||_2^2) / (B * C), on a fresh forward pass.
 
     C is the number of logits (9). projections=K>0 replaces the exact squared Frobenius norm
-    by its unbiased K-projection estimate (see ``jacobian_squared_norm``).
+    by its unbiased K-projection estimate (see ``jacobian_squared_norm``). ``reduce``
+    combines the squared norm and B across processes (harness.union_sum under torchrun).
     """
     squared_norm, classes = _jacobian_squared_norm(model, x, mask, projections, generator)
-    return squared_norm.sqrt() / (x.shape[0] * classes)
+    batch = reduce(torch.tensor(x.shape[0], dtype=squared_norm.dtype, device=squared_norm.device))
+    return reduce(squared_norm).sqrt() / (batch * classes)
 
 
 # ----------------------------------------------------------------------------- adversarial
