@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import resource
 import shlex
 import signal
@@ -318,7 +319,7 @@ def run_stage(stage: str, command: list[str], timings: Timings, dry_run: bool) -
     if dry_run:
         return
     started, cpu = time.perf_counter(), _children_cpu()
-    process = subprocess.Popen(command)
+    process = subprocess.Popen(command, env=_without_torchrun(dict(os.environ)))
     interrupted = False
 
     def forward_sigterm(signum, frame):  # let the script checkpoint, as for Ctrl-C
@@ -581,7 +582,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise ReproduceError(f"--methods: unknown method '{unknown[0] if unknown else ''}' "
                              f"(known: {', '.join(METHOD_SCRIPTS)})")
     args.methods = methods
+    # `torchrun --nproc_per_node N reproduce.py ...` means what `--nproc-per-node N` says: the
+    # first process runs the chain, starting every run with N processes; the others are done.
+    args.torchrun_rank = int(os.environ.get("RANK", 0)) if _torchrun_world() > 1 else None
+    if args.torchrun_rank is not None and args.nproc_per_node == 1:
+        args.nproc_per_node = _torchrun_world()
     return args
+
+
+def _torchrun_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _without_torchrun(environment: dict[str, str]) -> dict[str, str]:
+    """The environment minus the variables of a torchrun that started reproduce itself, so
+    that a stage's own torchrun (or plain process) does not take them for its own."""
+    names = {"WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+             "ROLE_NAME", "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    return {k: v for k, v in environment.items() if k not in names and not k.startswith("TORCHELASTIC")}
 
 
 def reproduce(args: argparse.Namespace) -> int:
@@ -617,7 +635,10 @@ def main(argv: list[str] | None = None) -> int:
     from preprocess import DataError
 
     try:
-        return reproduce(parse_args(argv))
+        args = parse_args(argv)
+        if args.torchrun_rank:  # not the first process of a torchrun: the first runs the chain
+            return 0
+        return reproduce(args)
     except StageFailed as failure:
         print(f"error: stage '{failure.stage}' failed with exit status {failure.status} (its output is "
               "above); fix the cause and rerun the same command: finished stages are skipped, an "

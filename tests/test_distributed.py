@@ -261,3 +261,16 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_batch_and_resume_matc
         got = torch.load(tmp_path / "stopped" / f"weights_rank{r}.pt", weights_only=True)
         assert torch.equal(flat(got), flat(reference[0])), r  # bit for bit on the CPU
     assert torch.equal(flat(weights(run / "model.pt")), flat(reference[0]))
+
+
+def test_reproduce_under_torchrun_runs_the_chain_once_with_that_many_processes(tmp_path):
+    """`torchrun --nproc_per_node 2 reproduce.py` = `reproduce.py --nproc-per-node 2`: one chain."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(REPO / "reproduce.py"), "--preset", "paper", "--dry-run",
+                           "--result-dir", str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    commands = [line for line in done.stdout.splitlines() if line.startswith("$ ")]
+    training = [c for c in commands if "CPSC2018_CNN_" in c]
+    assert len(training) == 7  # printed by one process only
+    assert all("torch.distributed.run" in c and "--nproc_per_node=2" in c for c in training)
