@@ -5,6 +5,11 @@ A record becomes one sample: its 8 independent leads (I, II, V1..V6), truncated 
 to ``padded_length`` with a mask that is 1 on the signal. Evaluation right-aligns the
 signal; training with ``random_pad`` shifts it left by a uniform 0..random_pad-1 samples.
 Scaling is done once, when the dataset is built, not per access.
+
+The variable-length mode (``get_dataloaders(..., bucket=True)``, for resnet18a_vl) takes
+that shift modulo 1024: resnet18a_vl gives the same logits for shifts that differ by a
+multiple of 1024, so the augmentation is the same, and batches cropped to their longest
+record carry 1024 samples less padding on average.
 """
 from __future__ import annotations
 
@@ -35,21 +40,25 @@ class ECGDataset(Dataset):
     """The records of one split as padded, masked, scaled tensors.
 
     Items are ``(x, y, mask)``: x float32 (len(leads), padded_length), y int64 class index
-    0..8 (First_label - 1), mask float32 (1, padded_length).
+    0..8 (First_label - 1), mask float32 (1, padded_length). With ``shift_modulo`` the
+    random shift (drawn as without it) is reduced modulo that many samples.
     """
 
     def __init__(self, cache: Cache, split: pd.DataFrame, max_length: int = MAX_LENGTH,
                  padded_length: int = PADDED_LENGTH, random_pad: int = 0,
-                 leads: Sequence[int] = LEADS):
+                 leads: Sequence[int] = LEADS, shift_modulo: int | None = None):
         if max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
         if random_pad < 0:
             raise ValueError(f"random_pad must be >= 0, got {random_pad}")
+        if shift_modulo is not None and shift_modulo < 1:
+            raise ValueError(f"shift_modulo must be >= 1 or None, got {shift_modulo}")
         if padded_length < max_length + random_pad:
             raise ValueError(f"padded_length {padded_length} is shorter than max_length "
                              f"{max_length} + random_pad {random_pad}")
         self.padded_length = padded_length
         self.random_pad = random_pad
+        self.shift_modulo = shift_modulo
         self.names = list(split["Recording"])
         self.labels = split["First_label"].to_numpy(dtype=np.int64) - 1
         rows = cache.records.loc[self.names]
@@ -68,6 +77,8 @@ class ECGDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         length, offset = int(self.lengths[index]), int(self.offsets[index])
         shift = int(torch.randint(self.random_pad, ())) if self.random_pad else 0
+        if self.shift_modulo:
+            shift %= self.shift_modulo
         start = self.padded_length - length - shift
         x = torch.zeros(self.signals.shape[0], self.padded_length)
         x[:, start:start + length] = torch.from_numpy(self.signals[:, offset:offset + length])
@@ -227,10 +238,9 @@ def get_dataloaders(data_dir: str, batch_size: int = 64, eval_batch_size: int = 
     ``bucket`` (variable-length mode, for resnet18a_vl) batches every split by length with
     BucketBatchSampler (training: the class-balanced epoch sorted in chunks of 50 batches,
     batches shuffled; the others: sorted by length) and crops each batch with crop_collate,
-    so T varies between batches. Select a bucketed training loader's epoch with
-    ``set_loader_epoch`` (its ``sampler`` attribute is not the class-balanced sampler).
-    resnet18a_vl only sees a shift modulo 1024, so for it random_pad=1024 is the same
-    augmentation as 3072 with less padding.
+    so T varies between batches, and takes the training shift modulo 1024 (the same
+    augmentation for resnet18a_vl, less padding). Select a bucketed training loader's epoch
+    with ``set_loader_epoch`` (its ``sampler`` attribute is not the class-balanced sampler).
     """
     cache = load_cache(data_dir)
     padded_length = max_length + random_pad
@@ -241,7 +251,8 @@ def get_dataloaders(data_dir: str, batch_size: int = 64, eval_batch_size: int = 
     for name in splits:
         training = name == "train"
         dataset = ECGDataset(cache, cache.splits[name], max_length, padded_length,
-                             random_pad if training else 0)
+                             random_pad if training else 0,
+                             shift_modulo=DOWNSAMPLE if bucket and training else None)
         sampler = ClassBalancedSampler(dataset.labels, seed, num_replicas, rank) if training else None
         size = batch_size if training else eval_batch_size
         batching: dict = dict(batch_size=size, sampler=sampler)

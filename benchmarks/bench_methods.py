@@ -19,19 +19,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import platform
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 
 import harness  # noqa: E402
+from benchmarks.common import RESULTS, command_line, environment, open_device, timed, write_json  # noqa: E402
 from ECG_CNN import build_model  # noqa: E402
 
 ROWS = {
@@ -83,16 +81,11 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(row: str, args) -> dict:
     """Seconds per sample of one row, measured in this process."""
     import attacks
 
-    device = harness.choose_device(args.device)
+    device = open_device(args.device, args.threads or None)
     torch.manual_seed(0)
     model = build_model("resnet18a").to(device)
     x, mask = make_batch(args.batch_size, args.length, device)
@@ -102,7 +95,7 @@ def measure(row: str, args) -> dict:
     if script_name:
         script = importlib.import_module(script_name)
         cfg = harness.parse_config(row, script.HYPERPARAMETERS, argv=flags)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        optimizer = harness.make_optimizer(model, cfg.lr, device)
         model.train()
 
         def step():
@@ -130,19 +123,10 @@ def measure(row: str, args) -> dict:
                                early_stop=False)
     for _ in range(args.warmup):
         step()
-    synchronize(device)
-    times, cpu_times = [], []
-    for _ in range(args.repeats):
-        started, cpu_started = time.perf_counter(), time.process_time()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - started)
-        cpu_times.append(time.process_time() - cpu_started)
-    # On a shared CPU the process's CPU time is the stable measure (with --threads 1 it is
-    # the compute itself); on CUDA the wall time is.
+    times, cpu_times = zip(*(timed(step, device) for _ in range(args.repeats)))
     best = min(cpu_times) if device.type == "cpu" else min(times)
     return {"row": row, "seconds_per_sample": best / args.batch_size, "seconds_per_step": best,
-            "wall_step_seconds": times, "cpu_step_seconds": cpu_times,
+            "wall_step_seconds": list(times), "cpu_step_seconds": list(cpu_times),
             "peak_memory_mb": peak_memory_mb(device)}
 
 
@@ -163,8 +147,6 @@ def main(argv=None) -> int:
     if args.smoke:
         args.length, args.batch_size, args.repeats, args.warmup, args.pgd_steps = 3072, 2, 1, 0, 2
     if args.worker:
-        if args.threads:
-            torch.set_num_threads(args.threads)
         print(json.dumps(measure(args.worker, args)))
         return 0
 
@@ -173,7 +155,12 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: --rows: unknown row '{unknown[0]}'", file=sys.stderr)
         return 2
-    forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--rows")]
+    try:
+        device = open_device(args.device, args.threads or None)
+    except (ValueError, RuntimeError) as error:
+        print(f"error: --device {args.device}: {error}", file=sys.stderr)
+        return 2
+    forwarded = sys.argv[1:] if argv is None else argv  # a worker ignores --rows
     results = []
     for row in rows:
         command = [sys.executable, __file__, *forwarded, "--worker", row]
@@ -184,24 +171,18 @@ def main(argv=None) -> int:
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"  {row}: {results[-1]['seconds_per_sample'] * 1000:.1f} ms/sample", file=sys.stderr)
     ce = next((r["seconds_per_sample"] for r in results if r["row"] == "CE"), None)
-    device = harness.choose_device(args.device)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    command = "python benchmarks/bench_methods.py " + " ".join(forwarded)
+    command = command_line("bench_methods.py", argv)
     settings = {"length": args.length, "batch_size": args.batch_size, "repeats": args.repeats,
-                "warmup": args.warmup, "pgd_steps": args.pgd_steps, "device": str(device),
-                "device_name": device_name, "torch": torch.__version__,
-                "threads": args.threads or torch.get_num_threads()}
+                "warmup": args.warmup, "pgd_steps": args.pgd_steps, **environment(device)}
     measure_name = "process CPU time" if device.type == "cpu" else "wall time"
-    print(f"\n{command}\ndevice {device} ({device_name}), T = {args.length}, batch {args.batch_size}, "
-          f"fastest of {args.repeats} by {measure_name}\n")
+    print(f"\n{command}\ndevice {device} ({settings['device_name']}), T = {args.length}, "
+          f"batch {args.batch_size}, fastest of {args.repeats} by {measure_name}\n")
     print("| row | ms / sample | x CE step | peak memory (MB) |\n|---|---|---|---|")
     for r in results:
         ratio = f"{r['seconds_per_sample'] / ce:.2f}" if ce else "-"
         print(f"| {r['row']} | {r['seconds_per_sample'] * 1000:.1f} | {ratio} | {r['peak_memory_mb']:.0f} |")
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"methods_{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": command, "settings": settings, "rows": results}, indent=2))
-    print(f"\nwritten to {out}")
+    out = Path(args.out or RESULTS / f"methods_{device.type}.json")
+    write_json(out, {"command": command, "settings": settings, "rows": results})
     return 0
 
 

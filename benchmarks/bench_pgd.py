@@ -17,20 +17,15 @@ Writes JSON to --out (default benchmarks/results/pgd_<device>.json).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere: import the repo's modules
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 
+from benchmarks.common import RESULTS, command_line, environment, open_device, timed, write_json  # noqa: E402
 from ECG_CNN import build_model, check_length  # noqa: E402
 from attacks import ce_loss, pgd_attack  # noqa: E402
 
@@ -40,7 +35,7 @@ SMOKE = dict(batch_size=2, length=3072, steps=3, repeats=1)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--length", type=int, default=33792, help="input length T")
     parser.add_argument("--steps", type=int, default=100, help="PGD iterations = bare passes")
@@ -62,23 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch_size", "steps", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     check_length(args.length)
     return args
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn: Callable[[], object], device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def bare_passes(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
@@ -92,15 +72,11 @@ def bare_passes(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask: 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
-        device = torch.device(args.device)
-        torch.empty(0, device=device)  # fails early on an unavailable device
+        device = open_device(args.device, args.threads)
     except (ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    command = "python benchmarks/bench_pgd.py " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = command_line("bench_pgd.py", argv)
 
     torch.manual_seed(args.seed)
     model = build_model(args.model).to(device).eval()
@@ -128,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.repeats):  # interleaved so that load drift hits every case alike
         for name, case in cases.items():
-            timings[name].append(time_call(lambda: case(args.steps), device))
+            timings[name].append(timed(lambda: case(args.steps), device)[0])
 
     with torch.no_grad():
         fooled = int((model(run_pgd(True, args.steps), mask).argmax(dim=1) != y_clean).sum())
@@ -149,17 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"early-stop run: {fooled} of {args.batch_size} samples fooled "
           f"(eps {args.early_stop_eps}); ratio target <= {RATIO_TARGET}")
 
-    out = args.out or REPO / "benchmarks" / "results" / (
-        f"pgd_{device.type}{'_smoke' if args.smoke else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "command": command, "device": str(device), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-        "model": args.model, "batch_size": args.batch_size, "length": args.length,
+    out = args.out or RESULTS / f"pgd_{device.type}{'_smoke' if args.smoke else ''}.json"
+    write_json(out, {
+        "command": command, **environment(device), "model": args.model, "batch_size": args.batch_size, "length": args.length,
         "steps": args.steps, "repeats": args.repeats, "eps": args.eps,
         "early_stop_eps": args.early_stop_eps, "early_stop_fooled": fooled,
-        "ratio_target": RATIO_TARGET, "smoke": args.smoke, "results": results}, indent=2) + "\n")
-    print(f"wrote {out}")
+        "ratio_target": RATIO_TARGET, "smoke": args.smoke, "results": results})
     return 0
 
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from ECG_CNN import (DOWNSAMPLE, MaskedGroupNorm, build_model, count_parameters, downsample_mask,
-                     erode_mask)
+                     erode_mask, signal_spans)
 
 LEADS = 8
 
@@ -49,8 +49,19 @@ def test_with_an_all_ones_mask_it_computes_resnet18a(models):
         torch.testing.assert_close(variable(x, mask), paper(x, mask), rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(params=["rows", "batched"])
+def norm_path(request, monkeypatch) -> str:
+    """Run a test with MaskedGroupNorm's per-sample path forced on (every layer size), then off."""
+    monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", 0 if request.param == "rows" else 10 ** 12)
+    return request.param
+
+
+def path_taken(out: torch.Tensor) -> str:
+    return "rows" if "RowGroupNorm" in type(out.grad_fn).__name__ else "batched"
+
+
 @pytest.mark.parametrize("num_groups", [4, 2])
-def test_masked_group_norm_matches_group_norm_on_the_valid_part(num_groups):
+def test_masked_group_norm_matches_group_norm_on_the_valid_part(num_groups, norm_path):
     torch.manual_seed(2)
     masked = MaskedGroupNorm(num_groups, 4).double()
     plain = nn.GroupNorm(num_groups, 4).double()
@@ -63,12 +74,70 @@ def test_masked_group_norm_matches_group_norm_on_the_valid_part(num_groups):
     mask[0, :, 5:17] = 1
     mask[1, :, :] = 1
     # sample 2: no valid position at all
-    out = masked(x, mask)
+    out = masked(x.requires_grad_(True), mask)
+    assert path_taken(out) == norm_path
     for b, (start, stop) in enumerate([(5, 17), (0, 20)]):
         expected = torch.zeros(4, 20, dtype=torch.float64)
         expected[:, start:stop] = plain(x[b:b + 1, :, start:stop])[0]
         torch.testing.assert_close(out[b], expected)
     assert torch.equal(out[2], torch.zeros(4, 20, dtype=torch.float64))
+
+
+def interval_batch(dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (4, 6, 24) and a mask of one interval per sample: inside, the whole row, at the left
+    end, and empty."""
+    torch.manual_seed(7)
+    x = torch.randn(4, 6, 24, dtype=dtype) * 2 + 0.5
+    mask = torch.zeros(4, 1, 24, dtype=dtype)
+    for row, (start, stop) in enumerate([(5, 19), (0, 24), (0, 7)]):
+        mask[row, :, start:stop] = 1
+    return x, mask
+
+
+@pytest.mark.parametrize("fill", [0.0, -3.5])
+def test_masked_group_norm_gradients_match_finite_differences(norm_path, fill):
+    """First and second derivatives (Jacobian regularization differentiates twice) against
+    numerical differentiation, on both computations."""
+    x, mask = interval_batch()
+    norm = MaskedGroupNorm(3, 6).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    inputs = (x.requires_grad_(True), norm.weight, norm.bias)
+
+    def function(x, weight, bias):
+        return torch.func.functional_call(norm, {"weight": weight, "bias": bias}, (x, mask, fill))
+
+    assert path_taken(function(*inputs)) == norm_path
+    assert torch.autograd.gradcheck(function, inputs)
+    assert torch.autograd.gradgradcheck(function, inputs)
+
+
+def test_masked_group_norm_paths_agree_and_fill_the_invalid_positions(monkeypatch):
+    x, mask = interval_batch()
+    norm = MaskedGroupNorm(6, 6).double()
+    cotangent = torch.randn_like(x)
+    results = []
+    for row_path_min in (0, 10 ** 12):
+        monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", row_path_min)
+        x_leaf = x.clone().requires_grad_(True)
+        out = norm(x_leaf, mask, float("-inf"))
+        assert torch.equal(torch.isinf(out), (mask == 0).expand_as(out))
+        finite = out.masked_fill(mask == 0, 0.0)
+        grads = torch.autograd.grad(finite, (x_leaf, norm.weight, norm.bias), cotangent)
+        results.append((finite, *grads))
+    for rows, batched in zip(*results):
+        torch.testing.assert_close(rows, batched)
+
+
+def test_non_interval_masks_take_the_batched_path(monkeypatch):
+    monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", 0)
+    x, mask = interval_batch()
+    mask[1, :, 10:12] = 0  # a hole: two intervals
+    assert signal_spans(mask) is None
+    out = MaskedGroupNorm(6, 6).double()(x.requires_grad_(True), mask)
+    assert path_taken(out) == "batched"
+    assert signal_spans(interval_batch()[1]) == [(5, 14), (0, 24), (0, 7), (0, 0)]
 
 
 def test_final_mask_follows_the_cell_rule():
@@ -160,3 +229,25 @@ def test_a_record_without_a_valid_final_position_gives_the_bias_and_finite_gradi
     logits.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert torch.isfinite(x.grad).all()
+
+
+def test_jacobian_regularization_differentiates_twice_through_either_norm_path(monkeypatch):
+    """The Jacobian term's weight gradients (second order) are the same whichever computation
+    the norms use; the per-sample one falls back to the batched one for the second order."""
+    from losses import jacobian_squared_norm
+
+    torch.manual_seed(8)
+    model = build_model("resnet18a_vl").double()
+    x, mask = place(torch.rand(LEADS, 2500, dtype=torch.float64) * 2 - 1, 3 * DOWNSAMPLE, [0, 300])
+    results = []
+    for row_path_min in (0, 10 ** 12):
+        monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", row_path_min)
+        generator = torch.Generator().manual_seed(0)
+        penalty = jacobian_squared_norm(model, x, mask, projections=1, generator=generator)
+        results.append([penalty, *torch.autograd.grad(penalty, list(model.parameters()),
+                                                      materialize_grads=True)])
+    # Rounding differs between the two computations; GroupNorm over the two or three valid
+    # positions of the last blocks amplifies it in second derivatives, hence a scale-relative bound.
+    for rows, batched in zip(*results):
+        assert (rows - batched).abs().max() <= 1e-6 * batched.abs().max()
+    assert results[0][0] > 0 and any(g.abs().sum() > 0 for g in results[0][1:])

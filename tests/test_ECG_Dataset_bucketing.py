@@ -184,3 +184,44 @@ def test_bucketed_evaluation_gives_resnet18a_vl_the_same_logits(tiny_cache_dir):
     assert max(widths) < 8192  # the crop really happened
     order = sum(bucketed.batch_sampler, [])
     torch.testing.assert_close(logits, expected[order], rtol=1e-5, atol=1e-5)
+
+
+def test_bucketed_training_shift_is_the_papers_modulo_1024_and_the_same_for_resnet18a_vl(
+        tiny_cache_dir):
+    """The same draws place each record 0..2047 samples from the right end without the modulo
+    and 0..1023 with it; resnet18a_vl gives the same logits on the cropped modulo batch."""
+    cache = load_cache(tiny_cache_dir)
+    settings = dict(max_length=6144, padded_length=8192, random_pad=2048)
+    paper = ECGDataset(cache, cache.splits["train"], **settings)
+    modulo = ECGDataset(cache, cache.splits["train"], **settings, shift_modulo=1024)
+    with pytest.raises(ValueError, match="shift_modulo"):
+        ECGDataset(cache, cache.splits["train"], **settings, shift_modulo=0)
+    torch.manual_seed(5)
+    paper_items = [paper[i % len(paper)] for i in range(12)]
+    torch.manual_seed(5)
+    modulo_items = [modulo[i % len(modulo)] for i in range(12)]
+
+    def shifts(items):
+        return np.array([8192 - int(mask[0].nonzero().max()) - 1 for _, _, mask in items])
+
+    assert shifts(paper_items).max() >= 1024  # the draws do reach past 1024
+    assert shifts(modulo_items).tolist() == (shifts(paper_items) % 1024).tolist()
+    torch.manual_seed(0)
+    model = build_model("resnet18a_vl").eval()
+    x, _, mask = crop_collate(modulo_items)
+    assert x.shape[-1] < 8192
+    with torch.no_grad():
+        expected = model(*(torch.stack(parts) for parts in zip(*[(x, m) for x, _, m in paper_items])))
+        torch.testing.assert_close(model(x, mask), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_get_dataloaders_bucket_takes_the_training_shift_modulo_1024(tiny_cache_dir):
+    settings = dict(batch_size=4, max_length=6144, random_pad=2048, splits=("train",))
+    assert get_dataloaders(str(tiny_cache_dir), **settings)["train"].dataset.shift_modulo is None
+    bucketed = get_dataloaders(str(tiny_cache_dir), **settings, bucket=True)["train"]
+    assert bucketed.dataset.shift_modulo == 1024
+    set_loader_epoch(bucketed, 0)
+    torch.manual_seed(1)
+    for _, _, mask in bucketed:
+        last = mask.shape[-1] - 1 - mask[:, 0].flip(1).argmax(dim=1)
+        assert (mask.shape[-1] - 1 - last < 1024).all()

@@ -23,3 +23,21 @@ def test_benchmark_smoke_run_writes_its_figures(script, tmp_path):
         assert {"CE", "NSR", "jacob", "jacob (1 projection)", "advls", "data: training loader",
                 "eval: clean forward", "eval: PGD-100"} == set(rows)
         assert all(r["seconds_per_sample"] > 0 and r["peak_memory_mb"] > 0 for r in rows.values())
+    if script == "bench_variable_length.py":
+        assert len(result["results"]) == 4 and result["epoch"]["samples"] > 0
+        assert all(r["ms_per_sample"] > 0 and r["speedup_vs_fixed_resnet18a"] > 0
+                   for r in result["results"].values())
+        assert "SYNTHETIC" in result["records"]  # the demo data says what it is
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--records", "no/such/folder"], "--records no/such/folder: not a folder"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+])
+def test_variable_length_benchmark_bad_flags_give_one_line(flags, problem):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_variable_length.py"), *flags],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {problem}")

@@ -217,3 +217,24 @@ def test_overwrite_removes_every_file_of_the_old_run(tiny_cache, tmp_path):
     assert train_ce(tiny_cache, tmp_path, "--epochs", "1", "--overwrite", loss_fn=stopping_loss) == 130
     assert not stale.exists() and not (tmp_path / "CE" / "model.pt").exists()
     assert sorted(p.name for p in (tmp_path / "CE" / "checkpoints").iterdir()) == ["last.pt"]
+
+
+def test_the_optimizer_is_fused_adam_with_the_reference_update():
+    """make_optimizer's fused Adam against torch's per-tensor loop (an independent implementation)."""
+    torch.manual_seed(0)
+    fused_model = torch.nn.Linear(16, 4)
+    loop_model = torch.nn.Linear(16, 4)
+    loop_model.load_state_dict(fused_model.state_dict())
+    initial = fused_model.weight.detach().clone()
+    fused = harness.make_optimizer(fused_model, 1e-2, torch.device("cpu"))
+    loop = torch.optim.Adam(loop_model.parameters(), lr=1e-2, foreach=False)
+    assert fused.defaults["fused"] is True and fused.defaults["lr"] == 1e-2
+    x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
+    for _ in range(5):
+        for model, optimizer in ((fused_model, fused), (loop_model, loop)):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    for fused_parameter, loop_parameter in zip(fused_model.parameters(), loop_model.parameters()):
+        torch.testing.assert_close(fused_parameter, loop_parameter, rtol=1e-6, atol=1e-7)
+    assert (fused_model.weight - initial).abs().min() > 1e-3  # five steps of about lr each

@@ -1,0 +1,72 @@
+"""What every benchmark script shares: the device, the command line, timing and the JSON record."""
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command as a user would type it from the repository root."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", f"benchmarks/{script}", *(shlex.quote(a) for a in args)])
+
+
+def open_device(name: str, threads: int | None) -> torch.device:
+    """The torch device (``auto``: CUDA when there is one), checked by allocating on it.
+
+    Raises ValueError or RuntimeError with a one-line reason; sets the CPU thread count.
+    """
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available()
+                          else "cpu" if name == "auto" else name)
+    torch.empty(0, device=device)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call, the device's queue drained on both ends.
+
+    On a shared CPU the process's CPU time is the steadier measure (with one thread it is
+    the compute itself); on CUDA only the wall time means anything.
+    """
+    synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def environment(device: torch.device) -> dict:
+    """The facts that a timing depends on, for the JSON record."""
+    return {"device": str(device), "device_name": device_name(device), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def write_json(out: Path, record: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
