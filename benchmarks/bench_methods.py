@@ -85,7 +85,7 @@ def measure(row: str, args) -> dict:
     """Seconds per sample of one row, measured in this process."""
     import attacks
 
-    device = open_device(args.device, args.threads or None)
+    device = open_device(args.device, args.threads)
     torch.manual_seed(0)
     model = build_model("resnet18a").to(device)
     x, mask = make_batch(args.batch_size, args.length, device)
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed steps; the fastest counts")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--pgd-steps", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     parser.add_argument("--out", help="JSON path (default benchmarks/results/methods_<device>.json)")
@@ -156,11 +156,13 @@ def main(argv=None) -> int:
         print(f"error: --rows: unknown row '{unknown[0]}'", file=sys.stderr)
         return 2
     try:
-        device = open_device(args.device, args.threads or None)
+        device = open_device(args.device, args.threads)
     except (ValueError, RuntimeError) as error:
-        print(f"error: --device {args.device}: {error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    forwarded = sys.argv[1:] if argv is None else argv  # a worker ignores --rows
+    given = sys.argv[1:] if argv is None else argv
+    forwarded = [a for i, a in enumerate(given)  # each worker measures the one row it is given
+                 if not a.startswith("--rows") and not (i and given[i - 1] == "--rows")]
     results = []
     for row in rows:
         command = [sys.executable, __file__, *forwarded, "--worker", row]

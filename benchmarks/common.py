@@ -24,13 +24,16 @@ def command_line(script: str, argv: list[str] | None) -> str:
 def open_device(name: str, threads: int | None) -> torch.device:
     """The torch device (``auto``: CUDA when there is one), checked by allocating on it.
 
-    Raises ValueError or RuntimeError with a one-line reason; sets the CPU thread count.
+    Raises ValueError with a one-line reason; sets the CPU thread count.
     """
     if threads is not None and threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
-    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available()
-                          else "cpu" if name == "auto" else name)
-    torch.empty(0, device=device)
+    try:
+        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available()
+                              else "cpu" if name == "auto" else name)
+        torch.empty(0, device=device)
+    except (AssertionError, RuntimeError) as error:  # torch asserts when built without CUDA
+        raise ValueError(f"--device {name}: not available here ({error})") from None
     if threads is not None:
         torch.set_num_threads(threads)
     return device

@@ -232,8 +232,9 @@ def test_a_record_without_a_valid_final_position_gives_the_bias_and_finite_gradi
 
 
 def test_jacobian_regularization_differentiates_twice_through_either_norm_path(monkeypatch):
-    """The Jacobian term's weight gradients (second order) are the same whichever computation
-    the norms use; the per-sample one falls back to the batched one for the second order."""
+    """The Jacobian term's weight gradients are the same whichever computation the norms use.
+    With the per-sample one, the input-gradient pass (create_graph) recomputes the batched
+    form and the final backward runs the per-sample first-order backward of the forward pass."""
     from losses import jacobian_squared_norm
 
     torch.manual_seed(8)
@@ -251,3 +252,68 @@ def test_jacobian_regularization_differentiates_twice_through_either_norm_path(m
     for rows, batched in zip(*results):
         assert (rows - batched).abs().max() <= 1e-6 * batched.abs().max()
     assert results[0][0] > 0 and any(g.abs().sum() > 0 for g in results[0][1:])
+
+
+@pytest.mark.parametrize("frozen", ["norm parameters", "input"])
+def test_second_order_gradients_when_some_inputs_need_no_gradient(monkeypatch, frozen):
+    """create_graph with frozen norm parameters (input gradients only) or an input that needs
+    no gradient (weight gradients only): both computations give the same values."""
+    x, mask = interval_batch()
+    results = []
+    for row_path_min in (0, 10 ** 12):
+        monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", row_path_min)
+        torch.manual_seed(9)
+        norm = MaskedGroupNorm(3, 6).double()
+        if frozen == "norm parameters":
+            norm.requires_grad_(False)
+            inputs = [x.clone().requires_grad_(True)]
+            out = norm(torch.sin(inputs[0]), mask)
+        else:
+            inputs = [norm.weight, norm.bias]
+            out = norm(x, mask)
+        assert path_taken(out) == ("rows" if row_path_min == 0 else "batched")
+        first = torch.autograd.grad(out.square().sum(), inputs, create_graph=True)
+        second = torch.autograd.grad(sum(g.square().sum() for g in first), inputs)
+        results.append([*first, *second])
+    for rows, batched in zip(*results):
+        torch.testing.assert_close(rows, batched)
+
+
+def test_norm_without_affine_parameters_and_an_empty_batch(monkeypatch):
+    monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", 0)
+    x, mask = interval_batch()
+    plain = MaskedGroupNorm(3, 6, affine=False).double()
+    x_leaf = x.clone().requires_grad_(True)
+    out = plain(x_leaf, mask)
+    assert path_taken(out) == "rows"
+    (grad,) = torch.autograd.grad(out[:, :, ::2].sum(), x_leaf)
+    monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", 10 ** 12)
+    x_leaf = x.clone().requires_grad_(True)
+    expected = plain(x_leaf, mask)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected[:, :, ::2].sum(), x_leaf)[0])
+    monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", 0)
+    assert plain(x[:0], mask[:0]).shape == (0, 6, 24)
+
+
+def test_float32_model_at_the_default_threshold_matches_the_batched_norms(monkeypatch):
+    """The training configuration: float32, the default ROW_PATH_MIN (the per-sample path in
+    the early layers, the batched one in the late ones) against the batched path everywhere."""
+    torch.manual_seed(10)
+    model = build_model("resnet18a_vl")
+    x, mask = place(torch.rand(LEADS, 6000) * 2 - 1, 8 * DOWNSAMPLE, [0, 1500])
+    x[1] = 0.5 * x[1].roll(100, dims=1) * mask[1]
+    y = torch.tensor([2, 5])
+    results = []
+    for row_path_min in (MaskedGroupNorm.ROW_PATH_MIN, 10 ** 12):
+        monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", row_path_min)
+        logits = model(x, mask)
+        grads = torch.autograd.grad(nn.functional.cross_entropy(logits, y), list(model.parameters()))
+        results.append([logits, *grads])
+    monkeypatch.undo()
+    norm_paths = {path_taken(norm(torch.ones(2, c, n), torch.ones(2, 1, n)))
+                  for c, n, norm in [(64, 4096, model.trunk.stem[1]),
+                                     (512, 8, model.trunk.blocks[-1].norm1)]}
+    assert norm_paths == {"rows", "batched"}  # the threshold splits this model
+    for rows, batched in zip(*results):
+        torch.testing.assert_close(rows, batched, rtol=1e-4, atol=1e-5)

@@ -1,4 +1,5 @@
-"""The benchmark scripts run in a smoke size, so that they cannot rot (no timing is asserted)."""
+"""The benchmark scripts run in a smoke size, so that they cannot rot (no timing is asserted),
+and refuse bad flags with one line."""
 import json
 import subprocess
 import sys
@@ -7,9 +8,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ["bench_methods.py", "bench_pgd.py", "bench_variable_length.py"]
 
 
-@pytest.mark.parametrize("script", ["bench_methods.py", "bench_pgd.py", "bench_variable_length.py"])
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_benchmark_smoke_run_writes_its_figures(script, tmp_path):
     out = tmp_path / "result.json"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--threads", "1",
@@ -30,13 +32,17 @@ def test_benchmark_smoke_run_writes_its_figures(script, tmp_path):
         assert "SYNTHETIC" in result["records"]  # the demo data says what it is
 
 
-@pytest.mark.parametrize("flags, problem", [
-    (["--records", "no/such/folder"], "--records no/such/folder: not a folder"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--threads", "0"], "--threads must be >= 1"),
-])
-def test_variable_length_benchmark_bad_flags_give_one_line(flags, problem):
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_variable_length.py"), *flags],
+BAD_FLAGS = [(script, ["--threads", "0"], "--threads must be >= 1") for script in SCRIPTS] + [
+    (script, ["--device", "no-such-device"], "--device no-such-device: not available here")
+    for script in SCRIPTS] + [
+    ("bench_variable_length.py", ["--records", "no/such/folder"], "--records no/such/folder: not a folder"),
+    ("bench_variable_length.py", ["--batch-size", "0"], "--batch-size must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("script, flags, problem", BAD_FLAGS)
+def test_bad_flags_give_one_line(script, flags, problem):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *flags],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
