@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 
 import harness  # noqa: E402
-from benchmarks.common import RESULTS, command_line, environment, open_device, timed, write_json  # noqa: E402
+from benchmarks.common import (add_common_arguments, apply_smoke, command_line,  # noqa: E402
+                               default_out, environment, open_device, timed, write_json)
 from ECG_CNN import build_model  # noqa: E402
 
 ROWS = {
@@ -132,20 +133,16 @@ def measure(row: str, args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--length", type=int, default=33792, help="input length T (paper: 33792)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps; the fastest counts")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--pgd-steps", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
-    parser.add_argument("--out", help="JSON path (default benchmarks/results/methods_<device>.json)")
+    add_common_arguments(parser, "methods", "tiny sizes, for CI")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.smoke:
-        args.length, args.batch_size, args.repeats, args.warmup, args.pgd_steps = 3072, 2, 1, 0, 2
+    apply_smoke(args, dict(length=3072, batch_size=2, repeats=1, warmup=0, pgd_steps=2))
     if args.worker:
         print(json.dumps(measure(args.worker, args)))
         return 0
@@ -183,7 +180,7 @@ def main(argv=None) -> int:
     for r in results:
         ratio = f"{r['seconds_per_sample'] / ce:.2f}" if ce else "-"
         print(f"| {r['row']} | {r['seconds_per_sample'] * 1000:.1f} | {ratio} | {r['peak_memory_mb']:.0f} |")
-    out = Path(args.out or RESULTS / f"methods_{device.type}.json")
+    out = args.out or default_out("methods", device, args.smoke)
     write_json(out, {"command": command, "settings": settings, "rows": results})
     return 0
 

@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 
-from benchmarks.common import RESULTS, command_line, environment, open_device, timed, write_json  # noqa: E402
+from benchmarks.common import (add_common_arguments, apply_smoke, command_line,  # noqa: E402
+                               default_out, environment, open_device, timed, write_json)
 from ECG_CNN import build_model, check_length  # noqa: E402
 from attacks import ce_loss, pgd_attack  # noqa: E402
 
@@ -35,7 +36,6 @@ SMOKE = dict(batch_size=2, length=3072, steps=3, repeats=1)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--length", type=int, default=33792, help="input length T")
     parser.add_argument("--steps", type=int, default=100, help="PGD iterations = bare passes")
@@ -45,15 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="L-inf budget of the early-stop run (small: nothing is fooled)")
     parser.add_argument("--model", default="resnet18a")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default benchmarks/results/pgd_<device>[_smoke].json)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny run for CI: batch 2, length 3072, 3 steps, 1 repeat")
+    add_common_arguments(parser, "pgd", "tiny run for CI: batch 2, length 3072, 3 steps, 1 repeat")
     args = parser.parse_args(argv)
-    if args.smoke:
-        for name, value in SMOKE.items():
-            setattr(args, name, value)
+    apply_smoke(args, SMOKE)
     for name in ("batch_size", "steps", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -125,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"early-stop run: {fooled} of {args.batch_size} samples fooled "
           f"(eps {args.early_stop_eps}); ratio target <= {RATIO_TARGET}")
 
-    out = args.out or RESULTS / f"pgd_{device.type}{'_smoke' if args.smoke else ''}.json"
+    out = args.out or default_out("pgd", device, args.smoke)
     write_json(out, {
         "command": command, **environment(device), "model": args.model, "batch_size": args.batch_size, "length": args.length,
         "steps": args.steps, "repeats": args.repeats, "eps": args.eps,

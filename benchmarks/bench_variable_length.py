@@ -40,8 +40,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 
-from benchmarks.common import (RESULTS, command_line, environment, open_device,  # noqa: E402
-                               timed, write_json)
+from benchmarks.common import (add_common_arguments, apply_smoke, command_line,  # noqa: E402
+                               default_out, environment, open_device, timed, write_json)
 from ECG_CNN import build_model, check_length  # noqa: E402
 from ECG_Dataset import get_dataloaders, set_loader_epoch  # noqa: E402
 from harness import make_optimizer  # noqa: E402
@@ -60,7 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a CPSC2018 folder (original .mat or WFDB); default: synthetic records")
     parser.add_argument("--synthetic-per-class", type=int, default=20,
                         help="records per class of the synthetic set (without --records)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     parser.add_argument("--batch-size", type=int, default=64, help="default: the paper's 64")
     parser.add_argument("--max-length", type=int, default=30720, help="records are cut to this")
     parser.add_argument("--random-pad", type=int, default=3072,
@@ -69,16 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (each batch's fastest counts)")
     parser.add_argument("--epoch", type=int, default=0, help="which epoch of the sampler")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default benchmarks/results/variable_length_<device>[_smoke].json)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="seconds: 18 short synthetic records, batch 2, T 5120, 1 repeat")
+    add_common_arguments(parser, "variable_length",
+                         "seconds: 18 short synthetic records, batch 2, T 5120, 1 repeat")
     args = parser.parse_args(argv)
     args.synthetic_max_seconds = 60.0
-    if args.smoke:
-        for name, value in SMOKE.items():
-            setattr(args, name, value)
+    apply_smoke(args, SMOKE)
     for name in ("batch_size", "fixed_steps", "repeats", "max_length", "synthetic_per_class"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -208,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['cpu_speedup_vs_fixed_resnet18a']:>10.2f}{result['epoch_seconds']:>9.1f}"
               f"{result['padding_fraction']:>9.2f}")
 
-    out = args.out or RESULTS / f"variable_length_{device.type}{'_smoke' if args.smoke else ''}.json"
+    out = args.out or default_out("variable_length", device, args.smoke)
     write_json(out, {
         "command": command, "records": records, **environment(device),
         "settings": {key: (str(value) if isinstance(value, Path) else value)

@@ -1,6 +1,7 @@
 """What every benchmark script shares: the device, the command line, timing and the JSON record."""
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import shlex
@@ -13,6 +14,27 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, name: str, smoke_help: str) -> None:
+    """--device, --threads, --out and --smoke, the same in every benchmark."""
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"JSON path (default benchmarks/results/{name}_<device>[_smoke].json)")
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+
+
+def apply_smoke(args: argparse.Namespace, settings: dict) -> None:
+    """With --smoke, replace the sizes by the benchmark's tiny ones (what CI runs)."""
+    if args.smoke:
+        for key, value in settings.items():
+            setattr(args, key, value)
+
+
+def default_out(name: str, device: torch.device, smoke: bool) -> Path:
+    """Where a benchmark writes its JSON without --out; smoke runs never replace real results."""
+    return RESULTS / f"{name}_{device.type}{'_smoke' if smoke else ''}.json"
 
 
 def command_line(script: str, argv: list[str] | None) -> str:
