@@ -8,9 +8,9 @@ Scaling is done once, when the dataset is built, not per access.
 
 The variable-length mode (``get_dataloaders(..., bucket=True)``, for resnet18a_vl) takes
 that shift modulo 1024: resnet18a_vl gives the same logits for shifts that differ by a
-multiple of 1024, so the augmentation is the same, and each record reaches less far into
-the padding (with the paper's random_pad of 3072, a mean shift of 511.5 samples instead of
-1535.5), so batches cropped to their longest record are narrower.
+multiple of 1024. The augmentation is the same, while each record reaches less far into the
+padding (with the paper's random_pad of 3072, a mean shift of 511.5 samples instead of
+1535.5) and batches cropped to their longest record are narrower.
 """
 from __future__ import annotations
 
