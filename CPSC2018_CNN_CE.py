@@ -1,4 +1,4 @@
-"""Train the paper's CNN with plain cross-entropy (the baseline; SPEC section 5, CE).
+"""Train the paper's CNN with plain cross-entropy (the baseline; PROTOCOL section 5, CE).
 
     python CPSC2018_CNN_CE.py                 # the paper's settings
     python CPSC2018_CNN_CE.py --preset demo   # the synthetic demo dataset, a few minutes on a CPU

@@ -1,4 +1,4 @@
-"""Train with noise-to-signal-ratio regularization (SPEC section 5, NSR).
+"""Train with noise-to-signal-ratio regularization (PROTOCOL section 5, NSR).
 
     python CPSC2018_CNN_NSR.py                          # the paper's settings
     python CPSC2018_CNN_NSR.py --beta2 0.5 --preset demo

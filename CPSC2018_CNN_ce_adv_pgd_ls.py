@@ -1,4 +1,4 @@
-"""Train with PGD adversarial training, "advls" (SPEC section 5, adversarial training).
+"""Train with PGD adversarial training, "advls" (PROTOCOL section 5, adversarial training).
 
     python CPSC2018_CNN_ce_adv_pgd_ls.py                  # eps 0.01, the paper's default
     python CPSC2018_CNN_ce_adv_pgd_ls.py --eps 0.05       # the paper also trains 0.005, 0.05, 0.1

@@ -1,4 +1,4 @@
-"""Train with Jacobian regularization (SPEC section 5, Jacobian).
+"""Train with Jacobian regularization (PROTOCOL section 5, Jacobian).
 
     python CPSC2018_CNN_jacob.py                              # the paper's settings (exact term)
     python CPSC2018_CNN_jacob.py --jacobian_projections 1     # Hoffman et al.'s random projection

@@ -1,4 +1,4 @@
-"""The paper's 1D CNN for variable-length 12-lead ECG (SPEC section 4).
+"""The paper's 1D CNN for variable-length 12-lead ECG (PROTOCOL section 4).
 
 Every model is called as ``model(x, mask)`` with x of shape (B, leads, T) and mask of
 shape (B, 1, T) (1 on signal samples, 0 on padding) and returns logits of shape
@@ -64,7 +64,7 @@ class Trunk(nn.Module):
 
 
 def masked_average_pool(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Average the positions whose receptive field is mostly signal (SPEC section 4).
+    """Average the positions whose receptive field is mostly signal (PROTOCOL section 4).
 
     features: (B, C, P); mask: (B, 1, T) with P = (T - 3072) / 1024 + 1. Returns (B, C).
     """

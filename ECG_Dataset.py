@@ -1,4 +1,4 @@
-"""Dataset, class-balanced sampler and data loaders (SPEC section 3).
+"""Dataset, class-balanced sampler and data loaders (PROTOCOL section 3).
 
 A record becomes one sample: its 8 independent leads (I, II, V1..V6), truncated to
 ``max_length`` samples, each lead scaled by its own maximum absolute value, zero-padded

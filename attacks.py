@@ -1,4 +1,4 @@
-"""Adversarial attacks and noises for any model called as ``model(x, mask)`` (SPEC section 6).
+"""Adversarial attacks and noises for any model called as ``model(x, mask)`` (PROTOCOL section 6).
 
 Inputs follow the project's batch convention: x (B, leads, T) with values in [-1, 1],
 y (B,) int64 labels and mask (B, 1, T) with 1 on signal samples and 0 on padding.
@@ -44,7 +44,7 @@ def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def soft_margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Soft logit margin ``sum_i [logsumexp_{j != y_i} z_ij - z_{i,y_i}]`` (SPEC section 5)."""
+    """Soft logit margin ``sum_i [logsumexp_{j != y_i} z_ij - z_{i,y_i}]`` (PROTOCOL section 5)."""
     own = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
     return (torch.logsumexp(others, dim=1) - own).sum()
@@ -155,7 +155,7 @@ def pgd_attack(model: Model, x: torch.Tensor, y: torch.Tensor, mask: torch.Tenso
                step_size: float | None = None, random_start: bool = True, restarts: int = 2,
                early_stop: bool = True, loss_fn: LossFn = ce_loss,
                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Projected gradient descent within an L-inf or L2 ball of radius ``eps`` (SPEC section 6).
+    """Projected gradient descent within an L-inf or L2 ball of radius ``eps`` (PROTOCOL section 6).
 
     Each iteration: g = d loss_fn(model(x_adv, mask), y) / d x_adv, normalized per sample
     (sign for L-inf, g / (||g||_2 + 1e-12) for L2); delta += step_size * g; delta *= mask;

@@ -1,4 +1,4 @@
-"""Clean metrics and robustness evaluation of trained models (SPEC sections 6 and 7).
+"""Clean metrics and robustness evaluation of trained models (PROTOCOL sections 6 and 7).
 
     python evaluate.py result/CE                     # clean metrics + the run's sweeps, test split
     python evaluate.py result/CE --split val --sweeps ""
@@ -27,7 +27,7 @@ NUM_CLASSES = len(CLASSES)
 SUBSCORE_GROUPS = {"Faf": (1,), "Fblock": (2, 3, 4), "Fpc": (5, 6), "Fst": (7, 8)}
 
 
-# SPEC section 6: the paper's noise levels. The real-ECG noises (beyond the paper) are swept
+# PROTOCOL section 6: the paper's noise levels. The real-ECG noises (beyond the paper) are swept
 # over signal-to-noise ratios in dB; their curves use the noise-to-signal amplitude ratio
 # 10 ** (-snr / 20) as the level, so that clean (infinite SNR) is level 0 as for the others.
 PGD_LINF_LEVELS = (0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1, 0.2, 0.3)
@@ -76,7 +76,7 @@ def class_balanced_accuracy(cm: np.ndarray) -> float:
 
 
 def classification_scores(cm: np.ndarray) -> dict:
-    """All clean metrics of SPEC section 7 from a confusion matrix (rows true, columns predicted)."""
+    """All clean metrics of PROTOCOL section 7 from a confusion matrix (rows true, columns predicted)."""
     diag, rows, cols = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
     f1 = _ratio(2 * diag, rows + cols)
     scores = {
@@ -173,7 +173,7 @@ def shard_loader(loader, rank: int, world_size: int, max_batches: int = 0):
                       pin_memory=loader.pin_memory)
 
 
-# --- robustness sweeps (SPEC sections 6 and 7) --------------------------------------------
+# --- robustness sweeps (PROTOCOL sections 6 and 7) --------------------------------------------
 
 def parse_sweeps(names: str) -> list[str]:
     """A comma-separated list of sweep names ("" for none, "all" for every one)."""
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n## {name}\n{table}")
             print(f"\ntables and figures written to {args.out}/")
             return 0
-        parser = argparse.ArgumentParser(description="Evaluate a trained run (SPEC sections 6-7).")
+        parser = argparse.ArgumentParser(description="Evaluate a trained run (PROTOCOL sections 6-7).")
         parser.add_argument("run", help="a run folder under result/ or a checkpoint file")
         parser.add_argument("--split", default="test", choices=("test", "val"))
         parser.add_argument("--data_dir", help="override the run's data cache folder")

@@ -1,4 +1,4 @@
-"""The training harness shared by the four method scripts (SPEC section 5).
+"""The training harness shared by the four method scripts (PROTOCOL section 5).
 
 A method script supplies its hyperparameters, a loss function and a run name; this
 module does everything else: configuration from defaults, presets and command-line
@@ -41,7 +41,7 @@ from ECG_CNN import MODELS, build_model, check_length
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
-# SPEC section 5: the settings shared by all four methods; each is a command-line flag.
+# PROTOCOL section 5: the settings shared by all four methods; each is a command-line flag.
 TRAIN_DEFAULTS = dict(
     data_dir="data/CPSC2018/processed",  # the cache written by preprocess.py
     result_dir="result",
@@ -105,7 +105,7 @@ def parse_config(method: str, hyperparameters: dict, preset_overrides: dict | No
                  argv: list[str] | None = None) -> SimpleNamespace:
     """Defaults, then the preset, then the method's preset overrides, then the flags."""
     defaults = {**TRAIN_DEFAULTS, **hyperparameters}
-    parser = _OneLineParser(prog=f"{method} training", description=f"Train {method} (SPEC section 5).",
+    parser = _OneLineParser(prog=f"{method} training", description=f"Train {method} (PROTOCOL section 5).",
                             argument_default=argparse.SUPPRESS)
     parser.add_argument("--preset", default="paper", choices=sorted(PRESETS))
     for key, value in defaults.items():
@@ -178,7 +178,7 @@ def choose_device(name: str) -> torch.device:
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Adam:
-    """Adam (SPEC section 5); ATen's fused implementation where there is one (CPU and CUDA):
+    """Adam (PROTOCOL section 5); ATen's fused implementation where there is one (CPU and CUDA):
     the same update, about 5x faster than the per-tensor loop on the CPU."""
     fused = True if device.type in ("cpu", "cuda") else None  # None: torch's own choice
     return torch.optim.Adam(model.parameters(), lr=lr, fused=fused)

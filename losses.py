@@ -1,4 +1,4 @@
-"""Loss pieces of the three defenses (SPEC section 5), for any model called as ``model(x, mask)``.
+"""Loss pieces of the three defenses (PROTOCOL section 5), for any model called as ``model(x, mask)``.
 
 Inputs follow the project's batch convention: x (B, leads, T), y (B,) int64 labels, mask
 (B, 1, T) with 1 on signal samples and 0 on padding; logits are (B, classes).

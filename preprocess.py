@@ -1,4 +1,4 @@
-"""CPSC2018 readers, the paper's reference split and the preprocessed cache (SPEC sections 1-2).
+"""CPSC2018 readers, the paper's reference split and the preprocessed cache (PROTOCOL sections 1-2).
 
 Reads the 12-lead CPSC2018 training set in either of its two distributions:
 
@@ -124,7 +124,7 @@ def _take_per_class(rows: Sequence, first_labels: np.ndarray, per_class: int) ->
 def reference_split(
     reference: pd.DataFrame, val_per_class: int = 5, test_per_class: int = 50, seed: int = 0
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The paper's seeded split, exactly SPEC section 2; returns (train, val, test).
+    """The paper's seeded split, exactly PROTOCOL section 2; returns (train, val, test).
 
     Row i means the i-th row of ``reference`` (in its order). Only single-label rows take
     part. The row indices are numpy int64 values, as in the reference code, and the Python
@@ -530,7 +530,7 @@ def preprocess(
 ) -> dict:
     """Read every CPSC2018 record in ``raw_dir``, skip the bad ones, write the cache to ``out_dir``.
 
-    The split (SPEC section 2) runs on the REFERENCE.csv rows with usable labels (all of
+    The split (PROTOCOL section 2) runs on the REFERENCE.csv rows with usable labels (all of
     them for the official file), so a record whose signal file turns out to be bad leaves
     the other records' assignment unchanged: it is then only removed from its split.
     Signals are read twice, once to check them and collect lengths, once to fill the

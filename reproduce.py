@@ -75,7 +75,7 @@ SYNTHETIC_NOTE = ("**Data: synthetic signals, not CPSC2018.** The records are si
                   "below says anything about real ECGs or about the paper's numbers.")
 PLANS = {
     "paper": Plan("paper", "**Data: CPSC2018** (real 12-lead ECGs, the official training set) with the "
-                  "paper's reference split (SPEC section 2).",
+                  "paper's reference split (PROTOCOL section 2).",
                   "data/CPSC2018/train", "data/CPSC2018/processed", "result", 5, 50,
                   (0.005, 0.01, 0.05, 0.1), f"{PAPER_SWEEPS},{REAL_NOISE_SWEEPS}"),
     "demo": Plan("demo", SYNTHETIC_NOTE, "data/demo/train", "data/demo/processed", "result/demo", 3, 6,
@@ -465,7 +465,7 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
     lines += ["## Data", "", f"- records: `{raw_dir}` ({meta['source_format'] if meta else '?'} form, "
               f"{meta['n_records'] if meta else '?'} usable records)",
               f"- cache: `{data_dir}`; split: {plan.val_per_class} validation and {plan.test_per_class} test "
-              "records per class (SPEC section 2's seeded procedure), multi-label records in no split"]
+              "records per class (PROTOCOL section 2's seeded procedure), multi-label records in no split"]
     if meta:
         counts = meta["class_counts"]
         classes = list(counts["train"])

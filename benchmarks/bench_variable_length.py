@@ -1,6 +1,6 @@
 """Benchmark: one CE training epoch, the paper's fixed padding against resnet18a_vl on length buckets.
 
-The epoch is the class-balanced training epoch of SPEC section 3 over a real set of records:
+The epoch is the class-balanced training epoch of PROTOCOL section 3 over a real set of records:
 those of ``--records`` (a CPSC2018 folder in either format, every single-label record in the
 training split) or, by default, a synthetic CPSC2018-format dataset with CPSC2018-like
 lengths written by synthetic.py. The records go through preprocess.py and

@@ -56,7 +56,7 @@ class TinyCNN(nn.Module):
 
 
 def right_aligned_masks(lengths: list[int], total: int) -> torch.Tensor:
-    """(B, 1, T) masks with each signal occupying the last ``length`` samples (SPEC section 3)."""
+    """(B, 1, T) masks with each signal occupying the last ``length`` samples (PROTOCOL section 3)."""
     positions = torch.arange(total)
     return torch.stack([(positions >= total - n).float()[None] for n in lengths])
 

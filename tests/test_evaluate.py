@@ -45,7 +45,7 @@ def test_scores_match_scikit_learn(seed, drop_class):
 @pytest.mark.parametrize("seed", range(3))
 def test_cpsc_subscores_equal_f1_of_the_merged_classes(seed):
     """Fblock, Fpc and Fst are the F1 of the group scored as one class (CPSC2018's rule),
-    which equals the pooled 2*TP / (row sums + column sums) of SPEC section 7."""
+    which equals the pooled 2*TP / (row sums + column sums) of PROTOCOL section 7."""
     y_true, y_pred = random_predictions(seed)
     scores = classification_scores(confusion_matrix(y_true, y_pred))
     for name, group in {"Fblock": [2, 3, 4], "Fpc": [5, 6], "Fst": [7, 8]}.items():

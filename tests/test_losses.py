@@ -55,7 +55,7 @@ class SmallNet(nn.Module):
 
 
 def right_aligned_masks(lengths: list[int], total: int, dtype=torch.float32) -> torch.Tensor:
-    """(B, 1, T) masks with each signal in the last ``length`` samples (SPEC section 3)."""
+    """(B, 1, T) masks with each signal in the last ``length`` samples (PROTOCOL section 3)."""
     positions = torch.arange(total)
     return torch.stack([(positions >= total - n).to(dtype)[None] for n in lengths])
 
@@ -101,7 +101,7 @@ def test_mse_onehot_loss_matches_hand_computation_and_mse_loss():
 
 
 def reference_multi_margin(logits: torch.Tensor, y: torch.Tensor) -> float:
-    """The SPEC's loss2 written as plain Python loops."""
+    """The protocol's loss2 written as plain Python loops."""
     kept = []
     for row, label in zip(logits.tolist(), y.tolist()):
         for j, value in enumerate(row):

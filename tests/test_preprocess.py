@@ -42,7 +42,7 @@ WFDB_SAMPLE_COUNTS = {
 }
 PAPER_TRAIN_COUNTS = [863, 921, 631, 124, 1478, 477, 552, 729, 130]
 # Regression pin of the paper's test set as this implementation draws it (sha256 of the sorted
-# ids). The class counts above do not depend on the set iteration order of SPEC step 4; this does.
+# ids). The class counts above do not depend on the set iteration order of PROTOCOL section 2, step 4; this does.
 PAPER_TEST_SHA256 = "c820192cac9a0bf17ff611fc63b897dacbedfa6923811de2ab8bd8d98feab1dc"
 CLASS_CODES = {label: code for code, label in SNOMED_TO_CLASS.items()}
 
@@ -61,7 +61,7 @@ def wfdb_physical_signal(record_path: Path) -> np.ndarray:
 def write_original_record(
     directory: Path, name: str, data: np.ndarray, sex: str = "Male", age: float = 61.0
 ) -> None:
-    """A record in the original CPSC2018 layout: struct ECG with fields sex, age, data (SPEC 1)."""
+    """A record in the original CPSC2018 layout: struct ECG with fields sex, age, data (PROTOCOL section 1)."""
     scipy.io.savemat(directory / f"{name}.mat", {"ECG": {"sex": sex, "age": age, "data": data}})
 
 
