@@ -58,6 +58,8 @@ SPLIT_NAMES = ("train", "val", "test")
 CACHE_FILES = ("signals.npy", "records.csv", "train.csv", "val.csv", "test.csv")
 DEFAULT_RAW_DIR = "data/CPSC2018/train"
 DEFAULT_OUT_DIR = "data/CPSC2018/processed"
+# The official CPSC2018 label file for all 6877 records (data/README.md says where it comes from).
+OFFICIAL_REFERENCE = Path(__file__).resolve().parent / "data" / "CPSC2018_REFERENCE.csv"
 DOWNLOAD_HINT = (
     "put A0001.mat..A6877.mat and REFERENCE.csv there from the original CPSC2018 download "
     "(http://2018.icbeb.org/Challenge.html), or the .hea + .mat files of the PhysioNet/CinC 2020 "

@@ -4,15 +4,23 @@ from pathlib import Path
 
 import pytest
 
-CPSC2018_SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cpsc2018"
+from preprocess import OFFICIAL_REFERENCE
+
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
 
 
 @pytest.fixture(scope="session")
-def cpsc2018_dir() -> Path:
-    """The real CPSC2018 test data (REFERENCE.csv, wfdb_sample/); skips the test when absent."""
-    if not (CPSC2018_SHARED / "REFERENCE.csv").is_file() or not (CPSC2018_SHARED / "wfdb_sample").is_dir():
-        pytest.skip(f"real CPSC2018 sample not found at {CPSC2018_SHARED}")
-    return CPSC2018_SHARED
+def sample_dir() -> Path:
+    """The 18 real CPSC2018 records in the repository (WFDB form, 2 per class, REFERENCE.csv)."""
+    assert (SAMPLE_DIR / "REFERENCE.csv").is_file(), f"{SAMPLE_DIR} is part of the repository"
+    return SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def official_reference() -> Path:
+    """The official CPSC2018 REFERENCE.csv of all 6877 records."""
+    assert OFFICIAL_REFERENCE.is_file(), f"{OFFICIAL_REFERENCE} is part of the repository"
+    return OFFICIAL_REFERENCE
 
 
 @pytest.fixture(scope="session")

@@ -28,18 +28,8 @@ from preprocess import (
 )
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-# First-label counts of the 151 real WFDB records (wfdb_sample/README, from its REFERENCE.csv).
-WFDB_SAMPLE_COUNTS = {
-    "Normal": 20,
-    "AF": 21,
-    "I-AVB": 7,
-    "LBBB": 8,
-    "RBBB": 31,
-    "PAC": 14,
-    "PVC": 18,
-    "STD": 19,
-    "STE": 13,
-}
+# data/sample: 2 single-label real records per class (data/sample/LICENSE.md lists them).
+SAMPLE_COUNTS = dict.fromkeys(CLASSES, 2)
 PAPER_TRAIN_COUNTS = [863, 921, 631, 124, 1478, 477, 552, 729, 130]
 # Regression pin of the paper's test set as this implementation draws it (sha256 of the sorted
 # ids). The class counts above do not depend on the set iteration order of PROTOCOL section 2, step 4; this does.
@@ -147,8 +137,8 @@ def split_ids(cache) -> dict[str, set[str]]:
 # --------------------------------------------------------------------------- REFERENCE.csv and the split
 
 
-def test_read_reference_types_and_counts(cpsc2018_dir):
-    reference = read_reference(cpsc2018_dir / "REFERENCE.csv")
+def test_read_reference_types_and_counts(official_reference):
+    reference = read_reference(official_reference)
     assert list(reference.columns) == ["Recording", "First_label", "Second_label", "Third_label"]
     assert len(reference) == 6877 and reference["Recording"].iloc[0] == "A0001"
     assert all(str(reference[column].dtype) == "Int64" for column in reference.columns[1:])
@@ -168,8 +158,8 @@ def test_read_reference_rejects_missing_columns(tmp_path):
         read_reference(tmp_path / "REFERENCE.csv")
 
 
-def test_reference_split_reproduces_the_paper_split(cpsc2018_dir):
-    reference = read_reference(cpsc2018_dir / "REFERENCE.csv")
+def test_reference_split_reproduces_the_paper_split(official_reference):
+    reference = read_reference(official_reference)
     train, val, test = reference_split(reference)
     assert (len(train), len(val), len(test)) == (5905, 45, 450)
     assert train["First_label"].value_counts().sort_index().tolist() == PAPER_TRAIN_COUNTS
@@ -205,11 +195,18 @@ def test_reference_split_takes_what_there_is_and_depends_on_the_seed():
 # --------------------------------------------------------------------------- WFDB form
 
 
-def test_wfdb_reader_on_the_real_sample(cpsc2018_dir):
-    sample = cpsc2018_dir / "wfdb_sample"
-    reference = read_reference(sample / "REFERENCE.csv").set_index("Recording")
-    headers = sorted(sample.glob("*.hea"))
-    assert len(headers) == 151
+def test_sample_labels_are_the_official_ones(sample_dir, official_reference):
+    labels = read_reference(sample_dir / "REFERENCE.csv")
+    official = read_reference(official_reference).set_index("Recording")
+    pd.testing.assert_frame_equal(labels.set_index("Recording"), official.loc[labels["Recording"]])
+    assert sorted(path.stem for path in sample_dir.glob("*.hea")) == sorted(labels["Recording"])
+    assert sorted(path.stem for path in sample_dir.glob("*.mat")) == sorted(labels["Recording"])
+
+
+def test_wfdb_reader_on_the_real_sample(sample_dir):
+    reference = read_reference(sample_dir / "REFERENCE.csv").set_index("Recording")
+    headers = sorted(sample_dir.glob("*.hea"))
+    assert len(headers) == 18
     first_labels = []
     for header in headers:
         signal, labels, sex, age = read_wfdb_record(header)
@@ -222,16 +219,14 @@ def test_wfdb_reader_on_the_real_sample(cpsc2018_dir):
         np.testing.assert_array_equal(signal, val / 1000.0)
         assert 5000 <= signal.shape[1] <= 30000
         assert sex in ("Male", "Female") and 0 < age < 120
-    assert pd.Series(first_labels).value_counts().to_dict() == WFDB_SAMPLE_COUNTS
-    assert read_wfdb_record(sample / "A5432.hea")[1] == [6]  # SNOMED 284470004 = PAC
+    assert pd.Series(first_labels).value_counts().to_dict() == SAMPLE_COUNTS
+    assert read_wfdb_record(sample_dir / "A5432.hea")[1] == [6]  # SNOMED 284470004 = PAC
 
 
 @pytest.mark.parametrize("record", ["A0001", "A5432"])
-def test_wfdb_reader_agrees_with_the_wfdb_library(cpsc2018_dir, record):
-    signal = read_wfdb_record(cpsc2018_dir / "wfdb_sample" / f"{record}.hea")[0]
-    np.testing.assert_allclose(
-        signal, wfdb_physical_signal(cpsc2018_dir / "wfdb_sample" / record), atol=1e-12
-    )
+def test_wfdb_reader_agrees_with_the_wfdb_library(sample_dir, record):
+    signal = read_wfdb_record(sample_dir / f"{record}.hea")[0]
+    np.testing.assert_allclose(signal, wfdb_physical_signal(sample_dir / record), atol=1e-12)
 
 
 def test_wfdb_reader_uses_gain_and_baseline_and_maps_codes(tmp_path):
@@ -252,36 +247,35 @@ def test_wfdb_reader_rejects_a_record_of_none_of_the_classes(tmp_path):
         read_wfdb_record(tmp_path / "A0001.hea")
 
 
-def test_preprocess_the_real_wfdb_sample_and_load_it(cpsc2018_dir, tmp_path):
-    sample = cpsc2018_dir / "wfdb_sample"
-    summary = preprocess.preprocess(sample, tmp_path / "cache", val_per_class=2, test_per_class=3)
-    assert summary["n_records"] == 151 and summary["skipped"] == [] and summary["source_format"] == "wfdb"
-    assert summary["class_counts"]["all"] == WFDB_SAMPLE_COUNTS
+def test_preprocess_the_real_wfdb_sample_and_load_it(sample_dir, tmp_path):
+    summary = preprocess.preprocess(sample_dir, tmp_path / "cache", val_per_class=1, test_per_class=0)
+    assert summary["n_records"] == 18 and summary["skipped"] == [] and summary["source_format"] == "wfdb"
+    assert summary["class_counts"]["all"] == SAMPLE_COUNTS and summary["split_shortfalls"] == []
     cache = load_cache(tmp_path / "cache")
-    reference = read_reference(sample / "REFERENCE.csv").set_index("Recording")
+    reference = read_reference(sample_dir / "REFERENCE.csv").set_index("Recording")
     pd.testing.assert_frame_equal(cache.records[reference.columns], reference.loc[cache.records.index])
     assert cache.signals.dtype == np.float32 and cache.signals.shape == (12, cache.records["length"].sum())
     assert (cache.records["offset"].diff().iloc[1:] == cache.records["length"].iloc[:-1].to_numpy()).all()
     for record in ("A0001", "A0077", "A5432"):
-        val = scipy.io.loadmat(sample / f"{record}.mat")["val"]
+        val = scipy.io.loadmat(sample_dir / f"{record}.mat")["val"]
         np.testing.assert_array_equal(cache.signal(record), (val / 1000.0).astype(np.float32))
     sizes = {name: len(split) for name, split in cache.splits.items()}
-    assert sizes == {"train": 151 - 4 - 18 - 27, "val": 18, "test": 27}
+    assert sizes == {"train": 9, "val": 9, "test": 0}
     ids = split_ids(cache)
     assert not (ids["train"] & ids["val"] or ids["train"] & ids["test"] or ids["val"] & ids["test"])
 
 
-def test_preprocess_wfdb_without_reference_takes_labels_from_the_headers(cpsc2018_dir, tmp_path):
-    sample, raw = cpsc2018_dir / "wfdb_sample", tmp_path / "raw"
+def test_preprocess_wfdb_without_reference_takes_labels_from_the_headers(sample_dir, tmp_path):
+    raw = tmp_path / "raw"
     raw.mkdir()
-    for path in sample.glob("A*"):
+    for path in sample_dir.glob("A*"):
         (raw / path.name).symlink_to(path)
-    summary = preprocess.preprocess(raw, tmp_path / "cache", val_per_class=2, test_per_class=3)
-    assert summary["n_records"] == 151 and summary["skipped"] == []
+    summary = preprocess.preprocess(raw, tmp_path / "cache", val_per_class=1, test_per_class=1)
+    assert summary["n_records"] == 18 and summary["skipped"] == []
     cache = load_cache(tmp_path / "cache")
-    reference = read_reference(sample / "REFERENCE.csv").set_index("Recording")
+    reference = read_reference(sample_dir / "REFERENCE.csv").set_index("Recording")
     for record, row in cache.records.iterrows():
-        labels = read_wfdb_record(sample / f"{record}.hea")[1]
+        labels = read_wfdb_record(sample_dir / f"{record}.hea")[1]
         assert row["First_label"] == labels[0]
         assert {int(label) for label in reference.loc[record] if not pd.isna(label)} == set(labels)
 

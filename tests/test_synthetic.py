@@ -320,12 +320,11 @@ def test_multi_label_records_carry_both_features():
     assert np.median(both.rr_cv) > 0.12 and np.median(both.qrs_width) >= 0.12
 
 
-def test_the_toolkit_finds_the_same_differences_in_real_cpsc2018(cpsc2018_dir):
-    sample = cpsc2018_dir / "wfdb_sample"
-    reference = pd.read_csv(sample / "REFERENCE.csv")
+def test_the_toolkit_finds_the_same_differences_in_real_cpsc2018(sample_dir):
+    reference = pd.read_csv(sample_dir / "REFERENCE.csv")
     single = reference[reference.Second_label.isna()]
     rows = [{"label": row.First_label,
-             **measure(scipy.io.loadmat(sample / f"{row.Recording}.mat")["val"][:, :5000] / 1000)}  # 10 s, mV
+             **measure(scipy.io.loadmat(sample_dir / f"{row.Recording}.mat")["val"][:, :5000] / 1000)}  # 10 s, mV
             for row in single.itertuples()]
     real = pd.DataFrame(rows)
     median = real.groupby("label")[["rr_cv", "prematurity", "qrs_width", "p_to_qrs", "st_max"]].median()
