@@ -81,7 +81,7 @@ PRESETS = {
                   random_pad=1024, epochs=1, batch_size=16, checkpoint_every=1,
                   max_batches=2, sweeps="white", sweep_steps=2, sweep_restarts=1,
                   sweep_max_batches=1),
-    # The 151 real records of ../shared/data/cpsc2018/wfdb_sample (reproduce.py --preset mini).
+    # A small real CPSC2018 set given with reproduce.py --preset mini --raw-dir DIR.
     "mini": dict(data_dir="data/mini/processed", result_dir="result/mini", max_length=4096,
                  random_pad=1024, epochs=10, batch_size=16, checkpoint_every=5,
                  sweeps="pgd_linf,white", sweep_steps=10, sweep_restarts=1),

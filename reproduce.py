@@ -3,7 +3,7 @@
     python reproduce.py                    # the paper: CPSC2018 in data/CPSC2018/train, 7 runs
     python reproduce.py --preset demo      # synthetic data it generates itself, ~10 min on 2 CPU cores
     python reproduce.py --preset smoke     # the smallest chain (CI), synthetic data
-    python reproduce.py --preset mini      # the 151 real records in ../shared/data/cpsc2018/wfdb_sample
+    python reproduce.py --preset mini --raw-dir DIR  # a small real CPSC2018 set of your own, on a CPU
     python reproduce.py --dry-run          # print the commands, run nothing
     python reproduce.py --nproc-per-node 4 # each run trained and evaluated by 4 processes (torchrun, 4 GPUs)
     python reproduce.py --preset demo --methods CE advls  # only these runs (the tables show every finished one)
@@ -34,7 +34,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent
-SHARED_SAMPLE = REPO.parent / "shared" / "data" / "cpsc2018" / "wfdb_sample"
 
 # Method name -> its training script (module name in this folder), in the paper's order.
 METHOD_SCRIPTS = {"CE": "CPSC2018_CNN_CE", "NSR": "CPSC2018_CNN_NSR", "jacob": "CPSC2018_CNN_jacob",
@@ -56,7 +55,7 @@ class Plan:
 
     harness_preset: str        # the method scripts' --preset
     data_note: str             # the report's statement of what the data is
-    raw_dir: str               # the records (synthetic presets generate them here)
+    raw_dir: str | None        # the records (synthetic presets generate them here); None: --raw-dir required
     data_dir: str              # the preprocessed cache
     result_dir: str
     val_per_class: int
@@ -85,11 +84,11 @@ PLANS = {
     "smoke": Plan("smoke", SYNTHETIC_NOTE, "data/smoke/train", "data/smoke/processed", "result/smoke", 1, 1,
                   (0.01,), "white,pgd_linf", synthetic_records_per_class=4, synthetic_max_seconds=8.0,
                   method_flags={"jacob": ("--jacobian_projections", "1")}),
-    "mini": Plan("mini", "**Data: real CPSC2018 records, but only the 151-record sample** with a small "
+    "mini": Plan("mini", "**Data: real CPSC2018 records, but only a small sample of them** with a small "
                  "stratified split of its own (2 validation and 4 test records per class), not the "
                  "paper's 450-record test set: a small-scale check of the pipeline on real ECGs, "
                  "not a reproduction of the paper's numbers.",
-                 str(SHARED_SAMPLE), "data/mini/processed", "result/mini", 2, 4,
+                 None, "data/mini/processed", "result/mini", 2, 4,
                  (0.01, 0.05), f"pgd_linf,white,{REAL_NOISE_SWEEPS}"),
 }
 
@@ -559,10 +558,11 @@ class _OneLineParser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _OneLineParser(description=__doc__.split("\n\n")[0],
                             epilog="Presets: paper (CPSC2018, the paper's settings), demo (synthetic, "
-                                   "~10 min on 2 CPU cores), smoke (synthetic, CI), mini (151 real records).")
+                                   "~10 min on 2 CPU cores), smoke (synthetic, CI), mini (a small real set given with --raw-dir).")
     parser.add_argument("--preset", default="paper", choices=list(PLANS))
     parser.add_argument("--raw-dir", help="the records (synthetic presets generate them there); default per "
-                                          "preset: " + ", ".join(f"{k} {p.raw_dir}" for k, p in PLANS.items()))
+                                          "preset: " + ", ".join(f"{k} {p.raw_dir or '(required)'}"
+                                                                 for k, p in PLANS.items()))
     parser.add_argument("--result-dir", help="where the runs, compare/, report.md and timings.json go "
                                              "(default per preset: result, result/demo, result/smoke, result/mini)")
     parser.add_argument("--methods", nargs="+", default=list(METHOD_SCRIPTS), metavar="METHOD",
@@ -574,6 +574,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="train and evaluate each run with N processes under torchrun (one per GPU); "
                              "the batch size must be a multiple of N")
     args = parser.parse_args(argv)
+    if args.raw_dir is None and PLANS[args.preset].raw_dir is None:
+        raise ReproduceError(f"--preset {args.preset} needs --raw-dir DIR: a folder of real CPSC2018 records "
+                             "(e.g. 150 of them in the WFDB form, with REFERENCE.csv or #Dx headers; "
+                             "see the README, 'Reproducing the paper')")
     if args.nproc_per_node < 1:
         raise ReproduceError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
     methods = [m.strip() for token in args.methods for m in token.split(",") if m.strip()]

@@ -22,7 +22,7 @@ training run meets each of its widths over and over). Repeats are interleaved so
 drift on a shared machine hits the cases alike; each batch's fastest step over the repeats
 counts (interference only ever adds time). Compare ratios from one run only.
 
-    python benchmarks/bench_variable_length.py --records ../shared/data/cpsc2018/wfdb_sample
+    python benchmarks/bench_variable_length.py --records data/CPSC2018/train   # or any CPSC2018 folder
     python benchmarks/bench_variable_length.py --smoke        # seconds; what CI runs
 
 Writes JSON to --out (default benchmarks/results/variable_length_<device>[_smoke].json).

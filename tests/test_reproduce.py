@@ -190,3 +190,17 @@ def test_snr_tables_keep_clean_and_0_db_apart(tmp_path):
     header, _, first, second = tables["muscle"].splitlines()
     assert header == "| run | clean | 40 dB | 30 dB | 20 dB | 15 dB | 10 dB | 5 dB | 0 dB | AUC |"
     assert first == "| A | " + " | ".join(f"{a:.3f}" for a in accuracy) + " | 0.500 |"
+
+
+def test_mini_without_raw_dir_says_what_to_pass(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert reproduce.main(["--preset", "mini", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --preset mini needs --raw-dir DIR")
+    assert not any(tmp_path.iterdir())
+
+
+def test_mini_takes_its_records_from_raw_dir(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert reproduce.main(["--preset", "mini", "--raw-dir", "records", "--dry-run"]) == 0
+    assert "preprocess.py --raw-dir records --out-dir data/mini/processed" in capsys.readouterr().out
