@@ -12,7 +12,8 @@ a cache (``signals.npy`` with every record concatenated along time, ``records.cs
 offsets, the split CSVs and ``meta.json``) that ``load_cache`` reads back memory-mapped.
 
 CLI: ``python preprocess.py [--raw-dir data/CPSC2018/train] [--out-dir data/CPSC2018/processed]
-[--val-per-class 5] [--test-per-class 50]``.
+[--val-per-class 5] [--test-per-class 50] [--download [--url URL]]``; ``--download`` first
+fetches the records into --raw-dir (download.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import numpy as np
 import pandas as pd
 import scipy.io
 from tqdm import tqdm
+
+from download import CPSC2018_ARCHIVE_URL, DownloadError, fetch_cpsc2018
 
 CLASSES = ("Normal", "AF", "I-AVB", "LBBB", "RBBB", "PAC", "PVC", "STD", "STE")
 # SNOMED CT codes of the nine classes in the PhysioNet/CinC 2020 headers; label k = CLASSES[k-1].
@@ -61,9 +64,10 @@ DEFAULT_OUT_DIR = "data/CPSC2018/processed"
 # The official CPSC2018 label file for all 6877 records (data/README.md says where it comes from).
 OFFICIAL_REFERENCE = Path(__file__).resolve().parent / "data" / "CPSC2018_REFERENCE.csv"
 DOWNLOAD_HINT = (
-    "put A0001.mat..A6877.mat and REFERENCE.csv there from the original CPSC2018 download "
-    "(http://2018.icbeb.org/Challenge.html), or the .hea + .mat files of the PhysioNet/CinC 2020 "
-    "copy of CPSC2018 'Training_WFDB' (https://physionet.org/content/challenge-2020/)"
+    "run `python preprocess.py --download`, or put A0001.mat..A6877.mat and REFERENCE.csv there "
+    "from the original CPSC2018 download (http://2018.icbeb.org/Challenge.html), or the .hea + .mat "
+    "files of the PhysioNet/CinC 2020 copy of CPSC2018 'Training_WFDB' "
+    "(https://physionet.org/content/challenge-2020/)"
 )
 
 
@@ -754,9 +758,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--test-per-class", type=int, default=50, help="test records per class (default: %(default)s)"
     )
+    parser.add_argument(
+        "--download",
+        action="store_true",
+        help="first fetch CPSC2018 (the PhysioNet/CinC Challenge 2021 WFDB archive) and unpack its "
+        "records into --raw-dir; a partial download is resumed",
+    )
+    parser.add_argument(
+        "--url", help=f"the archive's address, implies --download (default: {CPSC2018_ARCHIVE_URL})"
+    )
     args = parser.parse_args(argv)
     if args.val_per_class < 0 or args.test_per_class < 0:
         parser.error("--val-per-class and --test-per-class must be >= 0")
+    if args.download or args.url:
+        try:
+            print(fetch_cpsc2018(Path(args.raw_dir), args.url or CPSC2018_ARCHIVE_URL, OFFICIAL_REFERENCE))
+        except DownloadError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     try:
         summary = preprocess(args.raw_dir, args.out_dir, args.val_per_class, args.test_per_class)
     except DataError as error:

@@ -1,0 +1,177 @@
+"""Fetch CPSC2018 in the PhysioNet/CinC Challenge 2021 WFDB form and unpack it safely.
+
+``python preprocess.py --download [--url URL]`` calls ``fetch_cpsc2018``: the archive is
+streamed to ``<name>.part`` beside the records folder (a partial file is resumed with an HTTP
+Range request, here and on the next run), renamed when complete, then its records are
+unpacked into the records folder. The archive is checked before anything is unpacked: a
+member that is a link or a device, or whose path is absolute or climbs out with ``..``,
+refuses the whole archive.
+"""
+from __future__ import annotations
+
+import csv
+import http.client
+import os
+import shutil
+import tarfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from collections import Counter
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from tqdm import tqdm
+
+# WFDB_CPSC2018.tar.gz of the PhysioNet/CinC Challenge 2021's public training data (listed under
+# "Data access" on https://moody-challenge.physionet.org/2021/): the 6877 CPSC2018 records as
+# .hea + .mat pairs under WFDB_CPSC2018/.
+CPSC2018_ARCHIVE_URL = (
+    "https://storage.googleapis.com/physionetchallenge2021-public-datasets/WFDB_CPSC2018.tar.gz"
+)
+ARCHIVE_NAME = "WFDB_CPSC2018.tar.gz"
+RECORD_SUFFIXES = (".hea", ".mat")
+LABEL_FILE = "REFERENCE.csv"
+CHUNK_BYTES = 1 << 20
+TIMEOUT_SECONDS = 60
+ATTEMPTS = 3  # a connection that breaks off is resumed this many times per run
+
+
+class DownloadError(Exception):
+    """The archive could not be fetched or unpacked; the message says why and what to do."""
+
+
+def archive_path(url: str, folder: Path) -> Path:
+    """Where the archive from ``url`` is kept: its own file name in ``folder``."""
+    name = PurePosixPath(urllib.parse.urlparse(url).path.rstrip("/")).name
+    return folder / (name if name.endswith((".tar.gz", ".tgz")) else ARCHIVE_NAME)
+
+
+def _fetch_once(url: str, partial: Path) -> None:
+    """Append the rest of ``url`` to ``partial``, resuming from its size; raises on any failure."""
+    offset = partial.stat().st_size if partial.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and offset:  # nothing left after offset: the partial file is whole
+            return
+        raise
+    with response:
+        resumed = offset and response.status == 206
+        if resumed:
+            print(f"resuming {partial} at byte {offset}", flush=True)
+        elif offset:  # the server ignored Range: start over
+            offset = 0
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length is not None else None
+        with open(partial, "ab" if resumed else "wb") as out, tqdm(
+            total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+            desc=partial.name.removesuffix(".part"), disable=None,
+        ) as bar:
+            while chunk := response.read(CHUNK_BYTES):
+                out.write(chunk)
+                bar.update(len(chunk))
+    if total is not None and partial.stat().st_size < total:
+        raise http.client.IncompleteRead(b"", total - partial.stat().st_size)
+
+
+def download(url: str, destination: Path) -> Path:
+    """Fetch ``url`` to ``destination`` through ``<destination>.part``; a complete file is kept.
+
+    A broken connection is resumed (HTTP Range) up to ATTEMPTS times; whatever arrived stays
+    in the .part file, so the next run resumes too. Raises DownloadError with one line.
+    """
+    if destination.is_file():
+        return destination
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(destination.name + ".part")
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            _fetch_once(url, partial)
+            break
+        except urllib.error.HTTPError as error:
+            raise DownloadError(f"{url}: HTTP {error.code} {error.reason}; pass the archive's address "
+                                "with --url, or unpack it by hand (see the README)") from None
+        except ValueError as error:  # urllib's word for an address it cannot use
+            raise DownloadError(f"{url}: not a usable address ({error})") from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
+            reason = error.reason if isinstance(error, urllib.error.URLError) else error
+            if attempt == ATTEMPTS or not partial.exists() or isinstance(error, urllib.error.URLError):
+                kept = f"; {partial} is kept and the next run resumes it" if partial.exists() else ""
+                raise DownloadError(f"{url}: download failed ({reason}){kept}") from None
+    os.replace(partial, destination)
+    return destination
+
+
+def _member_problem(member: tarfile.TarInfo) -> str | None:
+    """Why ``member`` may not be unpacked, or None for a plain file or folder inside the target."""
+    if not (member.isfile() or member.isdir()):
+        kind = "a link" if member.issym() or member.islnk() else "a device or other special file"
+        return f"{member.name!r} is {kind}"
+    path = PurePosixPath(member.name)
+    if path.is_absolute() or PureWindowsPath(member.name).anchor:
+        return f"{member.name!r} has an absolute path"
+    if ".." in path.parts:
+        return f"{member.name!r} climbs out of the target folder with '..'"
+    return None
+
+
+def unpack_records(archive: Path, records_dir: Path) -> int:
+    """Unpack the .hea, .mat and REFERENCE.csv files of ``archive`` flat into ``records_dir``.
+
+    The records may sit under any subfolder of the archive (WFDB_CPSC2018/, training/...):
+    they are written by file name alone, as preprocess reads them. Every member is checked
+    before anything is written. Returns the number of files written; raises DownloadError.
+    """
+    try:
+        tar = tarfile.open(archive, "r:gz")
+        members = tar.getmembers()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+        archive.unlink(missing_ok=True)
+        raise DownloadError(f"{archive}: not a gzip tar archive ({error}); it was removed: check the "
+                            "address given with --url") from None
+    with tar:
+        problems = [problem for problem in map(_member_problem, members) if problem]
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise DownloadError(f"{archive}: refused, nothing unpacked: {problems[0]}{more}")
+        wanted = [member for member in members if member.isfile() and (
+            member.name.endswith(RECORD_SUFFIXES) or PurePosixPath(member.name).name == LABEL_FILE)]
+        names = [PurePosixPath(member.name).name for member in wanted]
+        twice = sorted(name for name, count in Counter(names).items() if count > 1)
+        if twice:
+            raise DownloadError(f"{archive}: refused, nothing unpacked: two members named {twice[0]!r}")
+        if not wanted:
+            raise DownloadError(f"{archive}: no .hea, .mat or {LABEL_FILE} file in the archive")
+        records_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            for member, name in tqdm(zip(wanted, names), total=len(wanted), desc="unpacking",
+                                     unit="file", disable=None):
+                with tar.extractfile(member) as source, open(records_dir / name, "wb") as target:
+                    shutil.copyfileobj(source, target, CHUNK_BYTES)
+        except (tarfile.TarError, EOFError, zlib.error) as error:
+            raise DownloadError(f"{archive}: damaged archive ({error}); delete it and run again") from None
+        except OSError as error:
+            raise DownloadError(f"{records_dir}: cannot write the records ({error.strerror})") from None
+    return len(wanted)
+
+
+def fetch_cpsc2018(records_dir: Path, url: str = CPSC2018_ARCHIVE_URL, reference: Path | None = None) -> str:
+    """Download the archive beside ``records_dir`` (kept for reruns) and unpack its records into it.
+
+    ``reference``: a REFERENCE.csv copied into ``records_dir`` when the archive brings none and
+    holds every record it lists, so that the official label file decides the labels as in the
+    paper (a partial archive keeps the labels of its headers). Returns a one-line report;
+    raises DownloadError.
+    """
+    archive = download(url, archive_path(url, records_dir.parent))
+    count = unpack_records(archive, records_dir)
+    note = ""
+    if reference is not None and not (records_dir / LABEL_FILE).exists():
+        with open(reference, newline="", encoding="utf-8-sig") as file:
+            listed = [row["Recording"] for row in csv.DictReader(file)]
+        if all((records_dir / f"{name}.hea").is_file() for name in listed):
+            shutil.copyfile(reference, records_dir / LABEL_FILE)
+            note = f", with {LABEL_FILE} from {reference}"
+    return f"unpacked {count} files from {archive} into {records_dir}/{note}"

@@ -1,0 +1,211 @@
+"""`preprocess.py --download` against a real HTTP server on 127.0.0.1 serving archives built from
+data/sample: a complete download, interrupted transfers that resume, HTTP and network errors,
+a file that is not a gzip tar, and malicious archives."""
+from __future__ import annotations
+
+import io
+import socket
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import download
+from preprocess import OFFICIAL_REFERENCE, load_cache, main, read_reference
+
+
+class ArchiveServer:
+    """Serves ``files`` (URL path -> bytes) with HTTP Range support. ``cut_responses``: how many
+    responses (from the first) send only half of what they announce, then close."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files, self.cut_responses, self.requests = files, 0, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                range_header = self.headers.get("Range")
+                server.requests.append((self.path, range_header))
+                if self.path not in server.files:
+                    self.send_error(404)
+                    return
+                body, start = server.files[self.path], 0
+                if range_header:
+                    start = int(range_header.removeprefix("bytes=").split("-")[0])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Type", "application/gzip")
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                rest = body[start:]
+                if server.cut_responses > 0:
+                    server.cut_responses -= 1
+                    rest = rest[: len(rest) // 2]
+                self.wfile.write(rest)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def sample_archive(sample_dir: Path, folder: str = "WFDB_CPSC2018") -> bytes:
+    """A tar.gz of data/sample's records under ``folder``/, without REFERENCE.csv (as the
+    Challenge 2021 archive)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(sample_dir, arcname=folder, filter=lambda member: None
+                if member.name.endswith(("REFERENCE.csv", "LICENSE.md")) else member)
+    return buffer.getvalue()
+
+
+def malicious_archive(sample_dir: Path, bad: tarfile.TarInfo) -> bytes:
+    """A tar.gz of two good records and one bad member."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in sorted(sample_dir.glob("A0001.*")):
+            tar.add(path, arcname=f"WFDB_CPSC2018/{path.name}")
+        tar.addfile(bad, io.BytesIO(b"x" * bad.size) if bad.isfile() else None)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def server():
+    served = ArchiveServer({})
+    yield served
+    served.close()
+
+
+def run_download(tmp_path: Path, url: str) -> int:
+    return main(["--download", "--url", url, "--raw-dir", str(tmp_path / "CPSC2018" / "train"),
+                 "--out-dir", str(tmp_path / "CPSC2018" / "processed"), "--val-per-class", "1",
+                 "--test-per-class", "0"])
+
+
+def one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+def test_download_unpacks_flat_and_preprocesses(sample_dir, tmp_path, server, capsys):
+    archive = sample_archive(sample_dir, folder="training/cpsc_2018/g1")
+    server.files["/WFDB_CPSC2018.tar.gz"] = archive
+    assert run_download(tmp_path, server.url + "/WFDB_CPSC2018.tar.gz") == 0
+    out = capsys.readouterr().out
+    train = tmp_path / "CPSC2018" / "train"
+    assert f"unpacked 36 files from {tmp_path / 'CPSC2018' / 'WFDB_CPSC2018.tar.gz'} into {train}/" in out
+    assert "read 18 CPSC2018 records (wfdb form)" in out and "total skipped: 0" in out
+    assert sorted(path.name for path in train.iterdir()) == sorted(path.name for path in sample_dir.glob("A*"))
+    assert (tmp_path / "CPSC2018" / "WFDB_CPSC2018.tar.gz").read_bytes() == archive
+    assert not list((tmp_path / "CPSC2018").glob("*.part"))
+    cache = load_cache(tmp_path / "CPSC2018" / "processed")
+    official = read_reference(OFFICIAL_REFERENCE).set_index("Recording")
+    pd.testing.assert_frame_equal(cache.records[official.columns], official.loc[cache.records.index])
+    assert server.requests == [("/WFDB_CPSC2018.tar.gz", None)]
+
+
+def test_the_official_label_file_joins_a_complete_set_of_records(sample_dir, tmp_path, server):
+    """The archive brings no REFERENCE.csv: the given one is copied when it lists only records
+    the archive holds (here data/sample's own; for the real archive the official one)."""
+    server.files["/a.tar.gz"] = sample_archive(sample_dir)
+    train = tmp_path / "CPSC2018" / "train"
+    report = download.fetch_cpsc2018(train, server.url + "/a.tar.gz", sample_dir / "REFERENCE.csv")
+    assert report.endswith(f", with REFERENCE.csv from {sample_dir / 'REFERENCE.csv'}")
+    assert (train / "REFERENCE.csv").read_bytes() == (sample_dir / "REFERENCE.csv").read_bytes()
+    (train / "REFERENCE.csv").unlink()
+    assert "REFERENCE.csv" not in download.fetch_cpsc2018(train, server.url + "/a.tar.gz", OFFICIAL_REFERENCE)
+    assert not (train / "REFERENCE.csv").exists()  # 18 of the 6877 records: the headers decide
+
+
+def test_a_broken_transfer_is_resumed_with_a_range_request(sample_dir, tmp_path, server, capsys):
+    archive = sample_archive(sample_dir)
+    server.files["/a.tar.gz"], server.cut_responses = archive, 1
+    assert run_download(tmp_path, server.url + "/a.tar.gz") == 0
+    half = len(archive) // 2
+    assert server.requests == [("/a.tar.gz", None), ("/a.tar.gz", f"bytes={half}-")]
+    assert (tmp_path / "CPSC2018" / "a.tar.gz").read_bytes() == archive
+    out = capsys.readouterr().out
+    assert f"resuming {tmp_path / 'CPSC2018' / 'a.tar.gz.part'} at byte {half}" in out
+    assert "read 18 CPSC2018 records" in out
+
+
+def test_a_download_that_keeps_failing_is_kept_and_resumed_by_the_next_run(sample_dir, tmp_path, server, capsys):
+    archive = sample_archive(sample_dir)
+    server.files["/a.tar.gz"], server.cut_responses = archive, download.ATTEMPTS
+    assert run_download(tmp_path, server.url + "/a.tar.gz") == 1
+    error = one_error_line(capsys)
+    partial = tmp_path / "CPSC2018" / "a.tar.gz.part"
+    assert "download failed" in error and f"{partial} is kept and the next run resumes it" in error
+    kept = partial.stat().st_size
+    assert 0 < kept < len(archive) and not (tmp_path / "CPSC2018" / "train").exists()
+
+    assert run_download(tmp_path, server.url + "/a.tar.gz") == 0
+    assert server.requests[-1] == ("/a.tar.gz", f"bytes={kept}-")
+    assert (tmp_path / "CPSC2018" / "a.tar.gz").read_bytes() == archive and not partial.exists()
+
+
+def test_a_complete_archive_is_not_fetched_again(sample_dir, tmp_path, server, capsys):
+    server.files["/a.tar.gz"] = sample_archive(sample_dir)
+    assert run_download(tmp_path, server.url + "/a.tar.gz") == 0
+    assert run_download(tmp_path, server.url + "/a.tar.gz") == 0
+    assert len(server.requests) == 1
+
+
+def test_http_404_is_one_line(tmp_path, server, capsys):
+    assert run_download(tmp_path, server.url + "/moved.tar.gz") == 1
+    assert "HTTP 404" in one_error_line(capsys)
+    assert not any((tmp_path / "CPSC2018").iterdir())
+
+
+def test_network_error_is_one_line(tmp_path, capsys):
+    with socket.socket() as closed:  # a port that nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    assert run_download(tmp_path, f"http://127.0.0.1:{port}/a.tar.gz") == 1
+    assert "download failed" in one_error_line(capsys)
+    assert not (tmp_path / "CPSC2018" / "train").exists()
+
+
+def test_a_file_that_is_not_a_gzip_tar_is_refused_and_removed(tmp_path, server, capsys):
+    server.files["/a.tar.gz"] = b"<html>the archive has moved</html>"
+    assert run_download(tmp_path, server.url + "/a.tar.gz") == 1
+    assert "not a gzip tar archive" in one_error_line(capsys)
+    assert not any((tmp_path / "CPSC2018").iterdir())
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, target: str = "") -> tarfile.TarInfo:
+    member = tarfile.TarInfo(name)
+    member.type, member.linkname, member.size = kind, target, 4 if kind == tarfile.REGTYPE else 0
+    return member
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (_member("WFDB_CPSC2018/../../escaped.hea"), "climbs out of the target folder with '..'"),
+    (_member("/tmp/absolute_member_written.hea"), "has an absolute path"),
+    (_member("WFDB_CPSC2018/A0002.hea", tarfile.SYMTYPE, "/etc/passwd"), "is a link"),
+    (_member("WFDB_CPSC2018/A0003.mat", tarfile.LNKTYPE, "WFDB_CPSC2018/A0001.mat"), "is a link"),
+    (_member("WFDB_CPSC2018/console", tarfile.CHRTYPE), "is a device or other special file"),
+], ids=["dot-dot", "absolute", "symlink", "hard link", "device"])
+def test_a_malicious_archive_is_refused_and_nothing_is_written(sample_dir, tmp_path, server, capsys, bad, reason):
+    server.files["/a.tar.gz"] = malicious_archive(sample_dir, bad)
+    work = tmp_path / "work"
+    assert run_download(work, server.url + "/a.tar.gz") == 1
+    error = one_error_line(capsys)
+    assert "refused, nothing unpacked" in error and reason in error
+    assert sorted(path.name for path in work.rglob("*")) == ["CPSC2018", "a.tar.gz"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["work"]
+    assert not Path("/tmp/absolute_member_written.hea").exists()
