@@ -1,5 +1,6 @@
 """Tests for attacks.py: budgets and masks, early stop, closed forms on linear models,
-strength against white noise and torchattacks, and the real-ECG noises."""
+strength against white noise and the Adversarial Robustness Toolbox's masked PGD, and the
+real-ECG noises."""
 from __future__ import annotations
 
 import math
@@ -9,6 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from art.attacks.evasion import ProjectedGradientDescentPyTorch
+from art.estimators.classification import PyTorchClassifier
 
 import attacks
 from ECG_CNN import build_model
@@ -336,46 +339,53 @@ def test_restarts_never_lower_the_number_of_broken_samples(trained):
 
 # ----------------------------------------------------------------------------- strength
 
-class ZeroOneWrapper(nn.Module):
-    """torchattacks expects one input in [0, 1] and an nn.Module: x01 = (x + 1) / 2, so
-    the model sees 2 x01 - 1 with a full mask (torchattacks has no mask)."""
+class MaskAsChannel(nn.Module):
+    """ART calls ``model(x)``: the mask travels as one more input channel, which ART's own
+    ``mask`` argument leaves unperturbed."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x01: torch.Tensor) -> torch.Tensor:
-        return self.model(2 * x01 - 1, torch.ones(x01.shape[0], 1, x01.shape[2]))
+    def forward(self, x_and_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(x_and_mask[:, :-1], x_and_mask[:, -1:])
 
 
-def test_pgd_breaks_at_least_as_many_as_white_noise_and_torchattacks(trained):
-    torchattacks = pytest.importorskip("torchattacks")
-    model, x, y, _ = trained
-    full = torch.ones(x.shape[0], 1, x.shape[2])
+def art_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, eps: float,
+            steps: int, random_start: bool) -> torch.Tensor:
+    """ART's L-inf PGD (step eps / 10, no early stop) on the masked signal, inputs in [-1, 1]."""
+    classifier = PyTorchClassifier(MaskAsChannel(model), loss=nn.CrossEntropyLoss(),
+                                   input_shape=(x.shape[1] + 1, x.shape[2]), nb_classes=3,
+                                   clip_values=(-1.0, 1.0), device_type="cpu")
+    pgd = ProjectedGradientDescentPyTorch(classifier, norm=np.inf, eps=eps, eps_step=eps / 10,
+                                          max_iter=steps, num_random_init=int(random_start),
+                                          batch_size=len(x), verbose=False)
+    inputs = torch.cat([x, mask], dim=1).numpy()
+    where = torch.cat([mask.expand_as(x), torch.zeros_like(mask)], dim=1).numpy()
+    np.random.seed(0)  # ART draws its random start from numpy's global generator
+    return torch.from_numpy(pgd.generate(inputs, y.numpy(), mask=where))[:, :-1]
+
+
+def test_pgd_breaks_at_least_as_many_as_white_noise_and_art(trained):
+    model, x, y, mask = trained
     eps, steps = 0.2, 20
-    ours = attacks.pgd_attack(model, x, y, full, eps, steps=steps, generator=generator())
+    ours = attacks.pgd_attack(model, x, y, mask, eps, steps=steps, generator=generator())
     noisy = attacks.white_noise(x, eps, generator=generator())
-    # [-1, 1] = 2 [0, 1] - 1: distances halve, so eps01 = eps / 2 and alpha01 = (eps / 10) / 2.
-    torch.manual_seed(0)  # torchattacks draws its random start from the global RNG
-    theirs01 = torchattacks.PGD(ZeroOneWrapper(model), eps=eps / 2, alpha=eps / 20,
-                                steps=steps)((x + 1) / 2, y)
-    broken = {name: int((predictions(model, inputs, full) != y).sum())
-              for name, inputs in [("pgd", ours), ("white", noisy),
-                                   ("torchattacks", 2 * theirs01 - 1)]}
+    theirs = art_pgd(model, x, y, mask, eps, steps, random_start=True)
+    assert torch.equal(theirs * (1 - mask), x * (1 - mask)), "ART perturbed the padding"
+    broken = {name: int((predictions(model, inputs, mask) != y).sum())
+              for name, inputs in [("pgd", ours), ("white", noisy), ("art", theirs)]}
     assert broken["pgd"] > broken["white"], broken
-    assert broken["pgd"] >= broken["torchattacks"] > 0, broken
+    assert broken["pgd"] >= broken["art"] > 0, broken
 
 
-def test_ifgsm_matches_torchattacks_pgd_without_random_start(trained):
-    # Same algorithm (no random start, no early stop, L-inf, full mask) in another library:
-    # the iterates agree up to float rounding of the [0, 1] <-> [-1, 1] map.
-    torchattacks = pytest.importorskip("torchattacks")
-    model, x, y, _ = trained
-    full = torch.ones(x.shape[0], 1, x.shape[2])
-    ours = attacks.ifgsm_attack(model, x, y, full, 0.1, steps=10, early_stop=False)
-    theirs01 = torchattacks.PGD(ZeroOneWrapper(model), eps=0.05, alpha=0.005, steps=10,
-                                random_start=False)((x + 1) / 2, y)
-    agree = ((ours - (2 * theirs01 - 1)).abs() < 1e-5).float().mean().item()
+def test_ifgsm_matches_art_pgd_without_random_start(trained):
+    # Same algorithm (no random start, no early stop, L-inf, masked) in another library:
+    # the iterates agree up to float rounding.
+    model, x, y, mask = trained
+    ours = attacks.ifgsm_attack(model, x, y, mask, 0.1, steps=10, early_stop=False)
+    theirs = art_pgd(model, x, y, mask, 0.1, steps=10, random_start=False)
+    agree = ((ours - theirs).abs() < 1e-5).float().mean().item()
     assert agree > 0.999, f"only {agree:.4f} of the elements agree"
 
 
