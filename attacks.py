@@ -138,7 +138,7 @@ def _run_start(model: Model, x: torch.Tensor, y: torch.Tensor, mask: torch.Tenso
             direction = grad.sign()
         else:
             direction = grad / (_l2_norms(grad) + L2_GRAD_EPS)
-        # delta = x_adv - x; the spec's "delta *= mask" is the update mask (delta is masked).
+        # delta = x_adv - x; PROTOCOL section 6's "delta *= mask" is the update mask (delta is masked).
         delta = (x_adv - x).addcmul_(direction, update_mask, value=step)
         stepped = (x + _project(delta, eps, norm)).clamp_(-1, 1)
         # torch.where keeps frozen samples bit-identical to the input that fooled the model.
