@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
         # Under torchrun the processes share the records (evaluate_run); alone, this is the device.
         device = init_distributed(cfg.device)
-        # Rank 0 holds the folder it writes to while the evaluation runs (not while a training does).
+        # One process per run folder (rank 0 locks it): refused while a training or evaluation holds it.
         on_main_process(lambda: locks.enter_context(lock_folder(run_dir, "run folder")))
         evaluate_run(run_dir, model.to(device), cfg, args.split, args.max_batches)
     except (EvaluationError, DataError, ConfigError, FolderInUseError) as error:

@@ -659,6 +659,7 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path,
                 logged, stop_requested = average_logged({"loss": loss.detach(), **parts},
                                                         stop.signum is not None)
                 if not np.isfinite(logged["loss"]):
+                    bar.close()  # the error line comes after the bar, not on it
                     records = batch_records(train_loader, progress.batch)
                     share = " (this process's share)" if world > 1 else ""
                     last = run_dir / "checkpoints" / "last.pt"
