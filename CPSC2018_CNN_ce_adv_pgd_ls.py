@@ -29,6 +29,14 @@ PRESET_OVERRIDES = {"demo": dict(adv_start_epoch=2), "smoke": dict(adv_start_epo
                     "mini": dict(adv_start_epoch=3)}
 
 
+def check_hyperparameters(cfg):
+    # The harness has checked that each is a finite non-negative number.
+    if cfg.pgd_steps < 1:
+        raise harness.ConfigError(f"--pgd_steps must be at least 1, got {cfg.pgd_steps}")
+    if cfg.label_smoothing > 1:
+        raise harness.ConfigError(f"--label_smoothing must be between 0 and 1, got {cfg.label_smoothing:g}")
+
+
 def loss_fn(model, x, y, mask, epoch, cfg):
     logits = model(x, mask)
     loss1 = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
@@ -51,4 +59,5 @@ def run_name(cfg):
 
 
 if __name__ == "__main__":
-    sys.exit(harness.main("advls", loss_fn, HYPERPARAMETERS, run_name, PRESET_OVERRIDES))
+    sys.exit(harness.main("advls", loss_fn, HYPERPARAMETERS, run_name, PRESET_OVERRIDES,
+                          check=check_hyperparameters))

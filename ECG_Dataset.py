@@ -121,11 +121,15 @@ class ClassBalancedSampler(Sampler[int]):
         table = np.stack([np.resize(rng.permutation(self.members[c]), self.per_class) for c in order])
         return table.T.reshape(-1)  # one sample of each class in turn
 
-    def __iter__(self) -> Iterator[int]:
+    def rank_indices(self) -> np.ndarray:
+        """This rank's share of the whole epoch, none skipped."""
         indices = self.epoch_indices()
         per_rank = -(-len(indices) // self.num_replicas)
         indices = np.resize(indices, per_rank * self.num_replicas)
-        return iter(indices[self.rank::self.num_replicas][self.start:].tolist())
+        return indices[self.rank::self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.rank_indices()[self.start:].tolist())
 
     def __len__(self) -> int:
         return max(0, -(-len(self.classes) * self.per_class // self.num_replicas) - self.start)
@@ -222,6 +226,18 @@ def set_loader_epoch(loader: DataLoader, epoch: int, start: int = 0) -> None:
         loader.sampler.set_epoch(epoch, start)
 
 
+def batch_records(loader: DataLoader, batch: int) -> list[str]:
+    """The recording ids of batch number ``batch`` (counted from the start of the epoch) of a
+    training loader's current epoch, this process's share: the epoch's order is seeded, so it is
+    replayed without drawing from any RNG."""
+    if isinstance(loader.batch_sampler, BucketBatchSampler):
+        indices = loader.batch_sampler.epoch_batches()[batch]
+    else:
+        size = loader.batch_size
+        indices = loader.sampler.rank_indices()[batch * size:(batch + 1) * size]
+    return [loader.dataset.names[i] for i in indices]
+
+
 def _ignore_interrupts(worker_id: int) -> None:
     """Ctrl-C reaches loader workers too; the training process alone decides how to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -273,4 +289,4 @@ def get_dataloaders(data_dir: str, batch_size: int = 64, eval_batch_size: int = 
 
 __all__ = ["CLASSES", "LEADS", "MAX_LENGTH", "RANDOM_PAD", "PADDED_LENGTH", "scale_leads",
            "ECGDataset", "ClassBalancedSampler", "BucketBatchSampler", "crop_collate",
-           "set_loader_epoch", "get_dataloaders"]
+           "set_loader_epoch", "batch_records", "get_dataloaders"]

@@ -10,6 +10,7 @@ The metric functions at the top are import-safe and work on plain numpy arrays.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -21,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from preprocess import CLASSES
+from safe_writes import FolderInUseError, lock_folder
 
 NUM_CLASSES = len(CLASSES)
 # CPSC2018 sub-scores: groups of class indices (0-based) scored together.
@@ -307,10 +309,13 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[to
         state = torch.load(path, map_location="cpu", weights_only=True)
         model = build_model(state["model_name"])
         model.load_state_dict(state["model"])
+        config = state["config"]
     except Exception as error:  # truncated, foreign or mismatched file: one clear line
         raise EvaluationError(f"{path}: not a checkpoint of this project "
                               f"({type(error).__name__}: {str(error).splitlines()[0]})") from None
-    return model.to(device), state["config"]
+    if not isinstance(config, dict):
+        raise EvaluationError(f"{path}: not a checkpoint of this project (its config is not a dict)")
+    return model.to(device), config
 
 
 def evaluate_clean(model: torch.nn.Module, loader, device: torch.device, max_batches: int = 0,
@@ -379,13 +384,17 @@ def evaluate_run(run_dir: Path, model: torch.nn.Module, cfg: SimpleNamespace, sp
     return result
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, key: str) -> dict:
+    """``path``'s JSON object's entry ``key``, checked to be an object (a dict) too."""
     if not path.is_file():
         raise EvaluationError(f"{path}: not found (evaluate that run first: python evaluate.py {path.parent})")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        content = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise EvaluationError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(content, dict) or not isinstance(content.get(key), dict):
+        raise EvaluationError(f"{path}: no '{key}' object: not a result file of this project")
+    return content[key]
 
 
 def _level_labels(sweep: str, levels: list) -> list[str]:
@@ -405,26 +414,42 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
     import pandas as pd
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise EvaluationError(f"--out {out_dir}: cannot create the output folder ({error.strerror})") from None
     names = [Path(r).name for r in run_dirs]
     if len(set(names)) != len(names):
         names = [str(r) for r in run_dirs]
     clean_rows, curves = [], {}
     for name, run in zip(names, run_dirs):
-        clean = _read_json(Path(run) / f"eval_{split}.json")["clean"]
-        clean_rows.append({"run": name, **{f"F1 {c}": f for c, f in zip(CLASSES, clean["f1"])},
-                           **{k: clean[k] for k in ("mean_f1", "Faf", "Fblock", "Fpc", "Fst", "accuracy")},
-                           "n": clean["n"]})
+        path = Path(run) / f"eval_{split}.json"
+        clean = _read_json(path, "clean")
+        try:
+            clean_rows.append({"run": name, **{f"F1 {c}": f for c, f in zip(CLASSES, clean["f1"], strict=True)},
+                               **{k: clean[k] for k in ("mean_f1", "Faf", "Fblock", "Fpc", "Fst", "accuracy")},
+                               "n": clean["n"]})
+        except (KeyError, TypeError, ValueError) as error:
+            raise EvaluationError(f"{path}: malformed clean metrics ({type(error).__name__}: {error})") from None
         robustness = Path(run) / f"robustness_{split}.json"
-        curves[name] = _read_json(robustness)["sweeps"] if robustness.is_file() else {}
+        if robustness.is_file():
+            curves[name] = _read_json(robustness, "sweeps")
+        else:
+            curves[name] = {}
+            print(f"note: {run} has no {robustness.name} (no robustness sweeps run): it is left out of "
+                  "the robustness tables", file=sys.stderr)
     tables = {"clean": pd.DataFrame(clean_rows).set_index("run")}
     for sweep in dict.fromkeys(s for run in curves.values() for s in run):
         rows = {}
         for name, results in curves.items():
             if sweep in results:
                 r = results[sweep]
-                rows[name] = {**dict(zip(_level_labels(sweep, r["levels"]), r["accuracy"])),
-                              "AUC": r["auc"]}
+                try:
+                    rows[name] = {**dict(zip(_level_labels(sweep, r["levels"]), r["accuracy"], strict=True)),
+                                  "AUC": r["auc"]}
+                except (KeyError, TypeError, ValueError) as error:
+                    raise EvaluationError(f"{name}: malformed '{sweep}' results in robustness_{split}.json "
+                                          f"({type(error).__name__}: {error})") from None
         tables[sweep] = pd.DataFrame.from_dict(rows, orient="index").rename_axis("run")
     markdown = {}
     for table_name, table in tables.items():
@@ -439,13 +464,15 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness import ConfigError, init_distributed, is_main_process, shutdown_distributed
+    from harness import (ConfigError, check_device, init_distributed, is_main_process, on_main_process,
+                         shutdown_distributed)
     from preprocess import DataError
 
     argv = sys.argv[1:] if argv is None else argv
+    locks = contextlib.ExitStack()
     try:
         if argv[:1] == ["compare"]:
-            parser = argparse.ArgumentParser(prog="evaluate.py compare",
+            parser = argparse.ArgumentParser(prog="evaluate.py compare", allow_abbrev=False,
                                              description="Tables and figures for several evaluated runs.")
             parser.add_argument("runs", nargs="+", help="run folders (evaluated)")
             parser.add_argument("--split", default="test", choices=("test", "val"))
@@ -455,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n## {name}\n{table}")
             print(f"\ntables and figures written to {args.out}/")
             return 0
-        parser = argparse.ArgumentParser(description="Evaluate a trained run (PROTOCOL sections 6-7).")
+        parser = argparse.ArgumentParser(description="Evaluate a trained run (PROTOCOL sections 6-7).",
+                                         allow_abbrev=False)
         parser.add_argument("run", help="a run folder under result/ or a checkpoint file")
         parser.add_argument("--split", default="test", choices=("test", "val"))
         parser.add_argument("--data_dir", help="override the run's data cache folder")
@@ -477,15 +505,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.sweep_restarts is not None and args.sweep_restarts < 1:
             raise EvaluationError(f"--sweep_restarts must be >= 1, got {args.sweep_restarts}")
         parse_sweeps(cfg.sweeps)
+        check_device(cfg.device)
         run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
         # Under torchrun the processes share the records (evaluate_run); alone, this is the device.
         device = init_distributed(cfg.device)
+        # One process per run folder (rank 0 locks it): refused while a training or evaluation holds it.
+        on_main_process(lambda: locks.enter_context(lock_folder(run_dir, "run folder")))
         evaluate_run(run_dir, model.to(device), cfg, args.split, args.max_batches)
-    except (EvaluationError, DataError, ConfigError) as error:
+    except (EvaluationError, DataError, ConfigError, FolderInUseError) as error:
         if is_main_process():
             print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
+        locks.close()
         shutdown_distributed()
     return 0
 

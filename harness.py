@@ -14,12 +14,15 @@ A loss function has the signature ``loss_fn(model, x, y, mask, epoch, cfg)`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import io
 import json
+import math
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -38,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ECG_CNN import MODELS, build_model, check_length
+from safe_writes import LOCK_NAME, FolderInUseError, atomic_path, lock_folder
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -102,11 +106,15 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def parse_config(method: str, hyperparameters: dict, preset_overrides: dict | None = None,
-                 argv: list[str] | None = None) -> SimpleNamespace:
-    """Defaults, then the preset, then the method's preset overrides, then the flags."""
+                 argv: list[str] | None = None,
+                 check: Callable[[SimpleNamespace], None] | None = None) -> SimpleNamespace:
+    """Defaults, then the preset, then the method's preset overrides, then the flags.
+
+    ``check``: the method's own rules for its hyperparameters (raises ConfigError).
+    """
     defaults = {**TRAIN_DEFAULTS, **hyperparameters}
     parser = _OneLineParser(prog=f"{method} training", description=f"Train {method} (PROTOCOL section 5).",
-                            argument_default=argparse.SUPPRESS)
+                            argument_default=argparse.SUPPRESS, allow_abbrev=False)
     parser.add_argument("--preset", default="paper", choices=sorted(PRESETS))
     for key, value in defaults.items():
         names = dict.fromkeys([f"--{key}", f"--{key.replace('_', '-')}"])  # --data_dir or --data-dir
@@ -120,7 +128,10 @@ def parse_config(method: str, hyperparameters: dict, preset_overrides: dict | No
     config["preset"] = preset
     config["method"] = method
     validate_config(config, hyperparameters)
-    return SimpleNamespace(**config)
+    cfg = SimpleNamespace(**config)
+    if check is not None:
+        check(cfg)
+    return cfg
 
 
 def validate_config(config: dict, hyperparameters: dict) -> None:
@@ -146,8 +157,8 @@ def validate_config(config: dict, hyperparameters: dict) -> None:
     for key in ("max_batches", "random_pad", "sweep_steps", "sweep_max_batches"):
         if config[key] < 0:
             raise ConfigError(f"--{key} must be >= 0, got {config[key]}")
-    if not config["lr"] > 0:
-        raise ConfigError(f"--lr must be positive, got {config['lr']}")
+    if not 0 < config["lr"] < math.inf:
+        raise ConfigError(f"--lr must be positive and finite, got {config['lr']}")
     if config["model"] not in MODELS:
         raise ConfigError(f"--model: unknown model '{config['model']}' (known: {', '.join(MODELS)})")
     try:
@@ -156,19 +167,37 @@ def validate_config(config: dict, hyperparameters: dict) -> None:
         raise ConfigError(f"--max_length + --random_pad: {error}") from None
     for key in hyperparameters:
         value = config[key]
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not value >= 0:
-            raise ConfigError(f"--{key} must be a non-negative number, got {value}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < math.inf:
+            raise ConfigError(f"--{key} must be a finite non-negative number, got {value}")
+    check_device(config["device"])
     device = config["device"]
-    if device != "auto":
-        try:
-            torch.device(device)
-        except RuntimeError:
-            raise ConfigError(f"--device: unknown device '{device}'") from None
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
     for key in ("amp", "cudnn_benchmark"):
         if config[key] and choose_device(device).type != "cuda":
             raise ConfigError(f"--{key} needs a CUDA device (this run uses {choose_device(device)})")
+
+
+def check_device(name: str) -> None:
+    """Raise ConfigError unless ``name`` (auto, cpu, cuda, cuda:N, mps) is usable on this machine.
+
+    CUDA is checked without creating a context: a process that only plans runs (reproduce.py)
+    must not hold GPU memory.
+    """
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device: unknown device '{name}' (known: auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"--device {name}: MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise ConfigError(f"--device {name}: not supported (auto, cpu, cuda, cuda:N, mps)")
 
 
 def choose_device(name: str) -> torch.device:
@@ -376,10 +405,8 @@ def set_rng_state(state: dict, loader_generator: torch.Generator) -> None:
 
 def save_atomic(obj: dict, path: Path) -> None:
     """Write to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as temporary:
+        torch.save(obj, temporary)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -394,6 +421,9 @@ def newest_checkpoint(run_dir: Path) -> dict | None:
         try:
             state = load_checkpoint(Path(path))
             position = (state["epoch"], state["batch"])
+            missing = {"model_name", "model", "optimizer", "config"} - state.keys()
+            if missing:
+                raise KeyError(f"no {', '.join(sorted(missing))} entry")
         except Exception as error:  # a truncated or foreign file: never fatal, never silent
             warnings.warn(f"ignoring unreadable checkpoint {path}: {type(error).__name__}: {error}")
             continue
@@ -421,28 +451,50 @@ def _git_commit() -> str:
         return ""
 
 
-def prepare_run_dir(cfg: SimpleNamespace) -> Path:
+# A run folder is one folder inside --result_dir: no separators, never "." or "..".
+RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_run_name(name: str) -> None:
+    if not RUN_NAME_PATTERN.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(f"--run_name {name!r}: a run name is one folder name of letters, digits "
+                          "and . _ - (not . or ..)")
+
+
+def is_run_folder(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds the config.json that main() writes for a run of that name."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("run_name") == run_dir.name and "method" in config
+
+
+def prepare_run_dir(cfg: SimpleNamespace, locks: contextlib.ExitStack) -> Path:
+    """Create and lock the run folder (the lock joins ``locks``); with --overwrite, empty it."""
     run_dir = Path(cfg.result_dir) / cfg.run_name
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_text("")
-        probe.unlink()
+        locks.enter_context(lock_folder(run_dir, "run folder"))
     except OSError as error:
         raise ConfigError(f"--result_dir: cannot write to {run_dir}: {error.strerror}") from None
     if (run_dir / "checkpoints").exists() and not (cfg.resume or cfg.overwrite):
         raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it, "
                           "--overwrite to start it again, or --run_name for another")
     if cfg.overwrite and not cfg.resume:  # nothing of the old run may be mistaken for the new one
-        for path in run_dir.iterdir():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        contents = [path for path in run_dir.iterdir() if path.name != LOCK_NAME]
+        if contents and not is_run_folder(run_dir):
+            raise ConfigError(f"--overwrite: {run_dir} is not a run folder of this project (no config.json "
+                              "of a run of that name); it is left alone: delete it yourself or choose "
+                              "another --run_name")
+        for path in contents:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     return run_dir
 
 
 def write_json(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(obj, indent=2, default=str))
 
 
 def plot_history(history: list[dict], path: Path, title: str) -> None:
@@ -489,8 +541,24 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-# Settings a resumed run must share with its checkpoint (besides the method's hyperparameters).
-RESUME_KEYS = ("model", "batch_size", "lr", "seed", "max_length", "random_pad", "bucket")
+# The settings that change what is trained (besides the method's hyperparameters and
+# --epochs, which a resume may raise): a resumed run must share them with its checkpoint.
+RESUME_KEYS = ("data_dir", "model", "batch_size", "lr", "seed", "max_length", "random_pad", "bucket",
+               "max_batches", "amp")
+
+
+def changed_settings(saved: dict, cfg: SimpleNamespace, keys) -> list[tuple[str, object, object]]:
+    """(key, saved value, value in ``cfg``) for each of ``keys`` whose value differs; keys that
+    ``saved`` (an older run's config) or ``cfg`` lacks are not compared."""
+    changed = []
+    for key in keys:
+        if key not in saved or not hasattr(cfg, key):
+            continue
+        before, now = saved[key], getattr(cfg, key)
+        same = Path(before).resolve() == Path(now).resolve() if key == "data_dir" else before == now
+        if not same:
+            changed.append((key, before, now))
+    return changed
 
 
 def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path,
@@ -502,7 +570,7 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path,
     history and plots (the other ranks wait for each checkpoint). The returned model is the
     plain module, with the same weights on every rank.
     """
-    from ECG_Dataset import get_dataloaders, set_loader_epoch
+    from ECG_Dataset import batch_records, get_dataloaders, set_loader_epoch
     from evaluate import class_balanced_accuracy, confusion_matrix, predict, shard_loader
 
     device = init_distributed(cfg.device)
@@ -530,10 +598,10 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path,
                 raise ConfigError(f"--resume: the checkpoint in {run_dir} is a {state['model_name']}, "
                                   f"not a {cfg.model}")
             saved = state["config"]
-            for key in (*RESUME_KEYS, *hyperparameters):
-                if key in saved and saved[key] != getattr(cfg, key):
-                    raise ConfigError(f"--resume: {run_dir} was trained with --{key} {saved[key]}, "
-                                      f"not {getattr(cfg, key)}")
+            changed = changed_settings(saved, cfg, (*RESUME_KEYS, *hyperparameters))
+            if changed:
+                key, before, now = changed[0]
+                raise ConfigError(f"--resume: {run_dir} was trained with --{key} {before}, not {now}")
             if saved.get("epochs") != cfg.epochs and is_main_process():
                 print(f"--resume: training to epoch {cfg.epochs} (the run was started for {saved['epochs']})")
             model.load_state_dict(state["model"])
@@ -591,9 +659,14 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path,
                 logged, stop_requested = average_logged({"loss": loss.detach(), **parts},
                                                         stop.signum is not None)
                 if not np.isfinite(logged["loss"]):
+                    bar.close()  # the error line comes after the bar, not on it
+                    records = batch_records(train_loader, progress.batch)
+                    share = " (this process's share)" if world > 1 else ""
+                    last = run_dir / "checkpoints" / "last.pt"
+                    kept = f"the last checkpoint, {last}, is kept" if last.is_file() else "no checkpoint yet"
                     raise TrainingError(f"non-finite loss ({logged['loss']}) at epoch {epoch}, batch "
-                                        f"{progress.batch}; the last good checkpoint in "
-                                        f"{run_dir / 'checkpoints'} is kept")
+                                        f"{progress.batch}, records{share} {', '.join(records)}: check "
+                                        f"their signals, or lower --lr; {kept}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -638,23 +711,27 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path,
 
 
 def main(method: str, loss_fn: LossFn, hyperparameters: dict, run_name: Callable[[SimpleNamespace], str],
-         preset_overrides: dict | None = None, argv: list[str] | None = None) -> int:
+         preset_overrides: dict | None = None, argv: list[str] | None = None,
+         check: Callable[[SimpleNamespace], None] | None = None) -> int:
     """Parse flags, train, evaluate the final model. Returns the process exit status.
 
-    Under torchrun every process calls this; rank 0 alone prepares the run folder, writes
-    files and prints (errors are raised on every rank alike, so none is left waiting).
+    ``check`` raises ConfigError for hyperparameters the method cannot train with.
+    Under torchrun every process calls this; rank 0 alone locks and prepares the run folder,
+    writes files and prints (errors are raised on every rank alike, so none is left waiting).
     """
     from preprocess import DataError
     import evaluate
 
     joins_group = not (dist.is_available() and dist.is_initialized())  # then it leaves it at the end
+    locks = contextlib.ExitStack()  # the run folder's lock, held until the evaluation is written
     try:
-        cfg = parse_config(method, hyperparameters, preset_overrides, argv)
+        cfg = parse_config(method, hyperparameters, preset_overrides, argv, check)
         cfg.run_name = cfg.run_name or run_name(cfg)
+        check_run_name(cfg.run_name)
         device = init_distributed(cfg.device)
 
         def start_run() -> Path:
-            run_dir = prepare_run_dir(cfg)
+            run_dir = prepare_run_dir(cfg, locks)
             # A resumed run keeps the config.json of its start; each resume is recorded beside it.
             name = "config.json"
             if cfg.resume and (run_dir / name).exists():
@@ -674,10 +751,11 @@ def main(method: str, loss_fn: LossFn, hyperparameters: dict, run_name: Callable
                         run_dir / "model.pt")
         evaluate.evaluate_run(run_dir, model, cfg)
         return 0
-    except (ConfigError, DataError, TrainingError, evaluate.EvaluationError) as error:
+    except (ConfigError, DataError, TrainingError, evaluate.EvaluationError, FolderInUseError) as error:
         if is_main_process():
             print(f"error: {error}", file=sys.stderr)
         return 1 if isinstance(error, TrainingError) else 2
     finally:
+        locks.close()
         if joins_group:
             shutdown_distributed()

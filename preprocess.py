@@ -34,6 +34,7 @@ import scipy.io
 from tqdm import tqdm
 
 from download import CPSC2018_ARCHIVE_URL, DownloadError, fetch_cpsc2018
+from safe_writes import FolderInUseError, lock_folder, temporary_path, write_text_atomic
 
 CLASSES = ("Normal", "AF", "I-AVB", "LBBB", "RBBB", "PAC", "PVC", "STD", "STE")
 # SNOMED CT codes of the nine classes in the PhysioNet/CinC 2020 headers; label k = CLASSES[k-1].
@@ -50,6 +51,19 @@ SNOMED_TO_CLASS = {
 }
 # Early copies of the 2020 headers write the class abbreviations instead of the codes.
 ABBREVIATION_TO_CLASS = {name: label for label, name in enumerate(CLASSES, start=1)}
+# The Verhoeff check digit that ends every SNOMED CT identifier (6 to 18 digits): a mistyped
+# code fails it, so it is told apart from a real diagnosis of another database.
+_VERHOEFF_MULTIPLY = (
+    (0, 1, 2, 3, 4, 5, 6, 7, 8, 9), (1, 2, 3, 4, 0, 6, 7, 8, 9, 5), (2, 3, 4, 0, 1, 7, 8, 9, 5, 6),
+    (3, 4, 0, 1, 2, 8, 9, 5, 6, 7), (4, 0, 1, 2, 3, 9, 5, 6, 7, 8), (5, 9, 8, 7, 6, 0, 4, 3, 2, 1),
+    (6, 5, 9, 8, 7, 1, 0, 4, 3, 2), (7, 6, 5, 9, 8, 2, 1, 0, 4, 3), (8, 7, 6, 5, 9, 3, 2, 1, 0, 4),
+    (9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+)
+_VERHOEFF_PERMUTE = (
+    (0, 1, 2, 3, 4, 5, 6, 7, 8, 9), (1, 5, 7, 6, 2, 8, 3, 0, 9, 4), (5, 8, 0, 3, 7, 9, 6, 1, 4, 2),
+    (8, 9, 1, 6, 0, 4, 3, 5, 2, 7), (9, 4, 5, 3, 1, 2, 6, 8, 7, 0), (4, 2, 8, 6, 5, 7, 3, 9, 0, 1),
+    (2, 7, 9, 3, 8, 0, 6, 4, 1, 5), (7, 0, 4, 6, 9, 1, 3, 2, 5, 8),
+)
 LEAD_NAMES = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 FS = 500
 CACHE_VERSION = 1
@@ -179,6 +193,12 @@ def _check_signal(signal: np.ndarray) -> None:
     if not finite.all():
         leads = [LEAD_NAMES[i] for i in np.flatnonzero(~finite.all(axis=1))]
         raise RecordError(f"NaN or inf samples in lead(s) {', '.join(leads)}")
+    with np.errstate(over="ignore"):
+        stored = np.isfinite(signal.astype(np.float32))  # the cache's dtype
+    if not stored.all():
+        leads = [LEAD_NAMES[i] for i in np.flatnonzero(~stored.all(axis=1))]
+        raise RecordError(f"samples beyond the float32 range of the cache (|value| > "
+                          f"{np.finfo(np.float32).max:.3g} mV) in lead(s) {', '.join(leads)}")
 
 
 def _load_mat(mat_path: Path) -> dict:
@@ -327,6 +347,21 @@ def _read_wfdb_header(hea_path: Path) -> _WfdbHeader:
     )
 
 
+def _is_snomed_code(text: str) -> bool:
+    """Whether ``text`` is a well-formed SNOMED CT identifier (digits with a valid check digit)."""
+    if not (text.isascii() and text.isdigit() and 6 <= len(text) <= 18):
+        return False
+    check = 0
+    for position, digit in enumerate(reversed(text)):
+        check = _VERHOEFF_MULTIPLY[check][_VERHOEFF_PERMUTE[position % 8][int(digit)]]
+    return check == 0
+
+
+def _unknown_dx(dx: Sequence[str]) -> list[str]:
+    """The Dx entries that are neither a SNOMED CT code nor a class abbreviation (typos)."""
+    return [entry for entry in dx if entry not in ABBREVIATION_TO_CLASS and not _is_snomed_code(entry)]
+
+
 def _dx_to_labels(dx: Sequence[str]) -> list[int]:
     """Labels 1..9 of the Dx entries (codes or abbreviations) in header order; others dropped."""
     labels: list[int] = []
@@ -462,7 +497,12 @@ def _inventory(raw_dir: Path) -> _Inventory:
             continue
         if name in listed:
             parsed[name] = header
-        elif not _dx_to_labels(header.dx):
+        elif not header.dx:
+            skipped.append(_issue(name, f"no diagnosis: the Dx line of {name}.hea is empty or missing"))
+        elif not _dx_to_labels(header.dx) and _unknown_dx(header.dx):
+            skipped.append(_issue(name, f"unknown diagnosis code(s) {', '.join(_unknown_dx(header.dx))} "
+                                        f"in the Dx line of {name}.hea (Dx: {','.join(header.dx)})"))
+        elif not _dx_to_labels(header.dx):  # real codes of other diagnoses: another database
             n_foreign += 1
         elif reference is not None:
             skipped.append(_issue(name, "not in REFERENCE.csv"))
@@ -489,6 +529,9 @@ def _inventory(raw_dir: Path) -> _Inventory:
         rows = []
         for name, header in parsed.items():
             labels = _dx_to_labels(header.dx)
+            if _unknown_dx(header.dx):
+                warnings.append(_issue(name, f"unknown diagnosis code(s) {', '.join(_unknown_dx(header.dx))} "
+                                             "in Dx ignored"))
             if len(labels) > len(LABEL_COLUMNS):
                 warnings.append(
                     _issue(name, f"{len(labels)} labels in Dx; the first {len(LABEL_COLUMNS)} kept")
@@ -519,16 +562,14 @@ def _class_counts(table: pd.DataFrame) -> dict[str, int]:
 
 
 def _write_csv(table: pd.DataFrame, path: Path) -> Path:
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = temporary_path(path)
     table.to_csv(temporary, index=False)
     return temporary
 
 
 def _write_meta(meta: dict, out_dir: Path) -> None:
     """Write meta.json last: its presence is what makes the cache loadable."""
-    temporary = out_dir / ".meta.json.tmp"
-    temporary.write_text(json.dumps(meta, indent=1))
-    os.replace(temporary, out_dir / "meta.json")
+    write_text_atomic(out_dir / "meta.json", json.dumps(meta, indent=1))
 
 
 def preprocess(
@@ -545,10 +586,24 @@ def preprocess(
     leaves either the previous cache or none that loads.
 
     Returns the summary that is also stored as meta.json (plus ``out_dir``). Raises
-    DataError for a missing/empty folder or when no record is usable.
+    DataError for a missing/empty folder or when no record is usable, FolderInUseError when
+    another process is writing ``out_dir`` (it is locked from before the first write).
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out-dir {out_dir}: a file is in the way of the cache folder")
     inventory = _inventory(raw_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"--out-dir {out_dir}: cannot create the cache folder ({error.strerror})") from None
+    with lock_folder(out_dir, "cache folder"):
+        return _preprocess_into(raw_dir, out_dir, inventory, val_per_class, test_per_class)
+
+
+def _preprocess_into(raw_dir: Path, out_dir: Path, inventory: _Inventory, val_per_class: int,
+                     test_per_class: int) -> dict:
+    """``preprocess`` once this process holds ``out_dir``."""
     skipped, warnings = inventory.skipped, inventory.warnings
 
     lengths: dict[str, int] = {}
@@ -588,10 +643,9 @@ def preprocess(
     records = records[list(RECORDS_COLUMNS)]
     total = int(records["length"].sum())
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     temporaries: dict[str, Path] = {}
     try:
-        temporaries["signals.npy"] = out_dir / ".signals.npy.tmp"
+        temporaries["signals.npy"] = temporary_path(out_dir / "signals.npy")
         signals = np.lib.format.open_memmap(
             temporaries["signals.npy"], mode="w+", dtype=np.float32, shape=(len(LEAD_NAMES), total)
         )
@@ -681,8 +735,8 @@ def load_cache(out_dir: str | Path) -> Cache:
     try:
         signals = np.load(out_dir / "signals.npy", mmap_mode="r")
         records = pd.read_csv(out_dir / "records.csv", dtype={"Recording": str})
-    except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise DataError(f"{out_dir}: unreadable cache file ({error}): {rerun}") from None
+    except (ValueError, OSError, EOFError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise DataError(f"{out_dir}: unreadable cache file ({type(error).__name__}: {error}): {rerun}") from None
     if (
         signals.dtype != np.float32
         or signals.ndim != 2
@@ -745,7 +799,7 @@ def _format_summary(summary: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument(
         "--raw-dir", default=DEFAULT_RAW_DIR, help="folder with the CPSC2018 records (default: %(default)s)"
     )
@@ -778,7 +832,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     try:
         summary = preprocess(args.raw_dir, args.out_dir, args.val_per_class, args.test_per_class)
-    except DataError as error:
+    except (DataError, FolderInUseError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(_format_summary(summary))

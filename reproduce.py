@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+from safe_writes import write_text_atomic
+
 REPO = Path(__file__).resolve().parent
 
 # Method name -> its training script (module name in this folder), in the paper's order.
@@ -146,7 +148,8 @@ def plan_jobs(plan: Plan, methods: list[str], data_dir: str, result_dir: str) ->
             if eps is not None:
                 flags += ["--eps", f"{eps:g}"]
             cfg = harness.parse_config(method, module.HYPERPARAMETERS,
-                                       getattr(module, "PRESET_OVERRIDES", None), flags)
+                                       getattr(module, "PRESET_OVERRIDES", None), flags,
+                                       getattr(module, "check_hyperparameters", None))
             jobs.append(Job(method, REPO / f"{module.__name__}.py", flags, cfg, module.HYPERPARAMETERS,
                             Path(result_dir) / module.run_name(cfg)))
     return jobs
@@ -161,16 +164,17 @@ def _read_json(path: Path):
 
 def _check_same_settings(job: Job) -> None:
     """A run folder that holds a run with other training settings is not this preset's run."""
+    from harness import RESUME_KEYS, changed_settings
+
     config = _read_json(job.run_dir / "config.json")
-    if config is None:
+    if not isinstance(config, dict):
         return
-    keys = ("model", "epochs", "batch_size", "lr", "seed", "max_length", "random_pad", "bucket", "max_batches",
-            *job.hyperparameters)
-    for key in keys:
-        if key in config and hasattr(job.cfg, key) and config[key] != getattr(job.cfg, key):
-            raise ReproduceError(f"{job.run_dir} holds a run trained with {key}={config[key]!r}, but this "
-                                 f"preset asks for {getattr(job.cfg, key)!r}: delete that folder or "
-                                 "choose another --result-dir")
+    # --epochs too: a run trained for another number of epochs is not this preset's run.
+    changed = changed_settings(config, job.cfg, (*RESUME_KEYS, "epochs", *job.hyperparameters))
+    if changed:
+        key, before, now = changed[0]
+        raise ReproduceError(f"{job.run_dir} holds a run trained with {key}={before!r}, but this "
+                             f"preset asks for {now!r}: delete that folder or choose another --result-dir")
 
 
 def evaluation_complete(job: Job) -> bool:
@@ -296,15 +300,12 @@ class Timings:
     def save(self) -> None:
         if self.dry_run:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         data = {"preset": self.preset, "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started)),
                 "total_seconds": round(time.time() - self.started, 2),
                 "total_cpu_seconds": round(sum(s["cpu_seconds"] for s in self.stages), 2),
                 "stages": self.all_stages()}
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(self.path)
+        write_text_atomic(self.path, json.dumps(data, indent=2))
 
 
 def _children_cpu() -> float:
@@ -558,7 +559,8 @@ class _OneLineParser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _OneLineParser(description=__doc__.split("\n\n")[0],
                             epilog="Presets: paper (CPSC2018, the paper's settings), demo (synthetic, "
-                                   "~10 min on 2 CPU cores), smoke (synthetic, CI), mini (a small real set given with --raw-dir).")
+                                   "~10 min on 2 CPU cores), smoke (synthetic, CI), mini (a small real set given with --raw-dir).",
+                            allow_abbrev=False)
     parser.add_argument("--preset", default="paper", choices=list(PLANS))
     parser.add_argument("--raw-dir", help="the records (synthetic presets generate them there); default per "
                                           "preset: " + ", ".join(f"{k} {p.raw_dir or '(required)'}"

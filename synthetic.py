@@ -518,7 +518,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Write a SYNTHETIC 12-lead ECG dataset in the original CPSC2018 format (A0001.mat ... + "
                     "REFERENCE.csv). The signals are simulated for the demo and tests; they are not CPSC2018 "
-                    "recordings and not clinical data.")
+                    "recordings and not clinical data.",
+        allow_abbrev=False)
     parser.add_argument("--out-dir", default="data/demo/train", help="output folder (default: %(default)s)")
     parser.add_argument("--records-per-class", type=int, default=30, help="records per First_label (default: 30)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")

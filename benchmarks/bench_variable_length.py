@@ -55,7 +55,7 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--records", type=Path, default=None,
                         help="a CPSC2018 folder (original .mat or WFDB); default: synthetic records")
     parser.add_argument("--synthetic-per-class", type=int, default=20,

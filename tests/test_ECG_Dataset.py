@@ -155,3 +155,18 @@ def test_get_dataloaders_on_a_preprocessed_cache(tiny_cache):
     assert len(loaders["val"].dataset) == 9 and len(loaders["test"].dataset) == 18
     x, y, mask = next(iter(loaders["test"]))
     assert torch.all(mask[:, :, -2048:] == 1)  # every synthetic record is >= 6 s > 2048 samples
+
+
+@pytest.mark.parametrize("bucket", [False, True], ids=["fixed length", "bucketed"])
+def test_batch_records_names_the_records_of_each_training_batch(tiny_cache, monkeypatch, bucket):
+    from ECG_Dataset import batch_records, set_loader_epoch
+
+    loader = get_dataloaders(str(tiny_cache), batch_size=4, max_length=2048, random_pad=1024,
+                             splits=("train",), bucket=bucket)["train"]
+    fetched = []
+    get_item = ECGDataset.__getitem__
+    monkeypatch.setattr(ECGDataset, "__getitem__", lambda self, i: fetched.append(i) or get_item(self, i))
+    for start_batch in (0, 2):  # from the epoch's start, and resumed at its third batch
+        set_loader_epoch(loader, 1, start=start_batch * 4)
+        for batch, (x, y, mask) in enumerate(loader, start=start_batch):
+            assert batch_records(loader, batch) == [loader.dataset.names[i] for i in fetched[-len(y):]]

@@ -47,3 +47,10 @@ def test_bad_flags_give_one_line(script, flags, problem):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {problem}")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_flags_are_never_abbreviated(script):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--thread", "1"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 2 and "unrecognized arguments: --thread 1" in done.stderr

@@ -80,6 +80,7 @@ def test_robustness_auc_rejects_bad_levels(levels):
 # --- the command line: runs, checkpoints, sweeps --------------------------------------------
 
 import json  # noqa: E402
+import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -169,3 +170,86 @@ def test_a_pickled_object_in_a_checkpoint_is_never_executed(tmp_path, capsys):
     assert evaluate.main([str(tmp_path / "evil.pt")]) == 2
     assert not marker.exists()
     assert "not a checkpoint of this project" in capsys.readouterr().err
+
+
+# --- bad inputs that need no trained run ----------------------------------------------------
+
+def fake_run(folder: Path, sweeps: bool = True) -> Path:
+    """A run folder with the result files of an evaluation (clean metrics, a white-noise sweep)."""
+    folder.mkdir(parents=True)
+    clean = classification_scores(confusion_matrix(np.arange(9), np.arange(9)))
+    (folder / "eval_test.json").write_text(json.dumps({"clean": clean}))
+    if sweeps:
+        levels, accuracy = [0.0, *evaluate.WHITE_LEVELS], [1.0] * (1 + len(evaluate.WHITE_LEVELS))
+        white = {"sweep": "white", "levels": levels, "axis_levels": levels, "accuracy": accuracy,
+                 "auc": 1.0}
+        (folder / "robustness_test.json").write_text(json.dumps({"sweeps": {"white": white}}))
+    return folder
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    return err.strip()
+
+
+@pytest.mark.parametrize("content", ["[]", '{"clean": 3}', '{"clean": {"f1": []}}', "{not json", "\xff"])
+def test_compare_refuses_malformed_results_in_one_line(tmp_path, capsys, content):
+    run = fake_run(tmp_path / "A")
+    (run / "eval_test.json").write_bytes(content.encode("latin-1"))
+    assert evaluate.main(["compare", str(run), "--out", str(tmp_path / "out")]) == 2
+    assert str(run / "eval_test.json") in one_error_line(capsys)
+
+
+def test_compare_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "out").write_text("")
+    assert evaluate.main(["compare", str(fake_run(tmp_path / "A")), "--out", str(tmp_path / "out")]) == 2
+    assert f"--out {tmp_path / 'out'}: cannot create the output folder" in one_error_line(capsys)
+
+
+def test_compare_names_a_run_without_robustness_results(tmp_path, capsys):
+    runs = [fake_run(tmp_path / "A"), fake_run(tmp_path / "B", sweeps=False)]
+    assert evaluate.main(["compare", *map(str, runs), "--out", str(tmp_path / "out")]) == 0
+    assert (f"note: {runs[1]} has no robustness_test.json (no robustness sweeps run): it is left out of "
+            "the robustness tables") in capsys.readouterr().err
+    assert "B" not in (tmp_path / "out" / "white.csv").read_text()
+
+
+def save_checkpoint(path: Path, **overrides) -> Path:
+    from ECG_CNN import build_model
+
+    config = vars(harness.parse_config("CE", {}, argv=["--sweeps", ""]))
+    torch.save({"model_name": "resnet18a", "model": build_model("resnet18a").state_dict(), "config": config,
+                **overrides}, path)
+    return path
+
+
+def test_a_checkpoint_without_its_config_is_refused_in_one_line(tmp_path, capsys):
+    path = save_checkpoint(tmp_path / "model.pt")
+    state = torch.load(path, weights_only=True)
+    del state["config"]
+    torch.save(state, path)
+    assert evaluate.main([str(path)]) == 2
+    assert one_error_line(capsys) == f"error: {path}: not a checkpoint of this project (KeyError: 'config')"
+
+
+def test_an_unavailable_device_is_refused_in_one_line(tmp_path, capsys):
+    path = save_checkpoint(tmp_path / "model.pt")
+    assert evaluate.main([str(path), "--device", "mps"]) == 2
+    assert one_error_line(capsys) == "error: --device mps: MPS is not available on this machine"
+
+
+def test_a_run_folder_in_use_is_not_evaluated(tmp_path, capsys):
+    from safe_writes import lock_folder
+
+    save_checkpoint(tmp_path / "model.pt")
+    with lock_folder(tmp_path):  # as a training of that run would
+        assert evaluate.main([str(tmp_path)]) == 2
+    assert f"this run folder is in use by process {os.getpid()}" in one_error_line(capsys)
+    assert not (tmp_path / "eval_test.json").exists()
+
+
+def test_flags_are_never_abbreviated(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main([str(tmp_path), "--sweep", "white"])
+    assert "unrecognized arguments: --sweep white" in capsys.readouterr().err

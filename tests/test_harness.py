@@ -1,9 +1,11 @@
 """The shared training harness: a tiny run end to end, resume, signals, bad flags."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -126,8 +128,29 @@ def test_non_finite_loss_stops_naming_epoch_and_batch(tiny_cache, tmp_path, caps
 
     status = train_ce(tiny_cache, tmp_path, "--epochs", "1", loss_fn=exploding_loss)
     assert status == 1
-    assert "non-finite loss (nan) at epoch 0, batch 2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "non-finite loss (nan) at epoch 0, batch 2, records " in err
+    assert "no checkpoint yet" in err and "checkpoint, " not in err  # none was written in epoch 0
     assert not (tmp_path / "CE" / "model.pt").exists()
+
+
+def test_non_finite_loss_names_the_batchs_records_and_the_checkpoint_kept(tiny_cache, tmp_path, capsys):
+    from preprocess import load_cache
+
+    assert train_ce(tiny_cache, tmp_path, "--epochs", "1") == 0
+    labels = []
+
+    def exploding_loss(model, x, y, mask, epoch, cfg):
+        labels.append(y.tolist())
+        loss, parts = ce_loss(model, x, y, mask, epoch, cfg)
+        return (loss * float("inf") if len(labels) == 2 else loss), parts
+
+    assert train_ce(tiny_cache, tmp_path, "--epochs", "2", "--resume", loss_fn=exploding_loss) == 1
+    err = capsys.readouterr().err.split("error: ", 1)[1].splitlines()[0]  # among the progress bars
+    assert f"the last checkpoint, {tmp_path / 'CE' / 'checkpoints' / 'last.pt'}, is kept" in err
+    named = err.split(", records ")[1].split(":")[0].split(", ")
+    first_labels = load_cache(tiny_cache).records["First_label"]
+    assert [int(first_labels[record]) - 1 for record in named] == labels[1]  # the batch, in order
 
 
 def test_an_existing_run_is_not_overwritten_by_accident(tiny_cache, tmp_path, capsys):
@@ -147,6 +170,10 @@ def test_resume_refuses_a_checkpoint_of_another_model(tiny_cache, tmp_path, caps
     (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
     (["--model", "resnet99"], "--model: unknown model 'resnet99'"),
     (["--lr", "-1"], "--lr must be positive"),
+    (["--lr", "inf"], "--lr must be positive and finite, got inf"),
+    (["--device", "mps"], "--device mps: MPS is not available on this machine"),
+    (["--device", "xpu"], "--device xpu: not supported"),
+    (["--epoch", "3"], "unrecognized arguments: --epoch 3"),
     (["--max_length", "3000"], "multiple of 1024"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
@@ -160,8 +187,9 @@ def test_bad_flags_give_one_line_and_exit_status_2(tmp_path, capsys, flags, mess
     assert err.startswith("error: ") and message in err and "\n" not in err
 
 
-@pytest.mark.parametrize("value,message", [("-0.1", "--eps must be a non-negative number, got -0.1"),
-                                           ("nan", "--eps must be a non-negative number, got nan"),
+@pytest.mark.parametrize("value,message", [("-0.1", "--eps must be a finite non-negative number, got -0.1"),
+                                           ("nan", "--eps must be a finite non-negative number, got nan"),
+                                           ("inf", "--eps must be a finite non-negative number, got inf"),
                                            ("abc", "argument --eps: invalid float value: 'abc'")])
 def test_bad_method_hyperparameter_is_rejected(tmp_path, capsys, value, message):
     status = harness.main("advls", ce_loss, {"eps": 0.01}, lambda cfg: "adv",
@@ -200,6 +228,109 @@ def test_resume_refuses_other_training_settings(tiny_cache, tmp_path, capsys):
     assert train_ce(tiny_cache, tmp_path, "--epochs", "2", "--resume", "--lr", "0.01") == 2
     assert "was trained with --lr 0.001, not 0.01" in capsys.readouterr().err
     assert json.loads((tmp_path / "CE" / "config.json").read_text())["lr"] == 1e-3  # kept
+
+
+def test_resume_refuses_another_data_folder(tiny_cache, tmp_path, capsys):
+    other = tmp_path / "other_cache"
+    shutil.copytree(tiny_cache, other)
+    assert train_ce(tiny_cache, tmp_path, "--epochs", "1") == 0
+    capsys.readouterr()
+    assert train_ce(other, tmp_path, "--epochs", "2", "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --resume: {tmp_path / 'CE'} was trained with --data_dir {tiny_cache}, "
+                   f"not {other}")
+    assert train_ce(Path(os.path.relpath(tiny_cache)), tmp_path, "--epochs", "2", "--resume") == 0  # the same folder
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../../x", "ABSOLUTE", "a/b", "x y", ""])
+def test_a_run_name_outside_the_result_folder_is_refused_and_nothing_is_touched(tmp_path, capsys, name):
+    result_dir, sentinel = tmp_path / "work" / "R", tmp_path / "work" / "sentinel.txt"
+    (result_dir / "other_run").mkdir(parents=True)
+    (result_dir / "other_run" / "config.json").write_text("{}")
+    sentinel.write_text("keep me")
+    name = str(tmp_path / "abs") if name == "ABSOLUTE" else name
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    flags = ["--result_dir", str(result_dir), "--run_name", name, "--overwrite", "--epochs", "1"]
+    assert harness.main("CE", ce_loss, {}, lambda cfg: name, argv=flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --run_name {name!r}: a run name is one folder name") and "\n" not in err
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    assert sentinel.read_text() == "keep me"
+
+
+def test_overwrite_leaves_a_folder_that_is_not_a_run_alone(tmp_path, capsys):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"run_name": "CE", "method": "CE"}))
+    for name in ("notes", "other"):  # other: a run's config.json, but not of a run of that name
+        flags = ["--result_dir", str(tmp_path), "--run_name", name, "--overwrite"]
+        assert harness.main("CE", ce_loss, {}, lambda cfg: name, argv=flags) == 2
+        assert f"--overwrite: {tmp_path / name} is not a run folder of this project" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
+    assert (tmp_path / "other" / "config.json").is_file()
+
+
+# Trains like train_ce in a process of its own; its first training batch waits for the file "go".
+PAUSED_TRAINING = """
+import sys, time
+from pathlib import Path
+import torch.nn.functional as F
+import harness
+started, go = Path(sys.argv[1]), Path(sys.argv[2])
+def loss(model, x, y, mask, epoch, cfg):
+    if not started.exists():
+        started.write_text("")
+        while not go.exists():
+            time.sleep(0.05)
+    return F.cross_entropy(model(x, mask), y), {}
+sys.exit(harness.main("CE", loss, {}, lambda cfg: "CE", argv=sys.argv[3:]))
+"""
+
+
+def wait_for(path: Path, process: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def test_two_trainings_of_one_run_folder_never_run_together(tiny_cache, tmp_path):
+    flags = tiny_flags(tiny_cache, tmp_path / "R", "--epochs", "1", "--max_batches", "2")
+    first = subprocess.Popen([sys.executable, "-c", PAUSED_TRAINING, str(tmp_path / "started"),
+                              str(tmp_path / "go"), *flags], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(tmp_path / "started", first)
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            second = subprocess.run([sys.executable, str(REPO / "CPSC2018_CNN_CE.py"), *flags, *extra],
+                                    cwd=REPO, capture_output=True, text=True, timeout=300)
+            assert second.returncode == 2, second.stderr
+            assert second.stderr.strip() == (f"error: {tmp_path / 'R' / 'CE'}: this run folder is in use by "
+                                             f"process {first.pid} (it holds {tmp_path / 'R' / 'CE' / '.lock'}); "
+                                             "wait for it to finish or stop it")
+        (tmp_path / "go").write_text("")
+        assert first.wait(timeout=300) == 0, first.communicate()[1][-2000:]
+    finally:
+        first.kill()
+        first.communicate()
+    from evaluate import load_model
+
+    model, config = load_model(tmp_path / "R" / "CE")
+    assert config["run_name"] == "CE" and (tmp_path / "R" / "CE" / "eval_test.json").is_file()
+    assert not list((tmp_path / "R").rglob("*.tmp"))
+
+
+def test_a_killed_training_leaves_no_stale_lock(tiny_cache, tmp_path):
+    flags = tiny_flags(tiny_cache, tmp_path, "--epochs", "1", "--max_batches", "2")
+    first = subprocess.Popen([sys.executable, "-c", PAUSED_TRAINING, str(tmp_path / "started"),
+                              str(tmp_path / "go"), *flags], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    wait_for(tmp_path / "started", first)
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    assert train_ce(tiny_cache, tmp_path, "--epochs", "1", "--max_batches", "2", "--overwrite") == 0
 
 
 def test_overwrite_removes_every_file_of_the_old_run(tiny_cache, tmp_path):

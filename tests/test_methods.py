@@ -1,6 +1,8 @@
 """The four method scripts end to end on a tiny configuration, and their defaults."""
 import importlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,26 @@ def test_method_defaults_follow_the_paper():
     adv = importlib.import_module("CPSC2018_CNN_ce_adv_pgd_ls").HYPERPARAMETERS
     assert (adv["eps"], adv["beta"], adv["adv_start_epoch"], adv["pgd_steps"], adv["pgd_alpha"],
             adv["label_smoothing"]) == (0.01, 0.5, 10, 20, 4.0, 0.0)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--pgd_steps", "0"], "--pgd_steps must be at least 1, got 0"),
+    (["--label_smoothing", "2"], "--label_smoothing must be between 0 and 1, got 2"),
+])
+def test_adversarial_hyperparameters_that_cannot_train_are_refused(tmp_path, capsys, flags, message):
+    adv = importlib.import_module("CPSC2018_CNN_ce_adv_pgd_ls")
+    status = harness.main("advls", adv.loss_fn, adv.HYPERPARAMETERS, adv.run_name, adv.PRESET_OVERRIDES,
+                          argv=["--result_dir", str(tmp_path), *flags], check=adv.check_hyperparameters)
+    assert status == 2 and capsys.readouterr().err == f"error: {message}\n"
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--eps", "inf"], "error: --eps must be a finite non-negative number, got inf"),
+    (["--pgd_steps", "0"], "error: --pgd_steps must be at least 1, got 0"),
+    (["--device", "mps"], "error: --device mps: MPS is not available on this machine"),
+])
+def test_the_script_ends_bad_flags_with_one_line(tmp_path, flags, message):
+    result = subprocess.run([sys.executable, str(Path(harness.__file__).parent / "CPSC2018_CNN_ce_adv_pgd_ls.py"),
+                             "--result_dir", str(tmp_path), *flags], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr.strip(), result.stdout) == (2, message, "")

@@ -4,6 +4,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -347,6 +348,12 @@ def _inf_record(directory: Path) -> None:
     write_original_record(directory, "A0003", data)
 
 
+def _beyond_float32_record(directory: Path) -> None:
+    data = np.ones((12, 600))
+    data[1, 5] = 1e40  # finite in float64, inf once stored as float32
+    write_original_record(directory, "A0003", data)
+
+
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
@@ -363,6 +370,7 @@ ORIGINAL_BAD_CASES = {
     "13 leads": ("A0003", "13 leads", lambda d: write_original_record(d, "A0003", np.ones((13, 600)))),
     "NaN": ("A0003", "NaN or inf samples in lead(s) aVL", _nan_record),
     "inf": ("A0003", "NaN or inf samples in lead(s) V4", _inf_record),
+    "beyond float32": ("A0003", "samples beyond the float32 range of the cache", _beyond_float32_record),
     "zero length": (
         "A0003",
         "zero-length record",
@@ -433,6 +441,11 @@ WFDB_BAD_CASES = {
         _longer_header,
     ),
     "11 leads": ("A0003", "11 leads in header A0003.hea", _eleven_leads),
+    "gain 1e-300": (  # samples of about 1e303 mV: beyond float32
+        "A0003",
+        "samples beyond the float32 range of the cache (|value| > 3.4e+38 mV) in lead(s) I, II, III",
+        lambda d, v: write_wfdb_record(d, "A0003", v["A0003"], "I-AVB", gains=[1e-300] * 12),
+    ),
     "empty .mat": ("A0003", "empty file A0003.mat", lambda d, v: (d / "A0003.mat").write_bytes(b"")),
     "truncated .mat": ("A0003", "unreadable .mat file A0003.mat", lambda d, v: _truncate(d / "A0003.mat")),
     "no val variable": ("A0003", "no variable 'val'", lambda d, v: _replace_val(d)),
@@ -482,6 +495,24 @@ def test_wfdb_records_of_other_databases_are_counted_not_reported(tmp_path):
     cache = load_cache(tmp_path / "cache")
     assert set(cache.records.index) == set(values)
     assert cache.records.loc["A0002", "First_label"] == 2  # from its header's Dx
+
+
+def test_wfdb_records_with_unknown_diagnosis_codes_are_named_with_their_codes(tmp_path):
+    values = make_wfdb_dataset(tmp_path / "raw", with_reference=False)
+    write_wfdb_record(tmp_path / "raw", "A0100", values["A0002"], "164890007")  # a real code: counted
+    write_wfdb_record(tmp_path / "raw", "A0101", values["A0003"], "42678300")  # Normal's code, a digit lost
+    write_wfdb_record(tmp_path / "raw", "A0102", values["A0004"], "Norml")
+    write_wfdb_record(tmp_path / "raw", "A0103", values["A0005"], "")
+    write_wfdb_record(tmp_path / "raw", "A0104", values["A0006"], "RBBB,426783007")  # a typo beside a class
+    summary = preprocess.preprocess(tmp_path / "raw", tmp_path / "cache", val_per_class=1, test_per_class=0)
+    assert summary["n_foreign"] == 1 and summary["n_records"] == 19
+    assert summary["skipped"] == [
+        {"record": "A0101", "reason": "unknown diagnosis code(s) 42678300 in the Dx line of A0101.hea (Dx: 42678300)"},
+        {"record": "A0102", "reason": "unknown diagnosis code(s) Norml in the Dx line of A0102.hea (Dx: Norml)"},
+        {"record": "A0103", "reason": "no diagnosis: the Dx line of A0103.hea is empty or missing"},
+    ]
+    assert summary["warnings"] == [{"record": "A0104", "reason": "unknown diagnosis code(s) 426783007 in Dx ignored"}]
+    assert load_cache(tmp_path / "cache").records.loc["A0104", "First_label"] == 5
 
 
 def test_wfdb_label_order_comes_from_reference(tmp_path):
@@ -542,6 +573,64 @@ def test_load_cache_rejects_foreign_signals(small_cache):
     np.save(small_cache / "signals.npy", np.zeros((12, 10), np.float32))
     with pytest.raises(DataError, match=r"signals\.npy.*\(12, 10\)"):
         load_cache(small_cache)
+
+
+def test_load_cache_rejects_an_empty_signals_file(small_cache):
+    (small_cache / "signals.npy").write_bytes(b"")
+    with pytest.raises(DataError, match=r"unreadable cache file \(EOFError"):
+        load_cache(small_cache)
+
+
+# Preprocesses in a process of its own; its first signal read (with the cache folder locked)
+# waits for the file "go".
+PAUSED_PREPROCESS = """
+import sys, time
+from pathlib import Path
+import preprocess
+started, go = Path(sys.argv[1]), Path(sys.argv[2])
+read_signal = preprocess._read_signal
+def paused(source):
+    if not started.exists():
+        started.write_text("")
+        while not go.exists():
+            time.sleep(0.05)
+    return read_signal(source)
+preprocess._read_signal = paused
+sys.exit(preprocess.main(sys.argv[3:]))
+"""
+
+
+def test_two_preprocess_runs_into_one_folder_never_run_together(small_cache, tmp_path):
+    before = load_cache(small_cache)
+    old_meta, old_signals = before.meta, np.array(before.signals)
+    flags = ["--raw-dir", str(small_cache.parent / "raw"), "--out-dir", str(small_cache),
+             "--val-per-class", "2", "--test-per-class", "0"]
+    first = subprocess.Popen([sys.executable, "-c", PAUSED_PREPROCESS, str(tmp_path / "started"),
+                              str(tmp_path / "go"), *flags], cwd=REPOSITORY, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "started").exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1]
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, str(REPOSITORY / "preprocess.py"), *flags],
+                                cwd=REPOSITORY, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1 and second.stdout == ""
+        assert second.stderr.strip() == (f"error: {small_cache}: this cache folder is in use by process "
+                                         f"{first.pid} (it holds {small_cache / '.lock'}); wait for it to "
+                                         "finish or stop it")
+        after = load_cache(small_cache)  # the previous cache, untouched
+        assert after.meta == old_meta
+        np.testing.assert_array_equal(after.signals, old_signals)
+        (tmp_path / "go").write_text("")
+        out, err = first.communicate(timeout=120)
+        assert first.returncode == 0, err
+        assert f"cache written to {small_cache}" in out
+    finally:
+        first.kill()
+        first.communicate()
+    assert load_cache(small_cache).meta["settings"]["val_per_class"] == 2  # the first run's cache
+    assert not list(small_cache.glob(".*tmp"))
 
 
 def test_a_crash_before_meta_leaves_no_loadable_cache(small_cache, monkeypatch):
@@ -633,6 +722,20 @@ def test_cli_without_data_says_where_to_put_and_get_it(tmp_path, capsys, monkeyp
     ):
         assert text in captured.err
     assert not (tmp_path / "data" / "CPSC2018" / "processed").exists()
+
+
+def test_cli_refuses_an_out_dir_that_is_a_file(tmp_path, capsys):
+    make_original_dataset(tmp_path / "raw")
+    (tmp_path / "cache").write_text("not a folder")
+    assert main(["--raw-dir", str(tmp_path / "raw"), "--out-dir", str(tmp_path / "cache")]) == 1
+    assert capsys.readouterr().err == f"error: --out-dir {tmp_path / 'cache'}: a file is in the way of the cache folder\n"
+    assert (tmp_path / "cache").read_text() == "not a folder"
+
+
+def test_cli_takes_no_abbreviated_flag(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--raw", str(tmp_path)])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --raw" in capsys.readouterr().err
 
 
 def test_cli_as_a_subprocess_ends_without_traceback(tmp_path):

@@ -111,8 +111,9 @@ def test_report_tables_have_one_row_per_run_with_the_runs_numbers(smoke):
     assert "## Stage timings" in report and "train CE (CE)" in report
 
 
-def test_run_state_follows_the_files(smoke, tmp_path):
+def test_run_state_follows_the_files(smoke, tmp_path, monkeypatch):
     root, _, _ = smoke
+    monkeypatch.chdir(root)  # where the chain ran: the runs' relative data_dir is resolved from there
     plan = reproduce.PLANS["smoke"]
     shutil.copytree(root / "result" / "smoke" / "CE", tmp_path / "CE")
     (job,) = reproduce.plan_jobs(plan, ["CE"], str(root / plan.data_dir), str(tmp_path))
@@ -165,6 +166,26 @@ def test_a_failing_stage_is_named_and_stops_without_a_traceback(tmp_path):
     assert "stage 'data: generate synthetic records' failed with exit status" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "result" / "smoke" / "CE").exists()  # the chain stopped there
+
+
+def test_a_run_trained_on_another_data_folder_is_not_this_presets_run(tmp_path):
+    import harness
+
+    cfg = harness.parse_config("CE", {}, argv=["--preset", "smoke", "--data_dir", str(tmp_path / "data")])
+    job = reproduce.Job("CE", REPO / "CPSC2018_CNN_CE.py", [], cfg, {}, tmp_path / "CE")
+    (job.run_dir / "checkpoints").mkdir(parents=True)
+    (job.run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+    config = {**vars(cfg), "data_dir": str(tmp_path / "other")}
+    (job.run_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(reproduce.ReproduceError, match=f"trained with data_dir='{tmp_path / 'other'}'"):
+        reproduce.run_state(job)
+    (job.run_dir / "config.json").write_text(json.dumps({**config, "data_dir": str(tmp_path / "data")}))
+    assert reproduce.run_state(job) == "resume"
+
+
+def test_flags_are_never_abbreviated(capsys):
+    assert reproduce.main(["--dry", "--methods", "CE"]) == 2
+    assert capsys.readouterr().err == "error: unrecognized arguments: --dry\n"
 
 
 def test_bad_methods_flag_is_one_line_error(capsys):

@@ -264,6 +264,13 @@ def test_cli_error_is_one_line_and_a_nonzero_exit(tmp_path, capsys):
     assert captured.err.count("\n") == 1
 
 
+def test_cli_takes_no_abbreviated_flag(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        synthetic.main(["--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --out" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 # ----------------------------------------------------------------------------- class features
 
 

@@ -1,0 +1,80 @@
+"""Writing into a folder safely: one process per folder, files replaced atomically.
+
+``lock_folder`` gives the calling process a folder (a run folder, a cache folder) to itself
+with an exclusive ``flock`` on a lock file inside it; the operating system releases it when
+the process ends, however it ends, so a killed process never leaves a stale lock.
+``atomic_path`` writes a file under a temporary name of its own beside the target and renames
+it over the target only when the write succeeded, so a reader never sees half a file.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+from pathlib import Path
+from typing import Iterator
+
+LOCK_NAME = ".lock"
+
+
+class FolderInUseError(Exception):
+    """Another process holds the folder; the message names the folder and the process."""
+
+
+@contextlib.contextmanager
+def lock_folder(folder: Path, what: str = "folder") -> Iterator[None]:
+    """Hold ``folder`` (created if needed) for this process while the block runs.
+
+    Raises FolderInUseError naming the holder's process id when another process holds it.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK_NAME, "a+")  # "a+": the loser must not erase the holder's id
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            raise FolderInUseError(f"{folder}: this {what} is in use by process {holder} (it holds "
+                                   f"{folder / LOCK_NAME}); wait for it to finish or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
+def temporary_path(path: Path) -> Path:
+    """A new empty file beside ``path`` under a name no other writer uses (the same folder, so
+    that renaming it onto ``path`` is atomic); permissions as for any new file."""
+    while True:
+        candidate = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return candidate
+        except FileExistsError:
+            continue
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path to write ``path``'s new content to; renamed onto ``path`` when the block
+    succeeds, removed when it fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_path(path)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path``'s content by ``text`` atomically."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)

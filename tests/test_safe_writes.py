@@ -1,0 +1,64 @@
+"""One process per folder (an flock the OS releases) and atomic replacement of files."""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from safe_writes import LOCK_NAME, FolderInUseError, atomic_path, lock_folder, write_text_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+HOLD = ("import sys, time\nfrom safe_writes import lock_folder\n"
+        "with lock_folder(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n")
+
+
+def hold_in_another_process(folder: Path) -> subprocess.Popen:
+    """A process that holds ``folder``'s lock until it is killed (returns once it holds it)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_process_is_refused_with_the_holders_pid(tmp_path):
+    holder = hold_in_another_process(tmp_path / "run")
+    try:
+        with pytest.raises(FolderInUseError, match=f"in use by process {holder.pid} "):
+            with lock_folder(tmp_path / "run"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_kill_9_leaves_no_stale_lock(tmp_path):
+    holder = hold_in_another_process(tmp_path / "run")
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert (tmp_path / "run" / LOCK_NAME).read_text().strip() == str(holder.pid)  # the file stays
+    with lock_folder(tmp_path / "run"):  # the lock does not
+        assert (tmp_path / "run" / LOCK_NAME).read_text().strip() == str(os.getpid())
+
+
+def test_the_lock_is_released_when_the_block_ends(tmp_path):
+    with lock_folder(tmp_path):
+        pass
+    with lock_folder(tmp_path):
+        pass
+
+
+def test_atomic_path_replaces_on_success_and_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "result.json"
+    write_text_atomic(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as temporary:
+            temporary.write_text("half")
+            raise RuntimeError("crash while writing")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+    with atomic_path(target) as first, atomic_path(target) as second:  # two writers, two names
+        assert first != second and first.parent == second.parent == tmp_path
+        first.write_text("first")
+        second.write_text("second")
+    assert target.read_text() == "first"  # the outer block finishes last
