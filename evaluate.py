@@ -3,6 +3,7 @@
     python evaluate.py result/CE                     # clean metrics + the run's sweeps, test split
     python evaluate.py result/CE --split val --sweeps ""
     python evaluate.py result/NSR/model.pt --sweeps pgd_linf --sweep_max_batches 2
+    python evaluate.py result/NSR --sweeps pgd_linf,autoattack,square --sweep_max_records 90
     python evaluate.py compare result/CE result/NSR  # the paper's tables and figures
 
 The metric functions at the top are import-safe and work on plain numpy arrays.
