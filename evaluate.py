@@ -38,6 +38,7 @@ WHITE_LEVELS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 SNR_DB_LEVELS = (40, 30, 20, 15, 10, 5, 0)
 SQUARE_QUERIES_PER_STEP = 10  # Square's queries per gradient-attack iteration: 1000 at the paper's 100
 MASKING_GAP = 0.02  # ensemble accuracy this far below PGD's (2 points) flags gradient masking
+ACCURACY_SLACK = 1e-9  # accuracies read back from JSON: float noise is no difference
 
 SWEEPS = {
     # name: (kind, norm or noise function name, levels, x-axis label)
@@ -388,7 +389,7 @@ def masking_check(sweeps: dict[str, dict], pgd: str = "pgd_linf", ensemble: str 
                      min(accuracy[g][level] for g in gradient_sweeps if level in accuracy[g])})
 
     reasons = []
-    overstated = [row for row in rows if row["gap"] > MASKING_GAP + 1e-9]
+    overstated = [row for row in rows if row["gap"] > MASKING_GAP + ACCURACY_SLACK]
     if overstated:
         worst = max(overstated, key=lambda row: row["gap"])
         reasons.append(f"PGD overstates this model's robustness by {100 * worst['gap']:.1f} points at "
@@ -397,7 +398,7 @@ def masking_check(sweeps: dict[str, dict], pgd: str = "pgd_linf", ensemble: str 
                        f"{100 * MASKING_GAP:g} points below PGD at eps="
                        + ", ".join(f"{row['eps']:g}" for row in overstated) + ".")
     square_wins = [row for row in rows if row["square"] is not None
-                   and row["square"] < row["gradient"] - 1e-9]
+                   and row["square"] < row["gradient"] - ACCURACY_SLACK]
     if square_wins:
         reasons.append("Square, which uses no gradients, does better than the gradient attacks at eps="
                        + ", ".join(f"{row['eps']:g} ({row['square']:.3f} against {row['gradient']:.3f})"
