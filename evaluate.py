@@ -3,6 +3,7 @@
     python evaluate.py result/CE                     # clean metrics + the run's sweeps, test split
     python evaluate.py result/CE --split val --sweeps ""
     python evaluate.py result/NSR/model.pt --sweeps pgd_linf --sweep_max_batches 2
+    python evaluate.py result/NSR --sweeps pgd_linf,autoattack,square --sweep_max_records 90
     python evaluate.py compare result/CE result/NSR  # the paper's tables and figures
 
 The metric functions at the top are import-safe and work on plain numpy arrays.
@@ -33,9 +34,13 @@ SUBSCORE_GROUPS = {"Faf": (1,), "Fblock": (2, 3, 4), "Fpc": (5, 6), "Fst": (7, 8
 # over signal-to-noise ratios in dB; their curves use the noise-to-signal amplitude ratio
 # 10 ** (-snr / 20) as the level, so that clean (infinite SNR) is level 0 as for the others.
 PGD_LINF_LEVELS = (0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1, 0.2, 0.3)
+PAPER_LINF_LEVELS = (0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1)  # the paper's figures
 PGD_L2_LEVELS = (0.1, 0.2, 0.3, 0.5, 0.7, 1, 3, 5, 10, 20, 30)
 WHITE_LEVELS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 SNR_DB_LEVELS = (40, 30, 20, 15, 10, 5, 0)
+SQUARE_QUERIES_PER_STEP = 10  # Square's queries per gradient-attack iteration: 1000 at the paper's 100
+MASKING_GAP = 0.02  # ensemble accuracy this far below PGD's (2 points) flags gradient masking
+ACCURACY_SLACK = 1e-9  # accuracies read back from JSON: float noise is no difference
 
 SWEEPS = {
     # name: (kind, norm or noise function name, levels, x-axis label)
@@ -43,12 +48,21 @@ SWEEPS = {
     "pgd_l2": ("attack", "2", PGD_L2_LEVELS, "L2 eps"),
     "ifgsm_linf": ("ifgsm", "inf", PGD_LINF_LEVELS, "L-inf eps"),
     "ifgsm_l2": ("ifgsm", "2", PGD_L2_LEVELS, "L2 eps"),
+    # AutoAttack-style evaluation (attacks.apgd_attack, square_attack, ensemble_attack).
+    "apgd_ce": ("apgd_ce", "inf", PAPER_LINF_LEVELS, "L-inf eps"),
+    "apgd_dlr": ("apgd_dlr", "inf", PAPER_LINF_LEVELS, "L-inf eps"),
+    "square": ("square", "inf", PAPER_LINF_LEVELS, "L-inf eps"),
+    "autoattack": ("autoattack", "inf", PAPER_LINF_LEVELS, "L-inf eps"),
     "white": ("white", None, WHITE_LEVELS, "white noise amplitude eps"),
     "baseline_wander": ("snr", "baseline_wander", SNR_DB_LEVELS, "noise/signal amplitude"),
     "powerline_50hz": ("snr", "powerline_50", SNR_DB_LEVELS, "noise/signal amplitude"),
     "powerline_60hz": ("snr", "powerline_60", SNR_DB_LEVELS, "noise/signal amplitude"),
     "muscle": ("snr", "muscle_noise", SNR_DB_LEVELS, "noise/signal amplitude"),
 }
+# Sweeps that attack the model: --sweep_max_records restricts all of them to the same
+# records, so that PGD and the ensemble are compared on equal footing (masking_check).
+ATTACK_KINDS = ("attack", "ifgsm", "apgd_ce", "apgd_dlr", "square", "autoattack")
+GRADIENT_SWEEPS = ("pgd_linf", "apgd_ce", "apgd_dlr")  # the L-inf gradient attacks
 
 
 class EvaluationError(Exception):
@@ -159,12 +173,16 @@ def shard_loader(loader, rank: int, world_size: int, max_batches: int = 0):
     (by length when bucketed), so the shares partition exactly the records one process
     evaluates and the sum of their confusion matrices is its confusion matrix.
     """
+    batches = list(loader.batch_sampler)[:max_batches or None]
+    return loader_over(loader, np.concatenate(batches)[rank::world_size].tolist() if batches else [])
+
+
+def loader_over(loader, indices: list[int]):
+    """A loader like ``loader`` (same dataset, batching and workers) over ``indices`` only."""
     from torch.utils.data import DataLoader
 
     from ECG_Dataset import BucketBatchSampler, crop_collate
 
-    batches = list(loader.batch_sampler)[:max_batches or None]
-    indices = np.concatenate(batches)[rank::world_size].tolist() if batches else []
     if isinstance(loader.batch_sampler, BucketBatchSampler):
         batching: dict = dict(batch_sampler=BucketBatchSampler(
             indices, loader.dataset.lengths, loader.batch_sampler.batch_size, chunk_batches=None,
@@ -177,6 +195,21 @@ def shard_loader(loader, rank: int, world_size: int, max_batches: int = 0):
 
 # --- robustness sweeps (PROTOCOL sections 6 and 7) --------------------------------------------
 
+def balanced_records(labels, max_records: int) -> list[int]:
+    """At most ``max_records`` record indices, class-balanced and deterministic (no RNG).
+
+    The classes take turns in class order, each giving its next record in split order,
+    until ``max_records`` are taken (a class that runs out drops out of the turns); the
+    indices come back sorted. 0 means every record.
+    """
+    labels = np.asarray(labels)
+    if not max_records or max_records >= len(labels):
+        return list(range(len(labels)))
+    members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    turns = [m[i] for i in range(max(map(len, members))) for m in members if i < len(m)]
+    return sorted(int(i) for i in turns[:max_records])
+
+
 def parse_sweeps(names: str) -> list[str]:
     """A comma-separated list of sweep names ("" for none, "all" for every one)."""
     if names.strip() == "all":
@@ -186,6 +219,11 @@ def parse_sweeps(names: str) -> list[str]:
     if unknown:
         raise EvaluationError(f"--sweeps: unknown sweep '{unknown[0]}' (known: {', '.join(SWEEPS)}, all)")
     return chosen
+
+
+def square_queries(steps: int) -> int:
+    """Square's query budget in a sweep run with ``steps`` gradient-attack iterations."""
+    return max(1, SQUARE_QUERIES_PER_STEP * steps)
 
 
 def perturb(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
@@ -200,6 +238,17 @@ def perturb(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torc
                                   restarts=restarts, generator=generator)
     if kind == "ifgsm":
         return attacks.ifgsm_attack(model, x, y, mask, level, variant, steps=steps)
+    if kind in ("apgd_ce", "apgd_dlr"):
+        return attacks.apgd_attack(model, x, y, mask, level, variant, steps=steps,
+                                   loss=kind.removeprefix("apgd_"), restarts=restarts,
+                                   generator=generator)
+    queries = square_queries(steps)
+    if kind == "square":
+        return attacks.square_attack(model, x, y, mask, level, variant, queries=queries,
+                                     generator=generator)
+    if kind == "autoattack":
+        return attacks.ensemble_attack(model, x, y, mask, level, variant, steps=steps,
+                                       queries=queries, restarts=restarts, generator=generator)[0]
     if kind == "white":
         return attacks.white_noise(x, level, generator=generator)
     if variant.startswith("powerline"):
@@ -294,6 +343,94 @@ def sweep_rows(run: str, result: dict) -> list[dict]:
     return rows
 
 
+# --- gradient-masking check -------------------------------------------------------------
+
+def _accuracy_by_level(result: dict) -> dict[float, float]:
+    """{level: accuracy} of one sweep, the clean level left out."""
+    return dict(zip(result["levels"][1:], result["accuracy"][1:]))
+
+
+def masking_check(sweeps: dict[str, dict], pgd: str = "pgd_linf", ensemble: str = "autoattack"
+                  ) -> dict | None:
+    """Does PGD overstate one run's robustness? None unless the run has both sweeps.
+
+    ``sweeps`` is a run's robustness results ({sweep name: ``robustness_sweep`` result}).
+    For each level both sweeps share: the accuracy under PGD, under the ensemble, the gap
+    (PGD minus ensemble) and, when the run has a Square sweep, Square's accuracy next to
+    the strongest gradient attack's (the lowest accuracy among GRADIENT_SWEEPS it has). The
+    run is flagged when the gap exceeds MASKING_GAP at some level, or when Square, which
+    uses no gradients, ends below the gradient attacks at some level: both say that the
+    gradients mislead the gradient attacks (gradient masking). Sweeps run on other records
+    than PGD's (a different --sweep_max_records) are not compared.
+
+    Returns {"rows": [{"eps", "pgd", "ensemble", "gap", "square", "gradient"}], "flagged",
+    "verdict"} with the verdict in plain words; "square" and "gradient" are None without Square.
+    """
+    if pgd not in sweeps or ensemble not in sweeps:
+        return None
+    reference = sweeps[pgd]
+
+    def comparable(name: str) -> bool:
+        other = sweeps[name]
+        return other["n"] == reference["n"] and other.get("records") == reference.get("records")
+
+    if not comparable(ensemble):
+        return {"rows": [], "flagged": False,
+                "verdict": f"Not compared: {pgd} ran on {reference['n']} records and {ensemble} on "
+                           f"{sweeps[ensemble]['n']} (run both with the same --sweep_max_records)."}
+    accuracy = {name: _accuracy_by_level(sweeps[name])
+                for name in dict.fromkeys((pgd, ensemble, "square", *GRADIENT_SWEEPS))
+                if name in sweeps and comparable(name)}
+    gradient_sweeps = [name for name in GRADIENT_SWEEPS if name in accuracy]
+    rows = []
+    for level in (lv for lv in accuracy[pgd] if lv in accuracy[ensemble]):
+        square = accuracy.get("square", {}).get(level)
+        rows.append({"eps": level, "pgd": accuracy[pgd][level], "ensemble": accuracy[ensemble][level],
+                     "gap": accuracy[pgd][level] - accuracy[ensemble][level], "square": square,
+                     "gradient": None if square is None else
+                     min(accuracy[g][level] for g in gradient_sweeps if level in accuracy[g])})
+
+    reasons = []
+    overstated = [row for row in rows if row["gap"] > MASKING_GAP + ACCURACY_SLACK]
+    if overstated:
+        worst = max(overstated, key=lambda row: row["gap"])
+        reasons.append(f"PGD overstates this model's robustness by {100 * worst['gap']:.1f} points at "
+                       f"eps={worst['eps']:g} (accuracy {worst['pgd']:.3f} under PGD, "
+                       f"{worst['ensemble']:.3f} under the ensemble); the ensemble is more than "
+                       f"{100 * MASKING_GAP:g} points below PGD at eps="
+                       + ", ".join(f"{row['eps']:g}" for row in overstated) + ".")
+    square_wins = [row for row in rows if row["square"] is not None
+                   and row["square"] < row["gradient"] - ACCURACY_SLACK]
+    if square_wins:
+        reasons.append("Square, which uses no gradients, does better than the gradient attacks at eps="
+                       + ", ".join(f"{row['eps']:g} ({row['square']:.3f} against {row['gradient']:.3f})"
+                                   for row in square_wins)
+                       + ": the gradients mislead the gradient attacks.")
+    verdict = " ".join(reasons) or (
+        f"No sign of gradient masking: the ensemble is within {100 * MASKING_GAP:g} points of PGD at "
+        "every level" + (" and Square never does better than the gradient attacks."
+                         if "square" in accuracy else "."))
+    return {"rows": rows, "flagged": bool(reasons), "verdict": verdict}
+
+
+def masking_check_markdown(checks: dict[str, dict]) -> str:
+    """The checks of several runs ({run: ``masking_check`` result}) as one Markdown table
+    (class-balanced accuracy; gap in points) followed by each run's verdict."""
+    def cell(value):
+        return "" if value is None else f"{value:.3f}"
+
+    lines = ["| run | eps | PGD | ensemble | gap (points) | Square | best gradient attack |",
+             "|---|---|---|---|---|---|---|"]
+    for run, check in checks.items():
+        lines += [f"| {run} | {row['eps']:g} | {row['pgd']:.3f} | {row['ensemble']:.3f} | "
+                  f"{100 * row['gap']:.1f} | {cell(row['square'])} | {cell(row['gradient'])} |"
+                  for row in check["rows"]]
+    lines.append("")
+    lines += [f"- **{run}**: {'FLAGGED. ' if check['flagged'] else ''}{check['verdict']}"
+              for run, check in checks.items()]
+    return "\n".join(lines)
+
+
 # --- runs --------------------------------------------------------------------------------
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
@@ -365,10 +502,24 @@ def evaluate_run(run_dir: Path, model: torch.nn.Module, cfg: SimpleNamespace, sp
     if sweeps:
         import pandas as pd
 
-        sweep_loader = share(cfg.sweep_max_batches)
-        curves = {name: robustness_sweep(model, sweep_loader, name, device, cfg.sweep_steps,
-                                         cfg.sweep_restarts, cfg.sweep_max_batches, cfg.seed, sharded)
-                  for name in tqdm(sweeps, desc="robustness sweeps", disable=not main)}
+        # The attacks may run on a fixed class-balanced subset (--sweep_max_records); the
+        # noises are cheap and always see every record.
+        max_records = getattr(cfg, "sweep_max_records", 0)
+        subset = balanced_records(loader.dataset.labels, max_records)
+        attack_loader = loader_over(loader, subset) if max_records else loader
+
+        def sweep_loader(chosen):
+            return shard_loader(chosen, rank(), world_size(), cfg.sweep_max_batches) if sharded else chosen
+
+        curves = {}
+        for name in tqdm(sweeps, desc="robustness sweeps", disable=not main):
+            attacked = SWEEPS[name][0] in ATTACK_KINDS
+            curves[name] = robustness_sweep(model, sweep_loader(attack_loader if attacked else loader),
+                                            name, device, cfg.sweep_steps, cfg.sweep_restarts,
+                                            cfg.sweep_max_batches, cfg.seed, sharded)
+            if attacked and max_records:
+                curves[name]["settings"]["max_records"] = max_records
+                curves[name]["records"] = [loader.dataset.names[i] for i in subset]
         result["robustness"] = curves
         if not main:
             return result
@@ -409,7 +560,9 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
 
     Writes to out_dir: clean.md/.csv (per-class F1, mean F1, CPSC sub-scores, accuracy per
     run) and, for every sweep the runs share, <sweep>.md/.csv (rows: runs; columns: clean,
-    each level, AUC) and <sweep>.png (one curve per run). Returns {table name: Markdown}.
+    each level, AUC) and <sweep>.png (one curve per run); masking_check.md when a run has
+    both the pgd_linf and the autoattack sweep (``masking_check``). Returns {table name:
+    Markdown}.
     """
     import pandas as pd
 
@@ -460,6 +613,10 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
             plot_sweeps({name: {table_name: c[table_name]} for name, c in curves.items()
                          if table_name in c}, out_dir / f"{table_name}.png",
                         f"{table_name}, {split} split: class-balanced accuracy")
+    checks = {name: check for name, results in curves.items() if (check := masking_check(results))}
+    if checks:
+        markdown["masking_check"] = masking_check_markdown(checks)
+        (out_dir / "masking_check.md").write_text(markdown["masking_check"] + "\n")
     return markdown
 
 
@@ -493,13 +650,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--sweep_steps", type=int, help="PGD/IFGSM iterations (default: the run's, 100 in the paper)")
         parser.add_argument("--sweep_restarts", type=int, help="PGD random starts (the paper: 2)")
         parser.add_argument("--sweep_max_batches", type=int, help="sweeps: at most this many batches")
+        parser.add_argument("--sweep_max_records", type=int, default=0,
+                            help="attack sweeps: a fixed class-balanced subset of this many records "
+                                 "(0: all; the records are listed in the results)")
         args = parser.parse_args(argv)
         model, config = load_model(args.run)
         cfg = SimpleNamespace(**config)
-        for key in ("device", "data_dir", "sweeps", "sweep_steps", "sweep_restarts", "sweep_max_batches"):
+        for key in ("device", "data_dir", "sweeps", "sweep_steps", "sweep_restarts", "sweep_max_batches",
+                    "sweep_max_records"):
             if getattr(args, key) is not None:
                 setattr(cfg, key, getattr(args, key))
-        for key in ("sweep_steps", "sweep_max_batches", "max_batches"):
+        for key in ("sweep_steps", "sweep_max_batches", "sweep_max_records", "max_batches"):
             if getattr(args, key) is not None and getattr(args, key) < 0:
                 raise EvaluationError(f"--{key} must be >= 0, got {getattr(args, key)}")
         if args.sweep_restarts is not None and args.sweep_restarts < 1:

@@ -426,17 +426,27 @@ def _run_settings(job: Job) -> str:
 
 def _sweep_settings_line(sweep: str, results: dict[str, dict]) -> str:
     """One line stating the attack/noise settings (they are shared when the runs agree)."""
-    from evaluate import SWEEPS
+    from evaluate import SWEEPS, square_queries
 
     kind = SWEEPS[sweep][0]
 
     def describe(settings: dict) -> str:
         records = "all test batches" if not settings["max_batches"] else \
             f"the first {settings['max_batches']} test batch(es)"
+        if settings.get("max_records"):
+            records = f"a fixed class-balanced subset of {settings['max_records']} test records"
         if kind in ("attack", "ifgsm"):
             starts = "no random start" if kind == "ifgsm" else f"{settings['restarts']} random start(s)"
             return (f"{settings['steps']} steps of size eps/10, {starts}, CE loss, early stop, model in eval "
                     f"mode, {records}, seed {settings['seed']}")
+        if kind in ("apgd_ce", "apgd_dlr", "square", "autoattack"):
+            steps = f"{settings['steps']} steps, {settings['restarts']} random start(s)"
+            queries = f"{square_queries(settings['steps'])} queries"
+            attack = {"apgd_ce": f"APGD-CE, {steps}", "apgd_dlr": f"APGD-DLR, {steps}",
+                      "square": f"Square L-inf, {queries}",
+                      "autoattack": f"APGD-CE, then APGD-DLR ({steps} each) and Square ({queries}) "
+                                    "on the survivors"}[kind]
+            return f"{attack}, early stop, model in eval mode, {records}, seed {settings['seed']}"
         return f"one noise draw per record and level, {records}, seed {settings['seed']}"
 
     described = {run: describe(r["settings"]) for run, r in results.items()}
@@ -447,7 +457,7 @@ def _sweep_settings_line(sweep: str, results: dict[str, dict]) -> str:
 
 def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, result_dir: Path,
                  jobs: list[Job], ready: list[Job], tables: dict[str, str], timings: Timings) -> str:
-    from evaluate import SWEEPS
+    from evaluate import MASKING_GAP, SWEEPS, masking_check, masking_check_markdown
     from preprocess import DataError, load_cache
 
     def rel(path: Path) -> str:
@@ -535,6 +545,17 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
                   f"Split: test, {', '.join(map(str, n_used))} records used; {level_note}. "
                   f"Settings: {_sweep_settings_line(sweep, results)}. Time: {times}.", "",
                   tables[sweep], "", f"![{sweep}]({rel(result_dir / 'compare' / f'{sweep}.png')})", ""]
+
+    checks = {job.run_dir.name: check for job in ready if (check := masking_check(robustness[job]))}
+    if checks:
+        lines += ["## Gradient-masking check", "",
+                  "For each run with both a PGD (`pgd_linf`) and an ensemble (`autoattack`) sweep: "
+                  "class-balanced accuracy under each at every shared eps, the gap in points (PGD minus "
+                  "ensemble) and, when the run has a `square` sweep, Square's accuracy next to the strongest "
+                  f"gradient attack's. A run is flagged when the ensemble is more than {100 * MASKING_GAP:g} "
+                  "points below PGD at some eps, or when Square, which uses no gradients, does better than "
+                  "the gradient attacks: then PGD's numbers overstate the model's robustness.", "",
+                  masking_check_markdown(checks), ""]
 
     lines += ["## Stage timings", "",
               f"Wall time and CPU time (user + system of the stage's processes) of this invocation; a skipped "

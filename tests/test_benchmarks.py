@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ["bench_methods.py", "bench_pgd.py", "bench_variable_length.py"]
+SCRIPTS = ["bench_methods.py", "bench_pgd.py", "bench_variable_length.py", "bench_autoattack.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -30,6 +30,10 @@ def test_benchmark_smoke_run_writes_its_figures(script, tmp_path):
         assert all(r["ms_per_sample"] > 0 and r["speedup_vs_fixed_resnet18a"] > 0
                    for r in result["results"].values())
         assert "SYNTHETIC" in result["records"]  # the demo data says what it is
+    if script == "bench_autoattack.py":
+        assert set(result["results"]) == {"bare forward+input-grad", "apgd-ce", "apgd-dlr",
+                                          "bare forward", "square"}
+        assert result["results"]["square"]["queries_per_s"] > 0
 
 
 BAD_FLAGS = [(script, ["--threads", "0"], "--threads must be >= 1") for script in SCRIPTS] + [

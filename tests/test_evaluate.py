@@ -253,3 +253,76 @@ def test_flags_are_never_abbreviated(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main([str(tmp_path), "--sweep", "white"])
     assert "unrecognized arguments: --sweep white" in capsys.readouterr().err
+
+
+# --- AutoAttack-style sweeps and the gradient-masking check ---------------------------------
+
+def test_balanced_records_take_the_classes_in_turn():
+    labels = [2, 0, 0, 1, 0, 2, 0, 1, 0]  # class 0: records 1 2 4 6 8; class 1: 3 7; class 2: 0 5
+    # turns: 1 (class 0), 3 (1), 0 (2), then 2, 7, 5, then class 0 alone: 4, 6, 8
+    assert evaluate.balanced_records(labels, 5) == [0, 1, 2, 3, 7]
+    assert evaluate.balanced_records(labels, 7) == [0, 1, 2, 3, 4, 5, 7]
+    assert evaluate.balanced_records(labels, 0) == list(range(9))
+    assert evaluate.balanced_records(labels, 50) == list(range(9))
+
+
+def sweep_result(accuracies, n=36, records=None):
+    """A sweep result as robustness_sweep writes it (clean first), levels 0.01 and 0.05."""
+    result = {"levels": [0.0, 0.01, 0.05], "accuracy": accuracies, "n": n}
+    if records is not None:
+        result["records"] = records
+    return result
+
+
+def test_masking_check_flags_an_ensemble_far_below_pgd():
+    check = evaluate.masking_check({"pgd_linf": sweep_result([0.9, 0.80, 0.50]),
+                                    "autoattack": sweep_result([0.9, 0.79, 0.40])})
+    assert [row["eps"] for row in check["rows"]] == [0.01, 0.05]
+    assert [row["gap"] for row in check["rows"]] == pytest.approx([0.01, 0.10])
+    assert check["flagged"]
+    assert check["verdict"].startswith("PGD overstates this model's robustness by 10.0 points at eps=0.05")
+    assert "more than 2 points below PGD at eps=0.05." in check["verdict"]  # 1 point at 0.01 is noise
+
+
+def test_masking_check_flags_square_beating_the_gradient_attacks():
+    check = evaluate.masking_check({"pgd_linf": sweep_result([0.9, 0.80, 0.50]),
+                                    "apgd_ce": sweep_result([0.9, 0.78, 0.45]),
+                                    "autoattack": sweep_result([0.9, 0.78, 0.45]),
+                                    "square": sweep_result([0.9, 0.85, 0.40])})
+    assert check["flagged"] and "PGD overstates" in check["verdict"]  # 5 points at 0.05
+    assert [row["gradient"] for row in check["rows"]] == [0.78, 0.45]  # the strongest one
+    assert "Square, which uses no gradients, does better than the gradient attacks at eps=0.05 " \
+           "(0.400 against 0.450)" in check["verdict"]
+
+
+def test_masking_check_passes_a_consistent_run_and_skips_incomparable_ones():
+    fine = evaluate.masking_check({"pgd_linf": sweep_result([0.9, 0.80, 0.50]),
+                                   "autoattack": sweep_result([0.9, 0.79, 0.49]),
+                                   "square": sweep_result([0.9, 0.85, 0.70])})
+    assert not fine["flagged"] and fine["verdict"].startswith("No sign of gradient masking")
+    assert evaluate.masking_check({"pgd_linf": sweep_result([0.9, 0.8, 0.5])}) is None
+    other_records = evaluate.masking_check({"pgd_linf": sweep_result([0.9, 0.8, 0.5], records=["A1"]),
+                                            "autoattack": sweep_result([0.9, 0.1, 0.1], records=["A2"])})
+    assert not other_records["flagged"] and other_records["verdict"].startswith("Not compared")
+    markdown = evaluate.masking_check_markdown({"CE": fine})
+    assert "| CE | 0.05 | 0.500 | 0.490 | 1.0 | 0.700 | 0.500 |" in markdown
+    assert "- **CE**: No sign of gradient masking" in markdown
+
+
+def test_autoattack_sweeps_on_a_record_subset_and_the_compare_check(two_runs, tmp_path):
+    import shutil
+
+    run = tmp_path / "B"  # a copy: the other tests read the fixture's own results
+    shutil.copytree(two_runs / "B", run)
+    assert evaluate.main([str(run), "--sweeps", "pgd_linf,autoattack,white", "--sweep_steps", "1",
+                          "--sweep_restarts", "1", "--sweep_max_records", "3"]) == 0
+    sweeps = json.loads((run / "robustness_test.json").read_text())["sweeps"]
+    for name in ("pgd_linf", "autoattack"):
+        assert sweeps[name]["n"] == 3 and sweeps[name]["settings"]["max_records"] == 3
+        assert len(sweeps[name]["records"]) == 3
+    assert sweeps["autoattack"]["records"] == sweeps["pgd_linf"]["records"]
+    assert sweeps["white"]["n"] == 18 and "records" not in sweeps["white"]  # noises see every record
+    assert sweeps["autoattack"]["levels"][1:] == list(evaluate.PAPER_LINF_LEVELS)
+    assert evaluate.main(["compare", str(run), "--out", str(tmp_path / "compare")]) == 0
+    markdown = (tmp_path / "compare" / "masking_check.md").read_text()
+    assert markdown.startswith("| run | eps | PGD | ensemble |") and "- **B**:" in markdown

@@ -225,3 +225,37 @@ def test_mini_takes_its_records_from_raw_dir(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert reproduce.main(["--preset", "mini", "--raw-dir", "records", "--dry-run"]) == 0
     assert "preprocess.py --raw-dir records --out-dir data/mini/processed" in capsys.readouterr().out
+
+
+def test_report_has_the_gradient_masking_check_for_runs_with_pgd_and_the_ensemble(tmp_path):
+    import evaluate
+    from types import SimpleNamespace
+
+    result = tmp_path / "result"
+    clean = evaluate.classification_scores(evaluate.confusion_matrix([0, 1, 2], [0, 1, 2]))
+    settings = {"steps": 2, "restarts": 1, "max_batches": 0, "seed": 0}
+
+    def sweep(name, accuracy):
+        return {"sweep": name, "levels": [0.0, 0.01, 0.05], "axis_levels": [0.0, 0.01, 0.05],
+                "accuracy": accuracy, "auc": 0.5, "n": 3, "settings": settings}
+
+    runs = {"NSR": {"pgd_linf": sweep("pgd_linf", [1.0, 1.0, 1.0]),
+                    "autoattack": sweep("autoattack", [1.0, 0.9, 0.5])},
+            "CE": {"pgd_linf": sweep("pgd_linf", [1.0, 0.5, 0.0])}}  # no ensemble: not checked
+    cfg = SimpleNamespace(epochs=1, batch_size=1, lr=0.1, max_length=2048, random_pad=0, max_batches=0,
+                          model="resnet18a")
+    jobs = []
+    for name, sweeps in runs.items():
+        (result / name).mkdir(parents=True)
+        (result / name / "eval_test.json").write_text(json.dumps({"clean": clean}))
+        (result / name / "robustness_test.json").write_text(json.dumps({"sweeps": sweeps}))
+        jobs.append(reproduce.Job(name, Path(f"{name}.py"), [], cfg, {}, result / name))
+    tables = evaluate.compare_runs([job.run_dir for job in jobs], result / "compare")
+    report = reproduce.build_report("smoke", reproduce.PLANS["smoke"], tmp_path / "raw", tmp_path / "data",
+                                    result, jobs, jobs, tables,
+                                    reproduce.Timings(result / "timings.json", "smoke", dry_run=True))
+    section = report.split("## Gradient-masking check")[1].split("## Stage timings")[0]
+    assert "| NSR | 0.05 | 1.000 | 0.500 | 50.0 |  |  |" in section
+    assert ("- **NSR**: FLAGGED. PGD overstates this model's robustness by 50.0 points at eps=0.05"
+            in section)
+    assert "| CE |" not in section and "**CE**" not in section
