@@ -161,6 +161,7 @@ def single_process_step(case: str, shards: int = 1) -> tuple[torch.Tensor, float
     return torch.cat([p.grad.flatten() for p in model.parameters()]), total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["CE", "NSR_mixed", "NSR_one_rank", "jacob"])
 def test_ddp_gradient_is_the_single_process_gradient_on_the_union_batch(ddp_gradients, case):
     ranks = ddp_gradients[case]
@@ -176,6 +177,7 @@ def test_ddp_gradient_is_the_single_process_gradient_on_the_union_batch(ddp_grad
         assert relative_error(naive, expected) > 1e-2
 
 
+@pytest.mark.slow
 def test_adversarial_training_step_runs_and_synchronises(ddp_gradients):
     """PGD runs on the plain module inside the step; its random starts are drawn per rank,
     so only the clean term matches one process exactly."""
@@ -191,6 +193,7 @@ def test_adversarial_training_step_runs_and_synchronises(ddp_gradients):
 
 # --- the method scripts under torchrun ---------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,run,extra", [
     ("CPSC2018_CNN_CE", "CE", ["--sweeps", "white", "--sweep_max_batches", "1"]),
     ("CPSC2018_CNN_NSR", "NSR_beta1_1_beta2_1", ["--preset", "smoke", "--sweeps", ""]),
@@ -231,6 +234,7 @@ def test_script_under_torchrun_matches_one_process_and_writes_each_file_once(
         assert sweep["n"] == 18 and sweep["settings"]["max_batches"] == 1
 
 
+@pytest.mark.slow
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_batch_and_resume_matches(tiny_cache, tmp_path):
     worker = REPO / "tests" / "ddp_worker.py"
     # Random pads this time: resuming must restore each rank's own random stream.
@@ -263,6 +267,7 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_batch_and_resume_matc
     assert torch.equal(flat(weights(run / "model.pt")), flat(reference[0]))
 
 
+@pytest.mark.slow
 def test_reproduce_under_torchrun_runs_the_chain_once_with_that_many_processes(tmp_path):
     """`torchrun --nproc_per_node 2 reproduce.py` = `reproduce.py --nproc-per-node 2`: one chain."""
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

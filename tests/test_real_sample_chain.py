@@ -6,12 +6,14 @@ import importlib
 import json
 
 import numpy as np
+import pytest
 
 import evaluate
 import harness
 import preprocess
 
 
+@pytest.mark.slow
 def test_preprocess_train_and_evaluate_on_the_real_sample(sample_dir, tmp_path, capsys):
     cache, results = tmp_path / "processed", tmp_path / "result"
     assert preprocess.main(["--raw-dir", str(sample_dir), "--out-dir", str(cache),
