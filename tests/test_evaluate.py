@@ -88,26 +88,19 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 import evaluate  # noqa: E402
-import harness  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def two_runs(tiny_cache, tmp_path_factory):
-    """Two small real runs (CE with two seeds), each trained one epoch and evaluated."""
-    import torch.nn.functional as F
-
+def two_runs(untrained_run, tmp_path_factory):
+    """Two runs A and B of tiny_cache (untrained resnet18a's of seeds 0 and 1 saved as trained CE
+    runs), each evaluated by the command line with a white-noise and a 3-step PGD sweep."""
     root = tmp_path_factory.mktemp("runs")
-    for name, seed in [("A", "0"), ("B", "1")]:
-        status = harness.main("CE", lambda m, x, y, mask, e, c: (F.cross_entropy(m(x, mask), y), {}),
-                              {}, lambda cfg: name,
-                              argv=["--data_dir", str(tiny_cache), "--result_dir", str(root),
-                                    "--max_length", "2048", "--random_pad", "1024", "--batch_size", "8",
-                                    "--eval_batch_size", "18", "--epochs", "1", "--seed", seed,
-                                    "--sweeps", "white,pgd_linf", "--sweep_steps", "3",
-                                    "--sweep_restarts", "1"])
-        assert status == 0
+    for name, seed in [("A", 0), ("B", 1)]:
+        untrained_run(root / name, seed, "--sweeps", "white,pgd_linf", "--sweep_steps", "3",
+                      "--sweep_restarts", "1")
+        assert evaluate.main([str(root / name)]) == 0  # the run's own sweeps
     return root
 
 
@@ -174,78 +167,50 @@ def test_a_pickled_object_in_a_checkpoint_is_never_executed(tmp_path, capsys):
 
 # --- bad inputs that need no trained run ----------------------------------------------------
 
-def fake_run(folder: Path, sweeps: bool = True) -> Path:
-    """A run folder with the result files of an evaluation (clean metrics, a white-noise sweep)."""
-    folder.mkdir(parents=True)
-    clean = classification_scores(confusion_matrix(np.arange(9), np.arange(9)))
-    (folder / "eval_test.json").write_text(json.dumps({"clean": clean}))
-    if sweeps:
-        levels, accuracy = [0.0, *evaluate.WHITE_LEVELS], [1.0] * (1 + len(evaluate.WHITE_LEVELS))
-        white = {"sweep": "white", "levels": levels, "axis_levels": levels, "accuracy": accuracy,
-                 "auc": 1.0}
-        (folder / "robustness_test.json").write_text(json.dumps({"sweeps": {"white": white}}))
-    return folder
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: "), err
-    return err.strip()
-
-
 @pytest.mark.parametrize("content", ["[]", '{"clean": 3}', '{"clean": {"f1": []}}', "{not json", "\xff"])
-def test_compare_refuses_malformed_results_in_one_line(tmp_path, capsys, content):
+def test_compare_refuses_malformed_results_in_one_line(tmp_path, fake_run, one_error_line, content):
     run = fake_run(tmp_path / "A")
     (run / "eval_test.json").write_bytes(content.encode("latin-1"))
     assert evaluate.main(["compare", str(run), "--out", str(tmp_path / "out")]) == 2
-    assert str(run / "eval_test.json") in one_error_line(capsys)
+    assert str(run / "eval_test.json") in one_error_line()
 
 
-def test_compare_refuses_an_out_that_is_a_file(tmp_path, capsys):
+def test_compare_refuses_an_out_that_is_a_file(tmp_path, fake_run, one_error_line):
     (tmp_path / "out").write_text("")
     assert evaluate.main(["compare", str(fake_run(tmp_path / "A")), "--out", str(tmp_path / "out")]) == 2
-    assert f"--out {tmp_path / 'out'}: cannot create the output folder" in one_error_line(capsys)
+    assert f"--out {tmp_path / 'out'}: cannot create the output folder" in one_error_line()
 
 
-def test_compare_names_a_run_without_robustness_results(tmp_path, capsys):
-    runs = [fake_run(tmp_path / "A"), fake_run(tmp_path / "B", sweeps=False)]
+def test_compare_names_a_run_without_robustness_results(tmp_path, capsys, fake_run):
+    runs = [fake_run(tmp_path / "A"), fake_run(tmp_path / "B", sweeps=None)]
     assert evaluate.main(["compare", *map(str, runs), "--out", str(tmp_path / "out")]) == 0
     assert (f"note: {runs[1]} has no robustness_test.json (no robustness sweeps run): it is left out of "
             "the robustness tables") in capsys.readouterr().err
     assert "B" not in (tmp_path / "out" / "white.csv").read_text()
 
 
-def save_checkpoint(path: Path, **overrides) -> Path:
-    from ECG_CNN import build_model
-
-    config = vars(harness.parse_config("CE", {}, argv=["--sweeps", ""]))
-    torch.save({"model_name": "resnet18a", "model": build_model("resnet18a").state_dict(), "config": config,
-                **overrides}, path)
-    return path
-
-
-def test_a_checkpoint_without_its_config_is_refused_in_one_line(tmp_path, capsys):
-    path = save_checkpoint(tmp_path / "model.pt")
+def test_a_checkpoint_without_its_config_is_refused_in_one_line(tmp_path, untrained_run, one_error_line):
+    path = untrained_run(tmp_path) / "model.pt"
     state = torch.load(path, weights_only=True)
     del state["config"]
     torch.save(state, path)
     assert evaluate.main([str(path)]) == 2
-    assert one_error_line(capsys) == f"error: {path}: not a checkpoint of this project (KeyError: 'config')"
+    assert one_error_line() == f"error: {path}: not a checkpoint of this project (KeyError: 'config')"
 
 
-def test_an_unavailable_device_is_refused_in_one_line(tmp_path, capsys):
-    path = save_checkpoint(tmp_path / "model.pt")
+def test_an_unavailable_device_is_refused_in_one_line(tmp_path, untrained_run, one_error_line):
+    path = untrained_run(tmp_path) / "model.pt"
     assert evaluate.main([str(path), "--device", "mps"]) == 2
-    assert one_error_line(capsys) == "error: --device mps: MPS is not available on this machine"
+    assert one_error_line() == "error: --device mps: MPS is not available on this machine"
 
 
-def test_a_run_folder_in_use_is_not_evaluated(tmp_path, capsys):
+def test_a_run_folder_in_use_is_not_evaluated(tmp_path, untrained_run, one_error_line):
     from safe_writes import lock_folder
 
-    save_checkpoint(tmp_path / "model.pt")
+    untrained_run(tmp_path)
     with lock_folder(tmp_path):  # as a training of that run would
         assert evaluate.main([str(tmp_path)]) == 2
-    assert f"this run folder is in use by process {os.getpid()}" in one_error_line(capsys)
+    assert f"this run folder is in use by process {os.getpid()}" in one_error_line()
     assert not (tmp_path / "eval_test.json").exists()
 
 

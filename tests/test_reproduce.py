@@ -46,6 +46,7 @@ def markdown_tables(text: str) -> list[list[list[str]]]:
     return tables
 
 
+@pytest.mark.slow
 def test_smoke_chain_writes_report_runs_and_timings(smoke):
     root, first, _ = smoke
     result = root / "result" / "smoke"
@@ -64,6 +65,7 @@ def test_smoke_chain_writes_report_runs_and_timings(smoke):
     assert "=== data: generate synthetic records" in first.stdout and "=== data: preprocess" in first.stdout
 
 
+@pytest.mark.slow
 def test_second_invocation_skips_every_finished_stage(smoke):
     root, first, second = smoke
     assert "=== train" not in second.stdout and "=== data" not in second.stdout
@@ -78,6 +80,7 @@ def test_second_invocation_skips_every_finished_stage(smoke):
     assert all(s["earlier"]["status"] == "ran" and s["earlier"]["seconds"] > 0 for s in skipped)
 
 
+@pytest.mark.slow
 def test_report_tables_have_one_row_per_run_with_the_runs_numbers(smoke):
     root, _, _ = smoke
     result = root / "result" / "smoke"
@@ -111,6 +114,7 @@ def test_report_tables_have_one_row_per_run_with_the_runs_numbers(smoke):
     assert "## Stage timings" in report and "train CE (CE)" in report
 
 
+@pytest.mark.slow
 def test_run_state_follows_the_files(smoke, tmp_path, monkeypatch):
     root, _, _ = smoke
     monkeypatch.chdir(root)  # where the chain ran: the runs' relative data_dir is resolved from there
@@ -132,6 +136,7 @@ def test_run_state_follows_the_files(smoke, tmp_path, monkeypatch):
     assert reproduce.run_state(job) == "train"
 
 
+@pytest.mark.slow
 def test_cache_is_reused_only_with_the_same_split_settings(smoke):
     root, _, _ = smoke
     data, raw = root / "data" / "smoke" / "processed", root / "data" / "smoke" / "train"
@@ -157,6 +162,7 @@ def test_dry_run_of_the_paper_prints_the_seven_training_commands_in_order(tmp_pa
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
 
 
+@pytest.mark.slow  # reproduce.py and its first stage as processes
 def test_a_failing_stage_is_named_and_stops_without_a_traceback(tmp_path):
     foreign = tmp_path / "not_synthetic"
     foreign.mkdir()
@@ -194,19 +200,16 @@ def test_bad_methods_flag_is_one_line_error(capsys):
     assert err == "error: --methods: unknown method 'svm' (known: CE, NSR, jacob, advls)"
 
 
-def test_snr_tables_keep_clean_and_0_db_apart(tmp_path):
+def test_snr_tables_keep_clean_and_0_db_apart(tmp_path, fake_run):
     """SNR sweeps end at 0 dB, the loudest noise: the report's tables must not read it as clean."""
     import evaluate
 
     levels = [None, 40, 30, 20, 15, 10, 5, 0]
     accuracy = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
-    clean = evaluate.classification_scores(evaluate.confusion_matrix([0, 1, 2], [0, 1, 1]))
     for run in ("A", "B"):
-        (tmp_path / run).mkdir()
-        (tmp_path / run / "eval_test.json").write_text(json.dumps({"clean": clean}))
         sweep = {"sweep": "muscle", "levels": levels, "axis_levels": [0.0] + [10 ** (-s / 20) for s in levels[1:]],
                  "accuracy": accuracy, "auc": 0.5, "n": 3, "settings": {}}
-        (tmp_path / run / "robustness_test.json").write_text(json.dumps({"sweeps": {"muscle": sweep}}))
+        fake_run(tmp_path / run, {"muscle": sweep}, clean=([0, 1, 2], [0, 1, 1]))
     tables = evaluate.compare_runs([tmp_path / "A", tmp_path / "B"], tmp_path / "compare")
     header, _, first, second = tables["muscle"].splitlines()
     assert header == "| run | clean | 40 dB | 30 dB | 20 dB | 15 dB | 10 dB | 5 dB | 0 dB | AUC |"
@@ -227,12 +230,11 @@ def test_mini_takes_its_records_from_raw_dir(tmp_path, monkeypatch, capsys):
     assert "preprocess.py --raw-dir records --out-dir data/mini/processed" in capsys.readouterr().out
 
 
-def test_report_has_the_gradient_masking_check_for_runs_with_pgd_and_the_ensemble(tmp_path):
+def test_report_has_the_gradient_masking_check_for_runs_with_pgd_and_the_ensemble(tmp_path, fake_run):
     import evaluate
     from types import SimpleNamespace
 
     result = tmp_path / "result"
-    clean = evaluate.classification_scores(evaluate.confusion_matrix([0, 1, 2], [0, 1, 2]))
     settings = {"steps": 2, "restarts": 1, "max_batches": 0, "seed": 0}
 
     def sweep(name, accuracy):
@@ -246,9 +248,7 @@ def test_report_has_the_gradient_masking_check_for_runs_with_pgd_and_the_ensembl
                           model="resnet18a")
     jobs = []
     for name, sweeps in runs.items():
-        (result / name).mkdir(parents=True)
-        (result / name / "eval_test.json").write_text(json.dumps({"clean": clean}))
-        (result / name / "robustness_test.json").write_text(json.dumps({"sweeps": sweeps}))
+        fake_run(result / name, sweeps, clean=([0, 1, 2], [0, 1, 2]))
         jobs.append(reproduce.Job(name, Path(f"{name}.py"), [], cfg, {}, result / name))
     tables = evaluate.compare_runs([job.run_dir for job in jobs], result / "compare")
     report = reproduce.build_report("smoke", reproduce.PLANS["smoke"], tmp_path / "raw", tmp_path / "data",
