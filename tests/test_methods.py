@@ -1,4 +1,5 @@
-"""The four method scripts end to end on a tiny configuration, and their defaults."""
+"""The four method scripts end to end on a tiny configuration (each trained once, by conftest's
+method_run), and their defaults."""
 import importlib
 import json
 import subprocess
@@ -10,30 +11,17 @@ import torch
 
 import harness
 
-SCRIPTS = ["CPSC2018_CNN_CE", "CPSC2018_CNN_NSR", "CPSC2018_CNN_jacob", "CPSC2018_CNN_ce_adv_pgd_ls"]
 
-
-def run_script(name, cache, result_dir, *extra):
-    script = importlib.import_module(name)
-    argv = ["--preset", "smoke", "--data_dir", str(cache), "--result_dir", str(result_dir),
-            "--max_length", "2048", "--random_pad", "1024", "--batch_size", "6",
-            "--eval_batch_size", "18", "--epochs", "2", "--max_batches", "2",
-            "--sweeps", "white,pgd_linf", "--sweep_steps", "2", *extra]
-    status = harness.main(script.__name__, script.loss_fn, script.HYPERPARAMETERS, script.run_name,
-                          getattr(script, "PRESET_OVERRIDES", None), argv=argv)
-    return status, script
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("name,expected_run", [
     ("CPSC2018_CNN_CE", "CE"),
     ("CPSC2018_CNN_NSR", "NSR_beta1_1_beta2_1"),
     ("CPSC2018_CNN_jacob", "jacob_beta_44"),
     ("CPSC2018_CNN_ce_adv_pgd_ls", "advls_eps_0.01_beta_0.5"),
 ])
-def test_script_runs_end_to_end_and_leaves_every_file(tiny_cache, tmp_path, name, expected_run):
-    status, _ = run_script(name, tiny_cache, tmp_path)
-    assert status == 0
-    run = tmp_path / expected_run
+def test_script_runs_end_to_end_and_leaves_every_file(method_run, name, expected_run):
+    status, run = method_run(name)
+    assert status == 0 and run.name == expected_run
     for path in ("config.json", "history.json", "curves.png", "model.pt", "checkpoints/last.pt",
                  "checkpoints/epoch_002.pt", "eval_test.json", "eval_test.md",
                  "robustness_test.json", "robustness_test.csv", "robustness_test.png"):
@@ -45,16 +33,17 @@ def test_script_runs_end_to_end_and_leaves_every_file(tiny_cache, tmp_path, name
     assert sweeps["pgd_linf"]["levels"][0] == 0 and len(sweeps["pgd_linf"]["accuracy"]) == 11
 
 
-def test_extra_terms_are_logged_when_they_apply(tiny_cache, tmp_path):
-    """Smoke presets start the NSR and adversarial terms at epoch 0, so they show in the history."""
-    for name, keys in [("CPSC2018_CNN_NSR", {"loss_mse", "loss_margin", "loss_nsr"}),
-                       ("CPSC2018_CNN_jacob", {"loss_ce", "loss_jacobian"}),
-                       ("CPSC2018_CNN_ce_adv_pgd_ls", {"loss_ce"})]:
-        status, script = run_script(name, tiny_cache, tmp_path / name, "--epochs", "1", "--sweeps", "")
-        assert status == 0
-        run_dir = next((tmp_path / name).iterdir())
-        history = json.loads((run_dir / "history.json").read_text())
-        assert keys <= set(history[0]), name
+@pytest.mark.slow
+@pytest.mark.parametrize("name,keys", [("CPSC2018_CNN_NSR", {"loss_mse", "loss_margin", "loss_nsr"}),
+                                       ("CPSC2018_CNN_jacob", {"loss_ce", "loss_jacobian"}),
+                                       ("CPSC2018_CNN_ce_adv_pgd_ls", {"loss_ce"})])
+def test_extra_terms_are_logged_when_they_apply(method_run, name, keys):
+    """Smoke presets start the NSR and adversarial terms at epoch 0, so they show in the history
+    from the first epoch on."""
+    status, run = method_run(name)
+    assert status == 0
+    history = json.loads((run / "history.json").read_text())
+    assert keys <= set(history[0]), name
 
 
 def test_run_names_carry_the_key_settings():
