@@ -41,9 +41,25 @@ def assert_same_weights(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_one_epoch_tiny_run_writes_every_artifact(tiny_cache, tmp_path):
-    assert train_ce(tiny_cache, tmp_path, "--epochs", "1") == 0
-    run = tmp_path / "CE"
+@pytest.fixture(scope="module")
+def ce_run(tiny_cache, tmp_path_factory) -> Path:
+    """The folder holding run CE of train_ce(tiny_cache, folder, "--epochs", "1"): trained once for
+    the module; read-only (tests that change it take ce_run_copy)."""
+    folder = tmp_path_factory.mktemp("ce_run")
+    assert train_ce(tiny_cache, folder, "--epochs", "1") == 0
+    return folder
+
+
+@pytest.fixture
+def ce_run_copy(ce_run, tmp_path) -> Path:
+    """tmp_path holding a copy of ce_run's run CE, as if train_ce(tiny_cache, tmp_path, "--epochs",
+    "1") had just run there."""
+    shutil.copytree(ce_run / "CE", tmp_path / "CE")
+    return tmp_path
+
+
+def test_one_epoch_tiny_run_writes_every_artifact(ce_run):
+    run = ce_run / "CE"
     for name in ("config.json", "history.json", "curves.png", "model.pt", "eval_test.json",
                  "eval_test.md", "checkpoints/last.pt", "checkpoints/epoch_001.pt"):
         assert (run / name).is_file(), name
@@ -71,9 +87,9 @@ def test_preset_then_method_override_then_flag():
     assert cfg.max_length == harness.PRESETS["demo"]["max_length"]
 
 
-def test_resume_after_an_epoch_gives_the_same_weights_bit_for_bit(tiny_cache, tmp_path):
+def test_resume_after_an_epoch_gives_the_same_weights_bit_for_bit(tiny_cache, tmp_path, ce_run):
     assert train_ce(tiny_cache, tmp_path / "straight", "--epochs", "2") == 0
-    assert train_ce(tiny_cache, tmp_path / "split", "--epochs", "1") == 0
+    shutil.copytree(ce_run / "CE", tmp_path / "split" / "CE")  # one epoch, as split's first training
     assert train_ce(tiny_cache, tmp_path / "split", "--epochs", "2", "--resume") == 0
     assert_same_weights(weights(tmp_path / "straight" / "CE"), weights(tmp_path / "split" / "CE"))
     straight = json.loads((tmp_path / "straight" / "CE" / "history.json").read_text())
@@ -82,7 +98,8 @@ def test_resume_after_an_epoch_gives_the_same_weights_bit_for_bit(tiny_cache, tm
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_saves_at_the_next_batch_and_resume_finishes_identically(tiny_cache, tmp_path, signum):
+def test_a_signal_saves_at_the_next_batch_and_resume_finishes_identically(tiny_cache, tmp_path, ce_run,
+                                                                          signum):
     calls = {"n": 0}
 
     def interrupted_loss(model, x, y, mask, epoch, cfg):
@@ -91,26 +108,25 @@ def test_a_signal_saves_at_the_next_batch_and_resume_finishes_identically(tiny_c
             os.kill(os.getpid(), signum)
         return ce_loss(model, x, y, mask, epoch, cfg)
 
-    assert train_ce(tiny_cache, tmp_path / "straight", "--epochs", "1") == 0
     status = train_ce(tiny_cache, tmp_path / "stopped", "--epochs", "1", loss_fn=interrupted_loss)
     assert status == 128 + signum
     saved = torch.load(tmp_path / "stopped" / "CE" / "checkpoints" / "last.pt", weights_only=True)
     assert (saved["epoch"], saved["batch"]) == (0, 2)
     assert not (tmp_path / "stopped" / "CE" / "model.pt").exists()
     assert train_ce(tiny_cache, tmp_path / "stopped", "--epochs", "1", "--resume") == 0
-    assert_same_weights(weights(tmp_path / "straight" / "CE"), weights(tmp_path / "stopped" / "CE"))
+    assert_same_weights(weights(ce_run / "CE"), weights(tmp_path / "stopped" / "CE"))  # straight through
 
 
-def test_same_seed_same_weights_other_seed_other_weights(tiny_cache, tmp_path):
-    for name, seed in [("a", "0"), ("b", "0"), ("c", "1")]:
+def test_same_seed_same_weights_other_seed_other_weights(tiny_cache, tmp_path, ce_run):
+    for name, seed in [("b", "0"), ("c", "1")]:  # a: ce_run, seed 0
         assert train_ce(tiny_cache, tmp_path / name, "--epochs", "1", "--seed", seed) == 0
-    assert_same_weights(weights(tmp_path / "a" / "CE"), weights(tmp_path / "b" / "CE"))
+    assert_same_weights(weights(ce_run / "CE"), weights(tmp_path / "b" / "CE"))
     other = weights(tmp_path / "c" / "CE")
-    assert not torch.equal(other["classifier.weight"], weights(tmp_path / "a" / "CE")["classifier.weight"])
+    assert not torch.equal(other["classifier.weight"], weights(ce_run / "CE")["classifier.weight"])
 
 
-def test_resume_ignores_a_truncated_checkpoint(tiny_cache, tmp_path):
-    assert train_ce(tiny_cache, tmp_path, "--epochs", "1") == 0
+def test_resume_ignores_a_truncated_checkpoint(ce_run_copy):
+    tmp_path = ce_run_copy
     checkpoints = tmp_path / "CE" / "checkpoints"
     (checkpoints / "epoch_999.pt").write_bytes((checkpoints / "last.pt").read_bytes()[:1000])
     with pytest.warns(UserWarning, match="ignoring unreadable checkpoint .*epoch_999.pt"):
@@ -134,10 +150,10 @@ def test_non_finite_loss_stops_naming_epoch_and_batch(tiny_cache, tmp_path, caps
     assert not (tmp_path / "CE" / "model.pt").exists()
 
 
-def test_non_finite_loss_names_the_batchs_records_and_the_checkpoint_kept(tiny_cache, tmp_path, capsys):
+def test_non_finite_loss_names_the_batchs_records_and_the_checkpoint_kept(tiny_cache, ce_run_copy, capsys):
     from preprocess import load_cache
 
-    assert train_ce(tiny_cache, tmp_path, "--epochs", "1") == 0
+    tmp_path = ce_run_copy  # one epoch trained
     labels = []
 
     def exploding_loss(model, x, y, mask, epoch, cfg):
@@ -153,15 +169,13 @@ def test_non_finite_loss_names_the_batchs_records_and_the_checkpoint_kept(tiny_c
     assert [int(first_labels[record]) - 1 for record in named] == labels[1]  # the batch, in order
 
 
-def test_an_existing_run_is_not_overwritten_by_accident(tiny_cache, tmp_path, capsys):
-    assert train_ce(tiny_cache, tmp_path, "--epochs", "1") == 0
-    assert train_ce(tiny_cache, tmp_path, "--epochs", "1") == 2
+def test_an_existing_run_is_not_overwritten_by_accident(tiny_cache, ce_run_copy, capsys):
+    assert train_ce(tiny_cache, ce_run_copy, "--epochs", "1") == 2
     assert "already holds a run" in capsys.readouterr().err
 
 
-def test_resume_refuses_a_checkpoint_of_another_model(tiny_cache, tmp_path, capsys):
-    assert train_ce(tiny_cache, tmp_path, "--epochs", "1") == 0
-    assert train_ce(tiny_cache, tmp_path, "--epochs", "2", "--resume", "--model", "resnet18m") == 2
+def test_resume_refuses_a_checkpoint_of_another_model(tiny_cache, ce_run_copy, capsys):
+    assert train_ce(tiny_cache, ce_run_copy, "--epochs", "2", "--resume", "--model", "resnet18m") == 2
     assert "is a resnet18a, not a resnet18m" in capsys.readouterr().err
 
 
@@ -223,17 +237,17 @@ def test_variable_length_mode_trains_and_resumes_identically(tiny_cache, tmp_pat
     assert config["model"] == "resnet18a_vl" and config["bucket"] is True
 
 
-def test_resume_refuses_other_training_settings(tiny_cache, tmp_path, capsys):
-    assert train_ce(tiny_cache, tmp_path, "--epochs", "1") == 0
+def test_resume_refuses_other_training_settings(tiny_cache, ce_run_copy, capsys):
+    tmp_path = ce_run_copy  # one epoch trained
     assert train_ce(tiny_cache, tmp_path, "--epochs", "2", "--resume", "--lr", "0.01") == 2
     assert "was trained with --lr 0.001, not 0.01" in capsys.readouterr().err
     assert json.loads((tmp_path / "CE" / "config.json").read_text())["lr"] == 1e-3  # kept
 
 
-def test_resume_refuses_another_data_folder(tiny_cache, tmp_path, capsys):
+def test_resume_refuses_another_data_folder(tiny_cache, ce_run_copy, capsys):
+    tmp_path = ce_run_copy  # one epoch trained
     other = tmp_path / "other_cache"
     shutil.copytree(tiny_cache, other)
-    assert train_ce(tiny_cache, tmp_path, "--epochs", "1") == 0
     capsys.readouterr()
     assert train_ce(other, tmp_path, "--epochs", "2", "--resume") == 2
     err = capsys.readouterr().err.strip()
@@ -296,6 +310,7 @@ def wait_for(path: Path, process: subprocess.Popen, seconds: float = 300) -> Non
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_two_trainings_of_one_run_folder_never_run_together(tiny_cache, tmp_path):
     flags = tiny_flags(tiny_cache, tmp_path / "R", "--epochs", "1", "--max_batches", "2")
     first = subprocess.Popen([sys.executable, "-c", PAUSED_TRAINING, str(tmp_path / "started"),
@@ -322,6 +337,7 @@ def test_two_trainings_of_one_run_folder_never_run_together(tiny_cache, tmp_path
     assert not list((tmp_path / "R").rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_a_killed_training_leaves_no_stale_lock(tiny_cache, tmp_path):
     flags = tiny_flags(tiny_cache, tmp_path, "--epochs", "1", "--max_batches", "2")
     first = subprocess.Popen([sys.executable, "-c", PAUSED_TRAINING, str(tmp_path / "started"),
@@ -333,8 +349,8 @@ def test_a_killed_training_leaves_no_stale_lock(tiny_cache, tmp_path):
     assert train_ce(tiny_cache, tmp_path, "--epochs", "1", "--max_batches", "2", "--overwrite") == 0
 
 
-def test_overwrite_removes_every_file_of_the_old_run(tiny_cache, tmp_path):
-    assert train_ce(tiny_cache, tmp_path, "--epochs", "1") == 0
+def test_overwrite_removes_every_file_of_the_old_run(tiny_cache, ce_run_copy):
+    tmp_path = ce_run_copy  # one epoch trained
     stale = tmp_path / "CE" / "robustness_test.json"
     stale.write_text("{}")
     calls = {"n": 0}
