@@ -1,5 +1,6 @@
 """The benchmark scripts run in a smoke size, so that they cannot rot (no timing is asserted),
 and refuse bad flags with one line."""
+import importlib
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["bench_methods.py", "bench_pgd.py", "bench_variable_length.py", "bench_autoattack.py"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_benchmark_smoke_run_writes_its_figures(script, tmp_path):
     out = tmp_path / "result.json"
@@ -44,17 +46,37 @@ BAD_FLAGS = [(script, ["--threads", "0"], "--threads must be >= 1") for script i
 ]
 
 
+def benchmark(script: str):
+    """The benchmark script as a module (its main(argv) is what the script runs)."""
+    return importlib.import_module(f"benchmarks.{script.removesuffix('.py')}")
+
+
 @pytest.mark.parametrize("script, flags, problem", BAD_FLAGS)
-def test_bad_flags_give_one_line(script, flags, problem):
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *flags],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
+def test_bad_flags_give_one_line(script, flags, problem, capsys):
+    assert benchmark(script).main(flags) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {problem}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_flags_are_never_abbreviated(script):
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--thread", "1"],
+def test_the_script_ends_a_bad_flag_with_one_line_and_status_2(script):
+    """main's status is the process's (the smoke run above checks status 0)."""
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--threads", "0"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert done.returncode == 2 and "unrecognized arguments: --thread 1" in done.stderr
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --threads must be >= 1")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_flags_are_never_abbreviated(script, capsys, monkeypatch):
+    module = benchmark(script)
+
+    def accepted(*args):  # a benchmark that took --thread for --threads would run from here on
+        raise AssertionError("--thread was taken for --threads")
+
+    monkeypatch.setattr(module, "open_device", accepted)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--thread", "1"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --thread 1" in capsys.readouterr().err
