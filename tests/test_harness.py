@@ -87,6 +87,7 @@ def test_preset_then_method_override_then_flag():
     assert cfg.max_length == harness.PRESETS["demo"]["max_length"]
 
 
+@pytest.mark.slow  # trains two runs end to end
 def test_resume_after_an_epoch_gives_the_same_weights_bit_for_bit(tiny_cache, tmp_path, ce_run):
     assert train_ce(tiny_cache, tmp_path / "straight", "--epochs", "2") == 0
     shutil.copytree(ce_run / "CE", tmp_path / "split" / "CE")  # one epoch, as split's first training
@@ -97,6 +98,7 @@ def test_resume_after_an_epoch_gives_the_same_weights_bit_for_bit(tiny_cache, tm
     assert [h["loss"] for h in straight] == [h["loss"] for h in split]
 
 
+@pytest.mark.slow  # trains to a stop, then resumes to the end
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_at_the_next_batch_and_resume_finishes_identically(tiny_cache, tmp_path, ce_run,
                                                                           signum):
@@ -117,6 +119,7 @@ def test_a_signal_saves_at_the_next_batch_and_resume_finishes_identically(tiny_c
     assert_same_weights(weights(ce_run / "CE"), weights(tmp_path / "stopped" / "CE"))  # straight through
 
 
+@pytest.mark.slow  # trains two runs end to end
 def test_same_seed_same_weights_other_seed_other_weights(tiny_cache, tmp_path, ce_run):
     for name, seed in [("b", "0"), ("c", "1")]:  # a: ce_run, seed 0
         assert train_ce(tiny_cache, tmp_path / name, "--epochs", "1", "--seed", seed) == 0
@@ -227,6 +230,7 @@ def test_script_reports_missing_data_without_a_traceback(tmp_path):
     assert str(tmp_path / "nowhere") in result.stderr
 
 
+@pytest.mark.slow  # trains two runs end to end
 def test_variable_length_mode_trains_and_resumes_identically(tiny_cache, tmp_path):
     flags = ("--model", "resnet18a_vl", "--bucket", "--random_pad", "1024")
     assert train_ce(tiny_cache, tmp_path / "straight", "--epochs", "2", *flags) == 0

@@ -77,10 +77,12 @@ def test_adversarial_hyperparameters_that_cannot_train_are_refused(tmp_path, cap
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--eps", "inf"], "error: --eps must be a finite non-negative number, got inf"),
+@pytest.mark.parametrize("flags,message", [  # each a process: the script's own wiring (slow: torch's import)
+    pytest.param(["--eps", "inf"], "error: --eps must be a finite non-negative number, got inf",
+                 marks=pytest.mark.slow),
     (["--pgd_steps", "0"], "error: --pgd_steps must be at least 1, got 0"),
-    (["--device", "mps"], "error: --device mps: MPS is not available on this machine"),
+    pytest.param(["--device", "mps"], "error: --device mps: MPS is not available on this machine",
+                 marks=pytest.mark.slow),
 ])
 def test_the_script_ends_bad_flags_with_one_line(tmp_path, flags, message):
     result = subprocess.run([sys.executable, str(Path(harness.__file__).parent / "CPSC2018_CNN_ce_adv_pgd_ls.py"),
