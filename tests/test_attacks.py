@@ -19,15 +19,7 @@ from ECG_CNN import build_model
 FS = 500
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Run this module on one intra-op thread: its tensors are tiny, so threads only add
-    overhead, and on a shared 2-core machine oversubscribed threads made runs up to 20x
-    slower. The previous setting is restored for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny tensors, one thread
 
 
 # ----------------------------------------------------------------------------- helpers

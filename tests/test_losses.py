@@ -17,14 +17,7 @@ from ECG_CNN import build_model
 
 # ----------------------------------------------------------------------------- helpers
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Run this module on one intra-op thread: the tensors here are tiny, and on a shared CPU
-    the threads' synchronization costs far more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny tensors, one thread
 
 
 class LinearModel(nn.Module):
