@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -533,10 +534,21 @@ def test_wfdb_label_order_comes_from_reference(tmp_path):
 # --------------------------------------------------------------------------- the cache
 
 
+@pytest.fixture(scope="module")
+def small_cache_master(tmp_path_factory) -> Path:
+    """raw/ (make_original_dataset) and cache/ (its preprocessed cache, 1 per class for val and
+    for test), made once for the module; read-only."""
+    root = tmp_path_factory.mktemp("small_cache")
+    make_original_dataset(root / "raw")
+    preprocess.preprocess(root / "raw", root / "cache", val_per_class=1, test_per_class=1)
+    return root
+
+
 @pytest.fixture
-def small_cache(tmp_path) -> Path:
-    make_original_dataset(tmp_path / "raw")
-    preprocess.preprocess(tmp_path / "raw", tmp_path / "cache", val_per_class=1, test_per_class=1)
+def small_cache(small_cache_master, tmp_path) -> Path:
+    """A copy of small_cache_master in tmp_path (raw/ and cache/): returns the cache folder."""
+    for name in ("raw", "cache"):
+        shutil.copytree(small_cache_master / name, tmp_path / name)
     return tmp_path / "cache"
 
 
@@ -600,6 +612,7 @@ sys.exit(preprocess.main(sys.argv[3:]))
 """
 
 
+@pytest.mark.slow
 def test_two_preprocess_runs_into_one_folder_never_run_together(small_cache, tmp_path):
     before = load_cache(small_cache)
     old_meta, old_signals = before.meta, np.array(before.signals)
