@@ -1,7 +1,11 @@
+"""ECG_CNN.py: resnet18a and resnet18m (sizes, lengths, masked pooling), and resnet18a_vl,
+resnet18a on the valid positions only, independent of the zero padding."""
 import pytest
 import torch
+import torch.nn as nn
 
-from ECG_CNN import DOWNSAMPLE, build_model, check_length, count_parameters, masked_average_pool
+from ECG_CNN import (DOWNSAMPLE, MaskedGroupNorm, build_model, check_length, count_parameters, downsample_mask,
+                     erode_mask, masked_average_pool, signal_spans)
 
 
 def test_resnet18a_has_the_papers_parameter_count():
@@ -74,3 +78,318 @@ def test_resnet18a_ignores_padding_content_only_through_the_pooling_weights():
         a = model.classifier(masked_average_pool(features, mask))
         b = model.classifier(masked_average_pool(changed, mask))
     torch.testing.assert_close(a, b)
+
+
+# --- resnet18a_vl: resnet18a on the valid positions only -------------------------------------
+
+LEADS = 8
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[nn.Module, nn.Module]:
+    """A random resnet18a and a resnet18a_vl holding the same weights (eval mode)."""
+    torch.manual_seed(0)
+    paper = build_model("resnet18a").eval()
+    variable = build_model("resnet18a_vl").eval()
+    variable.load_state_dict(paper.state_dict())
+    return paper, variable
+
+
+def place(signal: torch.Tensor, length: int, shifts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row per shift: ``signal`` (leads, t) zero-padded to ``length``, ending ``shift`` samples
+    before the right end (shift 0: right-aligned), with its mask."""
+    t = signal.shape[1]
+    x = torch.zeros(len(shifts), LEADS, length, dtype=signal.dtype)
+    mask = torch.zeros(len(shifts), 1, length, dtype=signal.dtype)
+    for row, shift in enumerate(shifts):
+        x[row, :, length - shift - t:length - shift] = signal
+        mask[row, :, length - shift - t:length - shift] = 1
+    return x, mask
+
+
+def test_same_parameters_as_resnet18a_and_checkpoints_load_both_ways():
+    paper, variable = build_model("resnet18a"), build_model("resnet18a_vl")
+    assert count_parameters(variable) == 4_994_953
+    paper_state, variable_state = paper.state_dict(), variable.state_dict()
+    assert list(variable_state) == list(paper_state)
+    assert all(variable_state[k].shape == paper_state[k].shape for k in paper_state)
+    variable.load_state_dict(paper_state)  # strict
+    paper.load_state_dict(variable.state_dict())
+
+
+def test_with_an_all_ones_mask_it_computes_resnet18a(models):
+    paper, variable = models
+    torch.manual_seed(1)
+    x, mask = torch.rand(2, LEADS, 3 * DOWNSAMPLE) * 2 - 1, torch.ones(2, 1, 3 * DOWNSAMPLE)
+    with torch.no_grad():
+        torch.testing.assert_close(variable(x, mask), paper(x, mask), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(params=["rows", "batched"])
+def norm_path(request, monkeypatch) -> str:
+    """Run a test with MaskedGroupNorm's per-sample path forced on (every layer size), then off."""
+    monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", 0 if request.param == "rows" else 10 ** 12)
+    return request.param
+
+
+def path_taken(out: torch.Tensor) -> str:
+    return "rows" if "RowGroupNorm" in type(out.grad_fn).__name__ else "batched"
+
+
+@pytest.mark.parametrize("num_groups", [4, 2])
+def test_masked_group_norm_matches_group_norm_on_the_valid_part(num_groups, norm_path):
+    torch.manual_seed(2)
+    masked = MaskedGroupNorm(num_groups, 4).double()
+    plain = nn.GroupNorm(num_groups, 4).double()
+    with torch.no_grad():
+        for norm in (masked, plain):
+            norm.weight.copy_(torch.tensor([0.5, 1.0, 1.5, -2.0]))
+            norm.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.4]))
+    x = torch.randn(3, 4, 20, dtype=torch.float64) * 3 + 1
+    mask = torch.zeros(3, 1, 20, dtype=torch.float64)
+    mask[0, :, 5:17] = 1
+    mask[1, :, :] = 1
+    # sample 2: no valid position at all
+    out = masked(x.requires_grad_(True), mask)
+    assert path_taken(out) == norm_path
+    for b, (start, stop) in enumerate([(5, 17), (0, 20)]):
+        expected = torch.zeros(4, 20, dtype=torch.float64)
+        expected[:, start:stop] = plain(x[b:b + 1, :, start:stop])[0]
+        torch.testing.assert_close(out[b], expected)
+    assert torch.equal(out[2], torch.zeros(4, 20, dtype=torch.float64))
+
+
+def interval_batch(dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (4, 6, 24) and a mask of one interval per sample: inside, the whole row, at the left
+    end, and empty."""
+    torch.manual_seed(7)
+    x = torch.randn(4, 6, 24, dtype=dtype) * 2 + 0.5
+    mask = torch.zeros(4, 1, 24, dtype=dtype)
+    for row, (start, stop) in enumerate([(5, 19), (0, 24), (0, 7)]):
+        mask[row, :, start:stop] = 1
+    return x, mask
+
+
+@pytest.mark.parametrize("fill", [0.0, -3.5])
+def test_masked_group_norm_gradients_match_finite_differences(norm_path, fill):
+    """First and second derivatives (Jacobian regularization differentiates twice) against
+    numerical differentiation, on both computations."""
+    x, mask = interval_batch()
+    norm = MaskedGroupNorm(3, 6).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    inputs = (x.requires_grad_(True), norm.weight, norm.bias)
+
+    def function(x, weight, bias):
+        return torch.func.functional_call(norm, {"weight": weight, "bias": bias}, (x, mask, fill))
+
+    assert path_taken(function(*inputs)) == norm_path
+    assert torch.autograd.gradcheck(function, inputs)
+    assert torch.autograd.gradgradcheck(function, inputs)
+
+
+def test_masked_group_norm_paths_agree_and_fill_the_invalid_positions(monkeypatch):
+    x, mask = interval_batch()
+    norm = MaskedGroupNorm(6, 6).double()
+    cotangent = torch.randn_like(x)
+    results = []
+    for row_path_min in (0, 10 ** 12):
+        monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", row_path_min)
+        x_leaf = x.clone().requires_grad_(True)
+        out = norm(x_leaf, mask, float("-inf"))
+        assert torch.equal(torch.isinf(out), (mask == 0).expand_as(out))
+        finite = out.masked_fill(mask == 0, 0.0)
+        grads = torch.autograd.grad(finite, (x_leaf, norm.weight, norm.bias), cotangent)
+        results.append((finite, *grads))
+    for rows, batched in zip(*results):
+        torch.testing.assert_close(rows, batched)
+
+
+def test_non_interval_masks_take_the_batched_path(monkeypatch):
+    monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", 0)
+    x, mask = interval_batch()
+    mask[1, :, 10:12] = 0  # a hole: two intervals
+    assert signal_spans(mask) is None
+    out = MaskedGroupNorm(6, 6).double()(x.requires_grad_(True), mask)
+    assert path_taken(out) == "batched"
+    assert signal_spans(interval_batch()[1]) == [(5, 14), (0, 24), (0, 7), (0, 0)]
+
+
+def test_final_mask_follows_the_cell_rule():
+    """Position j of the stride-1024 map is valid iff input samples [1024 j, 1024 j + 1024) hold
+    signal; a final position p needs p, p+1 and p+2 valid. Checked against direct counting."""
+    length = 12 * DOWNSAMPLE
+    spans = [(0, length), (1500, 5000), (3 * DOWNSAMPLE, 6 * DOWNSAMPLE), (7000, length), (100, 2100)]
+    mask = torch.zeros(len(spans), 1, length)
+    for row, (start, stop) in enumerate(spans):
+        mask[row, :, start:stop] = 1
+    coarse = mask
+    for _ in range(10):  # stem conv, stem max pool, eight blocks
+        coarse = downsample_mask(coarse)
+    final = erode_mask(coarse)
+    for row, (start, stop) in enumerate(spans):
+        cells = [bool(mask[row, 0, j * DOWNSAMPLE:(j + 1) * DOWNSAMPLE].any()) for j in range(12)]
+        expected = [float(all(cells[p:p + 3])) for p in range(10)]
+        assert final[row, 0].tolist() == expected, (start, stop)
+
+
+def alone_and_padded_logits(model: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two records, each alone in the shortest array that holds it, then together in T = 8192 at
+    several shifts (multiples of 1024). The 4500-sample one starts off the 1024-sample grid; the
+    4096-sample one fills its shortest array (no padding, both ends at the border). Returns the
+    logits the padded rows should equal if padding did not matter, and those of the padded rows."""
+    torch.manual_seed(3)
+    long_record, grid_record = (torch.rand(LEADS, t, dtype=dtype) * 2 - 1 for t in (4500, 4096))
+    wide = 8 * DOWNSAMPLE
+    x_wide, mask_wide = (torch.cat(parts) for parts in zip(
+        place(long_record, wide, [0, 3 * DOWNSAMPLE]), place(grid_record, wide, [DOWNSAMPLE])))
+    model = model.to(dtype)
+    try:
+        with torch.no_grad():
+            long_alone = model(*place(long_record, 5 * DOWNSAMPLE, [0]))
+            grid_alone = model(*place(grid_record, 4 * DOWNSAMPLE, [0]))
+            padded = model(x_wide, mask_wide)
+    finally:
+        model.float()
+    return torch.cat([long_alone, long_alone, grid_alone]), padded
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_logits_do_not_depend_on_the_padding(models, dtype, tolerance):
+    expected, padded = alone_and_padded_logits(models[1], dtype)
+    torch.testing.assert_close(padded, expected, rtol=tolerance, atol=tolerance)
+
+
+def test_resnet18a_logits_do_depend_on_the_padding(models):
+    """The invariance test can fail: the paper's model sees padding through GroupNorm and pooling."""
+    expected, padded = alone_and_padded_logits(models[0], torch.float32)
+    assert (padded - expected).abs().amax(dim=1).min() > 1e-3
+
+
+def test_padding_content_and_other_samples_do_not_matter(models):
+    _, variable = models
+    torch.manual_seed(4)
+    x, mask = place(torch.rand(LEADS, 3500) * 2 - 1, 5 * DOWNSAMPLE, [0, 700])
+    noisy = x + 5 * (1 - mask) * torch.randn_like(x)  # garbage outside the mask
+    with torch.no_grad():
+        both = variable(noisy, mask)
+        alone = variable(x[1:], mask[1:])
+    torch.testing.assert_close(both[1:], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(both, variable(x, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_every_parameter_and_only_the_signal_samples():
+    torch.manual_seed(5)
+    model = build_model("resnet18a_vl")
+    x, mask = place(torch.rand(LEADS, 3000) * 2 - 1, 4 * DOWNSAMPLE, [0, 1000])
+    x.requires_grad_(True)
+    loss = nn.functional.cross_entropy(model(x, mask), torch.tensor([1, 7]))
+    loss.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, name
+    assert torch.isfinite(x.grad).all()
+    assert torch.equal(x.grad * (1 - mask), torch.zeros_like(x))
+    assert (x.grad * mask).abs().sum() > 0
+
+
+def test_a_record_without_a_valid_final_position_gives_the_bias_and_finite_gradients():
+    """1500 samples in 2 cells of 1024: no 3 valid coarse positions, so the pooled features are 0."""
+    torch.manual_seed(6)
+    model = build_model("resnet18a_vl")
+    x, mask = place(torch.rand(LEADS, 1500) * 2 - 1, 3 * DOWNSAMPLE, [0])
+    x.requires_grad_(True)
+    logits = model(x, mask)
+    torch.testing.assert_close(logits[0], model.classifier.bias.detach())
+    logits.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert torch.isfinite(x.grad).all()
+
+
+def test_jacobian_regularization_differentiates_twice_through_either_norm_path(monkeypatch):
+    """The Jacobian term's weight gradients are the same whichever computation the norms use.
+    With the per-sample one, the input-gradient pass (create_graph) recomputes the batched
+    form and the final backward runs the per-sample first-order backward of the forward pass."""
+    from losses import jacobian_squared_norm
+
+    torch.manual_seed(8)
+    model = build_model("resnet18a_vl").double()
+    x, mask = place(torch.rand(LEADS, 2500, dtype=torch.float64) * 2 - 1, 3 * DOWNSAMPLE, [0, 300])
+    results = []
+    for row_path_min in (0, 10 ** 12):
+        monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", row_path_min)
+        generator = torch.Generator().manual_seed(0)
+        penalty = jacobian_squared_norm(model, x, mask, projections=1, generator=generator)
+        results.append([penalty, *torch.autograd.grad(penalty, list(model.parameters()),
+                                                      materialize_grads=True)])
+    # Rounding differs between the two computations; GroupNorm over the two or three valid
+    # positions of the last blocks amplifies it in second derivatives, hence a scale-relative bound.
+    for rows, batched in zip(*results):
+        assert (rows - batched).abs().max() <= 1e-6 * batched.abs().max()
+    assert results[0][0] > 0 and any(g.abs().sum() > 0 for g in results[0][1:])
+
+
+@pytest.mark.parametrize("frozen", ["norm parameters", "input"])
+def test_second_order_gradients_when_some_inputs_need_no_gradient(monkeypatch, frozen):
+    """create_graph with frozen norm parameters (input gradients only) or an input that needs
+    no gradient (weight gradients only): both computations give the same values."""
+    x, mask = interval_batch()
+    results = []
+    for row_path_min in (0, 10 ** 12):
+        monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", row_path_min)
+        torch.manual_seed(9)
+        norm = MaskedGroupNorm(3, 6).double()
+        if frozen == "norm parameters":
+            norm.requires_grad_(False)
+            inputs = [x.clone().requires_grad_(True)]
+            out = norm(torch.sin(inputs[0]), mask)
+        else:
+            inputs = [norm.weight, norm.bias]
+            out = norm(x, mask)
+        assert path_taken(out) == ("rows" if row_path_min == 0 else "batched")
+        first = torch.autograd.grad(out.square().sum(), inputs, create_graph=True)
+        second = torch.autograd.grad(sum(g.square().sum() for g in first), inputs)
+        results.append([*first, *second])
+    for rows, batched in zip(*results):
+        torch.testing.assert_close(rows, batched)
+
+
+def test_norm_without_affine_parameters_and_an_empty_batch(monkeypatch):
+    monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", 0)
+    x, mask = interval_batch()
+    plain = MaskedGroupNorm(3, 6, affine=False).double()
+    x_leaf = x.clone().requires_grad_(True)
+    out = plain(x_leaf, mask)
+    assert path_taken(out) == "rows"
+    (grad,) = torch.autograd.grad(out[:, :, ::2].sum(), x_leaf)
+    monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", 10 ** 12)
+    x_leaf = x.clone().requires_grad_(True)
+    expected = plain(x_leaf, mask)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected[:, :, ::2].sum(), x_leaf)[0])
+    monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", 0)
+    assert plain(x[:0], mask[:0]).shape == (0, 6, 24)
+
+
+def test_float32_model_at_the_default_threshold_matches_the_batched_norms(monkeypatch):
+    """The training configuration: float32, the default ROW_PATH_MIN (the per-sample path in
+    the early layers, the batched one in the late ones) against the batched path everywhere."""
+    torch.manual_seed(10)
+    model = build_model("resnet18a_vl")
+    x, mask = place(torch.rand(LEADS, 6000) * 2 - 1, 8 * DOWNSAMPLE, [0, 1500])
+    x[1] = 0.5 * x[1].roll(100, dims=1) * mask[1]
+    y = torch.tensor([2, 5])
+    results = []
+    for row_path_min in (MaskedGroupNorm.ROW_PATH_MIN, 10 ** 12):
+        monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", row_path_min)
+        logits = model(x, mask)
+        grads = torch.autograd.grad(nn.functional.cross_entropy(logits, y), list(model.parameters()))
+        results.append([logits, *grads])
+    monkeypatch.undo()
+    norm_paths = {path_taken(norm(torch.ones(2, c, n), torch.ones(2, 1, n)))
+                  for c, n, norm in [(64, 4096, model.trunk.stem[1]),
+                                     (512, 8, model.trunk.blocks[-1].norm1)]}
+    assert norm_paths == {"rows", "batched"}  # the threshold splits this model
+    for rows, batched in zip(*results):
+        torch.testing.assert_close(rows, batched, rtol=1e-4, atol=1e-5)

@@ -1,10 +1,18 @@
+"""ECG_Dataset.py: scaling, placement and padding of records, the class-balanced sampler, the
+loaders, and length-bucketed batching (variable-length mode: BucketBatchSampler, crop_collate,
+bucket=True)."""
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from ECG_Dataset import LEADS, ClassBalancedSampler, ECGDataset, get_dataloaders, scale_leads
-from preprocess import Cache
+from ECG_CNN import build_model
+from ECG_Dataset import (LEADS, PADDED_LENGTH, RANDOM_PAD, BucketBatchSampler, ClassBalancedSampler,
+                         ECGDataset, crop_collate, get_dataloaders, scale_leads, set_loader_epoch)
+from preprocess import CACHE_VERSION, FS, Cache, load_cache
 
 
 def make_cache(lengths, labels, seed=0, zero_lead=None) -> Cache:
@@ -170,3 +178,220 @@ def test_batch_records_names_the_records_of_each_training_batch(tiny_cache, monk
         set_loader_epoch(loader, 1, start=start_batch * 4)
         for batch, (x, y, mask) in enumerate(loader, start=start_batch):
             assert batch_records(loader, batch) == [loader.dataset.names[i] for i in fetched[-len(y):]]
+
+
+# --- length-bucketed batching (variable-length mode) -----------------------------------------
+
+# CPSC2018's single-label records per class (REFERENCE.csv), divided by 10: unequal classes
+# as in the real epoch.
+CLASS_SIZES = (92, 98, 69, 18, 153, 53, 61, 78, 18)
+
+
+def cpsc_like_lengths(count: int, rng: np.random.RandomState) -> np.ndarray:
+    """Record lengths like CPSC2018's: 6-60 s at 500 Hz, median 12 s, mean ~16 s, cut at 30720."""
+    seconds = np.clip(rng.lognormal(np.log(12.0), 0.75, count), 6.0, 60.0)
+    return np.minimum((seconds * FS).astype(np.int64), 30720)
+
+
+def cpsc_like_epoch(batch_size: int = 64) -> tuple[ClassBalancedSampler, BucketBatchSampler, np.ndarray]:
+    rng = np.random.RandomState(0)
+    labels = np.repeat(np.arange(9), CLASS_SIZES)
+    lengths = cpsc_like_lengths(len(labels), rng)
+    sampler = ClassBalancedSampler(labels, seed=7)
+    return sampler, BucketBatchSampler(sampler, lengths, batch_size, seed=7), lengths
+
+
+def masked_items(lengths: np.ndarray, shifts: np.ndarray, padded: int = PADDED_LENGTH) -> list:
+    """ECGDataset-like items (x, y, mask) placed as ECGDataset places them; x is the mask itself
+    (one lead; views of one tensor: this machine pays dearly for many fresh allocations)."""
+    position = torch.arange(padded)
+    stops = torch.as_tensor(padded - shifts)[:, None]
+    masks = ((position >= stops - torch.as_tensor(lengths)[:, None]) & (position < stops)).float()
+    return [(masks[i:i + 1], torch.tensor(0), masks[i:i + 1]) for i in range(len(masks))]
+
+
+def write_tiny_cache(out_dir: Path, lengths: list[int], labels: list[int], val: list[int]) -> None:
+    """A cache in preprocess's layout: records A0001.. with random mV signals; val = row numbers."""
+    rng = np.random.RandomState(1)
+    names = [f"A{i + 1:04d}" for i in range(len(lengths))]
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    np.save(out_dir / "signals.npy", rng.randn(12, int(sum(lengths))).astype(np.float32))
+    reference = pd.DataFrame({"Recording": names, "First_label": labels,
+                              "Second_label": pd.NA, "Third_label": pd.NA})
+    reference.assign(offset=offsets, length=lengths).to_csv(out_dir / "records.csv", index=False)
+    train = [i for i in range(len(names)) if i not in val]
+    for split, rows in (("train", train), ("val", val), ("test", val)):
+        reference.iloc[rows].to_csv(out_dir / f"{split}.csv", index=False)
+    (out_dir / "meta.json").write_text(json.dumps(
+        {"cache_version": CACHE_VERSION, "n_records": len(names), "total_samples": int(sum(lengths))}))
+
+
+@pytest.fixture(scope="module")
+def tiny_cache_dir(tmp_path_factory) -> Path:
+    """27 records (3 per class) of 3000..6000 samples; 6 of them form val (and test)."""
+    rng = np.random.RandomState(2)
+    out_dir = tmp_path_factory.mktemp("cache")
+    write_tiny_cache(out_dir, rng.randint(3000, 6001, 27).tolist(), [1 + i % 9 for i in range(27)],
+                     val=[0, 4, 8, 12, 20, 25])
+    return out_dir
+
+
+def test_an_epoch_keeps_the_class_balanced_multiset_and_the_batch_count():
+    sampler, bucketed, _ = cpsc_like_epoch()
+    bucketed.set_epoch(3)
+    batches = list(bucketed)
+    epoch = list(sampler)  # set_epoch(3) was passed on to the class-balanced sampler
+    assert len(epoch) == 9 * max(CLASS_SIZES)
+    assert sorted(i for batch in batches for i in batch) == sorted(epoch)
+    assert len(batches) == len(bucketed) == -(-len(epoch) // 64)
+    assert sorted(len(batch) for batch in batches)[1:] == [64] * (len(batches) - 1)
+
+
+def test_epochs_replay_exactly_and_differ_from_each_other():
+    _, bucketed, _ = cpsc_like_epoch()
+    bucketed.set_epoch(1)
+    first = list(bucketed)
+    bucketed.set_epoch(2)
+    second = list(bucketed)
+    bucketed.set_epoch(1)
+    assert list(bucketed) == first
+    assert second != first
+
+
+def test_resume_continues_with_the_remaining_batches_of_the_epoch():
+    _, bucketed, _ = cpsc_like_epoch()
+    bucketed.set_epoch(4)
+    batches = list(bucketed)
+    bucketed.set_epoch(4, start=5 * 64)  # as the harness: batches done x batch size
+    assert list(bucketed) == batches[5:]
+    assert len(bucketed) == len(batches) - 5
+    with pytest.raises(ValueError, match="multiple of the batch size 64"):
+        bucketed.set_epoch(4, start=100)
+
+
+def batch_width(extents: np.ndarray) -> int:
+    """crop_collate's rule: the longest extent rounded up to a multiple of 1024, at least 3072."""
+    return max(3072, -(-int(np.max(extents)) // 1024) * 1024)
+
+
+def test_batches_are_length_homogeneous_and_cropping_never_cuts_signal():
+    """On CPSC-like lengths with the paper's random shifts (0..3071), bucketed batches carry far
+    less padding than the paper's fixed T = 33792 or than its batches cropped to their longest
+    record (with 64 random records that is nearly always ~30000 samples). What is left is
+    mostly the shift (up to 3071 samples) and the rounding to 1024."""
+    sampler, bucketed, lengths = cpsc_like_epoch()
+    bucketed.set_epoch(0)
+    batches, epoch = list(bucketed), np.fromiter(sampler, np.int64)
+    shifts = np.random.RandomState(3).randint(0, RANDOM_PAD, len(lengths))  # one draw per record
+    extents = lengths + shifts
+    widths = [batch_width(extents[batch]) for batch in batches]
+    # crop_collate itself on the narrowest and the widest batch (fresh memory is slow on the
+    # shared test machine, so not on all of them)
+    for batch in (batches[int(np.argmin(widths))], batches[int(np.argmax(widths))]):
+        _, _, mask = crop_collate(masked_items(lengths[batch], shifts[batch]))
+        assert mask.shape[-1] == batch_width(extents[batch])
+        assert mask.sum(dim=(1, 2)).tolist() == lengths[batch].tolist()  # no signal sample cut
+    signal = lengths[epoch].sum()
+    bucketed_area = sum(width * len(batch) for width, batch in zip(widths, batches))
+    random_area = sum(batch_width(extents[epoch[i:i + 64]]) * len(epoch[i:i + 64])
+                      for i in range(0, len(epoch), 64))  # the paper's batches, cropped
+    fixed_padding = 1 - signal / (PADDED_LENGTH * len(epoch))
+    random_padding, bucketed_padding = 1 - signal / random_area, 1 - signal / bucketed_area
+    assert fixed_padding > 0.7 and random_padding > 0.7
+    assert bucketed_padding < 0.4 and bucketed_area < 0.4 * PADDED_LENGTH * len(epoch)
+
+
+def test_crop_collate_keeps_every_signal_sample_of_real_items(tiny_cache_dir):
+    cache = load_cache(tiny_cache_dir)
+    torch.manual_seed(0)
+    dataset = ECGDataset(cache, cache.splits["train"], max_length=6144, padded_length=8192,
+                         random_pad=2048)
+    items = [dataset[i] for i in range(8)]
+    x, y, mask = crop_collate(items)
+    full_x, full_y, full_mask = torch.utils.data.default_collate(items)
+    width = x.shape[-1]
+    assert width % 1024 == 0 and 3072 <= width <= 8192
+    assert torch.equal(mask.sum(dim=(1, 2)), full_mask.sum(dim=(1, 2)))
+    assert torch.equal(x, full_x[..., -width:]) and torch.equal(y, full_y)
+    extent = int((8192 - full_mask[:, 0].argmax(dim=1)).max())  # the furthest first signal sample
+    assert width == max(3072, -(-extent // 1024) * 1024)  # the shortest array that fits
+    short = crop_collate([(torch.ones(8, 8192) * m, torch.tensor(0), m)
+                          for m in [torch.cat([torch.zeros(1, 7192), torch.ones(1, 1000)], dim=1)]])
+    assert short[0].shape == (1, 8, 3072) and short[2].sum() == 1000
+
+
+def test_get_dataloaders_bucket_option(tiny_cache_dir):
+    settings = dict(batch_size=4, eval_batch_size=4, max_length=6144, random_pad=2048, seed=0)
+    plain = get_dataloaders(str(tiny_cache_dir), **settings)
+    bucketed = get_dataloaders(str(tiny_cache_dir), **settings, bucket=True)
+    assert isinstance(plain["train"].sampler, ClassBalancedSampler)  # default: the paper's loaders
+    for loaders in (plain, bucketed):
+        set_loader_epoch(loaders["train"], 2)
+    batch_sampler = bucketed["train"].batch_sampler
+    assert sorted(sum(batch_sampler, [])) == sorted(plain["train"].sampler)
+    widths = {x.shape[-1] for x, _, _ in bucketed["train"]}
+    assert all(w % 1024 == 0 and 3072 <= w <= 8192 for w in widths) and len(widths) > 1
+    set_loader_epoch(bucketed["train"], 2, start=4)
+    assert len(bucketed["train"]) == len(plain["train"]) - 1
+    eval_order = sum(bucketed["val"].batch_sampler, [])
+    lengths = bucketed["val"].dataset.lengths
+    assert sorted(eval_order) == list(range(6)) and list(lengths[eval_order]) == sorted(lengths)
+    with pytest.raises(ValueError, match="multiple of 1024"):
+        get_dataloaders(str(tiny_cache_dir), max_length=6000, random_pad=2048, bucket=True)
+
+
+def test_bucketed_evaluation_gives_resnet18a_vl_the_same_logits(tiny_cache_dir):
+    """Cropping keeps each signal's offset modulo 1024, so the variable-length model cannot tell."""
+    torch.manual_seed(0)
+    model = build_model("resnet18a_vl").eval()
+    settings = dict(max_length=6144, random_pad=2048, splits=("val",), eval_batch_size=3)
+    plain = get_dataloaders(str(tiny_cache_dir), **settings)["val"]
+    bucketed = get_dataloaders(str(tiny_cache_dir), **settings, bucket=True)["val"]
+    with torch.no_grad():
+        expected = torch.cat([model(x, mask) for x, _, mask in plain])
+        logits = torch.cat([model(x, mask) for x, _, mask in bucketed])
+        widths = [x.shape[-1] for x, _, _ in bucketed]
+    assert max(widths) < 8192  # the crop really happened
+    order = sum(bucketed.batch_sampler, [])
+    torch.testing.assert_close(logits, expected[order], rtol=1e-5, atol=1e-5)
+
+
+def test_bucketed_training_shift_is_the_papers_modulo_1024_and_the_same_for_resnet18a_vl(
+        tiny_cache_dir):
+    """The same draws place each record 0..2047 samples from the right end without the modulo
+    and 0..1023 with it; resnet18a_vl gives the same logits on the cropped modulo batch."""
+    cache = load_cache(tiny_cache_dir)
+    settings = dict(max_length=6144, padded_length=8192, random_pad=2048)
+    paper = ECGDataset(cache, cache.splits["train"], **settings)
+    modulo = ECGDataset(cache, cache.splits["train"], **settings, shift_modulo=1024)
+    with pytest.raises(ValueError, match="shift_modulo"):
+        ECGDataset(cache, cache.splits["train"], **settings, shift_modulo=0)
+    torch.manual_seed(5)
+    paper_items = [paper[i % len(paper)] for i in range(12)]
+    torch.manual_seed(5)
+    modulo_items = [modulo[i % len(modulo)] for i in range(12)]
+
+    def shifts(items):
+        return np.array([8192 - int(mask[0].nonzero().max()) - 1 for _, _, mask in items])
+
+    assert shifts(paper_items).max() >= 1024  # the draws do reach past 1024
+    assert shifts(modulo_items).tolist() == (shifts(paper_items) % 1024).tolist()
+    torch.manual_seed(0)
+    model = build_model("resnet18a_vl").eval()
+    x, _, mask = crop_collate(modulo_items)
+    assert x.shape[-1] < 8192
+    with torch.no_grad():
+        expected = model(*(torch.stack(parts) for parts in zip(*[(x, m) for x, _, m in paper_items])))
+        torch.testing.assert_close(model(x, mask), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_get_dataloaders_bucket_takes_the_training_shift_modulo_1024(tiny_cache_dir):
+    settings = dict(batch_size=4, max_length=6144, random_pad=2048, splits=("train",))
+    assert get_dataloaders(str(tiny_cache_dir), **settings)["train"].dataset.shift_modulo is None
+    bucketed = get_dataloaders(str(tiny_cache_dir), **settings, bucket=True)["train"]
+    assert bucketed.dataset.shift_modulo == 1024
+    set_loader_epoch(bucketed, 0)
+    torch.manual_seed(1)
+    for _, _, mask in bucketed:
+        last = mask.shape[-1] - 1 - mask[:, 0].flip(1).argmax(dim=1)
+        assert (mask.shape[-1] - 1 - last < 1024).all()
