@@ -36,6 +36,17 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def one_thread():
+    """single_thread for one test (tiny tensors in a module that also runs large ones)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> Path:
     """A preprocessed synthetic dataset in CPSC2018's original format: 6 records per class,

@@ -137,6 +137,7 @@ def path_taken(out: torch.Tensor) -> str:
 
 
 @pytest.mark.parametrize("num_groups", [4, 2])
+@pytest.mark.usefixtures("one_thread")  # tensors of a few hundred numbers
 def test_masked_group_norm_matches_group_norm_on_the_valid_part(num_groups, norm_path):
     torch.manual_seed(2)
     masked = MaskedGroupNorm(num_groups, 4).double()
@@ -171,6 +172,7 @@ def interval_batch(dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("fill", [0.0, -3.5])
+@pytest.mark.usefixtures("one_thread")  # tensors of a few hundred numbers
 def test_masked_group_norm_gradients_match_finite_differences(norm_path, fill):
     """First and second derivatives (Jacobian regularization differentiates twice) against
     numerical differentiation, on both computations."""
@@ -189,6 +191,7 @@ def test_masked_group_norm_gradients_match_finite_differences(norm_path, fill):
     assert torch.autograd.gradgradcheck(function, inputs)
 
 
+@pytest.mark.usefixtures("one_thread")  # tensors of a few hundred numbers
 def test_masked_group_norm_paths_agree_and_fill_the_invalid_positions(monkeypatch):
     x, mask = interval_batch()
     norm = MaskedGroupNorm(6, 6).double()
@@ -331,6 +334,7 @@ def test_jacobian_regularization_differentiates_twice_through_either_norm_path(m
 
 
 @pytest.mark.parametrize("frozen", ["norm parameters", "input"])
+@pytest.mark.usefixtures("one_thread")  # tensors of a few hundred numbers
 def test_second_order_gradients_when_some_inputs_need_no_gradient(monkeypatch, frozen):
     """create_graph with frozen norm parameters (input gradients only) or an input that needs
     no gradient (weight gradients only): both computations give the same values."""
@@ -355,6 +359,7 @@ def test_second_order_gradients_when_some_inputs_need_no_gradient(monkeypatch, f
         torch.testing.assert_close(rows, batched)
 
 
+@pytest.mark.usefixtures("one_thread")  # tensors of a few hundred numbers
 def test_norm_without_affine_parameters_and_an_empty_batch(monkeypatch):
     monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", 0)
     x, mask = interval_batch()
