@@ -95,10 +95,10 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def two_runs(untrained_run, tmp_path_factory):
     """Two runs A and B of tiny_cache (untrained resnet18a's of seeds 0 and 1 saved as trained CE
-    runs), each evaluated by the command line with a white-noise and a 3-step PGD sweep."""
+    runs), each evaluated by the command line with a white-noise and a 1-step PGD sweep."""
     root = tmp_path_factory.mktemp("runs")
     for name, seed in [("A", 0), ("B", 1)]:
-        untrained_run(root / name, seed, "--sweeps", "white,pgd_linf", "--sweep_steps", "3",
+        untrained_run(root / name, seed, "--sweeps", "white,pgd_linf", "--sweep_steps", "1",
                       "--sweep_restarts", "1")
         assert evaluate.main([str(root / name)]) == 0  # the run's own sweeps
     return root
