@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import secrets
 from pathlib import Path
@@ -78,3 +79,8 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Replace ``path``'s content by ``text`` atomically."""
     with atomic_path(path) as temporary:
         temporary.write_text(text)
+
+
+def write_json(obj, path: Path) -> None:
+    """Replace ``path``'s content by ``obj`` as indented JSON, atomically (``str`` for what JSON lacks)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
