@@ -10,7 +10,6 @@ The metric functions at the top are import-safe and work on plain numpy arrays.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 import attacks
 from config import (PAPER_LINF_LEVELS, PGD_LINF_LEVELS, SWEEPS, WHITE_LEVELS,  # noqa: F401 (the levels: for readers)
-                    ConfigError, check_device, parse_sweeps)
+                    ConfigError, OneLineParser, check_device, parse_sweeps)
 from distributed import (all_sum, distributed, init_distributed, is_main_process, on_main_process, process_device,
                          rank, shutdown_distributed, world_size)
 from ECG_CNN import build_model
@@ -589,8 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     locks = contextlib.ExitStack()
     try:
         if argv[:1] == ["compare"]:
-            parser = argparse.ArgumentParser(prog="evaluate.py compare", allow_abbrev=False,
-                                             description="Tables and figures for several evaluated runs.")
+            parser = OneLineParser(prog="evaluate.py compare",
+                                   description="Tables and figures for several evaluated runs.")
             parser.add_argument("runs", nargs="+", help="run folders (evaluated)")
             parser.add_argument("--split", default="test", choices=("test", "val"))
             parser.add_argument("--out", default="result/compare", help="output folder")
@@ -599,18 +598,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n## {name}\n{table}")
             print(f"\ntables and figures written to {args.out}/")
             return 0
-        parser = argparse.ArgumentParser(description="Evaluate a trained run (PROTOCOL sections 6-7).",
-                                         allow_abbrev=False)
+        parser = OneLineParser(description="Evaluate a trained run (PROTOCOL sections 6-7).")
         parser.add_argument("run", help="a run folder under result/ or a checkpoint file")
         parser.add_argument("--split", default="test", choices=("test", "val"))
-        parser.add_argument("--data_dir", help="override the run's data cache folder")
+        parser.add_flag("--data_dir", help="override the run's data cache folder")
         parser.add_argument("--device", default="auto")
-        parser.add_argument("--max_batches", type=int, default=0, help="clean evaluation: at most this many batches")
+        parser.add_flag("--eval_max_batches", type=int, default=0,
+                        help="clean evaluation: at most this many batches")
         parser.add_argument("--sweeps", help=f"comma-separated, 'all' or '' (default: the run's); known: {', '.join(SWEEPS)}")
-        parser.add_argument("--sweep_steps", type=int, help="PGD/IFGSM iterations (default: the run's, 100 in the paper)")
-        parser.add_argument("--sweep_restarts", type=int, help="PGD random starts (the paper: 2)")
-        parser.add_argument("--sweep_max_batches", type=int, help="sweeps: at most this many batches")
-        parser.add_argument("--sweep_max_records", type=int, default=0,
+        parser.add_flag("--sweep_steps", type=int, help="PGD/IFGSM iterations (default: the run's, 100 in the paper)")
+        parser.add_flag("--sweep_restarts", type=int, help="PGD random starts (the paper: 2)")
+        parser.add_flag("--sweep_max_batches", type=int, help="sweeps: at most this many batches")
+        parser.add_flag("--sweep_max_records", type=int, default=0,
                             help="attack sweeps: a fixed class-balanced subset of this many records "
                                  "(0: all; the records are listed in the results)")
         args = parser.parse_args(argv)
@@ -620,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
                     "sweep_max_records"):
             if getattr(args, key) is not None:
                 setattr(cfg, key, getattr(args, key))
-        for key in ("sweep_steps", "sweep_max_batches", "sweep_max_records", "max_batches"):
+        for key in ("sweep_steps", "sweep_max_batches", "sweep_max_records", "eval_max_batches"):
             if getattr(args, key) is not None and getattr(args, key) < 0:
                 raise EvaluationError(f"--{key} must be >= 0, got {getattr(args, key)}")
         if args.sweep_restarts is not None and args.sweep_restarts < 1:
@@ -632,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         device = init_distributed(cfg.device)
         # One process per run folder (rank 0 locks it): refused while a training or evaluation holds it.
         on_main_process(lambda: locks.enter_context(lock_folder(run_dir, "run folder")))
-        evaluate_run(run_dir, model.to(device), cfg, args.split, args.max_batches)
+        evaluate_run(run_dir, model.to(device), cfg, args.split, args.eval_max_batches)
     except (EvaluationError, DataError, ConfigError, FolderInUseError) as error:
         if is_main_process():
             print(f"error: {error}", file=sys.stderr)
