@@ -11,7 +11,6 @@ The metric functions at the top are import-safe and work on plain numpy arrays.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from distributed import (all_sum, distributed, init_distributed, is_main_process
 from ECG_CNN import build_model
 from ECG_Dataset import BucketBatchSampler, crop_collate, get_dataloaders
 from preprocess import CLASSES, DataError
-from safe_writes import FolderInUseError, lock_folder, write_json
+from safe_writes import FolderInUseError, lock_folder, read_json, write_json
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
@@ -498,16 +497,13 @@ def evaluate_run(run_dir: Path, model: torch.nn.Module, cfg: SimpleNamespace, sp
     return result
 
 
-def _read_json(path: Path, key: str) -> dict:
-    """``path``'s JSON object's entry ``key``, checked to be an object (a dict) too."""
+def read_result(path: Path, key: str) -> dict:
+    """The entry ``key`` of a result file's JSON object, checked to be an object (a dict) too."""
     if not path.is_file():
         raise EvaluationError(f"{path}: not found (evaluate that run first: python evaluate.py {path.parent})")
-    try:
-        content = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise EvaluationError(f"{path}: not valid JSON ({error})") from None
+    content = read_json(path)
     if not isinstance(content, dict) or not isinstance(content.get(key), dict):
-        raise EvaluationError(f"{path}: no '{key}' object: not a result file of this project")
+        raise EvaluationError(f"{path}: not valid JSON with a '{key}' object: not a result file of this project")
     return content[key]
 
 
@@ -539,7 +535,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
     clean_rows, curves = [], {}
     for name, run in zip(names, run_dirs):
         path = Path(run) / f"eval_{split}.json"
-        clean = _read_json(path, "clean")
+        clean = read_result(path, "clean")
         try:
             clean_rows.append({"run": name, **{f"F1 {c}": f for c, f in zip(CLASSES, clean["f1"], strict=True)},
                                **{k: clean[k] for k in ("mean_f1", "Faf", "Fblock", "Fpc", "Fst", "accuracy")},
@@ -548,7 +544,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
             raise EvaluationError(f"{path}: malformed clean metrics ({type(error).__name__}: {error})") from None
         robustness = Path(run) / f"robustness_{split}.json"
         if robustness.is_file():
-            curves[name] = _read_json(robustness, "sweeps")
+            curves[name] = read_result(robustness, "sweeps")
         else:
             curves[name] = {}
             print(f"note: {run} has no {robustness.name} (no robustness sweeps run): it is left out of "

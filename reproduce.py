@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import resource
 import shlex
@@ -39,7 +38,7 @@ import evaluate
 from checkpoints import RESUME_KEYS, changed_settings
 from config import PRESETS, SWEEPS, TRAIN_DEFAULTS, ConfigError, OneLineParser, parse_config, parse_sweeps
 from preprocess import DataError, load_cache
-from safe_writes import write_text_atomic
+from safe_writes import read_json, write_json
 from synthetic import MARKER_NAME
 
 REPO = Path(__file__).resolve().parent
@@ -155,16 +154,9 @@ def plan_jobs(plan: Plan, methods: list[str], data_dir: str, result_dir: str) ->
     return jobs
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def _check_same_settings(job: Job) -> None:
     """A run folder that holds a run with other training settings is not this preset's run."""
-    config = _read_json(job.run_dir / "config.json")
+    config = read_json(job.run_dir / "config.json")
     if not isinstance(config, dict):
         return
     # --epochs too: a run trained for another number of epochs is not this preset's run.
@@ -183,7 +175,7 @@ def evaluation_complete(job: Job) -> bool:
     sweeps = parse_sweeps(job.cfg.sweeps)
     if not sweeps:
         return True
-    done = (_read_json(job.run_dir / "robustness_test.json") or {}).get("sweeps", {})
+    done = (read_json(job.run_dir / "robustness_test.json") or {}).get("sweeps", {})
     wanted = {"steps": job.cfg.sweep_steps, "restarts": job.cfg.sweep_restarts,
               "max_batches": job.cfg.sweep_max_batches}
     return all(name in done and all(done[name].get("settings", {}).get(k) == v for k, v in wanted.items())
@@ -254,7 +246,7 @@ class Timings:
 
     def __init__(self, path: Path, preset: str, dry_run: bool):
         self.path, self.dry_run = path, dry_run
-        previous = _read_json(path) if path.is_file() else None
+        previous = read_json(path) if path.is_file() else None
         self.previous = {s["stage"]: s for s in (previous or {}).get("stages", [])} \
             if (previous or {}).get("preset") == preset else {}
         self.preset = preset
@@ -296,7 +288,7 @@ class Timings:
                 "total_seconds": round(time.time() - self.started, 2),
                 "total_cpu_seconds": round(sum(s["cpu_seconds"] for s in self.stages), 2),
                 "stages": self.all_stages()}
-        write_text_atomic(self.path, json.dumps(data, indent=2))
+        write_json(data, self.path)
 
 
 def _children_cpu() -> float:
@@ -476,8 +468,8 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
                          + f" | {sum(counts[split].values())} |")
     lines += [""]
 
-    histories = {job: _read_json(job.run_dir / "history.json") or [] for job in ready}
-    configs = {job: _read_json(job.run_dir / "config.json") or {} for job in ready}
+    histories = {job: read_json(job.run_dir / "history.json") or [] for job in ready}
+    configs = {job: read_json(job.run_dir / "config.json") or {} for job in ready}
     lines += ["## Runs", "",
               f"Harness preset `{plan.harness_preset}` for every run: " +
               ", ".join(f"{k}={getattr(jobs[0].cfg, k)}" for k in
@@ -498,7 +490,7 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
         lines += ["", "Not in the tables (not trained or not evaluated yet): "
                   + ", ".join(f"`{job.run_dir.name}`" for job in missing) + "."]
 
-    evals = {job: _read_json(job.run_dir / "eval_test.json") or {} for job in ready}
+    evals = {job: read_json(job.run_dir / "eval_test.json") or {} for job in ready}
     n_test = {evals[job].get("clean", {}).get("n") for job in ready}
     lines += ["", "## Clean metrics", "",
               f"Split: test ({', '.join(map(str, sorted(n for n in n_test if n)))} records), clean inputs, model in "
@@ -514,7 +506,7 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
                   "such a run learned (almost) nothing, so its robustness rows below are no evidence of "
                   "robustness (a constant prediction does not change under any noise).", ""]
 
-    robustness = {job: (_read_json(job.run_dir / "robustness_test.json") or {}).get("sweeps", {})
+    robustness = {job: (read_json(job.run_dir / "robustness_test.json") or {}).get("sweeps", {})
                   for job in ready}
     sweep_names = [s for s in SWEEPS if s in tables]
     if sweep_names:

@@ -3,7 +3,6 @@ by --overwrite only when it is a run folder of this project, and given the run's
 from __future__ import annotations
 
 import contextlib
-import json
 import platform
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ import torch
 
 from config import ConfigError
 from distributed import world_size
-from safe_writes import LOCK_NAME, lock_folder, write_json
+from safe_writes import LOCK_NAME, lock_folder, read_json, write_json
 
 
 def _git_commit() -> str:
@@ -29,10 +28,7 @@ def _git_commit() -> str:
 
 def is_run_folder(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds the config.json that main() writes for a run of that name."""
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
+    config = read_json(run_dir / "config.json")
     return isinstance(config, dict) and config.get("run_name") == run_dir.name and "method" in config
 
 

@@ -81,6 +81,14 @@ def write_text_atomic(path: Path, text: str) -> None:
         temporary.write_text(text)
 
 
+def read_json(path: Path):
+    """``path``'s JSON content; None when the file is missing, unreadable or not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def write_json(obj, path: Path) -> None:
     """Replace ``path``'s content by ``obj`` as indented JSON, atomically (``str`` for what JSON lacks)."""
     write_text_atomic(path, json.dumps(obj, indent=2, default=str))
