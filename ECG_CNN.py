@@ -203,16 +203,13 @@ class MaskedGroupNorm(nn.GroupNorm):
 
     - On the CPU, for layers of at least ROW_PATH_MIN values per sample and when every
       sample's valid positions form one interval (always, for the masks of this project's
-      data), ATen's fused GroupNorm kernels run on each sample's interval (forward and
-      first-order backward). Second-order gradients (create_graph: the Jacobian and NSR
-      terms) recompute the batched form in the backward pass, so those losses pay for both.
+      data), F.group_norm on each sample's interval: no arithmetic on the padding.
     - Otherwise the batched form: a fixed number of kernels whatever the batch size, which
       suits CUDA and small layers.
     """
 
-    # Fewer values per sample (channels x length) than this and the per-sample path's fixed
-    # cost per sample outweighs its cheaper arithmetic: a forward + backward micro-benchmark
-    # on this project's CPU (batch 8 and 16) put the crossover at 10-20 thousand values.
+    # Below this many values per sample (channels x length), the per-sample path's fixed cost
+    # per sample outweighs its savings (benchmarks/README.md, "resnet18a_vl").
     ROW_PATH_MIN = 16384
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor,  # type: ignore[override]

@@ -116,11 +116,8 @@ def jacobian_squared_norm(model: Model, x: torch.Tensor, mask: torch.Tensor,
     with v_k uniform on the unit sphere of R^C (E[v v^T] = I / C), drawn independently per
     projection and sample.
 
-    The products are a loop of autograd.grad calls over one forward pass. Batching them was
-    not faster on CPU (torch 2.13, resnet18a): torch.func.vmap over the cotangents of a
-    torch.func.vjp tied at T = 4096-8192 and was ~15-25% slower at the training length
-    T = 33792; running the batch replicated C times was ~2x slower; autograd.grad's
-    is_grads_batched fails with create_graph on this CNN.
+    The products are a loop of autograd.grad calls over one forward pass: the batched
+    alternatives were not faster on the CPU (benchmarks/README.md, "Jacobian products").
 
     Args:
         generator: torch.Generator on x's device for the projections (None: global RNG).
