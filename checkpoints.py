@@ -1,9 +1,11 @@
-"""Checkpoints: atomic save, safe load, the newest valid one, the RNG state, the resume check."""
+"""Checkpoints: atomic save, safe load, the newest valid one, the RNG state, the resume check,
+and Progress, where training stands (what a checkpoint records besides the weights)."""
 from __future__ import annotations
 
 import glob
 import random
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -81,3 +83,17 @@ def changed_settings(saved: dict, cfg: SimpleNamespace, keys) -> list[tuple[str,
             changed.append((key, before, now))
     return changed
 
+
+@dataclass
+class Progress:
+    """Where training stands: the next (epoch, batch) to run and what has been logged."""
+    epoch: int = 0
+    batch: int = 0
+    history: list = field(default_factory=list)
+    running: dict = field(default_factory=dict)  # sums for the epoch in progress
+
+    def add(self, logged: dict[str, float], samples: int) -> None:
+        for key, value in logged.items():
+            self.running[key] = self.running.get(key, 0.0) + value * samples
+        self.running["samples"] = self.running.get("samples", 0) + samples
+        self.batch += 1

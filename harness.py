@@ -18,7 +18,6 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -30,7 +29,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import evaluate
-from checkpoints import RESUME_KEYS, changed_settings, newest_checkpoint, rng_state, save_atomic, set_rng_state
+from checkpoints import (RESUME_KEYS, Progress, changed_settings, newest_checkpoint, rng_state, save_atomic,
+                         set_rng_state)
 from config import ConfigError, check_run_name, parse_config
 from distributed import (all_sum, average_logged, barrier, distributed_model, gather_to_main, init_distributed,
                          is_main_process, on_main_process, rank, shutdown_distributed, unwrap, world_size)
@@ -63,21 +63,6 @@ def seed_everything(seed: int, cudnn_benchmark: bool = False) -> None:
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = not cudnn_benchmark
     torch.backends.cudnn.benchmark = cudnn_benchmark
-
-
-@dataclass
-class Progress:
-    """Where training stands: the next (epoch, batch) to run and what has been logged."""
-    epoch: int = 0
-    batch: int = 0
-    history: list = field(default_factory=list)
-    running: dict = field(default_factory=dict)  # sums for the epoch in progress
-
-    def add(self, logged: dict[str, float], samples: int) -> None:
-        for key, value in logged.items():
-            self.running[key] = self.running.get(key, 0.0) + value * samples
-        self.running["samples"] = self.running.get("samples", 0) + samples
-        self.batch += 1
 
 
 def plot_history(history: list[dict], path: Path, title: str) -> None:
