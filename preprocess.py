@@ -11,8 +11,8 @@ Bad records are skipped, counted and reported with their reason; the good ones a
 a cache (``signals.npy`` with every record concatenated along time, ``records.csv`` with the
 offsets, the split CSVs and ``meta.json``) that ``load_cache`` reads back memory-mapped.
 
-CLI: ``python preprocess.py [--raw-dir data/CPSC2018/train] [--out-dir data/CPSC2018/processed]
-[--val-per-class 5] [--test-per-class 50] [--download [--url URL]]``; ``--download`` first
+CLI: ``python preprocess.py [--raw_dir data/CPSC2018/train] [--out_dir data/CPSC2018/processed]
+[--val_per_class 5] [--test_per_class 50] [--download [--url URL]]``; ``--download`` first
 fetches the records into --raw-dir (download.py).
 """
 

@@ -3,7 +3,7 @@
     python reproduce.py                    # the paper: CPSC2018 in data/CPSC2018/train, 7 runs
     python reproduce.py --preset demo      # synthetic data it generates itself, ~10 min on 2 CPU cores
     python reproduce.py --preset smoke     # the smallest chain (CI), synthetic data
-    python reproduce.py --preset mini --raw-dir DIR  # a small real CPSC2018 set of your own, on a CPU
+    python reproduce.py --preset mini --raw_dir DIR  # a small real CPSC2018 set of your own, on a CPU
     python reproduce.py --dry-run          # print the commands, run nothing
     python reproduce.py --nproc-per-node 4 # each run trained and evaluated by 4 processes (torchrun, 4 GPUs)
     python reproduce.py --preset demo --methods CE advls  # only these runs (the tables show every finished one)
@@ -63,7 +63,7 @@ class Plan:
 
     harness_preset: str        # the method scripts' --preset
     data_note: str             # the report's statement of what the data is
-    raw_dir: str | None        # the records (synthetic presets generate them here); None: --raw-dir required
+    raw_dir: str | None        # the records (synthetic presets generate them here); None: --raw_dir required
     data_dir: str              # the preprocessed cache
     result_dir: str
     val_per_class: int
