@@ -4,7 +4,7 @@
     python CPSC2018_CNN_CE.py --preset demo   # the synthetic demo dataset, a few minutes on a CPU
     python CPSC2018_CNN_CE.py --epochs 2 --max_batches 5 --run_name quick_look
 
-Every setting of harness.TRAIN_DEFAULTS (epochs, lr, batch_size, data_dir, ...) is a flag.
+Every setting of config.TRAIN_DEFAULTS (epochs, lr, batch_size, data_dir, ...) is a flag.
 """
 import sys
 
@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 import harness
 
-# CE has no hyperparameters of its own: the shared ones (Adam, lr 1e-3, 70 epochs,
-# batch 64, random pad, class-balanced sampler) are in harness.TRAIN_DEFAULTS.
+# The settings to edit; each is also a flag (types and presets: config.py). Shared (PROTOCOL section 5):
+TRAINING = dict(epochs=70, batch_size=64, lr=1e-3)
+# CE has no hyperparameters of its own.
 HYPERPARAMETERS = {}
 
 
@@ -27,4 +28,4 @@ def run_name(cfg):
 
 
 if __name__ == "__main__":
-    sys.exit(harness.main("CE", loss_fn, HYPERPARAMETERS, run_name))
+    sys.exit(harness.main("CE", loss_fn, HYPERPARAMETERS, run_name, training=TRAINING))

@@ -9,15 +9,17 @@ two from epoch ``reg_start_epoch`` on and only over the correctly classified sam
 import sys
 
 import harness
+from distributed import union_sum, unwrap
 from losses import mse_onehot_loss, multi_margin_loss, nsr_loss
 
+# The settings to edit; each is also a flag (types and presets: config.py). Shared (PROTOCOL section 5):
+TRAINING = dict(epochs=70, batch_size=64, lr=1e-3)
+# Noise-to-signal-ratio regularization (each a finite non-negative number):
 HYPERPARAMETERS = dict(
     beta1=1.0,            # weight of the multi-margin term
     beta2=1.0,            # weight of the noise-to-signal-ratio term
     reg_start_epoch=10,   # epochs before this use the MSE term alone
 )
-PRESET_OVERRIDES = {"demo": dict(reg_start_epoch=2), "smoke": dict(reg_start_epoch=0),
-                    "mini": dict(reg_start_epoch=3)}
 
 
 def loss_fn(model, x, y, mask, epoch, cfg):
@@ -28,12 +30,12 @@ def loss_fn(model, x, y, mask, epoch, cfg):
     correct = logits.argmax(dim=1) == y
     # Counts and sums over the whole batch: under torchrun, union_sum adds up the processes'
     # shares so that loss2 and loss3 are those of the single-process batch (identity otherwise).
-    n = int(harness.union_sum(correct.sum()))
+    n = int(union_sum(correct.sum()))
     if n == 0:
         return loss1, {"loss_mse": loss1.detach(), "loss_margin": 0.0, "loss_nsr": 0.0}
-    loss2 = multi_margin_loss(logits[correct], y[correct], reduce=harness.union_sum)
-    plain_model = harness.unwrap(model)  # the input-gradient pass runs on the plain module
-    loss3 = harness.union_sum(nsr_loss(plain_model, x[correct], y[correct], mask[correct])) / n
+    loss2 = multi_margin_loss(logits[correct], y[correct], reduce=union_sum)
+    plain_model = unwrap(model)  # the input-gradient pass runs on the plain module
+    loss3 = union_sum(nsr_loss(plain_model, x[correct], y[correct], mask[correct])) / n
     loss = loss1 + cfg.beta1 * loss2 + cfg.beta2 * loss3
     return loss, {"loss_mse": loss1.detach(), "loss_margin": loss2.detach(), "loss_nsr": loss3.detach()}
 
@@ -43,4 +45,4 @@ def run_name(cfg):
 
 
 if __name__ == "__main__":
-    sys.exit(harness.main("NSR", loss_fn, HYPERPARAMETERS, run_name, PRESET_OVERRIDES))
+    sys.exit(harness.main("NSR", loss_fn, HYPERPARAMETERS, run_name, training=TRAINING))

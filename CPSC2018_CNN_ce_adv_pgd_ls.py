@@ -15,8 +15,13 @@ import sys
 import torch.nn.functional as F
 
 import harness
+from config import ConfigError, non_negative
+from distributed import union_sum, unwrap
 from losses import adversarial_eps, adversarial_loss, adversarial_step
 
+# The settings to edit; each is also a flag (types and presets: config.py). Shared (PROTOCOL section 5):
+TRAINING = dict(epochs=70, batch_size=64, lr=1e-3)
+# PGD adversarial training:
 HYPERPARAMETERS = dict(
     eps=0.01,               # final L-inf budget
     beta=0.5,               # weight of the adversarial term
@@ -25,16 +30,14 @@ HYPERPARAMETERS = dict(
     pgd_alpha=4.0,          # step size = pgd_alpha * eps_t / pgd_steps
     label_smoothing=0.0,    # of the CE terms; 0 reproduces the reference code
 )
-PRESET_OVERRIDES = {"demo": dict(adv_start_epoch=2), "smoke": dict(adv_start_epoch=0, pgd_steps=2),
-                    "mini": dict(adv_start_epoch=3)}
 
 
 def check_hyperparameters(cfg):
-    # The harness has checked that each is a finite non-negative number.
+    non_negative(cfg, *HYPERPARAMETERS)
     if cfg.pgd_steps < 1:
-        raise harness.ConfigError(f"--pgd_steps must be at least 1, got {cfg.pgd_steps}")
+        raise ConfigError(f"--pgd_steps must be at least 1, got {cfg.pgd_steps}")
     if cfg.label_smoothing > 1:
-        raise harness.ConfigError(f"--label_smoothing must be between 0 and 1, got {cfg.label_smoothing:g}")
+        raise ConfigError(f"--label_smoothing must be between 0 and 1, got {cfg.label_smoothing:g}")
 
 
 def loss_fn(model, x, y, mask, epoch, cfg):
@@ -43,10 +46,10 @@ def loss_fn(model, x, y, mask, epoch, cfg):
     eps_t = adversarial_eps(epoch, cfg.eps, cfg.adv_start_epoch, cfg.epochs)
     correct = logits.argmax(dim=1) == y
     # Whether to attack is decided over the whole batch (all processes under torchrun); the
-    # attack and the adversarial pass run on the plain module (see harness.unwrap).
-    if eps_t == 0 or not harness.union_sum(correct.sum()):
+    # attack and the adversarial pass run on the plain module (see unwrap).
+    if eps_t == 0 or not union_sum(correct.sum()):
         return loss1, {"loss_ce": loss1.detach()}
-    loss2 = adversarial_loss(harness.unwrap(model), x[correct], y[correct], mask[correct], eps_t,
+    loss2 = adversarial_loss(unwrap(model), x[correct], y[correct], mask[correct], eps_t,
                              adversarial_step(eps_t, cfg.pgd_alpha, cfg.pgd_steps),
                              steps=cfg.pgd_steps, label_smoothing=cfg.label_smoothing) / len(y)
     loss = (1 - cfg.beta) * loss1 + cfg.beta * loss2
@@ -59,5 +62,5 @@ def run_name(cfg):
 
 
 if __name__ == "__main__":
-    sys.exit(harness.main("advls", loss_fn, HYPERPARAMETERS, run_name, PRESET_OVERRIDES,
-                          check=check_hyperparameters))
+    sys.exit(harness.main("advls", loss_fn, HYPERPARAMETERS, run_name, check=check_hyperparameters,
+                          training=TRAINING))

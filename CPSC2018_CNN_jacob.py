@@ -10,8 +10,12 @@ import sys
 import torch.nn.functional as F
 
 import harness
+from distributed import union_sum, unwrap
 from losses import jacobian_loss
 
+# The settings to edit; each is also a flag (types and presets: config.py). Shared (PROTOCOL section 5):
+TRAINING = dict(epochs=70, batch_size=64, lr=1e-3)
+# Jacobian regularization (each a finite non-negative number):
 HYPERPARAMETERS = dict(
     beta=44.0,                # weight of the Jacobian term, from epoch 0
     jacobian_projections=0,   # 0: the exact Frobenius norm (paper); K > 0: K random projections
@@ -21,9 +25,9 @@ HYPERPARAMETERS = dict(
 def loss_fn(model, x, y, mask, epoch, cfg):
     loss1 = F.cross_entropy(model(x, mask), y)
     # Over the whole batch: under torchrun, union_sum adds up the processes' shares (identity
-    # otherwise); the input-gradient passes run on the plain module (see harness.unwrap).
-    loss2 = jacobian_loss(harness.unwrap(model), x, mask, cfg.jacobian_projections,
-                          reduce=harness.union_sum)
+    # otherwise); the input-gradient passes run on the plain module (see unwrap).
+    loss2 = jacobian_loss(unwrap(model), x, mask, cfg.jacobian_projections,
+                          reduce=union_sum)
     return loss1 + cfg.beta * loss2, {"loss_ce": loss1.detach(), "loss_jacobian": loss2.detach()}
 
 
@@ -33,4 +37,4 @@ def run_name(cfg):
 
 
 if __name__ == "__main__":
-    sys.exit(harness.main("jacob", loss_fn, HYPERPARAMETERS, run_name))
+    sys.exit(harness.main("jacob", loss_fn, HYPERPARAMETERS, run_name, training=TRAINING))

@@ -153,70 +153,18 @@ def signal_spans(mask: torch.Tensor) -> list[tuple[int, int]] | None:
     return [(start, count) for start, count in zip(starts, counts)]
 
 
-class _RowGroupNorm(torch.autograd.Function):
-    """GroupNorm of each sample's valid interval with ATen's fused kernels, one sample at a time.
-
-    forward(x, mask, weight, bias, spans, num_groups, eps, fill): x (B, C, L); spans from
-    signal_spans. Positions outside the intervals get ``fill``. Under create_graph the
-    backward recomputes the batched form, which autograd can differentiate again.
-    """
-
-    @staticmethod
-    def forward(ctx, x, mask, weight, bias, spans, num_groups, eps, fill):
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        pieces, means, rstds = [], [], []
-        for row, (start, count) in enumerate(spans):
-            out[row, :, :start].fill_(fill)  # only the margins: cheaper than filling everything
-            out[row, :, start + count:].fill_(fill)
-            piece = mean = rstd = None
-            if count:
-                piece = x[row:row + 1, :, start:start + count].contiguous()
-                normed, mean, rstd = torch.native_group_norm(piece, weight, bias, 1, x.shape[1],
-                                                             count, num_groups, eps)
-                out[row, :, start:start + count] = normed[0]
-            pieces.append(piece)
-            means.append(mean)
-            rstds.append(rstd)
-        ctx.save_for_backward(x, mask, weight, bias, *pieces, *means, *rstds)
-        ctx.spans, ctx.num_groups, ctx.eps, ctx.fill = spans, num_groups, eps, fill
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, mask, weight, bias, *per_row = ctx.saved_tensors
-        rows = len(ctx.spans)
-        pieces, means, rstds = per_row[:rows], per_row[rows:2 * rows], per_row[2 * rows:]
-        needed = [ctx.needs_input_grad[i] for i in (0, 2, 3)]  # x, weight, bias
-        grads: list[torch.Tensor | None] = [None, None, None]
-        if torch.is_grad_enabled():  # create_graph=True: recompute with differentiable operations
-            out = _batched_group_norm(x, mask, weight, bias, ctx.num_groups, ctx.eps, ctx.fill)
-            wanted = [i for i in range(3) if needed[i]]
-            computed = torch.autograd.grad(out, [(x, weight, bias)[i] for i in wanted], grad,
-                                           create_graph=True)
-            for i, value in zip(wanted, computed):
-                grads[i] = value
-        else:
-            if needed[0]:
-                grads[0] = torch.empty_like(x, memory_format=torch.contiguous_format)
-            if needed[1] or needed[2]:
-                grads[1], grads[2] = torch.zeros_like(weight), torch.zeros_like(bias)
-            for row, (start, count) in enumerate(ctx.spans):
-                if needed[0]:
-                    grads[0][row, :, :start] = 0
-                    grads[0][row, :, start + count:] = 0
-                if count == 0:
-                    continue
-                piece_grad, weight_grad, bias_grad = torch.ops.aten.native_group_norm_backward(
-                    grad[row:row + 1, :, start:start + count].contiguous(), pieces[row], means[row],
-                    rstds[row], weight, 1, x.shape[1], count, ctx.num_groups,
-                    [needed[0], needed[1] or needed[2], needed[1] or needed[2]])
-                if needed[0]:
-                    grads[0][row, :, start:start + count] = piece_grad[0]
-                if needed[1] or needed[2]:
-                    grads[1] += weight_grad
-                    grads[2] += bias_grad
-        grad_x, grad_weight, grad_bias = (g if need else None for g, need in zip(grads, needed))
-        return grad_x, None, grad_weight, grad_bias, None, None, None, None
+def _row_group_norm(x: torch.Tensor, spans: list[tuple[int, int]], weight: torch.Tensor | None,
+                    bias: torch.Tensor | None, num_groups: int, eps: float, fill: float) -> torch.Tensor:
+    """GroupNorm of each sample's valid interval (spans from signal_spans), one sample at a
+    time; positions outside the intervals get ``fill``. Autograd differentiates it (to any order)."""
+    length = x.shape[2]
+    rows = []
+    for row, (start, count) in enumerate(spans):
+        piece = x[row:row + 1, :, start:start + count]
+        if count:
+            piece = F.group_norm(piece, num_groups, weight, bias, eps)
+        rows.append(F.pad(piece, (start, length - start - count), value=fill))
+    return torch.cat(rows)
 
 
 def _batched_group_norm(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None,
@@ -255,16 +203,13 @@ class MaskedGroupNorm(nn.GroupNorm):
 
     - On the CPU, for layers of at least ROW_PATH_MIN values per sample and when every
       sample's valid positions form one interval (always, for the masks of this project's
-      data), ATen's fused GroupNorm kernels run on each sample's interval (forward and
-      first-order backward). Second-order gradients (create_graph: the Jacobian and NSR
-      terms) recompute the batched form in the backward pass, so those losses pay for both.
+      data), F.group_norm on each sample's interval: no arithmetic on the padding.
     - Otherwise the batched form: a fixed number of kernels whatever the batch size, which
       suits CUDA and small layers.
     """
 
-    # Fewer values per sample (channels x length) than this and the per-sample path's fixed
-    # cost per sample outweighs its cheaper arithmetic: a forward + backward micro-benchmark
-    # on this project's CPU (batch 8 and 16) put the crossover at 10-20 thousand values.
+    # Below this many values per sample (channels x length), the per-sample path's fixed cost
+    # per sample outweighs its savings (benchmarks/README.md, "resnet18a_vl").
     ROW_PATH_MIN = 16384
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor,  # type: ignore[override]
@@ -273,8 +218,7 @@ class MaskedGroupNorm(nn.GroupNorm):
         spans = signal_spans(mask) if rows and len(x) else None
         if spans is None:
             return _batched_group_norm(x, mask, self.weight, self.bias, self.num_groups, self.eps, fill)
-        return _RowGroupNorm.apply(x, mask, self.weight, self.bias, spans, self.num_groups,
-                                   self.eps, fill)
+        return _row_group_norm(x, spans, self.weight, self.bias, self.num_groups, self.eps, fill)
 
 
 class MaskedResidualBlock(nn.Module):

@@ -10,55 +10,40 @@ The metric functions at the top are import-safe and work on plain numpy arrays.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import matplotlib
 import numpy as np
+import pandas as pd
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from preprocess import CLASSES
-from safe_writes import FolderInUseError, lock_folder
+import attacks
+from config import (PAPER_LINF_LEVELS, PGD_LINF_LEVELS, SWEEPS, WHITE_LEVELS,  # noqa: F401 (the levels: for readers)
+                    ConfigError, OneLineParser, check_device, parse_sweeps)
+from distributed import (all_sum, distributed, init_distributed, is_main_process, on_main_process, process_device,
+                         rank, shutdown_distributed, world_size)
+from ECG_CNN import build_model
+from ECG_Dataset import BucketBatchSampler, crop_collate, get_dataloaders
+from preprocess import CLASSES, DataError
+from safe_writes import FolderInUseError, lock_folder, read_json, write_json
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 
 NUM_CLASSES = len(CLASSES)
 # CPSC2018 sub-scores: groups of class indices (0-based) scored together.
 SUBSCORE_GROUPS = {"Faf": (1,), "Fblock": (2, 3, 4), "Fpc": (5, 6), "Fst": (7, 8)}
 
 
-# PROTOCOL section 6: the paper's noise levels. The real-ECG noises (beyond the paper) are swept
-# over signal-to-noise ratios in dB; their curves use the noise-to-signal amplitude ratio
-# 10 ** (-snr / 20) as the level, so that clean (infinite SNR) is level 0 as for the others.
-PGD_LINF_LEVELS = (0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1, 0.2, 0.3)
-PAPER_LINF_LEVELS = (0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1)  # the paper's figures
-PGD_L2_LEVELS = (0.1, 0.2, 0.3, 0.5, 0.7, 1, 3, 5, 10, 20, 30)
-WHITE_LEVELS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
-SNR_DB_LEVELS = (40, 30, 20, 15, 10, 5, 0)
 SQUARE_QUERIES_PER_STEP = 10  # Square's queries per gradient-attack iteration: 1000 at the paper's 100
 MASKING_GAP = 0.02  # ensemble accuracy this far below PGD's (2 points) flags gradient masking
 ACCURACY_SLACK = 1e-9  # accuracies read back from JSON: float noise is no difference
-
-SWEEPS = {
-    # name: (kind, norm or noise function name, levels, x-axis label)
-    "pgd_linf": ("attack", "inf", PGD_LINF_LEVELS, "L-inf eps"),
-    "pgd_l2": ("attack", "2", PGD_L2_LEVELS, "L2 eps"),
-    "ifgsm_linf": ("ifgsm", "inf", PGD_LINF_LEVELS, "L-inf eps"),
-    "ifgsm_l2": ("ifgsm", "2", PGD_L2_LEVELS, "L2 eps"),
-    # AutoAttack-style evaluation (attacks.apgd_attack, square_attack, ensemble_attack).
-    "apgd_ce": ("apgd_ce", "inf", PAPER_LINF_LEVELS, "L-inf eps"),
-    "apgd_dlr": ("apgd_dlr", "inf", PAPER_LINF_LEVELS, "L-inf eps"),
-    "square": ("square", "inf", PAPER_LINF_LEVELS, "L-inf eps"),
-    "autoattack": ("autoattack", "inf", PAPER_LINF_LEVELS, "L-inf eps"),
-    "white": ("white", None, WHITE_LEVELS, "white noise amplitude eps"),
-    "baseline_wander": ("snr", "baseline_wander", SNR_DB_LEVELS, "noise/signal amplitude"),
-    "powerline_50hz": ("snr", "powerline_50", SNR_DB_LEVELS, "noise/signal amplitude"),
-    "powerline_60hz": ("snr", "powerline_60", SNR_DB_LEVELS, "noise/signal amplitude"),
-    "muscle": ("snr", "muscle_noise", SNR_DB_LEVELS, "noise/signal amplitude"),
-}
 # Sweeps that attack the model: --sweep_max_records restricts all of them to the same
 # records, so that PGD and the ensemble are compared on equal footing (masking_check).
 ATTACK_KINDS = ("attack", "ifgsm", "apgd_ce", "apgd_dlr", "square", "autoattack")
@@ -133,7 +118,6 @@ def to_markdown(table) -> str:
 
 def scores_table(scores: dict) -> str:
     """The clean metrics as Markdown: one row per class, then the summary scores."""
-    import pandas as pd
 
     per_class = pd.DataFrame({k: scores[k] for k in ("sensitivity", "precision", "f1")},
                              index=pd.Index(CLASSES, name="class"))
@@ -179,9 +163,7 @@ def shard_loader(loader, rank: int, world_size: int, max_batches: int = 0):
 
 def loader_over(loader, indices: list[int]):
     """A loader like ``loader`` (same dataset, batching and workers) over ``indices`` only."""
-    from torch.utils.data import DataLoader
 
-    from ECG_Dataset import BucketBatchSampler, crop_collate
 
     if isinstance(loader.batch_sampler, BucketBatchSampler):
         batching: dict = dict(batch_sampler=BucketBatchSampler(
@@ -210,17 +192,6 @@ def balanced_records(labels, max_records: int) -> list[int]:
     return sorted(int(i) for i in turns[:max_records])
 
 
-def parse_sweeps(names: str) -> list[str]:
-    """A comma-separated list of sweep names ("" for none, "all" for every one)."""
-    if names.strip() == "all":
-        return list(SWEEPS)
-    chosen = [n.strip() for n in names.split(",") if n.strip()]
-    unknown = [n for n in chosen if n not in SWEEPS]
-    if unknown:
-        raise EvaluationError(f"--sweeps: unknown sweep '{unknown[0]}' (known: {', '.join(SWEEPS)}, all)")
-    return chosen
-
-
 def square_queries(steps: int) -> int:
     """Square's query budget in a sweep run with ``steps`` gradient-attack iterations."""
     return max(1, SQUARE_QUERIES_PER_STEP * steps)
@@ -230,7 +201,6 @@ def perturb(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torc
             sweep: str, level: float, steps: int, restarts: int,
             generator: torch.Generator) -> torch.Tensor:
     """The input of one sweep at one level (the attack runs with the model as given)."""
-    import attacks
 
     kind, variant, _, _ = SWEEPS[sweep]
     if kind == "attack":
@@ -272,7 +242,6 @@ def robustness_sweep(model: torch.nn.Module, loader, sweep: str, device: torch.d
     ``sharded``: under torchrun, ``loader`` is this process's share (``shard_loader``); the
     counts are summed over the processes and rank r draws its noise from seed + r.
     """
-    from harness import all_sum, is_main_process, rank
 
     started = time.perf_counter()
     was_training = model.training
@@ -310,9 +279,7 @@ def robustness_sweep(model: torch.nn.Module, loader, sweep: str, device: torch.d
 
 def plot_sweeps(curves: dict[str, dict[str, dict]], path: Path, title: str) -> None:
     """One panel per sweep, one curve per run: curves[run][sweep] = robustness_sweep(...)."""
-    import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     sweeps = list(dict.fromkeys(s for run in curves.values() for s in run))
     columns = min(3, len(sweeps))
@@ -435,7 +402,6 @@ def masking_check_markdown(checks: dict[str, dict]) -> str:
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
     """The model of a run folder (its model.pt) or of a checkpoint file, with its settings."""
-    from ECG_CNN import build_model
 
     path = Path(path)
     if path.is_dir():
@@ -459,7 +425,6 @@ def evaluate_clean(model: torch.nn.Module, loader, device: torch.device, max_bat
                    sharded: bool = False) -> dict:
     """Clean metrics over a loader; ``sharded`` as in ``robustness_sweep`` (counts summed over
     the processes)."""
-    from harness import all_sum, is_main_process
 
     counts = confusion_matrix(*predict(model, loader, device, max_batches,
                                        desc="clean" if is_main_process() else None))
@@ -476,8 +441,6 @@ def evaluate_run(run_dir: Path, model: torch.nn.Module, cfg: SimpleNamespace, sp
     Under torchrun every process calls this: each evaluates its share of the records
     (``shard_loader``), the confusion matrices are summed, and rank 0 writes and prints.
     """
-    from ECG_Dataset import get_dataloaders
-    from harness import distributed, is_main_process, process_device, rank, world_size, write_json
 
     device = process_device(cfg.device)
     model = model.to(device)
@@ -500,7 +463,6 @@ def evaluate_run(run_dir: Path, model: torch.nn.Module, cfg: SimpleNamespace, sp
 
     sweeps = parse_sweeps(cfg.sweeps)
     if sweeps:
-        import pandas as pd
 
         # The attacks may run on a fixed class-balanced subset (--sweep_max_records); the
         # noises are cheap and always see every record.
@@ -535,16 +497,13 @@ def evaluate_run(run_dir: Path, model: torch.nn.Module, cfg: SimpleNamespace, sp
     return result
 
 
-def _read_json(path: Path, key: str) -> dict:
-    """``path``'s JSON object's entry ``key``, checked to be an object (a dict) too."""
+def read_result(path: Path, key: str) -> dict:
+    """The entry ``key`` of a result file's JSON object, checked to be an object (a dict) too."""
     if not path.is_file():
         raise EvaluationError(f"{path}: not found (evaluate that run first: python evaluate.py {path.parent})")
-    try:
-        content = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise EvaluationError(f"{path}: not valid JSON ({error})") from None
+    content = read_json(path)
     if not isinstance(content, dict) or not isinstance(content.get(key), dict):
-        raise EvaluationError(f"{path}: no '{key}' object: not a result file of this project")
+        raise EvaluationError(f"{path}: not valid JSON with a '{key}' object: not a result file of this project")
     return content[key]
 
 
@@ -564,7 +523,6 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
     both the pgd_linf and the autoattack sweep (``masking_check``). Returns {table name:
     Markdown}.
     """
-    import pandas as pd
 
     out_dir = Path(out_dir)
     try:
@@ -577,7 +535,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
     clean_rows, curves = [], {}
     for name, run in zip(names, run_dirs):
         path = Path(run) / f"eval_{split}.json"
-        clean = _read_json(path, "clean")
+        clean = read_result(path, "clean")
         try:
             clean_rows.append({"run": name, **{f"F1 {c}": f for c, f in zip(CLASSES, clean["f1"], strict=True)},
                                **{k: clean[k] for k in ("mean_f1", "Faf", "Fblock", "Fpc", "Fst", "accuracy")},
@@ -586,7 +544,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
             raise EvaluationError(f"{path}: malformed clean metrics ({type(error).__name__}: {error})") from None
         robustness = Path(run) / f"robustness_{split}.json"
         if robustness.is_file():
-            curves[name] = _read_json(robustness, "sweeps")
+            curves[name] = read_result(robustness, "sweeps")
         else:
             curves[name] = {}
             print(f"note: {run} has no {robustness.name} (no robustness sweeps run): it is left out of "
@@ -621,16 +579,13 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness import (ConfigError, check_device, init_distributed, is_main_process, on_main_process,
-                         shutdown_distributed)
-    from preprocess import DataError
 
     argv = sys.argv[1:] if argv is None else argv
     locks = contextlib.ExitStack()
     try:
         if argv[:1] == ["compare"]:
-            parser = argparse.ArgumentParser(prog="evaluate.py compare", allow_abbrev=False,
-                                             description="Tables and figures for several evaluated runs.")
+            parser = OneLineParser(prog="evaluate.py compare",
+                                   description="Tables and figures for several evaluated runs.")
             parser.add_argument("runs", nargs="+", help="run folders (evaluated)")
             parser.add_argument("--split", default="test", choices=("test", "val"))
             parser.add_argument("--out", default="result/compare", help="output folder")
@@ -639,18 +594,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n## {name}\n{table}")
             print(f"\ntables and figures written to {args.out}/")
             return 0
-        parser = argparse.ArgumentParser(description="Evaluate a trained run (PROTOCOL sections 6-7).",
-                                         allow_abbrev=False)
+        parser = OneLineParser(description="Evaluate a trained run (PROTOCOL sections 6-7).")
         parser.add_argument("run", help="a run folder under result/ or a checkpoint file")
         parser.add_argument("--split", default="test", choices=("test", "val"))
-        parser.add_argument("--data_dir", help="override the run's data cache folder")
+        parser.add_flag("--data_dir", help="override the run's data cache folder")
         parser.add_argument("--device", default="auto")
-        parser.add_argument("--max_batches", type=int, default=0, help="clean evaluation: at most this many batches")
+        parser.add_flag("--eval_max_batches", type=int, default=0,
+                        help="clean evaluation: at most this many batches")
         parser.add_argument("--sweeps", help=f"comma-separated, 'all' or '' (default: the run's); known: {', '.join(SWEEPS)}")
-        parser.add_argument("--sweep_steps", type=int, help="PGD/IFGSM iterations (default: the run's, 100 in the paper)")
-        parser.add_argument("--sweep_restarts", type=int, help="PGD random starts (the paper: 2)")
-        parser.add_argument("--sweep_max_batches", type=int, help="sweeps: at most this many batches")
-        parser.add_argument("--sweep_max_records", type=int, default=0,
+        parser.add_flag("--sweep_steps", type=int, help="PGD/IFGSM iterations (default: the run's, 100 in the paper)")
+        parser.add_flag("--sweep_restarts", type=int, help="PGD random starts (the paper: 2)")
+        parser.add_flag("--sweep_max_batches", type=int, help="sweeps: at most this many batches")
+        parser.add_flag("--sweep_max_records", type=int, default=0,
                             help="attack sweeps: a fixed class-balanced subset of this many records "
                                  "(0: all; the records are listed in the results)")
         args = parser.parse_args(argv)
@@ -660,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
                     "sweep_max_records"):
             if getattr(args, key) is not None:
                 setattr(cfg, key, getattr(args, key))
-        for key in ("sweep_steps", "sweep_max_batches", "sweep_max_records", "max_batches"):
+        for key in ("sweep_steps", "sweep_max_batches", "sweep_max_records", "eval_max_batches"):
             if getattr(args, key) is not None and getattr(args, key) < 0:
                 raise EvaluationError(f"--{key} must be >= 0, got {getattr(args, key)}")
         if args.sweep_restarts is not None and args.sweep_restarts < 1:
@@ -672,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         device = init_distributed(cfg.device)
         # One process per run folder (rank 0 locks it): refused while a training or evaluation holds it.
         on_main_process(lambda: locks.enter_context(lock_folder(run_dir, "run folder")))
-        evaluate_run(run_dir, model.to(device), cfg, args.split, args.max_batches)
+        evaluate_run(run_dir, model.to(device), cfg, args.split, args.eval_max_batches)
     except (EvaluationError, DataError, ConfigError, FolderInUseError) as error:
         if is_main_process():
             print(f"error: {error}", file=sys.stderr)

@@ -46,7 +46,7 @@ def multi_margin_loss(logits: torch.Tensor, y: torch.Tensor,
     For each sample and class j != y: d = 1 - z_y + z_j; the terms with 0 < d < 2 are kept;
     the result is their mean when more than one is kept, else their sum (0 when none).
     Computed without a host sync. ``reduce`` combines the sum and the count across
-    processes before dividing (harness.union_sum under torchrun).
+    processes before dividing (distributed.union_sum under torchrun).
     """
     own = logits.gather(1, y[:, None])
     margins = 1 - own + logits
@@ -116,11 +116,8 @@ def jacobian_squared_norm(model: Model, x: torch.Tensor, mask: torch.Tensor,
     with v_k uniform on the unit sphere of R^C (E[v v^T] = I / C), drawn independently per
     projection and sample.
 
-    The products are a loop of autograd.grad calls over one forward pass. Batching them was
-    not faster on CPU (torch 2.13, resnet18a): torch.func.vmap over the cotangents of a
-    torch.func.vjp tied at T = 4096-8192 and was ~15-25% slower at the training length
-    T = 33792; running the batch replicated C times was ~2x slower; autograd.grad's
-    is_grads_batched fails with create_graph on this CNN.
+    The products are a loop of autograd.grad calls over one forward pass: the batched
+    alternatives were not faster on the CPU (benchmarks/README.md, "Jacobian products").
 
     Args:
         generator: torch.Generator on x's device for the projections (None: global RNG).
@@ -135,7 +132,7 @@ def jacobian_loss(model: Model, x: torch.Tensor, mask: torch.Tensor, projections
 
     C is the number of logits (9). projections=K>0 replaces the exact squared Frobenius norm
     by its unbiased K-projection estimate (see ``jacobian_squared_norm``). ``reduce``
-    combines the squared norm and B across processes (harness.union_sum under torchrun).
+    combines the squared norm and B across processes (distributed.union_sum under torchrun).
     """
     squared_norm, classes = _jacobian_squared_norm(model, x, mask, projections, generator)
     batch = reduce(torch.tensor(x.shape[0], dtype=squared_norm.dtype, device=squared_norm.device))

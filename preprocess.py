@@ -11,8 +11,8 @@ Bad records are skipped, counted and reported with their reason; the good ones a
 a cache (``signals.npy`` with every record concatenated along time, ``records.csv`` with the
 offsets, the split CSVs and ``meta.json``) that ``load_cache`` reads back memory-mapped.
 
-CLI: ``python preprocess.py [--raw-dir data/CPSC2018/train] [--out-dir data/CPSC2018/processed]
-[--val-per-class 5] [--test-per-class 50] [--download [--url URL]]``; ``--download`` first
+CLI: ``python preprocess.py [--raw_dir data/CPSC2018/train] [--out_dir data/CPSC2018/processed]
+[--val_per_class 5] [--test_per_class 50] [--download [--url URL]]``; ``--download`` first
 fetches the records into --raw-dir (download.py).
 """
 
@@ -801,16 +801,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument(
-        "--raw-dir", default=DEFAULT_RAW_DIR, help="folder with the CPSC2018 records (default: %(default)s)"
+        "--raw_dir", "--raw-dir", default=DEFAULT_RAW_DIR, help="folder with the CPSC2018 records (default: %(default)s)"
     )
     parser.add_argument(
-        "--out-dir", default=DEFAULT_OUT_DIR, help="cache folder to write (default: %(default)s)"
+        "--out_dir", "--out-dir", default=DEFAULT_OUT_DIR, help="cache folder to write (default: %(default)s)"
     )
     parser.add_argument(
-        "--val-per-class", type=int, default=5, help="validation records per class (default: %(default)s)"
+        "--val_per_class", "--val-per-class", type=int, default=5, help="validation records per class (default: %(default)s)"
     )
     parser.add_argument(
-        "--test-per-class", type=int, default=50, help="test records per class (default: %(default)s)"
+        "--test_per_class", "--test-per-class", type=int, default=50, help="test records per class (default: %(default)s)"
     )
     parser.add_argument(
         "--download",
@@ -823,18 +823,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.val_per_class < 0 or args.test_per_class < 0:
-        parser.error("--val-per-class and --test-per-class must be >= 0")
+        parser.error("--val_per_class and --test_per_class must be >= 0")
     if args.download or args.url:
         try:
             print(fetch_cpsc2018(Path(args.raw_dir), args.url or CPSC2018_ARCHIVE_URL, OFFICIAL_REFERENCE))
         except DownloadError as error:
             print(f"error: {error}", file=sys.stderr)
-            return 1
+            return 1  # the download failed while running
     try:
         summary = preprocess(args.raw_dir, args.out_dir, args.val_per_class, args.test_per_class)
     except (DataError, FolderInUseError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
     print(_format_summary(summary))
     return 0
 

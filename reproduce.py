@@ -3,7 +3,7 @@
     python reproduce.py                    # the paper: CPSC2018 in data/CPSC2018/train, 7 runs
     python reproduce.py --preset demo      # synthetic data it generates itself, ~10 min on 2 CPU cores
     python reproduce.py --preset smoke     # the smallest chain (CI), synthetic data
-    python reproduce.py --preset mini --raw-dir DIR  # a small real CPSC2018 set of your own, on a CPU
+    python reproduce.py --preset mini --raw_dir DIR  # a small real CPSC2018 set of your own, on a CPU
     python reproduce.py --dry-run          # print the commands, run nothing
     python reproduce.py --nproc-per-node 4 # each run trained and evaluated by 4 processes (torchrun, 4 GPUs)
     python reproduce.py --preset demo --methods CE advls  # only these runs (the tables show every finished one)
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import resource
 import shlex
@@ -29,11 +28,18 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from safe_writes import write_text_atomic
+import pandas as pd
+
+import evaluate
+from checkpoints import RESUME_KEYS, changed_settings
+from config import PRESETS, SWEEPS, TRAIN_DEFAULTS, ConfigError, OneLineParser, parse_config, parse_sweeps
+from preprocess import DataError, load_cache
+from safe_writes import read_json, write_json
+from synthetic import MARKER_NAME
 
 REPO = Path(__file__).resolve().parent
 
@@ -57,7 +63,7 @@ class Plan:
 
     harness_preset: str        # the method scripts' --preset
     data_note: str             # the report's statement of what the data is
-    raw_dir: str | None        # the records (synthetic presets generate them here); None: --raw-dir required
+    raw_dir: str | None        # the records (synthetic presets generate them here); None: --raw_dir required
     data_dir: str              # the preprocessed cache
     result_dir: str
     val_per_class: int
@@ -66,8 +72,6 @@ class Plan:
     sweeps: str
     synthetic_records_per_class: int = 0  # > 0: a synthetic dataset (synthetic.py)
     synthetic_max_seconds: float = 60.0
-    # Extra flags per method for this plan (stated in the report with the run's settings).
-    method_flags: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 SYNTHETIC_NOTE = ("**Data: synthetic signals, not CPSC2018.** The records are simulated by "
@@ -81,11 +85,9 @@ PLANS = {
                   (0.005, 0.01, 0.05, 0.1), f"{PAPER_SWEEPS},{REAL_NOISE_SWEEPS}"),
     "demo": Plan("demo", SYNTHETIC_NOTE, "data/demo/train", "data/demo/processed", "result/demo", 3, 6,
                  (0.01, 0.05), f"{PAPER_SWEEPS},{REAL_NOISE_SWEEPS}",
-                 synthetic_records_per_class=30, synthetic_max_seconds=20.0,
-                 method_flags={"jacob": ("--jacobian_projections", "1"), "advls": ("--pgd_steps", "5")}),
+                 synthetic_records_per_class=30, synthetic_max_seconds=20.0),
     "smoke": Plan("smoke", SYNTHETIC_NOTE, "data/smoke/train", "data/smoke/processed", "result/smoke", 1, 1,
-                  (0.01,), "white,pgd_linf", synthetic_records_per_class=4, synthetic_max_seconds=8.0,
-                  method_flags={"jacob": ("--jacobian_projections", "1")}),
+                  (0.01,), "white,pgd_linf", synthetic_records_per_class=4, synthetic_max_seconds=8.0),
     "mini": Plan("mini", "**Data: real CPSC2018 records, but only a small sample of them** with a small "
                  "stratified split of its own (2 validation and 4 test records per class), not the "
                  "paper's 450-record test set: a small-scale check of the pipeline on real ECGs, "
@@ -137,36 +139,24 @@ class Job:
 def plan_jobs(plan: Plan, methods: list[str], data_dir: str, result_dir: str) -> list[Job]:
     """The training runs of ``plan`` for ``methods``, in the paper's order, settings resolved
     exactly as the script will resolve them (so the run folder name is the script's)."""
-    import harness
-
     jobs = []
     for method in (m for m in METHOD_SCRIPTS if m in methods):
         module = importlib.import_module(METHOD_SCRIPTS[method])
         for eps in plan.adv_eps if method == "advls" else (None,):
             flags = ["--preset", plan.harness_preset, "--data_dir", data_dir, "--result_dir", result_dir,
-                     "--sweeps", plan.sweeps, *plan.method_flags.get(method, ())]
+                     "--sweeps", plan.sweeps]
             if eps is not None:
                 flags += ["--eps", f"{eps:g}"]
-            cfg = harness.parse_config(method, module.HYPERPARAMETERS,
-                                       getattr(module, "PRESET_OVERRIDES", None), flags,
-                                       getattr(module, "check_hyperparameters", None))
+            cfg = parse_config(method, module.HYPERPARAMETERS, flags,
+                               getattr(module, "check_hyperparameters", None), module.TRAINING)
             jobs.append(Job(method, REPO / f"{module.__name__}.py", flags, cfg, module.HYPERPARAMETERS,
                             Path(result_dir) / module.run_name(cfg)))
     return jobs
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def _check_same_settings(job: Job) -> None:
     """A run folder that holds a run with other training settings is not this preset's run."""
-    from harness import RESUME_KEYS, changed_settings
-
-    config = _read_json(job.run_dir / "config.json")
+    config = read_json(job.run_dir / "config.json")
     if not isinstance(config, dict):
         return
     # --epochs too: a run trained for another number of epochs is not this preset's run.
@@ -180,14 +170,12 @@ def _check_same_settings(job: Job) -> None:
 def evaluation_complete(job: Job) -> bool:
     """eval_test.json is there and robustness_test.json has every requested sweep with the
     requested attack settings."""
-    from evaluate import parse_sweeps
-
     if not (job.run_dir / "eval_test.json").is_file():
         return False
     sweeps = parse_sweeps(job.cfg.sweeps)
     if not sweeps:
         return True
-    done = (_read_json(job.run_dir / "robustness_test.json") or {}).get("sweeps", {})
+    done = (read_json(job.run_dir / "robustness_test.json") or {}).get("sweeps", {})
     wanted = {"steps": job.cfg.sweep_steps, "restarts": job.cfg.sweep_restarts,
               "max_batches": job.cfg.sweep_max_batches}
     return all(name in done and all(done[name].get("settings", {}).get(k) == v for k, v in wanted.items())
@@ -227,9 +215,6 @@ def job_command(job: Job, state: str, nproc_per_node: int = 1) -> list[str]:
 
 def synthetic_complete(raw_dir: Path, records_per_class: int) -> bool:
     """A dataset synthetic.py wrote with this many records per class, every file present."""
-    import pandas as pd
-    from synthetic import MARKER_NAME
-
     if not (raw_dir / MARKER_NAME).is_file() or not (raw_dir / "REFERENCE.csv").is_file():
         return False
     try:
@@ -244,8 +229,6 @@ def synthetic_complete(raw_dir: Path, records_per_class: int) -> bool:
 
 def cache_valid(data_dir: Path, raw_dir: Path, val_per_class: int, test_per_class: int) -> bool:
     """load_cache accepts the cache and it was made from raw_dir with these split settings."""
-    from preprocess import DataError, load_cache
-
     try:
         meta = load_cache(data_dir).meta
     except DataError:
@@ -263,7 +246,7 @@ class Timings:
 
     def __init__(self, path: Path, preset: str, dry_run: bool):
         self.path, self.dry_run = path, dry_run
-        previous = _read_json(path) if path.is_file() else None
+        previous = read_json(path) if path.is_file() else None
         self.previous = {s["stage"]: s for s in (previous or {}).get("stages", [])} \
             if (previous or {}).get("preset") == preset else {}
         self.preset = preset
@@ -305,7 +288,7 @@ class Timings:
                 "total_seconds": round(time.time() - self.started, 2),
                 "total_cpu_seconds": round(sum(s["cpu_seconds"] for s in self.stages), 2),
                 "stages": self.all_stages()}
-        write_text_atomic(self.path, json.dumps(data, indent=2))
+        write_json(data, self.path)
 
 
 def _children_cpu() -> float:
@@ -396,8 +379,6 @@ def train_all(jobs: list[Job], timings: Timings, dry_run: bool, nproc_per_node: 
 
 def compare(jobs: list[Job], out_dir: Path, timings: Timings) -> tuple[list[Job], dict[str, str]]:
     """compare_runs over every run of the plan that has been evaluated."""
-    import evaluate
-
     ready = [job for job in jobs if (job.run_dir / "eval_test.json").is_file()]
     for job in jobs:
         if job not in ready:
@@ -424,10 +405,15 @@ def _run_settings(job: Job) -> str:
                      else f"{k}={getattr(job.cfg, k)}" for k in job.hyperparameters) or "none"
 
 
+def _preset_method_settings(preset: str) -> str:
+    """The method settings that ``preset`` sets (config.PRESETS), as a sentence of the report."""
+    settings = {k: v for k, v in PRESETS[preset].items() if k not in TRAIN_DEFAULTS}
+    return (" The preset also sets " + ", ".join(f"`{k}={v}`" for k, v in settings.items()) +
+            " for the methods that have them (to fit its time budget).") if settings else ""
+
+
 def _sweep_settings_line(sweep: str, results: dict[str, dict]) -> str:
     """One line stating the attack/noise settings (they are shared when the runs agree)."""
-    from evaluate import SWEEPS, square_queries
-
     kind = SWEEPS[sweep][0]
 
     def describe(settings: dict) -> str:
@@ -441,7 +427,7 @@ def _sweep_settings_line(sweep: str, results: dict[str, dict]) -> str:
                     f"mode, {records}, seed {settings['seed']}")
         if kind in ("apgd_ce", "apgd_dlr", "square", "autoattack"):
             steps = f"{settings['steps']} steps, {settings['restarts']} random start(s)"
-            queries = f"{square_queries(settings['steps'])} queries"
+            queries = f"{evaluate.square_queries(settings['steps'])} queries"
             attack = {"apgd_ce": f"APGD-CE, {steps}", "apgd_dlr": f"APGD-DLR, {steps}",
                       "square": f"Square L-inf, {queries}",
                       "autoattack": f"APGD-CE, then APGD-DLR ({steps} each) and Square ({queries}) "
@@ -457,9 +443,6 @@ def _sweep_settings_line(sweep: str, results: dict[str, dict]) -> str:
 
 def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, result_dir: Path,
                  jobs: list[Job], ready: list[Job], tables: dict[str, str], timings: Timings) -> str:
-    from evaluate import MASKING_GAP, SWEEPS, masking_check, masking_check_markdown
-    from preprocess import DataError, load_cache
-
     def rel(path: Path) -> str:
         return Path(path).relative_to(result_dir).as_posix() if Path(path).is_relative_to(result_dir) \
             else Path(path).as_posix()
@@ -485,15 +468,14 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
                          + f" | {sum(counts[split].values())} |")
     lines += [""]
 
-    histories = {job: _read_json(job.run_dir / "history.json") or [] for job in ready}
-    configs = {job: _read_json(job.run_dir / "config.json") or {} for job in ready}
+    histories = {job: read_json(job.run_dir / "history.json") or [] for job in ready}
+    configs = {job: read_json(job.run_dir / "config.json") or {} for job in ready}
     lines += ["## Runs", "",
               f"Harness preset `{plan.harness_preset}` for every run: " +
               ", ".join(f"{k}={getattr(jobs[0].cfg, k)}" for k in
                         ("epochs", "batch_size", "lr", "max_length", "random_pad", "max_batches", "model")) +
               ". Checkpoint evaluated: each run's final `model.pt` (the last epoch)." +
-              "".join(f" This preset adds `{' '.join(flags)}` to the {method} runs (to fit its time budget)."
-                      for method, flags in plan.method_flags.items()), "",
+              _preset_method_settings(plan.harness_preset), "",
               "| run | method | method settings | epochs done | checkpoint | device | training time | "
               "final val accuracy | curves |", "|---|---|---|---|---|---|---|---|---|"]
     for job in ready:
@@ -508,7 +490,7 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
         lines += ["", "Not in the tables (not trained or not evaluated yet): "
                   + ", ".join(f"`{job.run_dir.name}`" for job in missing) + "."]
 
-    evals = {job: _read_json(job.run_dir / "eval_test.json") or {} for job in ready}
+    evals = {job: read_json(job.run_dir / "eval_test.json") or {} for job in ready}
     n_test = {evals[job].get("clean", {}).get("n") for job in ready}
     lines += ["", "## Clean metrics", "",
               f"Split: test ({', '.join(map(str, sorted(n for n in n_test if n)))} records), clean inputs, model in "
@@ -524,7 +506,7 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
                   "such a run learned (almost) nothing, so its robustness rows below are no evidence of "
                   "robustness (a constant prediction does not change under any noise).", ""]
 
-    robustness = {job: (_read_json(job.run_dir / "robustness_test.json") or {}).get("sweeps", {})
+    robustness = {job: (read_json(job.run_dir / "robustness_test.json") or {}).get("sweeps", {})
                   for job in ready}
     sweep_names = [s for s in SWEEPS if s in tables]
     if sweep_names:
@@ -546,16 +528,16 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
                   f"Settings: {_sweep_settings_line(sweep, results)}. Time: {times}.", "",
                   tables[sweep], "", f"![{sweep}]({rel(result_dir / 'compare' / f'{sweep}.png')})", ""]
 
-    checks = {job.run_dir.name: check for job in ready if (check := masking_check(robustness[job]))}
+    checks = {job.run_dir.name: check for job in ready if (check := evaluate.masking_check(robustness[job]))}
     if checks:
         lines += ["## Gradient-masking check", "",
                   "For each run with both a PGD (`pgd_linf`) and an ensemble (`autoattack`) sweep: "
                   "class-balanced accuracy under each at every shared eps, the gap in points (PGD minus "
                   "ensemble) and, when the run has a `square` sweep, Square's accuracy next to the strongest "
-                  f"gradient attack's. A run is flagged when the ensemble is more than {100 * MASKING_GAP:g} "
+                  f"gradient attack's. A run is flagged when the ensemble is more than {100 * evaluate.MASKING_GAP:g} "
                   "points below PGD at some eps, or when Square, which uses no gradients, does better than "
                   "the gradient attacks: then PGD's numbers overstate the model's robustness.", "",
-                  masking_check_markdown(checks), ""]
+                  evaluate.masking_check_markdown(checks), ""]
 
     lines += ["## Stage timings", "",
               f"Wall time and CPU time (user + system of the stage's processes) of this invocation; a skipped "
@@ -572,30 +554,24 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
 
 # --- command line --------------------------------------------------------------------------
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise ReproduceError(message)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _OneLineParser(description=__doc__.split("\n\n")[0],
-                            epilog="Presets: paper (CPSC2018, the paper's settings), demo (synthetic, "
-                                   "~10 min on 2 CPU cores), smoke (synthetic, CI), mini (a small real set given with --raw-dir).",
-                            allow_abbrev=False)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0],
+                           epilog="Presets: paper (CPSC2018, the paper's settings), demo (synthetic, ~10 min "
+                                  "on 2 CPU cores), smoke (synthetic, CI), mini (a small real set given with --raw_dir).")
     parser.add_argument("--preset", default="paper", choices=list(PLANS))
-    parser.add_argument("--raw-dir", help="the records (synthetic presets generate them there); default per "
-                                          "preset: " + ", ".join(f"{k} {p.raw_dir or '(required)'}"
-                                                                 for k, p in PLANS.items()))
-    parser.add_argument("--result-dir", help="where the runs, compare/, report.md and timings.json go "
-                                             "(default per preset: result, result/demo, result/smoke, result/mini)")
+    parser.add_flag("--raw_dir", help="the records (synthetic presets generate them there); default per "
+                                      "preset: " + ", ".join(f"{k} {p.raw_dir or '(required)'}"
+                                                             for k, p in PLANS.items()))
+    parser.add_flag("--result_dir", help="where the runs, compare/, report.md and timings.json go "
+                                         "(default per preset: result, result/demo, result/smoke, result/mini)")
     parser.add_argument("--methods", nargs="+", default=list(METHOD_SCRIPTS), metavar="METHOD",
                         help=f"a subset of {', '.join(METHOD_SCRIPTS)} (space- or comma-separated)")
-    parser.add_argument("--skip-train", action="store_true",
-                        help="no data or training stages: compare the finished runs and write the report")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    parser.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1, metavar="N",
-                        help="train and evaluate each run with N processes under torchrun (one per GPU); "
-                             "the batch size must be a multiple of N")
+    parser.add_flag("--skip_train", action="store_true",
+                    help="no data or training stages: compare the finished runs and write the report")
+    parser.add_flag("--dry_run", action="store_true", help="print the commands, run nothing")
+    parser.add_flag("--nproc_per_node", type=int, default=1, metavar="N",
+                    help="train and evaluate each run with N processes under torchrun (one per GPU); "
+                         "the batch size must be a multiple of N")
     args = parser.parse_args(argv)
     if args.raw_dir is None and PLANS[args.preset].raw_dir is None:
         raise ReproduceError(f"--preset {args.preset} needs --raw-dir DIR: a folder of real CPSC2018 records "
@@ -657,10 +633,6 @@ def reproduce(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from evaluate import EvaluationError
-    from harness import ConfigError
-    from preprocess import DataError
-
     try:
         args = parse_args(argv)
         if args.torchrun_rank:  # not the first process of a torchrun: the first runs the chain
@@ -678,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except (ReproduceError, ConfigError, DataError, EvaluationError, OSError) as error:
+    except (ReproduceError, ConfigError, DataError, evaluate.EvaluationError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

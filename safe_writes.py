@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import secrets
 from pathlib import Path
@@ -78,3 +79,16 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Replace ``path``'s content by ``text`` atomically."""
     with atomic_path(path) as temporary:
         temporary.write_text(text)
+
+
+def read_json(path: Path):
+    """``path``'s JSON content; None when the file is missing, unreadable or not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(obj, path: Path) -> None:
+    """Replace ``path``'s content by ``obj`` as indented JSON, atomically (``str`` for what JSON lacks)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))

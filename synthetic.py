@@ -41,12 +41,10 @@ import scipy.io
 import scipy.signal
 import scipy.stats
 
-CLASSES = ("Normal", "AF", "I-AVB", "LBBB", "RBBB", "PAC", "PVC", "STD", "STE")  # label k = CLASSES[k - 1]
-NORMAL, AF, IAVB, LBBB, RBBB, PAC, PVC, STD, STE = range(1, 10)
-LEAD_NAMES = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
-FS = 500  # Hz
+from preprocess import CLASSES, FS, LEAD_NAMES, REFERENCE_COLUMNS
+
+NORMAL, AF, IAVB, LBBB, RBBB, PAC, PVC, STD, STE = range(1, 10)  # label k is CLASSES[k - 1]
 QUANTA_PER_MV = 1000  # values are multiples of 0.001 mV, the resolution of the real CPSC2018 data
-REFERENCE_COLUMNS = ("Recording", "First_label", "Second_label", "Third_label")
 MARKER_NAME = "SYNTHETIC_DATA.txt"  # marks a folder written by this module (safe to regenerate)
 
 # Label pairs that cannot describe one record: AF has no P wave (so no PR interval and no
@@ -520,13 +518,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "REFERENCE.csv). The signals are simulated for the demo and tests; they are not CPSC2018 "
                     "recordings and not clinical data.",
         allow_abbrev=False)
-    parser.add_argument("--out-dir", default="data/demo/train", help="output folder (default: %(default)s)")
-    parser.add_argument("--records-per-class", type=int, default=30, help="records per First_label (default: 30)")
+    parser.add_argument("--out_dir", "--out-dir", default="data/demo/train", help="output folder (default: %(default)s)")
+    parser.add_argument("--records_per_class", "--records-per-class", type=int, default=30, help="records per First_label (default: 30)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--min-seconds", type=float, default=6.0, help="shortest record in s (default: 6)")
-    parser.add_argument("--max-seconds", type=float, default=60.0,
+    parser.add_argument("--min_seconds", "--min-seconds", type=float, default=6.0, help="shortest record in s (default: 6)")
+    parser.add_argument("--max_seconds", "--max-seconds", type=float, default=60.0,
                         help="longest record in s (default: 60, like CPSC2018; smaller keeps the files small)")
-    parser.add_argument("--multilabel-fraction", type=float, default=0.05,
+    parser.add_argument("--multilabel_fraction", "--multilabel-fraction", type=float, default=0.05,
                         help="fraction of records with more than one label (default: 0.05)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -535,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  args.max_seconds, args.multilabel_fraction)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
     print(_summary(table, Path(args.out_dir), time.perf_counter() - start))
     return 0
 

@@ -65,7 +65,7 @@ def tiny_cache(tmp_path_factory) -> Path:
 METHOD_RUNS = {  # script module: the run folder its default hyperparameters name
     "CPSC2018_CNN_CE": "CE",
     "CPSC2018_CNN_NSR": "NSR_beta1_1_beta2_1",
-    "CPSC2018_CNN_jacob": "jacob_beta_44",
+    "CPSC2018_CNN_jacob": "jacob_beta_44_proj_1",  # the smoke preset: one projection
     "CPSC2018_CNN_ce_adv_pgd_ls": "advls_eps_0.01_beta_0.5",
 }
 
@@ -93,7 +93,8 @@ def method_run(tiny_cache, tmp_path_factory):
             result_dir = root / script_name
             argv = [*METHOD_FLAGS, "--data_dir", str(tiny_cache), "--result_dir", str(result_dir)]
             status = harness.main(script.__name__, script.loss_fn, script.HYPERPARAMETERS, script.run_name,
-                                  getattr(script, "PRESET_OVERRIDES", None), argv=argv)
+                                  argv=argv, check=getattr(script, "check_hyperparameters", None),
+                                  training=script.TRAINING)
             runs[script_name] = status, result_dir / METHOD_RUNS[script_name]
         return runs[script_name]
 

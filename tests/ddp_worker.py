@@ -104,8 +104,7 @@ def train(out: Path, method: str, stop_on_rank: int, stop_at_call: int, flags: l
             os.kill(os.getpid(), signal.SIGTERM)
         return module.loss_fn(model, x, y, mask, epoch, cfg)
 
-    status = harness.main(method, loss_fn, module.HYPERPARAMETERS, module.run_name,
-                          getattr(module, "PRESET_OVERRIDES", None), argv=flags)
+    status = harness.main(method, loss_fn, module.HYPERPARAMETERS, module.run_name, argv=flags)
     if "model" in seen:
         torch.save(harness.unwrap(seen["model"]).state_dict(), out / f"weights_rank{harness.rank()}.pt")
     return status

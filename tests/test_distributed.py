@@ -22,6 +22,7 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler
 
+import distributed
 import harness
 from ECG_Dataset import ClassBalancedSampler, get_dataloaders
 from evaluate import shard_loader
@@ -107,7 +108,7 @@ def test_shard_loaders_partition_the_records_one_process_evaluates(tiny_cache, b
 
 def test_union_sum_and_helpers_are_the_identity_in_one_process():
     t = torch.tensor([1.0, 2.0], requires_grad=True)
-    assert harness.union_sum(t) is t and harness.all_sum(t) is t
+    assert distributed.union_sum(t) is t and harness.all_sum(t) is t
     model = torch.nn.Linear(2, 2)
     assert harness.unwrap(model) is model and harness.distributed_model(model, torch.device("cpu")) is model
     assert harness.average_logged({"loss": torch.tensor(2.5)}, True) == ({"loss": 2.5}, True)
@@ -219,7 +220,6 @@ def test_script_under_torchrun_matches_one_process_and_writes_each_file_once(
     module = importlib.import_module(script)
     with one_thread():
         status = harness.main(script, module.loss_fn, module.HYPERPARAMETERS, module.run_name,
-                              getattr(module, "PRESET_OVERRIDES", None),
                               argv=[*flags, "--result_dir", str(tmp_path / "single")])
     assert status == 0
     single = tmp_path / "single" / run

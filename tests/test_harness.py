@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import config
 import harness
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,9 +83,9 @@ def test_defaults_follow_the_paper():
 
 
 def test_preset_then_method_override_then_flag():
-    cfg = harness.parse_config("X", {"start": 10}, {"demo": {"start": 2}}, ["--preset", "demo", "--epochs", "3"])
-    assert cfg.preset == "demo" and cfg.start == 2 and cfg.epochs == 3
-    assert cfg.max_length == harness.PRESETS["demo"]["max_length"]
+    cfg = harness.parse_config("X", {"reg_start_epoch": 10}, ["--preset", "demo", "--epochs", "3"])
+    assert cfg.preset == "demo" and cfg.reg_start_epoch == 2 and cfg.epochs == 3
+    assert cfg.max_length == config.PRESETS["demo"]["max_length"]
 
 
 @pytest.mark.slow  # trains two runs end to end

@@ -16,7 +16,7 @@ import harness
 @pytest.mark.parametrize("name,expected_run", [
     ("CPSC2018_CNN_CE", "CE"),
     ("CPSC2018_CNN_NSR", "NSR_beta1_1_beta2_1"),
-    ("CPSC2018_CNN_jacob", "jacob_beta_44"),
+    ("CPSC2018_CNN_jacob", "jacob_beta_44_proj_1"),  # the smoke preset: one projection
     ("CPSC2018_CNN_ce_adv_pgd_ls", "advls_eps_0.01_beta_0.5"),
 ])
 def test_script_runs_end_to_end_and_leaves_every_file(method_run, name, expected_run):
@@ -71,7 +71,7 @@ def test_method_defaults_follow_the_paper():
 ])
 def test_adversarial_hyperparameters_that_cannot_train_are_refused(tmp_path, capsys, flags, message):
     adv = importlib.import_module("CPSC2018_CNN_ce_adv_pgd_ls")
-    status = harness.main("advls", adv.loss_fn, adv.HYPERPARAMETERS, adv.run_name, adv.PRESET_OVERRIDES,
+    status = harness.main("advls", adv.loss_fn, adv.HYPERPARAMETERS, adv.run_name,
                           argv=["--result_dir", str(tmp_path), *flags], check=adv.check_hyperparameters)
     assert status == 2 and capsys.readouterr().err == f"error: {message}\n"
     assert not any(tmp_path.iterdir())

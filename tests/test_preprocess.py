@@ -628,7 +628,7 @@ def test_two_preprocess_runs_into_one_folder_never_run_together(small_cache, tmp
             time.sleep(0.05)
         second = subprocess.run([sys.executable, str(REPOSITORY / "preprocess.py"), *flags],
                                 cwd=REPOSITORY, capture_output=True, text=True, timeout=120)
-        assert second.returncode == 1 and second.stdout == ""
+        assert second.returncode == 2 and second.stdout == ""
         assert second.stderr.strip() == (f"error: {small_cache}: this cache folder is in use by process "
                                          f"{first.pid} (it holds {small_cache / '.lock'}); wait for it to "
                                          "finish or stop it")
@@ -740,7 +740,7 @@ def test_cli_without_data_says_where_to_put_and_get_it(tmp_path, capsys, monkeyp
 def test_cli_refuses_an_out_dir_that_is_a_file(tmp_path, capsys):
     make_original_dataset(tmp_path / "raw")
     (tmp_path / "cache").write_text("not a folder")
-    assert main(["--raw-dir", str(tmp_path / "raw"), "--out-dir", str(tmp_path / "cache")]) == 1
+    assert main(["--raw-dir", str(tmp_path / "raw"), "--out-dir", str(tmp_path / "cache")]) == 2
     assert capsys.readouterr().err == f"error: --out-dir {tmp_path / 'cache'}: a file is in the way of the cache folder\n"
     assert (tmp_path / "cache").read_text() == "not a folder"
 
