@@ -33,7 +33,7 @@ SMOKE = dict(batch_size=2, length=3072, steps=3, queries=3, repeats=1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--length", type=int, default=33792, help="input length T")
     parser.add_argument("--steps", type=int, default=100, help="APGD iterations = bare passes")
