@@ -3,7 +3,8 @@
     python CPSC2018_CNN_jacob.py                              # the paper's settings (exact term)
     python CPSC2018_CNN_jacob.py --jacobian_projections 1     # Hoffman et al.'s random projection
 
-loss = CE + beta * sqrt(sum of squared input-gradient norms of all 9 logits) / (B * 9).
+loss = CE + beta * sqrt(sum of squared input-gradient norms of all 9 logits) / (B * 9), the
+second term from epoch ``reg_start_epoch`` on (0 in the paper: from the start).
 """
 import sys
 
@@ -17,13 +18,16 @@ from losses import jacobian_loss
 TRAINING = dict(epochs=70, batch_size=64, lr=1e-3)
 # Jacobian regularization (each a finite non-negative number):
 HYPERPARAMETERS = dict(
-    beta=44.0,                # weight of the Jacobian term, from epoch 0
+    beta=44.0,                # weight of the Jacobian term
+    reg_start_epoch=0,        # epochs before this use CE alone
     jacobian_projections=0,   # 0: the exact Frobenius norm (paper); K > 0: K random projections
 )
 
 
 def loss_fn(model, x, y, mask, epoch, cfg):
     loss1 = F.cross_entropy(model(x, mask), y)
+    if epoch < cfg.reg_start_epoch:
+        return loss1, {"loss_ce": loss1.detach()}
     # Over the whole batch: under torchrun, union_sum adds up the processes' shares (identity
     # otherwise); the input-gradient passes run on the plain module (see unwrap).
     loss2 = jacobian_loss(unwrap(model), x, mask, cfg.jacobian_projections,

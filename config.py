@@ -47,6 +47,9 @@ TRAIN_DEFAULTS = dict(
     sweep_max_batches=0,
 )
 
+# The four methods, by the names their scripts pass to harness.main (and presets' sections use).
+METHODS = ("CE", "NSR", "jacob", "advls")
+
 # Whole-number settings (shared and of the methods); SWITCHES are on/off flags, TEXTS strings;
 # every other setting is a float.
 COUNTS = {"epochs", "batch_size", "eval_batch_size", "seed", "max_length", "random_pad", "num_workers",
@@ -62,14 +65,17 @@ def flag_type(key: str) -> type:
 
 # Named bundles of overrides, the same whichever entry point runs them (a method script or
 # reproduce.py). "paper" is the defaults; "demo" and "smoke" run on the synthetic dataset that
-# `python synthetic.py` writes (see README). A method setting applies to the methods that have it.
+# `python synthetic.py` writes (see README). A setting applies to the methods that have it; a
+# section named after a method ("NSR", "jacob", ...) applies to that method only, after the rest.
 PRESETS = {
     "paper": {},
     # Sized for about ten minutes of `python reproduce.py --preset demo` on 2 CPU cores.
     "demo": dict(data_dir="data/demo/processed", result_dir="result/demo", max_length=4096,
                  random_pad=1024, epochs=10, batch_size=16, checkpoint_every=5,
-                 sweep_steps=5, sweep_restarts=1,
-                 reg_start_epoch=2, adv_start_epoch=2, pgd_steps=5, jacobian_projections=1),
+                 sweep_steps=5, sweep_restarts=1, adv_start_epoch=2, pgd_steps=5,
+                 jacobian_projections=1,
+                 NSR=dict(batch_size=8, reg_start_epoch=7, beta1=0.1, beta2=0.05),
+                 jacob=dict(beta=0.5, reg_start_epoch=4)),
     "smoke": dict(data_dir="data/smoke/processed", result_dir="result/smoke", max_length=2048,
                   random_pad=1024, epochs=1, batch_size=16, checkpoint_every=1,
                   max_batches=2, sweeps="white", sweep_steps=2, sweep_restarts=1,
@@ -78,8 +84,10 @@ PRESETS = {
     # A small real CPSC2018 set given with reproduce.py --preset mini --raw_dir DIR.
     "mini": dict(data_dir="data/mini/processed", result_dir="result/mini", max_length=4096,
                  random_pad=1024, epochs=10, batch_size=16, checkpoint_every=5,
-                 sweeps="pgd_linf,white", sweep_steps=10, sweep_restarts=1,
-                 reg_start_epoch=3, adv_start_epoch=3, jacobian_projections=1),
+                 sweeps="pgd_linf,white", sweep_steps=10, sweep_restarts=1, adv_start_epoch=3,
+                 jacobian_projections=1,
+                 NSR=dict(batch_size=8, reg_start_epoch=7, beta1=0.1, beta2=0.05),
+                 jacob=dict(beta=0.5, reg_start_epoch=4)),
 }
 
 
@@ -133,6 +141,12 @@ class OneLineParser(argparse.ArgumentParser):
         return self.add_argument(*dict.fromkeys([name, name.replace("_", "-"), *aliases]), **kwargs)
 
 
+def preset_settings(preset: str, method: str) -> dict:
+    """What ``preset`` sets for ``method``: its shared settings, then the method's own section."""
+    shared = {key: value for key, value in PRESETS[preset].items() if key not in METHODS}
+    return {**shared, **PRESETS[preset].get(method, {})}
+
+
 def parse_sweeps(names: str) -> list[str]:
     """A comma-separated list of sweep names ("" for none, "all" for every one)."""
     if names.strip() == "all":
@@ -173,7 +187,7 @@ def parse_config(method: str, hyperparameters: dict, argv: list[str] | None = No
             parser.add_flag(f"--{key}", dest=key, type=kind, metavar=kind.__name__.upper())
     args = vars(parser.parse_args(argv))
     preset = args.pop("preset", "paper")
-    overrides = {key: value for key, value in PRESETS[preset].items() if key in defaults}
+    overrides = {key: value for key, value in preset_settings(preset, method).items() if key in defaults}
     cfg = SimpleNamespace(**{**defaults, **overrides, **args, "preset": preset, "method": method})
     validate_config(cfg)
     (check or (lambda cfg: non_negative(cfg, *hyperparameters)))(cfg)

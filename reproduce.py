@@ -36,7 +36,8 @@ import pandas as pd
 
 import evaluate
 from checkpoints import RESUME_KEYS, changed_settings
-from config import PRESETS, SWEEPS, TRAIN_DEFAULTS, ConfigError, OneLineParser, parse_config, parse_sweeps
+from config import (PRESETS, SWEEPS, TRAIN_DEFAULTS, ConfigError, OneLineParser, parse_config, parse_sweeps,
+                    preset_settings)
 from preprocess import DataError, load_cache
 from safe_writes import read_json, write_json
 from synthetic import MARKER_NAME
@@ -405,11 +406,14 @@ def _run_settings(job: Job) -> str:
                      else f"{k}={getattr(job.cfg, k)}" for k in job.hyperparameters) or "none"
 
 
-def _preset_method_settings(preset: str) -> str:
-    """The method settings that ``preset`` sets (config.PRESETS), as a sentence of the report."""
-    settings = {k: v for k, v in PRESETS[preset].items() if k not in TRAIN_DEFAULTS}
-    return (" The preset also sets " + ", ".join(f"`{k}={v}`" for k, v in settings.items()) +
-            " for the methods that have them (to fit its time budget).") if settings else ""
+def _preset_changes(preset: str, job: Job) -> str:
+    """What ``preset`` changes for this run against the paper's settings (config.PRESETS):
+    its method settings and its own section, each with the paper's value."""
+    module = importlib.import_module(METHOD_SCRIPTS[job.method])
+    paper = {**TRAIN_DEFAULTS, **module.TRAINING, **job.hyperparameters}
+    changed = {k: v for k, v in preset_settings(preset, job.method).items()
+               if k in job.hyperparameters or k in PRESETS[preset].get(job.method, {})}
+    return ", ".join(f"{k}={v:g} (paper {paper[k]:g})" for k, v in changed.items()) or "none"
 
 
 def _sweep_settings_line(sweep: str, results: dict[str, dict]) -> str:
@@ -474,15 +478,17 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
               f"Harness preset `{plan.harness_preset}` for every run: " +
               ", ".join(f"{k}={getattr(jobs[0].cfg, k)}" for k in
                         ("epochs", "batch_size", "lr", "max_length", "random_pad", "max_batches", "model")) +
-              ". Checkpoint evaluated: each run's final `model.pt` (the last epoch)." +
-              _preset_method_settings(plan.harness_preset), "",
-              "| run | method | method settings | epochs done | checkpoint | device | training time | "
-              "final val accuracy | curves |", "|---|---|---|---|---|---|---|---|---|"]
+              " (a run's own changes are in its row). Checkpoint evaluated: each run's final `model.pt` "
+              "(the last epoch).", "",
+              "| run | method | method settings | preset's changes to the paper's settings | epochs done | "
+              "checkpoint | device | training time | final val accuracy | curves |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for job in ready:
         history = histories[job]
         train_seconds = sum(h.get("seconds", 0) for h in history) if history else None
         val = f"{history[-1]['val_accuracy']:.3f}" if history else "n/a"
-        lines.append(f"| {job.run_dir.name} | {job.method} | {_run_settings(job)} | {len(history)} | "
+        lines.append(f"| {job.run_dir.name} | {job.method} | {_run_settings(job)} | "
+                     f"{_preset_changes(plan.harness_preset, job)} | {len(history)} | "
                      f"`{rel(job.run_dir / 'model.pt')}` | {configs[job].get('device_used', '?')} | "
                      f"{_format_seconds(train_seconds)} | {val} | [png]({rel(job.run_dir / 'curves.png')}) |")
     missing = [job for job in jobs if job not in ready]

@@ -23,9 +23,23 @@ def test_the_scripts_show_the_shared_settings_of_the_protocol():
 
 
 def test_every_preset_setting_belongs_to_a_method_or_the_shared_settings():
-    known = set(config.TRAIN_DEFAULTS).union(*(importlib.import_module(n).HYPERPARAMETERS for n in SCRIPTS))
+    hyperparameters = {method: importlib.import_module(reproduce.METHOD_SCRIPTS[method]).HYPERPARAMETERS
+                       for method in config.METHODS}
+    known = set(config.TRAIN_DEFAULTS).union(*hyperparameters.values())
     for name, preset in config.PRESETS.items():
-        assert set(preset) <= known, (name, set(preset) - known)
+        assert set(preset) - set(config.METHODS) <= known, (name, set(preset) - known)
+        for method in set(preset) & set(config.METHODS):  # a method's section: its own settings
+            own = set(config.TRAIN_DEFAULTS) | set(hyperparameters[method])
+            assert set(preset[method]) <= own, (name, method, set(preset[method]) - own)
+
+
+def test_a_method_section_of_a_preset_applies_to_that_method_only(monkeypatch):
+    monkeypatch.setitem(config.PRESETS, "test", dict(epochs=3, beta=2.0, jacob=dict(beta=0.5, epochs=4)))
+    jacob = config.parse_config("jacob", {"beta": 44.0}, ["--preset", "test"])
+    advls = config.parse_config("advls", {"beta": 0.5}, ["--preset", "test"])
+    assert (jacob.beta, jacob.epochs) == (0.5, 4)
+    assert (advls.beta, advls.epochs) == (2.0, 3)
+    assert config.parse_config("jacob", {"beta": 44.0}, ["--preset", "test", "--beta", "7"]).beta == 7.0
 
 
 def test_a_preset_means_the_same_through_the_script_and_reproduce():
@@ -34,9 +48,11 @@ def test_a_preset_means_the_same_through_the_script_and_reproduce():
         module = importlib.import_module(reproduce.METHOD_SCRIPTS[job.method])
         direct = config.parse_config(job.method, module.HYPERPARAMETERS, ["--preset", "demo"],
                                      training=module.TRAINING)
-        for key in module.HYPERPARAMETERS:
+        for key in [*module.HYPERPARAMETERS, *module.TRAINING]:
             if key != "eps":  # reproduce sweeps the adversarial budget
                 assert getattr(job.cfg, key) == getattr(direct, key), (job.method, key)
     jacob = next(job for job in jobs if job.method == "jacob")
     advls = next(job for job in jobs if job.method == "advls")
     assert jacob.cfg.jacobian_projections == 1 and advls.cfg.pgd_steps == 5
+    nsr = next(job for job in jobs if job.method == "NSR")
+    assert nsr.cfg.batch_size == config.PRESETS["demo"]["NSR"]["batch_size"] != advls.cfg.batch_size

@@ -83,8 +83,8 @@ def test_defaults_follow_the_paper():
 
 
 def test_preset_then_method_override_then_flag():
-    cfg = harness.parse_config("X", {"reg_start_epoch": 10}, ["--preset", "demo", "--epochs", "3"])
-    assert cfg.preset == "demo" and cfg.reg_start_epoch == 2 and cfg.epochs == 3
+    cfg = harness.parse_config("X", {"adv_start_epoch": 10}, ["--preset", "demo", "--epochs", "3"])
+    assert cfg.preset == "demo" and cfg.adv_start_epoch == 2 and cfg.epochs == 3
     assert cfg.max_length == config.PRESETS["demo"]["max_length"]
 
 

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import harness
+from ECG_CNN import MIN_LENGTH, build_model
+from losses import jacobian_loss
 
 
 @pytest.mark.slow
@@ -55,11 +58,25 @@ def test_run_names_carry_the_key_settings():
     assert jacob.run_name(cfg) == "jacob_beta_44_proj_1"
 
 
+def test_jacobian_term_starts_at_its_epoch():
+    jacob = importlib.import_module("CPSC2018_CNN_jacob")
+    cfg = harness.parse_config("jacob", jacob.HYPERPARAMETERS, ["--reg_start_epoch", "2", "--beta", "3"])
+    torch.manual_seed(0)
+    model = build_model().eval()
+    x, y, mask = torch.randn(2, 8, MIN_LENGTH) / 4, torch.tensor([0, 5]), torch.ones(2, 1, MIN_LENGTH)
+    ce = F.cross_entropy(model(x, mask), y)
+    before, parts = jacob.loss_fn(model, x, y, mask, 1, cfg)
+    assert before.item() == ce.item() and set(parts) == {"loss_ce"}
+    after, parts = jacob.loss_fn(model, x, y, mask, 2, cfg)
+    term = jacobian_loss(model, x, mask, 0)
+    assert after.item() == pytest.approx(ce.item() + 3 * term.item(), rel=1e-5) and term.item() > 0
+
+
 def test_method_defaults_follow_the_paper():
     nsr = importlib.import_module("CPSC2018_CNN_NSR").HYPERPARAMETERS
     assert (nsr["beta1"], nsr["beta2"], nsr["reg_start_epoch"]) == (1.0, 1.0, 10)
     jacob = importlib.import_module("CPSC2018_CNN_jacob").HYPERPARAMETERS
-    assert (jacob["beta"], jacob["jacobian_projections"]) == (44.0, 0)
+    assert (jacob["beta"], jacob["jacobian_projections"], jacob["reg_start_epoch"]) == (44.0, 0, 0)
     adv = importlib.import_module("CPSC2018_CNN_ce_adv_pgd_ls").HYPERPARAMETERS
     assert (adv["eps"], adv["beta"], adv["adv_start_epoch"], adv["pgd_steps"], adv["pgd_alpha"],
             adv["label_smoothing"]) == (0.01, 0.5, 10, 20, 4.0, 0.0)
