@@ -24,13 +24,14 @@ from safe_writes import write_text_atomic
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 # 0.03 is in the paper's L-inf list and large enough to see next to the clean trace
 # (3 % of each lead's peak); the perturbation panel shows it at any eps.
 EXAMPLE_EPS = 0.03
 EXAMPLE_LEADS = ("II", "V1")  # a limb lead and a precordial lead
 # Model inputs are each lead divided by its peak |mV| (ECG_Dataset.scale_leads); PGD clips to [-1, 1].
-INPUT_UNIT = "mV / lead's peak |mV|"
+INPUT_UNIT = "scaled: mV / lead's peak |mV|"
 JSON_DECIMALS = 6  # float32 carries about 7 significant digits; rounding keeps the JSON small
 
 
@@ -43,7 +44,7 @@ def confusion_matrix_figure(cm: np.ndarray, path: Path, title: str) -> None:
     cm = np.asarray(cm)
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
     image = ax.imshow(cm, cmap="Blues", vmin=0)
-    fig.colorbar(image, ax=ax, label="records")
+    fig.colorbar(image, ax=ax, label="records", ticks=MaxNLocator(integer=True))
     ticks = np.arange(len(CLASSES))
     ax.set_xticks(ticks, CLASSES, rotation=45, ha="right")
     ax.set_yticks(ticks, CLASSES)
@@ -139,10 +140,12 @@ def adversarial_example_figure(runs: dict[str, tuple[torch.nn.Module, dict]], pa
         content["runs"][run] = {"steps": config["sweep_steps"], "restarts": config["sweep_restarts"],
                                 "seed": config["seed"], "predicted_clean": before,
                                 "predicted_adversarial": after, "adversarial": rounded(x_adv[0, channels])}
-        outcome = "unchanged" if before == after else "fooled"
+        # pgd_attack leaves a record the model gets wrong unattacked, as the sweeps count it.
+        outcome = ("misclassified clean: not attacked" if before != true_class
+                   else "unchanged" if before == after else "fooled")
         axes[0, column].set_title(f"{run} (PGD {config['sweep_steps']} steps, {config['sweep_restarts']} "
                                   f"start{'s' * (config['sweep_restarts'] > 1)})\n"
-                                  f"predicted: {before} clean, {after} under attack ({outcome})", fontsize=9)
+                                  f"predicted: {before} clean, {after} under attack\n({outcome})", fontsize=9)
         for row, (lead, channel) in enumerate(zip(leads, channels)):
             ax = axes[row, column]
             ax.plot(seconds, x[0, channel, span], color="black", linewidth=0.7, label="clean")
