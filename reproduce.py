@@ -477,14 +477,15 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
               ". Checkpoint evaluated: each run's final `model.pt` (the last epoch)." +
               _preset_method_settings(plan.harness_preset), "",
               "| run | method | method settings | epochs done | checkpoint | device | training time | "
-              "final val accuracy | curves |", "|---|---|---|---|---|---|---|---|---|"]
+              "final val accuracy | figures |", "|---|---|---|---|---|---|---|---|---|"]
     for job in ready:
         history = histories[job]
         train_seconds = sum(h.get("seconds", 0) for h in history) if history else None
         val = f"{history[-1]['val_accuracy']:.3f}" if history else "n/a"
         lines.append(f"| {job.run_dir.name} | {job.method} | {_run_settings(job)} | {len(history)} | "
                      f"`{rel(job.run_dir / 'model.pt')}` | {configs[job].get('device_used', '?')} | "
-                     f"{_format_seconds(train_seconds)} | {val} | [png]({rel(job.run_dir / 'curves.png')}) |")
+                     f"{_format_seconds(train_seconds)} | {val} | [training curves]({rel(job.run_dir / 'curves.png')}), "
+                     f"[test confusion matrix]({rel(job.run_dir / 'confusion_test.png')}) |")
     missing = [job for job in jobs if job not in ready]
     if missing:
         lines += ["", "Not in the tables (not trained or not evaluated yet): "
@@ -527,6 +528,15 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
                   f"Split: test, {', '.join(map(str, n_used))} records used; {level_note}. "
                   f"Settings: {_sweep_settings_line(sweep, results)}. Time: {times}.", "",
                   tables[sweep], "", f"![{sweep}]({rel(result_dir / 'compare' / f'{sweep}.png')})", ""]
+
+    example = result_dir / "compare" / "adversarial_example.png"
+    if example.is_file():
+        eps = (read_json(example.with_suffix(".json")) or {}).get("eps", "?")
+        lines += ["## Adversarial example", "",
+                  f"One test record under L-inf PGD at eps {eps} (each run's pgd_linf settings), every run side by "
+                  "side: two leads clean and attacked, the perturbation, the predictions before and after; the "
+                  f"title says how the record was chosen. The plotted numbers: `{rel(example.with_suffix('.json'))}`.",
+                  "", f"![adversarial example]({rel(example)})", ""]
 
     checks = {job.run_dir.name: check for job in ready if (check := evaluate.masking_check(robustness[job]))}
     if checks:
