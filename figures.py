@@ -30,6 +30,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 # (3 % of each lead's peak); the perturbation panel shows it at any eps.
 EXAMPLE_EPS = 0.03
 EXAMPLE_LEADS = ("II", "V1")  # a limb lead and a precordial lead
+STRIP_SECONDS = 10  # a standard ECG strip: longer records are plotted over their first 10 s
 # Model inputs are each lead divided by its peak |mV| (ECG_Dataset.scale_leads); PGD clips to [-1, 1].
 INPUT_UNIT = "scaled: mV / lead's peak |mV|"
 JSON_DECIMALS = 6  # float32 carries about 7 significant digits; rounding keeps the JSON small
@@ -104,8 +105,9 @@ def adversarial_example_figure(runs: dict[str, tuple[torch.nn.Module, dict]], pa
     stands in for CE). Each run is attacked as its pgd_linf sweep does: attacks.pgd_attack
     with the run's sweep_steps and sweep_restarts, a generator seeded with the run's seed.
     Rows: each lead in ``leads`` (clean and adversarial overlaid), then the perturbation.
-    Only the signal is plotted (the mask's span); the JSON written next to ``path`` holds the
-    full padded arrays of those leads and the mask. Returns that JSON's content.
+    Only the signal is plotted (the mask's span, its first STRIP_SECONDS); the JSON written
+    next to ``path`` holds the full padded arrays of those leads and the mask. Returns that
+    JSON's content.
     """
     configs = {run: config for run, (_, config) in runs.items()}
     models = {run: model.eval() for run, (model, _) in runs.items()}
@@ -118,8 +120,10 @@ def adversarial_example_figure(runs: dict[str, tuple[torch.nn.Module, dict]], pa
     x, y, mask = (t.unsqueeze(0) for t in loader.dataset[index])
     channels = [LEADS.index(LEAD_NAMES.index(lead)) for lead in leads]
     signal = mask[0, 0].nonzero().flatten()
-    span = slice(int(signal[0]), int(signal[-1]) + 1)
-    seconds = np.arange(span.stop - span.start) / FS
+    length = len(signal)
+    shown = min(length, STRIP_SECONDS * FS)
+    span = slice(int(signal[0]), int(signal[0]) + shown)
+    seconds = np.arange(shown) / FS
 
     def rounded(t: torch.Tensor) -> list:
         return np.round(t.numpy().astype(np.float64), JSON_DECIMALS).tolist()
@@ -161,7 +165,8 @@ def adversarial_example_figure(runs: dict[str, tuple[torch.nn.Module, dict]], pa
         ax.set_ylabel(f"perturbation\n({INPUT_UNIT})", fontsize=8)
         ax.set_xlabel("time (s)")
         ax.legend(fontsize=7, loc="upper right", title=f"dashed: +/- eps {eps:g}", title_fontsize=7)
-    fig.suptitle(f"Record {name} (true class {true_class}, {split} split, {len(seconds) / FS:.1f} s): "
+    strip = f"first {STRIP_SECONDS} s of {length / FS:.1f} s" if shown < length else f"{length / FS:.1f} s"
+    fig.suptitle(f"Record {name} (true class {true_class}, {split} split, {strip}): "
                  f"L-inf PGD at eps {eps:g}; {selection}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
