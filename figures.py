@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import attacks
+from distributed import choose_device
 from ECG_Dataset import LEADS, get_dataloaders
 from preprocess import CLASSES, FS, LEAD_NAMES
 from safe_writes import write_text_atomic
@@ -73,15 +74,18 @@ def _shared_input(configs: dict[str, dict]) -> dict:
 
 @torch.no_grad()
 def _predict(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return model(x, mask).argmax(dim=1)
+    """The predicted classes, on the CPU."""
+    return model(x, mask).argmax(dim=1).cpu()
 
 
-def choose_record(models: dict[str, torch.nn.Module], loader) -> tuple[int, str]:
+def choose_record(models: dict[str, torch.nn.Module], loader,
+                  device: torch.device = torch.device("cpu")) -> tuple[int, str]:
     """(index in the split, why it was chosen): the first record every model classifies
     correctly; else the first the first model does; else the first record."""
     first_model = next(iter(models))
     fallback, seen = None, 0
     for x, y, mask in loader:
+        x, mask = x.to(device), mask.to(device)
         correct = torch.stack([_predict(model, x, mask) == y for model in models.values()])
         shared = torch.nonzero(correct.all(dim=0)).flatten()
         if len(shared):
@@ -103,21 +107,24 @@ def adversarial_example_figure(runs: dict[str, tuple[torch.nn.Module, dict]], pa
     ``runs``: {run name: (model, its config)}, as evaluate.load_model returns them; the runs
     must share their data settings. The record is chosen by ``choose_record`` (the first run
     stands in for CE). Each run is attacked as its pgd_linf sweep does: attacks.pgd_attack
-    with the run's sweep_steps and sweep_restarts, a generator seeded with the run's seed.
+    with the run's sweep_steps and sweep_restarts, a generator seeded with the run's seed,
+    on CUDA when available (choose_device("auto")).
     Rows: each lead in ``leads`` (clean and adversarial overlaid), then the perturbation.
     Only the signal is plotted (the mask's span, its first STRIP_SECONDS); the JSON written
     next to ``path`` holds the full padded arrays of those leads and the mask. Returns that
     JSON's content.
     """
     configs = {run: config for run, (_, config) in runs.items()}
-    models = {run: model.eval() for run, (model, _) in runs.items()}
+    device = choose_device("auto")
+    models = {run: model.to(device).eval() for run, (model, _) in runs.items()}
     data = _shared_input(configs)
     first_config = next(iter(configs.values()))
     loader = get_dataloaders(data["data_dir"], eval_batch_size=first_config["eval_batch_size"],
                              max_length=data["max_length"], random_pad=data["random_pad"],
                              splits=(split,))[split]
-    index, selection = choose_record(models, loader)
+    index, selection = choose_record(models, loader, device)
     x, y, mask = (t.unsqueeze(0) for t in loader.dataset[index])
+    x_device, y_device, mask_device = (t.to(device) for t in (x, y, mask))
     channels = [LEADS.index(LEAD_NAMES.index(lead)) for lead in leads]
     signal = mask[0, 0].nonzero().flatten()
     length = len(signal)
@@ -137,10 +144,12 @@ def adversarial_example_figure(runs: dict[str, tuple[torch.nn.Module, dict]], pa
                              squeeze=False, sharex=True)
     for column, (run, model) in enumerate(models.items()):
         config = configs[run]
-        generator = torch.Generator().manual_seed(config["seed"])
-        x_adv = attacks.pgd_attack(model, x, y, mask, eps, "inf", steps=config["sweep_steps"],
-                                   restarts=config["sweep_restarts"], generator=generator)
-        before, after = (CLASSES[int(_predict(model, inputs, mask))] for inputs in (x, x_adv))
+        generator = torch.Generator(device=device).manual_seed(config["seed"])
+        x_adv = attacks.pgd_attack(model, x_device, y_device, mask_device, eps, "inf",
+                                   steps=config["sweep_steps"], restarts=config["sweep_restarts"],
+                                   generator=generator)
+        before, after = (CLASSES[int(_predict(model, inputs, mask_device))] for inputs in (x_device, x_adv))
+        x_adv = x_adv.cpu()
         content["runs"][run] = {"steps": config["sweep_steps"], "restarts": config["sweep_restarts"],
                                 "seed": config["seed"], "predicted_clean": before,
                                 "predicted_adversarial": after, "adversarial": rounded(x_adv[0, channels])}
