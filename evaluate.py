@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import attacks
+import figures
 from config import (PAPER_LINF_LEVELS, PGD_LINF_LEVELS, SWEEPS, WHITE_LEVELS,  # noqa: F401 (the levels: for readers)
                     ConfigError, OneLineParser, check_device, parse_sweeps)
 from distributed import (all_sum, distributed, init_distributed, is_main_process, on_main_process, process_device,
@@ -460,6 +461,8 @@ def evaluate_run(run_dir: Path, model: torch.nn.Module, cfg: SimpleNamespace, sp
         (Path(run_dir) / f"eval_{split}.md").write_text(
             f"# {cfg.run_name}: clean metrics on the {split} split ({scores['n']} records)\n\n{table}\n")
         print(f"\n{cfg.run_name}: clean metrics on the {split} split ({scores['n']} records)\n{table}")
+        figures.confusion_matrix_figure(scores["confusion_matrix"], Path(run_dir) / f"confusion_{split}.png",
+                                        f"{cfg.run_name}: {split} split, clean ({scores['n']} records)")
 
     sweeps = parse_sweeps(cfg.sweeps)
     if sweeps:
@@ -514,14 +517,16 @@ def _level_labels(sweep: str, levels: list) -> list[str]:
     return ["clean", *(f"{level:g}{unit}" for level in levels[1:])]
 
 
-def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "test") -> dict[str, str]:
+def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "test",
+                 example_eps: float = figures.EXAMPLE_EPS) -> dict[str, str]:
     """The paper's tables and figures for several evaluated runs.
 
     Writes to out_dir: clean.md/.csv (per-class F1, mean F1, CPSC sub-scores, accuracy per
     run) and, for every sweep the runs share, <sweep>.md/.csv (rows: runs; columns: clean,
     each level, AUC) and <sweep>.png (one curve per run); masking_check.md when a run has
-    both the pgd_linf and the autoattack sweep (``masking_check``). Returns {table name:
-    Markdown}.
+    both the pgd_linf and the autoattack sweep (``masking_check``); adversarial_example.png
+    and .json (``figures.adversarial_example_figure`` at ``example_eps``, 0: none) when the
+    runs' checkpoints and data are at hand. Returns {table name: Markdown}.
     """
 
     out_dir = Path(out_dir)
@@ -575,6 +580,12 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
     if checks:
         markdown["masking_check"] = masking_check_markdown(checks)
         (out_dir / "masking_check.md").write_text(markdown["masking_check"] + "\n")
+    if example_eps:
+        try:
+            figures.adversarial_example_figure({name: load_model(run) for name, run in zip(names, run_dirs)},
+                                               out_dir / "adversarial_example.png", example_eps, split)
+        except (figures.ExampleUnavailable, EvaluationError, DataError) as error:
+            print(f"note: no adversarial example figure ({error})", file=sys.stderr)
     return markdown
 
 
@@ -589,8 +600,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.add_argument("runs", nargs="+", help="run folders (evaluated)")
             parser.add_argument("--split", default="test", choices=("test", "val"))
             parser.add_argument("--out", default="result/compare", help="output folder")
+            parser.add_flag("--example_eps", type=float, default=figures.EXAMPLE_EPS,
+                            help="L-inf eps of the adversarial-example figure (0: no figure)")
             args = parser.parse_args(argv[1:])
-            for name, table in compare_runs(args.runs, args.out, args.split).items():
+            if not 0 <= args.example_eps < float("inf"):
+                raise EvaluationError(f"--example_eps must be a finite number >= 0, got {args.example_eps}")
+            for name, table in compare_runs(args.runs, args.out, args.split, args.example_eps).items():
                 print(f"\n## {name}\n{table}")
             print(f"\ntables and figures written to {args.out}/")
             return 0

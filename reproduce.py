@@ -481,7 +481,7 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
               " (a run's own changes are in its row). Checkpoint evaluated: each run's final `model.pt` "
               "(the last epoch).", "",
               "| run | method | method settings | preset's changes to the paper's settings | epochs done | "
-              "checkpoint | device | training time | final val accuracy | curves |",
+              "checkpoint | device | training time | final val accuracy | figures |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for job in ready:
         history = histories[job]
@@ -490,7 +490,8 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
         lines.append(f"| {job.run_dir.name} | {job.method} | {_run_settings(job)} | "
                      f"{_preset_changes(plan.harness_preset, job)} | {len(history)} | "
                      f"`{rel(job.run_dir / 'model.pt')}` | {configs[job].get('device_used', '?')} | "
-                     f"{_format_seconds(train_seconds)} | {val} | [png]({rel(job.run_dir / 'curves.png')}) |")
+                     f"{_format_seconds(train_seconds)} | {val} | [training curves]({rel(job.run_dir / 'curves.png')}), "
+                     f"[test confusion matrix]({rel(job.run_dir / 'confusion_test.png')}) |")
     missing = [job for job in jobs if job not in ready]
     if missing:
         lines += ["", "Not in the tables (not trained or not evaluated yet): "
@@ -533,6 +534,15 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
                   f"Split: test, {', '.join(map(str, n_used))} records used; {level_note}. "
                   f"Settings: {_sweep_settings_line(sweep, results)}. Time: {times}.", "",
                   tables[sweep], "", f"![{sweep}]({rel(result_dir / 'compare' / f'{sweep}.png')})", ""]
+
+    example = result_dir / "compare" / "adversarial_example.png"
+    if example.is_file():
+        eps = (read_json(example.with_suffix(".json")) or {}).get("eps", "?")
+        lines += ["## Adversarial example", "",
+                  f"One test record under L-inf PGD at eps {eps} (each run's pgd_linf settings), every run side by "
+                  "side: two leads clean and attacked, the perturbation, the predictions before and after; the "
+                  f"title says how the record was chosen. The plotted numbers: `{rel(example.with_suffix('.json'))}`.",
+                  "", f"![adversarial example]({rel(example)})", ""]
 
     checks = {job.run_dir.name: check for job in ready if (check := evaluate.masking_check(robustness[job]))}
     if checks:

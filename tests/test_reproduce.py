@@ -110,6 +110,8 @@ def test_report_tables_have_one_row_per_run_with_the_runs_numbers(smoke):
         assert f"`{run}/model.pt`" in report
     links = re.findall(r"\]\(([^)]+\.png)\)", report)
     assert "compare/pgd_linf.png" in links and "compare/white.png" in links
+    assert "compare/adversarial_example.png" in links
+    assert all(f"{run}/{name}" in links for run in SMOKE_RUNS for name in ("curves.png", "confusion_test.png"))
     assert all((result / link).is_file() for link in links)
     assert "## Stage timings" in report and "train CE (CE)" in report
 

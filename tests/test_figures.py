@@ -1,0 +1,149 @@
+"""figures.py through evaluate.py's entry points: the figures are written, and the data they
+plot is checked against the cache, scikit-learn and the models themselves."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
+
+import attacks
+import evaluate
+import figures
+from distributed import choose_device
+from ECG_Dataset import get_dataloaders
+from preprocess import CLASSES, LEAD_NAMES, load_cache
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_LENGTH, RANDOM_PAD = 2048, 1024  # untrained_run's input: records truncated, then padded to 3072
+EPS = 0.05
+JSON_TOLERANCE = 1e-6  # the JSON rounds to 6 decimals
+SEEDS = {"A": 1, "B": 0}  # run: the seed of its weights and PGD starts (A, always attacked: not 0)
+
+
+def assert_png(path):
+    content = path.read_bytes()
+    assert content.startswith(PNG_SIGNATURE) and len(content) > 1000, path
+
+
+def split_loader(data_dir, batch_size=18):
+    return get_dataloaders(str(data_dir), eval_batch_size=batch_size, max_length=MAX_LENGTH,
+                           random_pad=RANDOM_PAD, splits=("test",))["test"]
+
+
+@torch.no_grad()
+def split_predictions(model, loader) -> tuple[np.ndarray, np.ndarray]:
+    truths, predictions = zip(*((y, model(x, mask).argmax(dim=1)) for x, y, mask in loader))
+    return torch.cat(truths).numpy(), torch.cat(predictions).numpy()
+
+
+@pytest.fixture(scope="module")
+def runs(untrained_run, tmp_path_factory):
+    """Runs A and B (untrained resnet18a's of seeds 0 and 1) with a 3-step, 2-start PGD, each
+    evaluated clean by the command line."""
+    root = tmp_path_factory.mktemp("figure_runs")
+    for name, seed in SEEDS.items():
+        untrained_run(root / name, seed, "--sweeps", "", "--sweep_steps", "3", "--sweep_restarts", "2")
+        assert evaluate.main([str(root / name)]) == 0
+    return root
+
+
+def test_evaluate_writes_the_confusion_heatmap_of_the_models_predictions(runs, tiny_cache):
+    for name in ("A", "B"):
+        assert_png(runs / name / "confusion_test.png")
+        model, _ = evaluate.load_model(runs / name)
+        truths, predictions = split_predictions(model.eval(), split_loader(tiny_cache))
+        drawn = json.loads((runs / name / "eval_test.json").read_text())["clean"]["confusion_matrix"]
+        np.testing.assert_array_equal(drawn, sklearn_confusion_matrix(truths, predictions, labels=range(9)))
+
+
+def test_compare_writes_the_adversarial_example_within_eps_and_the_mask(runs, tiny_cache, tmp_path):
+    out = tmp_path / "compare"
+    assert evaluate.main(["compare", str(runs / "A"), str(runs / "B"), "--out", str(out),
+                          "--example_eps", str(EPS)]) == 0
+    assert_png(out / "adversarial_example.png")
+    example = json.loads((out / "adversarial_example.json").read_text())
+    assert example["eps"] == EPS and example["leads"] == list(figures.EXAMPLE_LEADS)
+    assert list(example["runs"]) == ["A", "B"]
+
+    # The record: the first of the split that both models classify correctly, else A's first.
+    loader = split_loader(tiny_cache)
+    models = {name: evaluate.load_model(runs / name)[0].eval() for name in ("A", "B")}
+    truths, predictions = zip(*(split_predictions(model, loader) for model in models.values()))
+    correct = np.stack([p == truths[0] for p in predictions])
+    if correct.all(axis=0).any():
+        index, selection = int(np.flatnonzero(correct.all(axis=0))[0]), "correctly classified by every run"
+    else:
+        index, selection = int(np.flatnonzero(correct[0])[0]), "the first correct for A"
+    assert example["record"] == loader.dataset.names[index] and selection in example["selection"]
+
+    # The clean leads: the cached mV signal over its lead's peak, right-aligned in the padding.
+    cache = load_cache(tiny_cache)
+    mask = np.asarray(example["mask"])
+    clean = np.asarray(example["clean"])
+    length = min(len(cache.signal(example["record"])[0]), MAX_LENGTH)
+    assert mask.tolist() == [0] * (MAX_LENGTH + RANDOM_PAD - length) + [1] * length
+    for lead, trace in zip(example["leads"], clean):
+        millivolts = cache.signal(example["record"])[LEAD_NAMES.index(lead), :length].astype(np.float64)
+        np.testing.assert_allclose(trace[mask == 1], millivolts / np.abs(millivolts).max(), atol=JSON_TOLERANCE)
+        assert not trace[mask == 0].any()
+
+    device = choose_device("auto")  # where figures.py attacks
+    x, y, x_mask = (t.unsqueeze(0).to(device) for t in loader.dataset[index])
+    for name, model in models.items():
+        model.to(device)
+        run = example["runs"][name]
+        adversarial = np.asarray(run["adversarial"])
+        perturbation = adversarial - clean
+        assert np.abs(perturbation[:, mask == 1]).max() <= EPS + JSON_TOLERANCE
+        assert not perturbation[:, mask == 0].any()  # exactly zero on the padding
+        assert np.abs(adversarial).max() <= 1  # PGD clips to [-1, 1]
+        # The predictions: the model's own on the record and on the attack's output (the
+        # pgd_linf sweep's settings, the run's seed), whose plotted leads the JSON holds.
+        x_adv = attacks.pgd_attack(model, x, y, x_mask, EPS, "inf", steps=3, restarts=2,
+                                   generator=torch.Generator(device=device).manual_seed(SEEDS[name]))
+        np.testing.assert_allclose(adversarial, x_adv[0, example["lead_channels"]].cpu().numpy(),
+                                   atol=JSON_TOLERANCE)
+        with torch.no_grad():
+            assert run["predicted_clean"] == CLASSES[predictions[list(models).index(name)][index]]
+            assert run["predicted_adversarial"] == CLASSES[int(model(x_adv, x_mask).argmax())]
+
+
+class ConstantModel(torch.nn.Module):
+    """Predicts one class whatever the input."""
+
+    def __init__(self, label: int):
+        super().__init__()
+        self.label = label
+
+    def forward(self, x, mask):
+        return torch.nn.functional.one_hot(torch.full((len(x),), self.label), len(CLASSES)).float()
+
+
+def test_the_record_is_shared_by_every_run_when_one_exists(tiny_cache):
+    loader = split_loader(tiny_cache, batch_size=4)
+    firsts = {int(label): int(np.flatnonzero(loader.dataset.labels == label)[0]) for label in range(9)}
+    label = max(firsts, key=firsts.get)  # the class met last: its first record is past the first batch
+    first, other = firsts[label], (label + 1) % 9
+    assert first >= 4
+    assert figures.choose_record({"A": ConstantModel(label), "B": ConstantModel(label)}, loader) == (
+        first, "correctly classified by every run")
+    index, selection = figures.choose_record({"A": ConstantModel(label), "B": ConstantModel(other)}, loader)
+    assert index == first and "first correct for A" in selection
+
+
+def test_compare_notes_runs_without_checkpoints_and_draws_nothing_at_eps_0(runs, tmp_path, capsys, fake_run):
+    fakes = [fake_run(tmp_path / "A"), fake_run(tmp_path / "B")]
+    assert evaluate.main(["compare", *map(str, fakes), "--out", str(tmp_path / "out")]) == 0
+    assert "note: no adversarial example figure (" in capsys.readouterr().err
+    assert (tmp_path / "out" / "clean.md").is_file()
+    assert evaluate.main(["compare", str(runs / "A"), "--out", str(tmp_path / "zero"), "--example_eps", "0"]) == 0
+    assert not (tmp_path / "zero" / "adversarial_example.png").exists()
+
+
+@pytest.mark.parametrize("eps", ["-0.1", "nan", "inf"])
+def test_a_bad_example_eps_is_refused_in_one_line(runs, tmp_path, eps, one_error_line):
+    assert evaluate.main(["compare", str(runs / "A"), "--out", str(tmp_path), "--example_eps", eps]) == 2
+    assert one_error_line() == f"error: --example_eps must be a finite number >= 0, got {float(eps)}"
