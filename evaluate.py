@@ -6,7 +6,7 @@
     python evaluate.py result/NSR --sweeps pgd_linf,autoattack,square --sweep_max_records 90
     python evaluate.py compare result/CE result/NSR  # the paper's tables and figures
 
-The metric functions at the top are import-safe and work on plain numpy arrays.
+The metrics themselves (confusion matrix, accuracy, F1, AUC) are in metrics.py.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from distributed import (all_sum, distributed, init_distributed, is_main_process
                          rank, shutdown_distributed, world_size)
 from ECG_CNN import build_model
 from ECG_Dataset import BucketBatchSampler, crop_collate, get_dataloaders
-from metrics import (NUM_CLASSES, class_balanced_accuracy, classification_scores, confusion_matrix,  # noqa: F401
+from metrics import (NUM_CLASSES, class_balanced_accuracy, classification_scores, confusion_matrix,
                      mean_f1, ratio, robustness_auc, scores_table, to_markdown)
 from preprocess import CLASSES, DataError
 from safe_writes import FolderInUseError, lock_folder, read_json, write_json
@@ -244,7 +244,8 @@ def sweep_rows(run: str, result: dict) -> list[dict]:
     for level, axis, acc, f1, sens in zip(result["levels"], result["axis_levels"], result["accuracy"],
                                           result["mean_f1"], result["sensitivity"]):
         rows.append({"run": run, "sweep": result["sweep"], "level_list": result["level_list"], "level": level,
-                     "axis_level": axis, "accuracy": acc, "mean_f1": f1, **{f"sensitivity_{c}": s for c, s in zip(CLASSES, sens)}})
+                     "axis_level": axis, "accuracy": acc, "mean_f1": f1,
+                     **{f"sensitivity_{c}": s for c, s in zip(CLASSES, sens)}})
     return rows
 
 

@@ -428,7 +428,8 @@ def write_selection_report(plan: Plan, jobs: list[Job], result_dir: Path, timing
     path = result_dir / "selection.md"
     path.write_text("\n".join([
         "# Coefficient selection", "", plan.data_note, "",
-        f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} by `python {shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`.",
+        f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} by "
+        f"`python {shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`.",
         "", f"Each run: the paper's settings (harness preset `{plan.harness_preset}`) but for the coefficient in "
         f"its row; its final `model.pt` evaluated on the validation split under `{SELECTION_SWEEP}` "
         f"({_sweep_settings_line(SELECTION_SWEEP, _validation_sweeps(jobs), 'val')}). Rows: the coefficient; columns: "
@@ -637,7 +638,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                       "preset: " + ", ".join(f"{k} {p.raw_dir or '(required)'}"
                                                              for k, p in PLANS.items()))
     parser.add_flag("--result_dir", help="where the runs, compare/, report.md and timings.json go "
-                                         "(default per preset: " + ", ".join(f"{k} {p.result_dir}" for k, p in PLANS.items()) + ")")
+                                         "(default per preset: "
+                                         + ", ".join(f"{k} {p.result_dir}" for k, p in PLANS.items()) + ")")
     parser.add_argument("--methods", nargs="+", default=list(METHOD_SCRIPTS), metavar="METHOD",
                         help=f"a subset of {', '.join(METHOD_SCRIPTS)} (space- or comma-separated)")
     parser.add_flag("--skip_train", action="store_true",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import evaluate
 from config import noise_levels
+from metrics import to_markdown
 from safe_writes import read_json, write_json
 
 # criterion: its score in one PGD sweep result (robustness_sweep) on the validation split
@@ -57,14 +58,15 @@ def selection_report(studies: dict[str, tuple[str, dict[float, Path]]], sweep: s
             table = evaluate.sweep_table(curves, sweep, metric, split="val")
             stem = out_dir / f"{method}_{name}"
             table.to_csv(stem.with_suffix(".csv"), float_format="%.4f")
-            markdown = evaluate.to_markdown(table)
+            markdown = to_markdown(table)
             stem.with_suffix(".md").write_text(markdown + "\n")
             label = evaluate.SWEEP_METRICS[metric][1]
             evaluate.plot_sweeps(curves, stem.with_suffix(".png"), f"{method}, validation split: {label}", metric)
-            lines += [f"{label.capitalize()}:", "", markdown, "", f"![{method}, {label}]({out_dir.name}/{stem.name}.png)",
-                      ""]
+            lines += [f"{label.capitalize()}:", "", markdown, "",
+                      f"![{method}, {label}]({out_dir.name}/{stem.name}.png)", ""]
         chosen = picks(results)
-        all_picks[method] = {criterion: {setting: value, "score": score} for criterion, (value, score) in chosen.items()}
+        all_picks[method] = {criterion: {setting: value, "score": score}
+                             for criterion, (value, score) in chosen.items()}
         lines += [f"| criterion | {setting} | score |", "|---|---|---|"]
         lines += [f"| {criterion} | {value:g} | {score:.3f} |" for criterion, (value, score) in chosen.items()]
         lines.append("")

@@ -125,7 +125,8 @@ def test_compare_writes_the_papers_tables_and_figures(two_runs, tmp_path):
     table = pd.read_csv(tmp_path / "pgd_linf_accuracy.csv", index_col=0)
     for run in ("A", "B"):
         sweep = json.loads((two_runs / run / "robustness_test.json").read_text())["sweeps"]["pgd_linf"]
-        assert table.loc[run, "AUC (paper levels)"] == pytest.approx(robustness_auc(sweep["axis_levels"], sweep["accuracy"]), abs=1e-4)
+        assert table.loc[run, "AUC (paper levels)"] == pytest.approx(
+            robustness_auc(sweep["axis_levels"], sweep["accuracy"]), abs=1e-4)
         clean = json.loads((two_runs / run / "eval_test.json").read_text())["clean"]
         assert table.loc[run, "clean"] == pytest.approx(clean["accuracy"], abs=1e-4)
         # early-stopped PGD never does better than the clean input
@@ -162,7 +163,8 @@ def test_evaluate_cli_reevaluates_a_run_on_validation(two_runs):
     (lambda runs, tmp: [str(tmp / "missing")], "no such checkpoint"),
     (lambda runs, tmp: [str(runs / "A"), "--sweeps", "pgd_l3"], "unknown sweep 'pgd_l3'"),
     (lambda runs, tmp: [str(runs / "A"), "--sweep_steps", "-1"], "--sweep_steps must be >= 0"),
-    (lambda runs, tmp: [str(runs / "A"), "--levels", "huge"], "--levels: unknown level list 'huge' (known: paper, extended)"),
+    (lambda runs, tmp: [str(runs / "A"), "--levels", "huge"],
+     "--levels: unknown level list 'huge' (known: paper, extended)"),
     (lambda runs, tmp: [str(tmp / "foreign.pt")], "not a checkpoint of this project"),
     (lambda runs, tmp: [str(tmp / "truncated.pt")], "not a checkpoint of this project"),
     (lambda runs, tmp: ["compare", str(tmp)], "eval_test.json: not found"),
