@@ -6,7 +6,8 @@
 
 From epoch ``adv_start_epoch`` the correctly classified samples of each batch are attacked
 with 20-step L-inf PGD (soft logit-margin loss, random start, budget growing linearly to
-eps at the last epoch) and loss = (1 - beta) * CE(clean) + beta * sum CE(adversarial) / B.
+eps at the last epoch) and loss = (1 - beta) * CE(clean) + beta * sum CE(adversarial) / B in
+every batch, the adversarial term 0 before that epoch and in batches with no correct sample.
 "ls" is read two ways: the reference code's soft logit-margin attack loss (always used)
 and, as an option, label smoothing of both CE terms (default 0, as in the reference code).
 """
@@ -45,10 +46,12 @@ def loss_fn(model, x, y, mask, epoch, cfg):
     loss1 = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
     eps_t = adversarial_eps(epoch, cfg.eps, cfg.adv_start_epoch, cfg.epochs)
     correct = logits.argmax(dim=1) == y
-    # Whether to attack is decided over the whole batch (all processes under torchrun); the
-    # attack and the adversarial pass run on the plain module (see unwrap).
+    # The loss keeps its weights in every batch (the original's): the adversarial term is 0
+    # before adv_start_epoch and when no sample is correct. Whether to attack is decided over
+    # the whole batch (all processes under torchrun); the attack and the adversarial pass run
+    # on the plain module (see unwrap).
     if eps_t == 0 or not union_sum(correct.sum()):
-        return loss1, {"loss_ce": loss1.detach()}
+        return (1 - cfg.beta) * loss1, {"loss_ce": loss1.detach(), "loss_adv": 0.0}
     loss2 = adversarial_loss(unwrap(model), x[correct], y[correct], mask[correct], eps_t,
                              adversarial_step(eps_t, cfg.pgd_alpha, cfg.pgd_steps),
                              steps=cfg.pgd_steps, label_smoothing=cfg.label_smoothing) / len(y)

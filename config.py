@@ -42,6 +42,7 @@ TRAIN_DEFAULTS = dict(
     resume=False,
     overwrite=False,
     sweeps="pgd_linf,pgd_l2,white",  # robustness sweeps after training (empty: none)
+    levels="paper",          # the sweeps' noise levels: paper or extended (LEVEL_LISTS)
     sweep_steps=100,
     sweep_restarts=2,
     sweep_max_batches=0,
@@ -56,7 +57,7 @@ COUNTS = {"epochs", "batch_size", "eval_batch_size", "seed", "max_length", "rand
           "checkpoint_every", "max_batches", "sweep_steps", "sweep_restarts", "sweep_max_batches",
           "reg_start_epoch", "adv_start_epoch", "pgd_steps", "jacobian_projections"}
 SWITCHES = {"bucket", "amp", "cudnn_benchmark", "resume", "overwrite"}
-TEXTS = {"data_dir", "result_dir", "run_name", "model", "device", "sweeps"}
+TEXTS = {"data_dir", "result_dir", "run_name", "model", "device", "sweeps", "levels"}
 
 
 def flag_type(key: str) -> type:
@@ -91,32 +92,46 @@ PRESETS = {
 }
 
 
-# PROTOCOL section 6: the robustness sweeps (--sweeps) and the paper's noise levels. The real-ECG noises (beyond the paper) are swept
-# over signal-to-noise ratios in dB; their curves use the noise-to-signal amplitude ratio
-# 10 ** (-snr / 20) as the level, so that clean (infinite SNR) is level 0 as for the others.
-PGD_LINF_LEVELS = (0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1, 0.2, 0.3)
-PAPER_LINF_LEVELS = (0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1)  # the paper's figures
-PGD_L2_LEVELS = (0.1, 0.2, 0.3, 0.5, 0.7, 1, 3, 5, 10, 20, 30)
+# PROTOCOL section 6: the robustness sweeps (--sweeps) and their noise levels (--levels). The
+# paper's lists are the default; "extended" reaches stronger L-inf and weaker L2 attacks. The
+# real-ECG noises (beyond the paper) are swept over signal-to-noise ratios in dB; their curves
+# use the noise-to-signal amplitude ratio 10 ** (-snr / 20) as the level, so that clean
+# (infinite SNR) is level 0 as for the others.
 WHITE_LEVELS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 SNR_DB_LEVELS = (40, 30, 20, 15, 10, 5, 0)
+LEVEL_LISTS = {
+    "paper": {"linf": (0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1),
+              "l2": (1, 3, 5, 10, 15, 20, 25, 30),
+              "white": WHITE_LEVELS, "snr_db": SNR_DB_LEVELS},
+    "extended": {"linf": (0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1, 0.2, 0.3),
+                 "l2": (0.1, 0.2, 0.3, 0.5, 0.7, 1, 3, 5, 10, 15, 20, 25, 30),
+                 "white": WHITE_LEVELS, "snr_db": SNR_DB_LEVELS},
+}
 
 SWEEPS = {
-    # name: (kind, norm or noise function name, levels, x-axis label)
-    "pgd_linf": ("attack", "inf", PGD_LINF_LEVELS, "L-inf eps"),
-    "pgd_l2": ("attack", "2", PGD_L2_LEVELS, "L2 eps"),
-    "ifgsm_linf": ("ifgsm", "inf", PGD_LINF_LEVELS, "L-inf eps"),
-    "ifgsm_l2": ("ifgsm", "2", PGD_L2_LEVELS, "L2 eps"),
+    # name: (kind, norm or noise function name, its levels in LEVEL_LISTS, x-axis label)
+    "pgd_linf": ("attack", "inf", "linf", "L-inf eps"),
+    "pgd_l2": ("attack", "2", "l2", "L2 eps"),
+    "ifgsm_linf": ("ifgsm", "inf", "linf", "L-inf eps"),
+    "ifgsm_l2": ("ifgsm", "2", "l2", "L2 eps"),
     # AutoAttack-style evaluation (attacks.apgd_attack, square_attack, ensemble_attack).
-    "apgd_ce": ("apgd_ce", "inf", PAPER_LINF_LEVELS, "L-inf eps"),
-    "apgd_dlr": ("apgd_dlr", "inf", PAPER_LINF_LEVELS, "L-inf eps"),
-    "square": ("square", "inf", PAPER_LINF_LEVELS, "L-inf eps"),
-    "autoattack": ("autoattack", "inf", PAPER_LINF_LEVELS, "L-inf eps"),
-    "white": ("white", None, WHITE_LEVELS, "white noise amplitude eps"),
-    "baseline_wander": ("snr", "baseline_wander", SNR_DB_LEVELS, "noise/signal amplitude"),
-    "powerline_50hz": ("snr", "powerline_50", SNR_DB_LEVELS, "noise/signal amplitude"),
-    "powerline_60hz": ("snr", "powerline_60", SNR_DB_LEVELS, "noise/signal amplitude"),
-    "muscle": ("snr", "muscle_noise", SNR_DB_LEVELS, "noise/signal amplitude"),
+    "apgd_ce": ("apgd_ce", "inf", "linf", "L-inf eps"),
+    "apgd_dlr": ("apgd_dlr", "inf", "linf", "L-inf eps"),
+    "square": ("square", "inf", "linf", "L-inf eps"),
+    "autoattack": ("autoattack", "inf", "linf", "L-inf eps"),
+    "white": ("white", None, "white", "white noise amplitude eps"),
+    "baseline_wander": ("snr", "baseline_wander", "snr_db", "noise/signal amplitude"),
+    "powerline_50hz": ("snr", "powerline_50", "snr_db", "noise/signal amplitude"),
+    "powerline_60hz": ("snr", "powerline_60", "snr_db", "noise/signal amplitude"),
+    "muscle": ("snr", "muscle_noise", "snr_db", "noise/signal amplitude"),
 }
+
+
+def noise_levels(sweep: str, levels: str = "paper") -> tuple:
+    """The levels of ``sweep`` in the level list ``levels`` (without the clean level 0)."""
+    return LEVEL_LISTS[levels][SWEEPS[sweep][2]]
+
+
 # Sweeps that attack the model: --sweep_max_records restricts all of them to the same
 # records, so that PGD and the ensemble are compared on equal footing (masking_check).
 ATTACK_KINDS = ("attack", "ifgsm", "apgd_ce", "apgd_dlr", "square", "autoattack")
@@ -156,6 +171,11 @@ def parse_sweeps(names: str) -> list[str]:
     if unknown:
         raise ConfigError(f"--sweeps: unknown sweep '{unknown[0]}' (known: {', '.join(SWEEPS)}, all)")
     return chosen
+
+
+def check_levels(name: str) -> None:
+    if name not in LEVEL_LISTS:
+        raise ConfigError(f"--levels: unknown level list '{name}' (known: {', '.join(LEVEL_LISTS)})")
 
 
 def non_negative(cfg: SimpleNamespace, *keys: str) -> None:
@@ -211,6 +231,7 @@ def validate_config(cfg: SimpleNamespace) -> None:
         raise ConfigError(f"--bucket needs --model resnet18a_vl: the predictions of {config['model']} "
                           "depend on the padding that bucketing crops")
     parse_sweeps(config["sweeps"])
+    check_levels(config["levels"])
     for key in ("max_batches", "random_pad", "sweep_steps", "sweep_max_batches"):
         if config[key] < 0:
             raise ConfigError(f"--{key} must be >= 0, got {config[key]}")

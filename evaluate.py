@@ -6,7 +6,7 @@
     python evaluate.py result/NSR --sweeps pgd_linf,autoattack,square --sweep_max_records 90
     python evaluate.py compare result/CE result/NSR  # the paper's tables and figures
 
-The metric functions at the top are import-safe and work on plain numpy arrays.
+The metrics themselves (confusion matrix, accuracy, F1, AUC) are in metrics.py.
 """
 from __future__ import annotations
 
@@ -25,106 +25,27 @@ from tqdm import tqdm
 
 import attacks
 import figures
-from config import (PAPER_LINF_LEVELS, PGD_LINF_LEVELS, SWEEPS, WHITE_LEVELS,  # noqa: F401 (the levels: for readers)
-                    ConfigError, OneLineParser, check_device, parse_sweeps)
+from config import (ATTACK_KINDS, GRADIENT_SWEEPS, LEVEL_LISTS, SWEEPS, ConfigError, OneLineParser, check_device,
+                    check_levels, noise_levels, parse_sweeps)
 from distributed import (all_sum, distributed, init_distributed, is_main_process, on_main_process, process_device,
                          rank, shutdown_distributed, world_size)
 from ECG_CNN import build_model
 from ECG_Dataset import BucketBatchSampler, crop_collate, get_dataloaders
+from metrics import (NUM_CLASSES, class_balanced_accuracy, classification_scores, confusion_matrix,
+                     mean_f1, ratio, robustness_auc, scores_table, to_markdown)
 from preprocess import CLASSES, DataError
 from safe_writes import FolderInUseError, lock_folder, read_json, write_json
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 
-NUM_CLASSES = len(CLASSES)
-# CPSC2018 sub-scores: groups of class indices (0-based) scored together.
-SUBSCORE_GROUPS = {"Faf": (1,), "Fblock": (2, 3, 4), "Fpc": (5, 6), "Fst": (7, 8)}
-
-
 SQUARE_QUERIES_PER_STEP = 10  # Square's queries per gradient-attack iteration: 1000 at the paper's 100
 MASKING_GAP = 0.02  # ensemble accuracy this far below PGD's (2 points) flags gradient masking
 ACCURACY_SLACK = 1e-9  # accuracies read back from JSON: float noise is no difference
-# Sweeps that attack the model: --sweep_max_records restricts all of them to the same
-# records, so that PGD and the ensemble are compared on equal footing (masking_check).
-ATTACK_KINDS = ("attack", "ifgsm", "apgd_ce", "apgd_dlr", "square", "autoattack")
-GRADIENT_SWEEPS = ("pgd_linf", "apgd_ce", "apgd_dlr")  # the L-inf gradient attacks
 
 
 class EvaluationError(Exception):
     """A run, checkpoint or evaluation setting that cannot be used; the message names it."""
-
-
-# --- metrics -----------------------------------------------------------------------------
-
-def confusion_matrix(y_true, y_pred, num_classes: int = NUM_CLASSES) -> np.ndarray:
-    """N[i, j] = number of samples of true class i predicted as j."""
-    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
-    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes ** 2).reshape(
-        num_classes, num_classes)
-
-
-def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    """numerator / denominator, 0 where the denominator is 0."""
-    numerator, denominator = np.asarray(numerator, float), np.asarray(denominator, float)
-    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
-
-
-def class_balanced_accuracy(cm: np.ndarray) -> float:
-    """Mean per-class recall over the classes present in the true labels."""
-    rows = cm.sum(axis=1)
-    present = rows > 0
-    return float((np.diag(cm)[present] / rows[present]).mean()) if present.any() else 0.0
-
-
-def classification_scores(cm: np.ndarray) -> dict:
-    """All clean metrics of PROTOCOL section 7 from a confusion matrix (rows true, columns predicted)."""
-    diag, rows, cols = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
-    f1 = _ratio(2 * diag, rows + cols)
-    scores = {
-        "accuracy": class_balanced_accuracy(cm),
-        "mean_f1": float(f1.mean()),
-        "sensitivity": _ratio(diag, rows).tolist(),
-        "precision": _ratio(diag, cols).tolist(),
-        "f1": f1.tolist(),
-        "n": int(cm.sum()),
-        "confusion_matrix": cm.tolist(),
-    }
-    for name, group in SUBSCORE_GROUPS.items():
-        group = list(group)
-        scores[name] = float(_ratio(2 * diag[group].sum(), rows[group].sum() + cols[group].sum()))
-    return scores
-
-
-def robustness_auc(levels, accuracies) -> float:
-    """Trapezoid area under accuracy-versus-level from 0 to the largest level, over that level.
-
-    ``levels`` must start at 0 (the clean accuracy) and increase.
-    """
-    levels, accuracies = np.asarray(levels, float), np.asarray(accuracies, float)
-    if len(levels) < 2 or levels[0] != 0 or np.any(np.diff(levels) <= 0):
-        raise ValueError("levels must start at 0 and increase")
-    return float(np.trapezoid(accuracies, levels) / levels[-1])
-
-
-def to_markdown(table) -> str:
-    """A DataFrame as a Markdown table, floats to 3 decimals (no optional dependency)."""
-    header = [table.index.name or ""] + [str(c) for c in table.columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for index, *row in table.itertuples(name=None):  # itertuples keeps integer columns integer
-        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row]
-        lines.append("| " + " | ".join([str(index), *cells]) + " |")
-    return "\n".join(lines)
-
-
-def scores_table(scores: dict) -> str:
-    """The clean metrics as Markdown: one row per class, then the summary scores."""
-
-    per_class = pd.DataFrame({k: scores[k] for k in ("sensitivity", "precision", "f1")},
-                             index=pd.Index(CLASSES, name="class"))
-    summary = pd.DataFrame([{k: scores[k] for k in ("accuracy", "mean_f1", "Faf", "Fblock", "Fpc", "Fst")}],
-                           index=pd.Index([scores["n"]], name="records"))
-    return to_markdown(per_class) + "\n\n" + to_markdown(summary)
 
 
 # --- predictions -------------------------------------------------------------------------
@@ -227,18 +148,28 @@ def perturb(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torc
     return getattr(attacks, variant)(x, mask, level, generator=generator)
 
 
-def sweep_levels(sweep: str) -> tuple[list[float], list[float]]:
-    """(the levels as given to the noise, the levels on the curve's axis), clean first."""
-    kind, _, levels, _ = SWEEPS[sweep]
-    if kind == "snr":
-        return [float("inf"), *levels], [0.0, *(10 ** (-snr / 20) for snr in levels)]
-    return [0.0, *levels], [0.0, *levels]
+def sweep_levels(sweep: str, levels: str = "paper") -> tuple[list[float], list[float]]:
+    """(the levels as given to the noise, the levels on the curve's axis), clean first, from
+    the level list ``levels`` (config.LEVEL_LISTS)."""
+    chosen = noise_levels(sweep, levels)
+    if SWEEPS[sweep][0] == "snr":
+        return [float("inf"), *chosen], [0.0, *(10 ** (-snr / 20) for snr in chosen)]
+    return [0.0, *chosen], [0.0, *chosen]
+
+
+# What a sweep reports per level and how the tables name it: {result key: (its AUC's key, label)}.
+SWEEP_METRICS = {"accuracy": ("auc", "class-balanced accuracy"), "mean_f1": ("auc_f1", "mean F1")}
 
 
 def robustness_sweep(model: torch.nn.Module, loader, sweep: str, device: torch.device,
                      steps: int = 100, restarts: int = 2, max_batches: int = 0,
-                     seed: int = 0, sharded: bool = False) -> dict:
-    """Class-balanced accuracy and per-class sensitivity at every level of one sweep.
+                     seed: int = 0, sharded: bool = False, levels: str = "paper") -> dict:
+    """Class-balanced accuracy, mean F1, per-class sensitivity and the confusion matrix at
+    every level of one sweep (the level list ``levels``), and the AUC of accuracy and of F1.
+
+    A record misclassified on the clean input keeps its clean prediction at every level, as
+    in the original evaluation: noise never counts a wrong record right (the attacks leave
+    such records unperturbed anyway, PROTOCOL section 6).
 
     ``sharded``: under torchrun, ``loader`` is this process's share (``shard_loader``); the
     counts are summed over the processes and rank r draws its noise from seed + r.
@@ -247,41 +178,47 @@ def robustness_sweep(model: torch.nn.Module, loader, sweep: str, device: torch.d
     started = time.perf_counter()
     was_training = model.training
     model.eval()
-    levels, axis = sweep_levels(sweep)
+    noise, axis = sweep_levels(sweep, levels)
     generator = torch.Generator(device=device).manual_seed(seed + (rank() if sharded else 0))
     total = min(len(loader), max_batches) if max_batches else len(loader)
-    matrices = np.zeros((len(levels), NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
-    with tqdm(total=total * len(levels), desc=sweep, leave=False, mininterval=1.0,
+    matrices = np.zeros((len(noise), NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    with tqdm(total=total * len(noise), desc=sweep, leave=False, mininterval=1.0,
               disable=not is_main_process()) as bar:
         for index, (x, y, mask) in enumerate(loader):
             if index >= total:
                 break
             x, y, mask = x.to(device), y.to(device), mask.to(device)
-            for i, level in enumerate(levels):
-                x_noisy = x if i == 0 else perturb(model, x, y, mask, sweep, level, steps,
-                                                   restarts, generator)
-                with torch.no_grad():
-                    predicted = model(x_noisy, mask).argmax(dim=1)
+            with torch.no_grad():
+                clean = model(x, mask).argmax(dim=1)
+            for i, level in enumerate(noise):
+                predicted = clean
+                if i:
+                    x_noisy = perturb(model, x, y, mask, sweep, level, steps, restarts, generator)
+                    with torch.no_grad():
+                        predicted = torch.where(clean == y, model(x_noisy, mask).argmax(dim=1), clean)
                 matrices[i] += confusion_matrix(y.cpu().numpy(), predicted.cpu().numpy())
                 bar.update()
     model.train(was_training)
     if sharded:
         matrices = all_sum(torch.from_numpy(matrices)).numpy()
     accuracy = [class_balanced_accuracy(cm) for cm in matrices]
-    return {"sweep": sweep, "axis": SWEEPS[sweep][3],
-            "levels": [None if np.isinf(v) else v for v in levels], "axis_levels": axis,
-            "accuracy": accuracy,
-            "sensitivity": [_ratio(np.diag(cm), cm.sum(axis=1)).tolist() for cm in matrices],
-            "auc": robustness_auc(axis, accuracy), "n": int(matrices[0].sum()),
+    f1 = [mean_f1(cm) for cm in matrices]
+    return {"sweep": sweep, "axis": SWEEPS[sweep][3], "level_list": levels,
+            "levels": [None if np.isinf(v) else v for v in noise], "axis_levels": axis,
+            "accuracy": accuracy, "mean_f1": f1,
+            "sensitivity": [ratio(np.diag(cm), cm.sum(axis=1)).tolist() for cm in matrices],
+            "confusion_matrix": matrices.tolist(),
+            "auc": robustness_auc(axis, accuracy), "auc_f1": robustness_auc(axis, f1),
+            "n": int(matrices[0].sum()),
             "settings": {"steps": steps, "restarts": restarts, "max_batches": max_batches,
                          "seed": seed},
             "seconds": round(time.perf_counter() - started, 3)}
 
 
-def plot_sweeps(curves: dict[str, dict[str, dict]], path: Path, title: str) -> None:
-    """One panel per sweep, one curve per run: curves[run][sweep] = robustness_sweep(...)."""
-    matplotlib.use("Agg")
-
+def plot_sweeps(curves: dict[str, dict[str, dict]], path: Path, title: str, metric: str = "accuracy") -> None:
+    """One panel per sweep, one curve per run: curves[run][sweep] = robustness_sweep(...);
+    ``metric``: a key of SWEEP_METRICS."""
+    auc_key, label = SWEEP_METRICS[metric]
     sweeps = list(dict.fromkeys(s for run in curves.values() for s in run))
     columns = min(3, len(sweeps))
     rows = -(-len(sweeps) // columns)
@@ -290,8 +227,9 @@ def plot_sweeps(curves: dict[str, dict[str, dict]], path: Path, title: str) -> N
         for run, results in curves.items():
             if sweep in results:
                 r = results[sweep]
-                ax.plot(r["axis_levels"], r["accuracy"], marker="o", label=f"{run} (AUC {r['auc']:.3f})")
-        ax.set(title=sweep, xlabel=SWEEPS[sweep][3], ylabel="class-balanced accuracy", ylim=(0, 1))
+                ax.plot(r["axis_levels"], r[metric], marker="o",
+                        label=f"{run} (AUC {r[auc_key]:.3f}, {r['level_list']} levels)")
+        ax.set(title=sweep, xlabel=SWEEPS[sweep][3], ylabel=label, ylim=(0, 1))
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(sweeps):]:
         ax.axis("off")
@@ -304,10 +242,11 @@ def plot_sweeps(curves: dict[str, dict[str, dict]], path: Path, title: str) -> N
 def sweep_rows(run: str, result: dict) -> list[dict]:
     """Long-format CSV rows of one sweep: one row per level."""
     rows = []
-    for level, axis, acc, sens in zip(result["levels"], result["axis_levels"], result["accuracy"],
-                                      result["sensitivity"]):
-        rows.append({"run": run, "sweep": result["sweep"], "level": level, "axis_level": axis,
-                     "accuracy": acc, **{f"sensitivity_{c}": s for c, s in zip(CLASSES, sens)}})
+    for level, axis, acc, f1, sens in zip(result["levels"], result["axis_levels"], result["accuracy"],
+                                          result["mean_f1"], result["sensitivity"]):
+        rows.append({"run": run, "sweep": result["sweep"], "level_list": result["level_list"], "level": level,
+                     "axis_level": axis, "accuracy": acc, "mean_f1": f1,
+                     **{f"sensitivity_{c}": s for c, s in zip(CLASSES, sens)}})
     return rows
 
 
@@ -481,22 +420,25 @@ def evaluate_run(run_dir: Path, model: torch.nn.Module, cfg: SimpleNamespace, sp
             attacked = SWEEPS[name][0] in ATTACK_KINDS
             curves[name] = robustness_sweep(model, sweep_loader(attack_loader if attacked else loader),
                                             name, device, cfg.sweep_steps, cfg.sweep_restarts,
-                                            cfg.sweep_max_batches, cfg.seed, sharded)
+                                            cfg.sweep_max_batches, cfg.seed, sharded, cfg.levels)
             if attacked and max_records:
                 curves[name]["settings"]["max_records"] = max_records
                 curves[name]["records"] = [loader.dataset.names[i] for i in subset]
         result["robustness"] = curves
         if not main:
             return result
-        write_json({"run": str(run_dir), "split": split, "settings": vars(cfg), "sweeps": curves},
+        write_json({"run": str(run_dir), "split": split, "settings": vars(cfg), "levels": cfg.levels,
+                    "level_values": {name: list(noise_levels(name, cfg.levels)) for name in curves},
+                    "sweeps": curves},
                    Path(run_dir) / f"robustness_{split}.json")
         pd.DataFrame([row for c in curves.values() for row in sweep_rows(cfg.run_name, c)]).to_csv(
             Path(run_dir) / f"robustness_{split}.csv", index=False)
         plot_sweeps({cfg.run_name: curves}, Path(run_dir) / f"robustness_{split}.png",
                     f"{cfg.run_name}: {split} split")
         for name, curve in curves.items():
-            print(f"{name}: AUC {curve['auc']:.3f}; accuracy " +
-                  ", ".join(f"{a:.3f}" for a in curve["accuracy"]))
+            print(f"{name} ({cfg.levels} levels): AUC {curve['auc']:.3f}, AUC of F1 {curve['auc_f1']:.3f}; "
+                  "accuracy " + ", ".join(f"{a:.3f}" for a in curve["accuracy"]) +
+                  "; mean F1 " + ", ".join(f"{f:.3f}" for f in curve["mean_f1"]))
     return result
 
 
@@ -517,16 +459,43 @@ def _level_labels(sweep: str, levels: list) -> list[str]:
     return ["clean", *(f"{level:g}{unit}" for level in levels[1:])]
 
 
+def sweep_table(curves: dict[str, dict], sweep: str, metric: str, split: str = "test") -> pd.DataFrame:
+    """One sweep's table of ``metric`` (a key of SWEEP_METRICS): rows runs, columns clean, each
+    level, then the AUC labelled with the level list it was computed over. Runs swept over
+    different level lists are refused: their AUCs are not comparable."""
+    results = {name: runs[sweep] for name, runs in curves.items() if sweep in runs}
+    try:
+        lists = {name: r["level_list"] for name, r in results.items()}
+    except (KeyError, TypeError) as error:
+        raise EvaluationError(f"malformed '{sweep}' results in robustness_{split}.json (no {error}: evaluate "
+                              "the run again)") from None
+    if len(set(lists.values())) > 1:
+        raise EvaluationError(f"compare: '{sweep}' was swept over different level lists ("
+                              + ", ".join(f"{name}: {lists[name]}" for name in lists)
+                              + "): their AUCs cannot share a column; evaluate them with the same --levels")
+    auc_key, _ = SWEEP_METRICS[metric]
+    rows = {}
+    for name, r in results.items():
+        try:
+            rows[name] = {**dict(zip(_level_labels(sweep, r["levels"]), r[metric], strict=True)),
+                          f"AUC ({r['level_list']} levels)": r[auc_key]}
+        except (KeyError, TypeError, ValueError) as error:
+            raise EvaluationError(f"{name}: malformed '{sweep}' results in robustness_{split}.json "
+                                  f"({type(error).__name__}: {error})") from None
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("run")
+
+
 def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "test",
                  example_eps: float = figures.EXAMPLE_EPS) -> dict[str, str]:
     """The paper's tables and figures for several evaluated runs.
 
     Writes to out_dir: clean.md/.csv (per-class F1, mean F1, CPSC sub-scores, accuracy per
-    run) and, for every sweep the runs share, <sweep>.md/.csv (rows: runs; columns: clean,
-    each level, AUC) and <sweep>.png (one curve per run); masking_check.md when a run has
-    both the pgd_linf and the autoattack sweep (``masking_check``); adversarial_example.png
-    and .json (``figures.adversarial_example_figure`` at ``example_eps``, 0: none) when the
-    runs' checkpoints and data are at hand. Returns {table name: Markdown}.
+    run) and, for every sweep the runs share, <sweep>_accuracy and <sweep>_f1 .md/.csv (rows:
+    runs; columns: clean, each level, AUC; ``sweep_table``) and .png (one curve per run);
+    masking_check.md when a run has both the pgd_linf and the autoattack sweep
+    (``masking_check``); adversarial_example.png and .json
+    (``figures.adversarial_example_figure`` at ``example_eps``, 0: none) when the runs'
+    checkpoints and data are at hand. Returns {table name: Markdown}.
     """
 
     out_dir = Path(out_dir)
@@ -555,27 +524,19 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
             print(f"note: {run} has no {robustness.name} (no robustness sweeps run): it is left out of "
                   "the robustness tables", file=sys.stderr)
     tables = {"clean": pd.DataFrame(clean_rows).set_index("run")}
+    sweep_plots = {}
     for sweep in dict.fromkeys(s for run in curves.values() for s in run):
-        rows = {}
-        for name, results in curves.items():
-            if sweep in results:
-                r = results[sweep]
-                try:
-                    rows[name] = {**dict(zip(_level_labels(sweep, r["levels"]), r["accuracy"], strict=True)),
-                                  "AUC": r["auc"]}
-                except (KeyError, TypeError, ValueError) as error:
-                    raise EvaluationError(f"{name}: malformed '{sweep}' results in robustness_{split}.json "
-                                          f"({type(error).__name__}: {error})") from None
-        tables[sweep] = pd.DataFrame.from_dict(rows, orient="index").rename_axis("run")
+        for metric, short in (("accuracy", "accuracy"), ("mean_f1", "f1")):
+            tables[f"{sweep}_{short}"] = sweep_table(curves, sweep, metric, split)
+            sweep_plots[f"{sweep}_{short}"] = (sweep, metric)
     markdown = {}
     for table_name, table in tables.items():
         table.to_csv(out_dir / f"{table_name}.csv", float_format="%.4f")
         markdown[table_name] = to_markdown(table)
         (out_dir / f"{table_name}.md").write_text(markdown[table_name] + "\n")
-        if table_name != "clean":
-            plot_sweeps({name: {table_name: c[table_name]} for name, c in curves.items()
-                         if table_name in c}, out_dir / f"{table_name}.png",
-                        f"{table_name}, {split} split: class-balanced accuracy")
+    for table_name, (sweep, metric) in sweep_plots.items():
+        plot_sweeps({name: {sweep: c[sweep]} for name, c in curves.items() if sweep in c},
+                    out_dir / f"{table_name}.png", f"{sweep}, {split} split: {SWEEP_METRICS[metric][1]}", metric)
     checks = {name: check for name, results in curves.items() if (check := masking_check(results))}
     if checks:
         markdown["masking_check"] = masking_check_markdown(checks)
@@ -616,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--device", default="auto")
         parser.add_flag("--eval_max_batches", type=int, default=0,
                         help="clean evaluation: at most this many batches")
+        parser.add_flag("--levels", help=f"the sweeps' level list: {', '.join(LEVEL_LISTS)} (default: the run's; "
+                                         "the paper's lists are 'paper')")
         parser.add_argument("--sweeps", help=f"comma-separated, 'all' or '' (default: the run's); known: {', '.join(SWEEPS)}")
         parser.add_flag("--sweep_steps", type=int, help="PGD/IFGSM iterations (default: the run's, 100 in the paper)")
         parser.add_flag("--sweep_restarts", type=int, help="PGD random starts (the paper: 2)")
@@ -626,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         model, config = load_model(args.run)
         cfg = SimpleNamespace(**config)
-        for key in ("device", "data_dir", "sweeps", "sweep_steps", "sweep_restarts", "sweep_max_batches",
+        cfg.levels = config.get("levels", "paper")  # runs trained before --levels existed: the paper's
+        for key in ("device", "data_dir", "sweeps", "levels", "sweep_steps", "sweep_restarts", "sweep_max_batches",
                     "sweep_max_records"):
             if getattr(args, key) is not None:
                 setattr(cfg, key, getattr(args, key))
@@ -636,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.sweep_restarts is not None and args.sweep_restarts < 1:
             raise EvaluationError(f"--sweep_restarts must be >= 1, got {args.sweep_restarts}")
         parse_sweeps(cfg.sweeps)
+        check_levels(cfg.levels)
         check_device(cfg.device)
         run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
         # Under torchrun the processes share the records (evaluate_run); alone, this is the device.

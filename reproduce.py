@@ -8,6 +8,7 @@
     python reproduce.py --nproc-per-node 4 # each run trained and evaluated by 4 processes (torchrun, 4 GPUs)
     python reproduce.py --preset demo --methods CE advls  # only these runs (the tables show every finished one)
     python reproduce.py --preset demo --skip-train        # tables and report from the finished runs
+    python reproduce.py --preset paper-selection --dry-run  # the coefficient study: its runs and their cost
 
 Stages: the data (synthetic presets generate their records; a valid preprocessed cache is
 reused), one training subprocess per run (the method scripts, with this Python; each
@@ -35,6 +36,7 @@ from types import SimpleNamespace
 import pandas as pd
 
 import evaluate
+import selection
 from checkpoints import RESUME_KEYS, changed_settings
 from config import (PRESETS, SWEEPS, TRAIN_DEFAULTS, ConfigError, OneLineParser, parse_config, parse_sweeps,
                     preset_settings)
@@ -69,10 +71,11 @@ class Plan:
     result_dir: str
     val_per_class: int
     test_per_class: int
-    adv_eps: tuple[float, ...]
+    grid: tuple[tuple[str, str, tuple[float, ...]], ...]  # (method, setting, its values): one run per value
     sweeps: str
     synthetic_records_per_class: int = 0  # > 0: a synthetic dataset (synthetic.py)
     synthetic_max_seconds: float = 60.0
+    selection: bool = False    # the coefficient study: only the grid's methods, judged on the validation split
 
 
 SYNTHETIC_NOTE = ("**Data: synthetic signals, not CPSC2018.** The records are simulated by "
@@ -83,19 +86,29 @@ PLANS = {
     "paper": Plan("paper", "**Data: CPSC2018** (real 12-lead ECGs, the official training set) with the "
                   "paper's reference split (PROTOCOL section 2).",
                   "data/CPSC2018/train", "data/CPSC2018/processed", "result", 5, 50,
-                  (0.005, 0.01, 0.05, 0.1), f"{PAPER_SWEEPS},{REAL_NOISE_SWEEPS}"),
+                  (("advls", "eps", (0.005, 0.01, 0.05, 0.1)),), f"{PAPER_SWEEPS},{REAL_NOISE_SWEEPS}"),
     "demo": Plan("demo", SYNTHETIC_NOTE, "data/demo/train", "data/demo/processed", "result/demo", 3, 6,
-                 (0.01, 0.05), f"{PAPER_SWEEPS},{REAL_NOISE_SWEEPS}",
+                 (("advls", "eps", (0.01, 0.05)),), f"{PAPER_SWEEPS},{REAL_NOISE_SWEEPS}",
                  synthetic_records_per_class=30, synthetic_max_seconds=20.0),
     "smoke": Plan("smoke", SYNTHETIC_NOTE, "data/smoke/train", "data/smoke/processed", "result/smoke", 1, 1,
-                  (0.01,), "white,pgd_linf", synthetic_records_per_class=4, synthetic_max_seconds=8.0),
+                  (("advls", "eps", (0.01,)),), "white,pgd_linf", synthetic_records_per_class=4, synthetic_max_seconds=8.0),
     "mini": Plan("mini", "**Data: real CPSC2018 records, but only a small sample of them** with a small "
                  "stratified split of its own (2 validation and 4 test records per class), not the "
                  "paper's 450-record test set: a small-scale check of the pipeline on real ECGs, "
                  "not a reproduction of the paper's numbers.",
                  None, "data/mini/processed", "result/mini", 2, 4,
-                 (0.01, 0.05), f"pgd_linf,white,{REAL_NOISE_SWEEPS}"),
+                 (("advls", "eps", (0.01, 0.05)),), f"pgd_linf,white,{REAL_NOISE_SWEEPS}"),
+    # How the paper chose its NSR and Jacobian coefficients: each value trained with the paper's
+    # settings and judged on the validation split under PGD L-inf (SELECTION_SWEEP).
+    "paper-selection": Plan("paper", "**Data: CPSC2018** (real 12-lead ECGs, the official training set) with "
+                            "the paper's reference split (PROTOCOL section 2); coefficients judged on its "
+                            "validation split.", "data/CPSC2018/train", "data/CPSC2018/processed",
+                            "result/selection", 5, 50,
+                            (("NSR", "beta2", (0.4, 0.6, 0.8, 0.9, 1.0, 1.1, 1.2)),
+                             ("jacob", "beta", (4, 14, 24, 34, 44, 54, 64, 74, 84))),
+                            "", selection=True),
 }
+SELECTION_SWEEP = "pgd_linf"  # at the paper's levels, on the validation split
 
 
 class ReproduceError(Exception):
@@ -130,28 +143,31 @@ class Job:
     cfg: SimpleNamespace
     hyperparameters: dict
     run_dir: Path
+    varied: str = ""  # the plan's grid setting of this run, if any
 
     @property
     def label(self) -> str:
-        eps = f" eps {self.cfg.eps:g}" if self.method == "advls" else ""
-        return f"{self.method}{eps} ({self.run_dir.name})"
+        varied = f" {self.varied} {getattr(self.cfg, self.varied):g}" if self.varied else ""
+        return f"{self.method}{varied} ({self.run_dir.name})"
 
 
 def plan_jobs(plan: Plan, methods: list[str], data_dir: str, result_dir: str) -> list[Job]:
     """The training runs of ``plan`` for ``methods``, in the paper's order, settings resolved
     exactly as the script will resolve them (so the run folder name is the script's)."""
+    grids = {method: (setting, values) for method, setting, values in plan.grid}
     jobs = []
-    for method in (m for m in METHOD_SCRIPTS if m in methods):
+    for method in (m for m in METHOD_SCRIPTS if m in methods and (m in grids or not plan.selection)):
         module = importlib.import_module(METHOD_SCRIPTS[method])
-        for eps in plan.adv_eps if method == "advls" else (None,):
+        setting, values = grids.get(method, ("", (None,)))
+        for value in values:
             flags = ["--preset", plan.harness_preset, "--data_dir", data_dir, "--result_dir", result_dir,
                      "--sweeps", plan.sweeps]
-            if eps is not None:
-                flags += ["--eps", f"{eps:g}"]
+            if setting:
+                flags += [f"--{setting}", f"{value:g}"]
             cfg = parse_config(method, module.HYPERPARAMETERS, flags,
                                getattr(module, "check_hyperparameters", None), module.TRAINING)
             jobs.append(Job(method, REPO / f"{module.__name__}.py", flags, cfg, module.HYPERPARAMETERS,
-                            Path(result_dir) / module.run_name(cfg)))
+                            Path(result_dir) / module.run_name(cfg), setting))
     return jobs
 
 
@@ -168,18 +184,19 @@ def _check_same_settings(job: Job) -> None:
                              f"preset asks for {now!r}: delete that folder or choose another --result-dir")
 
 
-def evaluation_complete(job: Job) -> bool:
-    """eval_test.json is there and robustness_test.json has every requested sweep with the
-    requested attack settings."""
-    if not (job.run_dir / "eval_test.json").is_file():
+def evaluation_complete(job: Job, split: str = "test", sweeps: str | None = None) -> bool:
+    """eval_<split>.json is there and robustness_<split>.json has every requested sweep (the
+    run's by default) with the requested level list and attack settings."""
+    if not (job.run_dir / f"eval_{split}.json").is_file():
         return False
-    sweeps = parse_sweeps(job.cfg.sweeps)
+    sweeps = parse_sweeps(job.cfg.sweeps if sweeps is None else sweeps)
     if not sweeps:
         return True
-    done = (read_json(job.run_dir / "robustness_test.json") or {}).get("sweeps", {})
+    done = (read_json(job.run_dir / f"robustness_{split}.json") or {}).get("sweeps", {})
     wanted = {"steps": job.cfg.sweep_steps, "restarts": job.cfg.sweep_restarts,
               "max_batches": job.cfg.sweep_max_batches}
-    return all(name in done and all(done[name].get("settings", {}).get(k) == v for k, v in wanted.items())
+    return all(name in done and done[name].get("level_list") == job.cfg.levels
+               and all(done[name].get("settings", {}).get(k) == v for k, v in wanted.items())
                for name in sweeps)
 
 
@@ -203,10 +220,11 @@ def launcher(nproc_per_node: int = 1) -> list[str]:
 
 
 def job_command(job: Job, state: str, nproc_per_node: int = 1) -> list[str]:
-    if state == "evaluate":
-        return [*launcher(nproc_per_node), str(REPO / "evaluate.py"), str(job.run_dir),
+    if state in ("evaluate", "validate"):
+        split, sweeps = ("val", SELECTION_SWEEP) if state == "validate" else ("test", job.cfg.sweeps)
+        return [*launcher(nproc_per_node), str(REPO / "evaluate.py"), str(job.run_dir), "--split", split,
                 "--data_dir", job.cfg.data_dir,
-                "--sweeps", job.cfg.sweeps, "--sweep_steps", str(job.cfg.sweep_steps),
+                "--sweeps", sweeps, "--levels", job.cfg.levels, "--sweep_steps", str(job.cfg.sweep_steps),
                 "--sweep_restarts", str(job.cfg.sweep_restarts),
                 "--sweep_max_batches", str(job.cfg.sweep_max_batches)]
     return [*launcher(nproc_per_node), str(job.script), *job.flags, *(["--resume"] if state == "resume" else [])]
@@ -378,6 +396,55 @@ def train_all(jobs: list[Job], timings: Timings, dry_run: bool, nproc_per_node: 
         run_stage(stage, job_command(job, state, nproc_per_node), timings, dry_run)
 
 
+def validate_all(jobs: list[Job], timings: Timings, dry_run: bool, nproc_per_node: int = 1) -> None:
+    """The selection study's evaluation: SELECTION_SWEEP on the validation split of every run."""
+    for job in jobs:
+        stage = f"validate {job.label}"
+        if not dry_run and evaluation_complete(job, "val", SELECTION_SWEEP):
+            skip_stage(stage, f"{job.run_dir} has its validation results", timings)
+            continue
+        run_stage(stage, job_command(job, "validate", nproc_per_node), timings, dry_run)
+
+
+def print_costs(jobs: list[Job]) -> None:
+    """Each run's estimated cost (selection.estimate_seconds) and the total."""
+    rows = [selection.benchmark_row(job.method, job.cfg) for job in jobs]
+    print(f"\n=== estimated cost per run ({selection.cost_source(rows)})")
+    total = 0.0
+    for job in jobs:
+        parts = selection.estimate_seconds(job.method, job.cfg, SELECTION_SWEEP)
+        total += sum(parts.values())
+        print(f"{job.run_dir.name}: {_duration(sum(parts.values()))} ("
+              + ", ".join(f"{name} {_duration(seconds)}" for name, seconds in parts.items()) + ")")
+    print(f"total: {_duration(total)} of single-thread CPU time for {len(jobs)} runs (a GPU is much faster)")
+
+
+def write_selection_report(plan: Plan, jobs: list[Job], result_dir: Path, timings: Timings) -> Path:
+    """selection.md: per method of the grid, the validation tables and each criterion's pick."""
+    started = time.perf_counter()
+    studies = {method: (setting, {getattr(job.cfg, setting): job.run_dir for job in jobs if job.method == method})
+               for method, setting, _ in plan.grid}
+    body = selection.selection_report({m: study for m, study in studies.items() if study[1]}, SELECTION_SWEEP,
+                                      result_dir / "selection")
+    path = result_dir / "selection.md"
+    path.write_text("\n".join([
+        "# Coefficient selection", "", plan.data_note, "",
+        f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} by "
+        f"`python {shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`.",
+        "", f"Each run: the paper's settings (harness preset `{plan.harness_preset}`) but for the coefficient in "
+        f"its row; its final `model.pt` evaluated on the validation split under `{SELECTION_SWEEP}` "
+        f"({_sweep_settings_line(SELECTION_SWEEP, _validation_sweeps(jobs), 'val')}). Rows: the coefficient; columns: "
+        "clean, each level, the robustness AUC over the level list named in its header. Each criterion picks "
+        "the value with the highest score (a tie: the first value of the grid).", "", body]))
+    timings.record("selection report", "ran", time.perf_counter() - started)
+    return path
+
+
+def _validation_sweeps(jobs: list[Job]) -> dict[str, dict]:
+    return {job.run_dir.name: read_json(job.run_dir / "robustness_val.json")["sweeps"][SELECTION_SWEEP]
+            for job in jobs}
+
+
 def compare(jobs: list[Job], out_dir: Path, timings: Timings) -> tuple[list[Job], dict[str, str]]:
     """compare_runs over every run of the plan that has been evaluated."""
     ready = [job for job in jobs if (job.run_dir / "eval_test.json").is_file()]
@@ -416,15 +483,15 @@ def _preset_changes(preset: str, job: Job) -> str:
     return ", ".join(f"{k}={v:g} (paper {paper[k]:g})" for k, v in changed.items()) or "none"
 
 
-def _sweep_settings_line(sweep: str, results: dict[str, dict]) -> str:
+def _sweep_settings_line(sweep: str, results: dict[str, dict], split: str = "test") -> str:
     """One line stating the attack/noise settings (they are shared when the runs agree)."""
     kind = SWEEPS[sweep][0]
 
     def describe(settings: dict) -> str:
-        records = "all test batches" if not settings["max_batches"] else \
-            f"the first {settings['max_batches']} test batch(es)"
+        records = f"all {split} batches" if not settings["max_batches"] else \
+            f"the first {settings['max_batches']} {split} batch(es)"
         if settings.get("max_records"):
-            records = f"a fixed class-balanced subset of {settings['max_records']} test records"
+            records = f"a fixed class-balanced subset of {settings['max_records']} {split} records"
         if kind in ("attack", "ifgsm"):
             starts = "no random start" if kind == "ifgsm" else f"{settings['restarts']} random start(s)"
             return (f"{settings['steps']} steps of size eps/10, {starts}, CE loss, early stop, model in eval "
@@ -515,13 +582,16 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
 
     robustness = {job: (read_json(job.run_dir / "robustness_test.json") or {}).get("sweeps", {})
                   for job in ready}
-    sweep_names = [s for s in SWEEPS if s in tables]
+    sweep_names = [s for s in SWEEPS if f"{s}_accuracy" in tables]
     if sweep_names:
         lines += ["## Robustness", "",
-                  "Rows: runs; columns: clean, then each noise level, then the robustness AUC (trapezoid area "
-                  "under class-balanced accuracy over the level, from 0 to the largest level, divided by it). "
-                  "Split: test. Checkpoint of each row: that run's `model.pt`. Sweep times are per run, "
-                  "measured inside its training stage.", ""]
+                  "Per noise type two tables, class-balanced accuracy and mean F1 over the 9 classes (the "
+                  "paper's two measures). Rows: runs; columns: clean, then each noise level, then the "
+                  "robustness AUC (trapezoid area under the measure over the level, from 0 to the largest "
+                  "level, divided by it), labelled with the level list it was computed over (`--levels`; "
+                  "PROTOCOL section 6). A record misclassified on the clean input counts as wrong at every "
+                  "level. Split: test. Checkpoint of each row: that run's `model.pt`. Sweep times are per "
+                  "run, measured inside its training stage.", ""]
     for sweep in sweep_names:
         results = {job.run_dir.name: robustness[job][sweep] for job in ready if sweep in robustness[job]}
         n_used = sorted({r["n"] for r in results.values()})
@@ -533,7 +603,10 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
         lines += [f"### {SWEEP_TITLES.get(sweep, sweep)} (`{sweep}`)", "",
                   f"Split: test, {', '.join(map(str, n_used))} records used; {level_note}. "
                   f"Settings: {_sweep_settings_line(sweep, results)}. Time: {times}.", "",
-                  tables[sweep], "", f"![{sweep}]({rel(result_dir / 'compare' / f'{sweep}.png')})", ""]
+                  "Class-balanced accuracy:", "", tables[f"{sweep}_accuracy"], "",
+                  f"![{sweep}, accuracy]({rel(result_dir / 'compare' / f'{sweep}_accuracy.png')})", "",
+                  "Mean F1:", "", tables[f"{sweep}_f1"], "",
+                  f"![{sweep}, mean F1]({rel(result_dir / 'compare' / f'{sweep}_f1.png')})", ""]
 
     example = result_dir / "compare" / "adversarial_example.png"
     if example.is_file():
@@ -573,13 +646,16 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(description=__doc__.split("\n\n")[0],
                            epilog="Presets: paper (CPSC2018, the paper's settings), demo (synthetic, ~10 min "
-                                  "on 2 CPU cores), smoke (synthetic, CI), mini (a small real set given with --raw_dir).")
+                                  "on 2 CPU cores), smoke (synthetic, CI), mini (a small real set given with --raw_dir), "
+                                  "paper-selection (the NSR and Jacobian coefficient study on CPSC2018's validation "
+                                  "split; with --dry-run: every run and its estimated cost).")
     parser.add_argument("--preset", default="paper", choices=list(PLANS))
     parser.add_flag("--raw_dir", help="the records (synthetic presets generate them there); default per "
                                       "preset: " + ", ".join(f"{k} {p.raw_dir or '(required)'}"
                                                              for k, p in PLANS.items()))
     parser.add_flag("--result_dir", help="where the runs, compare/, report.md and timings.json go "
-                                         "(default per preset: result, result/demo, result/smoke, result/mini)")
+                                         "(default per preset: "
+                                         + ", ".join(f"{k} {p.result_dir}" for k, p in PLANS.items()) + ")")
     parser.add_argument("--methods", nargs="+", default=list(METHOD_SCRIPTS), metavar="METHOD",
                         help=f"a subset of {', '.join(METHOD_SCRIPTS)} (space- or comma-separated)")
     parser.add_flag("--skip_train", action="store_true",
@@ -635,6 +711,16 @@ def reproduce(args: argparse.Namespace) -> int:
     if not args.skip_train:
         prepare_data(plan, raw_dir, data_dir, timings, args.dry_run)
         train_all(jobs, timings, args.dry_run, args.nproc_per_node)
+        if plan.selection:
+            validate_all(jobs, timings, args.dry_run, args.nproc_per_node)
+    if plan.selection:
+        if args.dry_run:
+            print_costs(jobs)
+            print(f"\n=== selection report -> {result_dir / 'selection.md'}")
+            return 0
+        path = write_selection_report(plan, jobs, result_dir, timings)
+        print(f"\nselection report written to {path} (this invocation: {_duration(time.time() - timings.started)})")
+        return 0
     if args.dry_run:
         print(f"\n=== compare -> {result_dir / 'compare'}\n=== report -> {result_dir / 'report.md'}")
         return 0

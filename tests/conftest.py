@@ -135,7 +135,7 @@ def fake_run():
     """fake_run(folder, sweeps=..., clean=(y_true, y_pred)) -> folder holding the result files of an
     evaluation: eval_test.json with the clean scores of those predictions (default: all 9 classes
     right) and robustness_test.json with ``sweeps`` ({name: sweep result}; by default a white-noise
-    sweep at accuracy 1 on every level; None: no robustness_test.json)."""
+    sweep at accuracy and mean F1 1 on every level of the paper's list; None: no robustness_test.json)."""
     import json
 
     import evaluate
@@ -145,9 +145,10 @@ def fake_run():
         scores = evaluate.classification_scores(evaluate.confusion_matrix(*map(list, clean)))
         (folder / "eval_test.json").write_text(json.dumps({"clean": scores}))
         if sweeps is WHITE:
-            levels = [0.0, *evaluate.WHITE_LEVELS]
-            sweeps = {"white": {"sweep": "white", "levels": levels, "axis_levels": levels,
-                                "accuracy": [1.0] * len(levels), "auc": 1.0}}
+            levels = [0.0, *evaluate.noise_levels("white")]
+            sweeps = {"white": {"sweep": "white", "level_list": "paper", "levels": levels, "axis_levels": levels,
+                                "accuracy": [1.0] * len(levels), "mean_f1": [1.0] * len(levels),
+                                "auc": 1.0, "auc_f1": 1.0}}
         if sweeps is not None:
             (folder / "robustness_test.json").write_text(json.dumps({"sweeps": sweeps}))
         return folder

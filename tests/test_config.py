@@ -56,3 +56,19 @@ def test_a_preset_means_the_same_through_the_script_and_reproduce():
     assert jacob.cfg.jacobian_projections == 1 and advls.cfg.pgd_steps == 5
     nsr = next(job for job in jobs if job.method == "NSR")
     assert nsr.cfg.batch_size == config.PRESETS["demo"]["NSR"]["batch_size"] != advls.cfg.batch_size
+
+
+def test_level_lists_are_the_papers_by_default_and_extended_on_request():
+    paper = {"pgd_linf": (0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1), "pgd_l2": (1, 3, 5, 10, 15, 20, 25, 30),
+             "white": (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)}
+    assert config.parse_config("CE", {}, argv=[]).levels == "paper"
+    for sweep, levels in paper.items():
+        assert config.noise_levels(sweep) == levels
+    assert config.noise_levels("pgd_linf", "extended") == paper["pgd_linf"] + (0.2, 0.3)
+    assert config.noise_levels("pgd_l2", "extended") == (0.1, 0.2, 0.3, 0.5, 0.7) + paper["pgd_l2"]
+    assert all(config.noise_levels(s, "extended") == paper["pgd_linf"] + (0.2, 0.3)
+               for s in ("ifgsm_linf", "apgd_ce", "apgd_dlr", "square", "autoattack"))
+    assert config.noise_levels("white", "extended") == paper["white"]
+    assert config.parse_config("CE", {}, argv=["--levels", "extended"]).levels == "extended"
+    with pytest.raises(config.ConfigError, match=r"^--levels: unknown level list 'long' \(known: paper, extended\)$"):
+        config.parse_config("CE", {}, argv=["--levels", "long"])

@@ -106,25 +106,48 @@ def two_runs(untrained_run, tmp_path_factory):
 
 def test_compare_writes_the_papers_tables_and_figures(two_runs, tmp_path):
     assert evaluate.main(["compare", str(two_runs / "A"), str(two_runs / "B"), "--out", str(tmp_path)]) == 0
-    for name in ("clean", "white", "pgd_linf"):
+    tables = ["clean", *(f"{sweep}_{metric}" for sweep in ("white", "pgd_linf") for metric in ("accuracy", "f1"))]
+    for name in tables:
         assert (tmp_path / f"{name}.md").is_file() and (tmp_path / f"{name}.csv").is_file()
-    for name in ("white", "pgd_linf"):
+    for name in tables[1:]:
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
     import pandas as pd
 
-    table = pd.read_csv(tmp_path / "pgd_linf.csv", index_col=0)
-    assert list(table.index) == ["A", "B"]
-    assert list(table.columns) == ["clean", *(f"{v:g}" for v in evaluate.PGD_LINF_LEVELS), "AUC"]
+    paper_linf = ["0.001", "0.003", "0.005", "0.007", "0.01", "0.03", "0.05", "0.1"]
+    for metric, key, auc in (("accuracy", "accuracy", "auc"), ("f1", "mean_f1", "auc_f1")):
+        table = pd.read_csv(tmp_path / f"pgd_linf_{metric}.csv", index_col=0)
+        assert list(table.index) == ["A", "B"]
+        assert list(table.columns) == ["clean", *paper_linf, "AUC (paper levels)"]
+        for run in ("A", "B"):
+            sweep = json.loads((two_runs / run / "robustness_test.json").read_text())["sweeps"]["pgd_linf"]
+            assert list(table.loc[run])[:-1] == pytest.approx(sweep[key], abs=1e-4)
+            assert table.loc[run, "AUC (paper levels)"] == pytest.approx(sweep[auc], abs=1e-4)
+    table = pd.read_csv(tmp_path / "pgd_linf_accuracy.csv", index_col=0)
     for run in ("A", "B"):
         sweep = json.loads((two_runs / run / "robustness_test.json").read_text())["sweeps"]["pgd_linf"]
-        assert table.loc[run, "AUC"] == pytest.approx(sweep["auc"], abs=1e-4)
-        assert table.loc[run, "AUC"] == pytest.approx(robustness_auc(sweep["axis_levels"], sweep["accuracy"]), abs=1e-4)
+        assert table.loc[run, "AUC (paper levels)"] == pytest.approx(
+            robustness_auc(sweep["axis_levels"], sweep["accuracy"]), abs=1e-4)
         clean = json.loads((two_runs / run / "eval_test.json").read_text())["clean"]
         assert table.loc[run, "clean"] == pytest.approx(clean["accuracy"], abs=1e-4)
         # early-stopped PGD never does better than the clean input
         assert max(sweep["accuracy"][1:]) <= sweep["accuracy"][0] + 1e-12
     markdown = (tmp_path / "clean.md").read_text().splitlines()
     assert len(markdown) == 4 and markdown[2].startswith("| A |")
+
+
+def test_compare_refuses_aucs_of_different_level_lists(two_runs, tmp_path, capsys, one_error_line):
+    import shutil
+
+    shutil.copytree(two_runs / "B", tmp_path / "B")
+    evaluate.main([str(tmp_path / "B"), "--sweeps", "pgd_linf", "--levels", "extended", "--sweep_steps", "1",
+                   "--sweep_restarts", "1"])
+    extended = json.loads((tmp_path / "B" / "robustness_test.json").read_text())
+    assert extended["levels"] == "extended"
+    assert extended["level_values"]["pgd_linf"] == [0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1, 0.2, 0.3]
+    capsys.readouterr()
+    assert evaluate.main(["compare", str(two_runs / "A"), str(tmp_path / "B"), "--out", str(tmp_path / "c")]) == 2
+    assert one_error_line() == ("error: compare: 'pgd_linf' was swept over different level lists (A: paper, "
+                                "B: extended): their AUCs cannot share a column; evaluate them with the same --levels")
 
 
 def test_evaluate_cli_reevaluates_a_run_on_validation(two_runs):
@@ -140,6 +163,8 @@ def test_evaluate_cli_reevaluates_a_run_on_validation(two_runs):
     (lambda runs, tmp: [str(tmp / "missing")], "no such checkpoint"),
     (lambda runs, tmp: [str(runs / "A"), "--sweeps", "pgd_l3"], "unknown sweep 'pgd_l3'"),
     (lambda runs, tmp: [str(runs / "A"), "--sweep_steps", "-1"], "--sweep_steps must be >= 0"),
+    (lambda runs, tmp: [str(runs / "A"), "--levels", "huge"],
+     "--levels: unknown level list 'huge' (known: paper, extended)"),
     (lambda runs, tmp: [str(tmp / "foreign.pt")], "not a checkpoint of this project"),
     (lambda runs, tmp: [str(tmp / "truncated.pt")], "not a checkpoint of this project"),
     (lambda runs, tmp: ["compare", str(tmp)], "eval_test.json: not found"),
@@ -186,7 +211,7 @@ def test_compare_names_a_run_without_robustness_results(tmp_path, capsys, fake_r
     assert evaluate.main(["compare", *map(str, runs), "--out", str(tmp_path / "out")]) == 0
     assert (f"note: {runs[1]} has no robustness_test.json (no robustness sweeps run): it is left out of "
             "the robustness tables") in capsys.readouterr().err
-    assert "B" not in (tmp_path / "out" / "white.csv").read_text()
+    assert "B" not in (tmp_path / "out" / "white_accuracy.csv").read_text()
 
 
 def test_a_checkpoint_without_its_config_is_refused_in_one_line(tmp_path, untrained_run, one_error_line):
@@ -286,7 +311,51 @@ def test_autoattack_sweeps_on_a_record_subset_and_the_compare_check(two_runs, tm
         assert len(sweeps[name]["records"]) == 3
     assert sweeps["autoattack"]["records"] == sweeps["pgd_linf"]["records"]
     assert sweeps["white"]["n"] == 18 and "records" not in sweeps["white"]  # noises see every record
-    assert sweeps["autoattack"]["levels"][1:] == list(evaluate.PAPER_LINF_LEVELS)
+    assert sweeps["autoattack"]["levels"][1:] == [0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1]
     assert evaluate.main(["compare", str(run), "--out", str(tmp_path / "compare")]) == 0
     markdown = (tmp_path / "compare" / "masking_check.md").read_text()
     assert markdown.startswith("| run | eps | PGD | ensemble |") and "- **B**:" in markdown
+
+
+class _WigglyIsAF(torch.nn.Module):
+    """Predicts AF (1) when the leads vary over time, Normal (0) on a flat signal: any noise
+    turns a flat record into AF."""
+
+    def forward(self, x, mask):
+        logits = torch.full((len(x), 9), -10.0)
+        logits[:, 0] = 0.01
+        logits[:, 1] = 1000 * x.std(dim=2).mean(dim=1)
+        return logits
+
+
+@pytest.mark.parametrize("sweep", ["white", "powerline_50hz"])
+def test_noise_never_counts_a_wrong_record_right(sweep):
+    """Pins fix 2 (the original's evaluation): the flat AF record is wrong on the clean input
+    and stays wrong at every level, although the noise makes the model say AF; this code used to
+    score it on its noisy prediction, so the accuracy under noise rose above the clean one."""
+    x, mask = torch.full((2, 8, 500), 0.5), torch.ones(2, 1, 500)
+    y = torch.tensor([0, 1])  # Normal (right when clean), AF (wrong when clean)
+    result = evaluate.robustness_sweep(_WigglyIsAF(), [(x, y, mask)], sweep, torch.device("cpu"))
+    assert result["accuracy"] == [0.5] + [0.0] * (len(result["levels"]) - 1)
+    for cm in result["confusion_matrix"][1:]:  # AF keeps its clean prediction, Normal
+        assert cm[1][0] == 1 and cm[0][1] == 1
+
+
+def test_sweep_results_hold_f1_and_the_confusion_matrix_of_every_level(two_runs):
+    """Each level's mean F1 is scikit-learn's macro F1 of the stored confusion matrix, and its
+    accuracy the balanced accuracy; the AUCs follow from the curves; the level list is named."""
+    from sklearn import metrics as skm
+
+    result = json.loads((two_runs / "A" / "robustness_test.json").read_text())
+    assert result["levels"] == "paper"
+    for name, sweep in result["sweeps"].items():
+        assert sweep["level_list"] == "paper"
+        for cm, accuracy, f1 in zip(sweep["confusion_matrix"], sweep["accuracy"], sweep["mean_f1"], strict=True):
+            cm = np.array(cm)
+            y_true = np.repeat(np.repeat(np.arange(9), 9), cm.ravel())
+            y_pred = np.repeat(np.tile(np.arange(9), 9), cm.ravel())
+            assert f1 == pytest.approx(skm.f1_score(y_true, y_pred, labels=LABELS, average="macro",
+                                                    zero_division=0))
+            assert accuracy == pytest.approx(skm.balanced_accuracy_score(y_true, y_pred))
+        assert sweep["auc_f1"] == pytest.approx(np.trapezoid(sweep["mean_f1"], sweep["axis_levels"])
+                                                / sweep["axis_levels"][-1])

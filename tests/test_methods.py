@@ -33,7 +33,7 @@ def test_script_runs_end_to_end_and_leaves_every_file(method_run, name, expected
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     sweeps = json.loads((run / "robustness_test.json").read_text())["sweeps"]
     assert set(sweeps) == {"white", "pgd_linf"}
-    assert sweeps["pgd_linf"]["levels"][0] == 0 and len(sweeps["pgd_linf"]["accuracy"]) == 11
+    assert sweeps["pgd_linf"]["levels"] == [0, 0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1]  # the paper's
 
 
 @pytest.mark.slow
@@ -105,3 +105,52 @@ def test_the_script_ends_bad_flags_with_one_line(tmp_path, flags, message):
     result = subprocess.run([sys.executable, str(Path(harness.__file__).parent / "CPSC2018_CNN_ce_adv_pgd_ls.py"),
                              "--result_dir", str(tmp_path), *flags], capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stderr.strip(), result.stdout) == (2, message, "")
+
+
+class _MeanLinear(torch.nn.Module):
+    """A stand-in for the CNN: logits from each lead's mean (fast, differentiable in x)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(8, 9)
+
+    def forward(self, x, mask):
+        return self.linear((x * mask).mean(dim=2))
+
+
+@pytest.mark.parametrize("epoch,all_wrong", [(0, False), (9, False), (20, True)])
+def test_adversarial_loss_keeps_its_weights_without_an_adversarial_term(epoch, all_wrong):
+    """Pins fix 1 (the original's loss): (1 - beta) * CE before adv_start_epoch and in a batch
+    with no correct sample, where this code used to return the bare CE (twice the gradient)."""
+    import torch.nn.functional as F
+    from types import SimpleNamespace
+
+    adv = importlib.import_module("CPSC2018_CNN_ce_adv_pgd_ls")
+    cfg = SimpleNamespace(**adv.HYPERPARAMETERS, epochs=70)
+    model = _MeanLinear()
+    x, mask = torch.rand(4, 8, 32) * 2 - 1, torch.ones(4, 1, 32)
+    with torch.no_grad():
+        predicted = model(x, mask).argmax(dim=1)
+    y = (predicted + 1) % 9 if all_wrong else predicted
+    loss, logged = adv.loss_fn(model, x, y, mask, epoch, cfg)
+    assert loss.item() == pytest.approx((1 - cfg.beta) * F.cross_entropy(model(x, mask), y).item())
+    assert logged["loss_adv"] == 0.0
+
+
+def test_adversarial_loss_weighs_both_terms_once_attacks_start():
+    """From adv_start_epoch on, with correct samples, both terms: the loss exceeds (1 - beta) * CE
+    by beta times a positive adversarial term."""
+    import torch.nn.functional as F
+    from types import SimpleNamespace
+
+    adv = importlib.import_module("CPSC2018_CNN_ce_adv_pgd_ls")
+    cfg = SimpleNamespace(**{**adv.HYPERPARAMETERS, "pgd_steps": 2}, epochs=70)
+    model = _MeanLinear()
+    x, mask = torch.rand(4, 8, 32) * 2 - 1, torch.ones(4, 1, 32)
+    with torch.no_grad():
+        y = model(x, mask).argmax(dim=1)
+    loss, logged = adv.loss_fn(model, x, y, mask, 30, cfg)
+    clean = F.cross_entropy(model(x, mask), y).item()
+    assert logged["loss_adv"].item() > 0
+    assert loss.item() == pytest.approx((1 - cfg.beta) * clean + cfg.beta * logged["loss_adv"].item())

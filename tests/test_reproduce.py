@@ -56,7 +56,7 @@ def test_smoke_chain_writes_report_runs_and_timings(smoke):
         for name in ("model.pt", "eval_test.json", "robustness_test.json", "config.json"):
             assert (result / run / name).is_file(), f"{run}/{name}"
         assert json.loads((result / run / "config.json").read_text())["preset"] == "smoke"
-    for name in ("clean.md", "clean.csv", "white.md", "pgd_linf.md", "pgd_linf.png", "white.png"):
+    for name in ("clean.md", "clean.csv", "white_accuracy.md", "white_f1.md", "pgd_linf_accuracy.md", "pgd_linf_f1.csv", "pgd_linf_accuracy.png", "white_f1.png"):
         assert (result / "compare" / name).is_file(), name
     # Every run was trained, in the paper's order, each stage announced and timed.
     order = [first.stdout.index(f"=== train {method}") for method in ("CE", "NSR", "jacob", "advls")]
@@ -87,11 +87,11 @@ def test_report_tables_have_one_row_per_run_with_the_runs_numbers(smoke):
     report = (result / "report.md").read_text()
     assert "synthetic signals, not CPSC2018" in report
     assert "## Clean metrics" in report and "(`pgd_linf`)" in report and "(`white`)" in report
-    tables = {tuple(t[0][:3]): t for t in markdown_tables(report)}
-    clean = next(t for header, t in tables.items() if header[1] == "F1 Normal")
-    pgd = next(t for header, t in tables.items() if header[1:3] == ("clean", "0.001"))
-    white = next(t for header, t in tables.items() if header[1:3] == ("clean", "0.05"))
-    for table in (clean, pgd, white):
+    tables = markdown_tables(report)
+    clean = next(t for t in tables if t[0][1] == "F1 Normal")
+    pgd_accuracy, pgd_f1 = [t for t in tables if t[0][1:3] == ["clean", "0.001"]]  # accuracy, then F1
+    white_accuracy, white_f1 = [t for t in tables if t[0][1:3] == ["clean", "0.05"]]
+    for table in (clean, pgd_accuracy, pgd_f1, white_accuracy, white_f1):
         assert [row[0] for row in table[1:]] == SMOKE_RUNS
     # The numbers are the runs' own evaluation files, independently read here.
     header = clean[0]
@@ -100,16 +100,20 @@ def test_report_tables_have_one_row_per_run_with_the_runs_numbers(smoke):
         assert float(row[header.index("mean_f1")]) == pytest.approx(scores["mean_f1"], abs=5e-4)
         assert float(row[header.index("accuracy")]) == pytest.approx(scores["accuracy"], abs=5e-4)
         assert row[header.index("n")] == str(scores["n"]) == "9"
-    for row in pgd[1:]:
-        sweep = json.loads((result / row[0] / "robustness_test.json").read_text())["sweeps"]["pgd_linf"]
-        assert float(row[-1]) == pytest.approx(sweep["auc"], abs=5e-4)
-        assert len(row) == 1 + len(sweep["accuracy"]) + 1  # run, clean + 10 levels, AUC
+    for table, key, auc in ((pgd_accuracy, "accuracy", "auc"), (pgd_f1, "mean_f1", "auc_f1")):
+        assert table[0][-1] == "AUC (paper levels)"
+        assert table[0][1:-1] == ["clean", "0.001", "0.003", "0.005", "0.007", "0.01", "0.03", "0.05", "0.1"]
+        for row in table[1:]:
+            sweep = json.loads((result / row[0] / "robustness_test.json").read_text())["sweeps"]["pgd_linf"]
+            assert [float(v) for v in row[1:-1]] == pytest.approx(sweep[key], abs=5e-4)
+            assert float(row[-1]) == pytest.approx(sweep[auc], abs=5e-4)
     # Settings, checkpoints and times are stated; every linked figure exists.
     assert "2 steps of size eps/10, 1 random start(s)" in report
     for run in SMOKE_RUNS:
         assert f"`{run}/model.pt`" in report
     links = re.findall(r"\]\(([^)]+\.png)\)", report)
-    assert "compare/pgd_linf.png" in links and "compare/white.png" in links
+    assert {f"compare/{sweep}_{metric}.png" for sweep in ("pgd_linf", "white") for metric in ("accuracy", "f1")} \
+        <= set(links)
     assert "compare/adversarial_example.png" in links
     assert all(f"{run}/{name}" in links for run in SMOKE_RUNS for name in ("curves.png", "confusion_test.png"))
     assert all((result / link).is_file() for link in links)
@@ -209,12 +213,13 @@ def test_snr_tables_keep_clean_and_0_db_apart(tmp_path, fake_run):
     levels = [None, 40, 30, 20, 15, 10, 5, 0]
     accuracy = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
     for run in ("A", "B"):
-        sweep = {"sweep": "muscle", "levels": levels, "axis_levels": [0.0] + [10 ** (-s / 20) for s in levels[1:]],
-                 "accuracy": accuracy, "auc": 0.5, "n": 3, "settings": {}}
+        sweep = {"sweep": "muscle", "level_list": "paper", "levels": levels,
+                 "axis_levels": [0.0] + [10 ** (-s / 20) for s in levels[1:]], "accuracy": accuracy,
+                 "mean_f1": accuracy, "auc": 0.5, "auc_f1": 0.5, "n": 3, "settings": {}}
         fake_run(tmp_path / run, {"muscle": sweep}, clean=([0, 1, 2], [0, 1, 1]))
     tables = evaluate.compare_runs([tmp_path / "A", tmp_path / "B"], tmp_path / "compare")
-    header, _, first, second = tables["muscle"].splitlines()
-    assert header == "| run | clean | 40 dB | 30 dB | 20 dB | 15 dB | 10 dB | 5 dB | 0 dB | AUC |"
+    header, _, first, second = tables["muscle_accuracy"].splitlines()
+    assert header == "| run | clean | 40 dB | 30 dB | 20 dB | 15 dB | 10 dB | 5 dB | 0 dB | AUC (paper levels) |"
     assert first == "| A | " + " | ".join(f"{a:.3f}" for a in accuracy) + " | 0.500 |"
 
 
@@ -240,8 +245,8 @@ def test_report_has_the_gradient_masking_check_for_runs_with_pgd_and_the_ensembl
     settings = {"steps": 2, "restarts": 1, "max_batches": 0, "seed": 0}
 
     def sweep(name, accuracy):
-        return {"sweep": name, "levels": [0.0, 0.01, 0.05], "axis_levels": [0.0, 0.01, 0.05],
-                "accuracy": accuracy, "auc": 0.5, "n": 3, "settings": settings}
+        return {"sweep": name, "level_list": "paper", "levels": [0.0, 0.01, 0.05], "axis_levels": [0.0, 0.01, 0.05],
+                "accuracy": accuracy, "mean_f1": accuracy, "auc": 0.5, "auc_f1": 0.5, "n": 3, "settings": settings}
 
     runs = {"NSR": {"pgd_linf": sweep("pgd_linf", [1.0, 1.0, 1.0]),
                     "autoattack": sweep("autoattack", [1.0, 0.9, 0.5])},
