@@ -52,6 +52,7 @@ METHOD_SCRIPTS = {"CE": "CPSC2018_CNN_CE", "NSR": "CPSC2018_CNN_NSR", "jacob": "
 CHANCE_NOTE_ACCURACY = 1.5 / 9  # the report flags runs whose clean accuracy is no better than this
 PAPER_SWEEPS = "pgd_linf,pgd_l2,white"
 REAL_NOISE_SWEEPS = "baseline_wander,powerline_50hz,muscle"  # beyond the paper, for the report
+ENSEMBLE_SWEEPS = "apgd_ce,apgd_dlr,square,autoattack"  # beyond the paper: the gradient-masking check
 SWEEP_TITLES = {"pgd_linf": "PGD, L-inf budget", "pgd_l2": "PGD, L2 budget",
                 "ifgsm_linf": "IFGSM, L-inf budget", "ifgsm_l2": "IFGSM, L2 budget",
                 "white": "White noise", "baseline_wander": "Real-ECG noise: baseline wander",
@@ -97,7 +98,7 @@ PLANS = {
                  "paper's 450-record test set: a small-scale check of the pipeline on real ECGs, "
                  "not a reproduction of the paper's numbers.",
                  None, "data/mini/processed", "result/mini", 2, 4,
-                 (("advls", "eps", (0.01, 0.05)),), f"pgd_linf,white,{REAL_NOISE_SWEEPS}"),
+                 (("advls", "eps", (0.01, 0.05)),), f"pgd_linf,white,{ENSEMBLE_SWEEPS},{REAL_NOISE_SWEEPS}"),
     # How the paper chose its NSR and Jacobian coefficients: each value trained with the paper's
     # settings and judged on the validation split under PGD L-inf (SELECTION_SWEEP).
     "paper-selection": Plan("paper", "**Data: CPSC2018** (real 12-lead ECGs, the official training set) with "
