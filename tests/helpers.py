@@ -1,9 +1,13 @@
 """Small models and masks that several test modules build their cases from."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]  # the repository root
 
 
 class LinearModel(nn.Module):

@@ -4,11 +4,11 @@ import importlib
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 SCRIPTS = ["bench_methods.py", "bench_pgd.py", "bench_variable_length.py", "bench_autoattack.py"]
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import reproduce
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SMOKE_RUNS = ["CE", "NSR_beta1_1_beta2_1", "jacob_beta_44_proj_1", "advls_eps_0.01_beta_0.5"]
 
 
