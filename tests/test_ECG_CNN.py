@@ -321,6 +321,7 @@ def test_a_record_without_a_valid_final_position_gives_the_bias_and_finite_gradi
     assert torch.isfinite(x.grad).all()
 
 
+@pytest.mark.slow  # second derivatives of the whole model in float64
 def test_jacobian_regularization_differentiates_twice_through_either_norm_path(monkeypatch):
     """The Jacobian term's weight gradients are the same whichever computation the norms use.
     With the per-sample one, the input-gradient pass (create_graph) recomputes the batched
@@ -388,6 +389,7 @@ def test_norm_without_affine_parameters_and_an_empty_batch(monkeypatch):
     assert plain(x[:0], mask[:0]).shape == (0, 6, 24)
 
 
+@pytest.mark.slow  # the whole model forward and backward at T = 8192, twice
 def test_float32_model_at_the_default_threshold_matches_the_batched_norms(monkeypatch):
     """The training configuration: float32, the default ROW_PATH_MIN (the per-sample path in
     the early layers, the batched one in the late ones) against the batched path everywhere."""
