@@ -12,6 +12,16 @@ def test_resnet18a_has_the_papers_parameter_count():
     assert count_parameters(build_model("resnet18a")) == 4_994_953
 
 
+def test_resnet18a_state_dict_keys_stay_those_of_saved_checkpoints():
+    """Checkpoints load by these names (strictly): a change to the model definitions keeps them."""
+    block = ["conv1.weight", "norm1.weight", "norm1.bias", "conv2.weight", "norm2.weight", "norm2.bias",
+             "shortcut.0.weight", "shortcut.1.weight", "shortcut.1.bias"]
+    expected = ["trunk.stem.0.weight", "trunk.stem.1.weight", "trunk.stem.1.bias",
+                *(f"trunk.blocks.{i}.{name}" for i in range(8) for name in block),
+                "trunk.head_conv.weight", "trunk.head_conv.bias", "classifier.weight", "classifier.bias"]
+    assert list(build_model("resnet18a").state_dict()) == expected
+
+
 def test_resnet18m_shares_the_trunk_and_classifier_sizes():
     assert count_parameters(build_model("resnet18m")) == 4_994_953
 
