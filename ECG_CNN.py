@@ -24,45 +24,6 @@ def check_length(length: int) -> None:
             f"{DOWNSAMPLE} and at least {MIN_LENGTH}")
 
 
-class ResidualBlock(nn.Module):
-    """Two 3-tap convolutions with GroupNorm; a strided 1x1 convolution on the shortcut."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 2):
-        super().__init__()
-        self.conv1 = nn.Conv1d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.norm1 = nn.GroupNorm(out_channels, out_channels)
-        self.conv2 = nn.Conv1d(out_channels, out_channels, 3, 1, 1, bias=False)
-        self.norm2 = nn.GroupNorm(out_channels, out_channels)
-        self.shortcut = nn.Sequential(
-            nn.Conv1d(in_channels, out_channels, 1, stride, bias=False),
-            nn.GroupNorm(out_channels, out_channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.leaky_relu(self.norm1(self.conv1(x)))
-        out = self.norm2(self.conv2(out))
-        return F.leaky_relu(out + self.shortcut(x))
-
-
-class Trunk(nn.Module):
-    """Stem, eight stride-2 residual blocks and the final valid convolution: (B, 512, T/1024 - 2)."""
-
-    CHANNELS = (64, 64, 64, 128, 128, 256, 256, 512, 512)
-
-    def __init__(self, in_leads: int = 8):
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv1d(in_leads, 64, 11, 2, 5, bias=False),
-            nn.GroupNorm(64, 64),
-            nn.LeakyReLU(),
-            nn.MaxPool1d(3, 2, 1))
-        self.blocks = nn.Sequential(*[
-            ResidualBlock(c_in, c_out) for c_in, c_out in zip(self.CHANNELS[:-1], self.CHANNELS[1:])])
-        self.head_conv = nn.Conv1d(512, 512, 3, 1, 0, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.head_conv(self.blocks(self.stem(x))))
-
-
 def masked_average_pool(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Average the positions whose receptive field is mostly signal (PROTOCOL section 4).
 
@@ -71,31 +32,6 @@ def masked_average_pool(features: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     weight = F.avg_pool1d(mask, POOL_KERNEL, DOWNSAMPLE)
     weight = weight * (weight >= 0.5)
     return (features * weight).sum(dim=2) / (weight.sum(dim=2) + 1e-8)
-
-
-class ResNet18A(nn.Module):
-    """``resnet18a``, the paper's model: masked average pooling, then a linear classifier."""
-
-    def __init__(self, in_leads: int = 8, num_classes: int = 9):
-        super().__init__()
-        self.trunk = Trunk(in_leads)
-        self.classifier = nn.Linear(512, num_classes)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.classifier(masked_average_pool(self.trunk(x), mask))
-
-
-class ResNet18M(nn.Module):
-    """``resnet18m``: the classifier at every position, then the maximum over positions; no mask."""
-
-    def __init__(self, in_leads: int = 8, num_classes: int = 9):
-        super().__init__()
-        self.trunk = Trunk(in_leads)
-        self.classifier = nn.Linear(512, num_classes)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self.classifier(self.trunk(x).transpose(1, 2))  # (B, P, classes)
-        return logits.max(dim=1).values
 
 
 # --------------------------------------------------------------------------- variable length
@@ -196,8 +132,8 @@ class MaskedGroupNorm(nn.GroupNorm):
     """GroupNorm whose statistics use only the valid positions; outputs are ``fill`` elsewhere.
 
     ``forward(x, mask, fill=0.0)`` with x (B, C, L) and mask (B, 1, L) of 0/1. Same parameters
-    as nn.GroupNorm; with an all-ones mask it computes nn.GroupNorm. A sample without any
-    valid position gives ``fill`` everywhere (no division by zero).
+    as nn.GroupNorm; without a mask (None) or with an all-ones mask it computes nn.GroupNorm.
+    A sample without any valid position gives ``fill`` everywhere (no division by zero).
 
     Two exact computations of the same thing, chosen for speed:
 
@@ -212,8 +148,10 @@ class MaskedGroupNorm(nn.GroupNorm):
     # per sample outweighs its savings (benchmarks/README.md, "resnet18a_vl").
     ROW_PATH_MIN = 16384
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor,  # type: ignore[override]
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,  # type: ignore[override]
                 fill: float = 0.0) -> torch.Tensor:
+        if mask is None:
+            return super().forward(x)
         rows = x.device.type == "cpu" and x.shape[1] * x.shape[2] >= self.ROW_PATH_MIN
         spans = signal_spans(mask) if rows and len(x) else None
         if spans is None:
@@ -221,50 +159,67 @@ class MaskedGroupNorm(nn.GroupNorm):
         return _row_group_norm(x, spans, self.weight, self.bias, self.num_groups, self.eps, fill)
 
 
-class MaskedResidualBlock(nn.Module):
-    """ResidualBlock (stride 2) on valid positions; ``forward(x, mask) -> (out, out_mask)``.
+# --------------------------------------------------------------------------- the models
+#
+# One trunk for every model: resnet18a's layers, run on the whole array (forward) or on the
+# valid positions only (masked), so an architecture edit is made once.
 
-    The shortcut is a ModuleList (conv, norm) rather than a Sequential because the norm takes
-    the mask; its parameter names (shortcut.0, shortcut.1) stay those of ResidualBlock.
+
+class ResidualBlock(nn.Module):
+    """Two 3-tap convolutions with GroupNorm; a strided 1x1 convolution on the shortcut.
+
+    ``forward(x, mask=None) -> (out, out_mask)``: without a mask, resnet18a's block; with one,
+    the block on the valid positions (MaskedGroupNorm) and the output's validity. The shortcut
+    is a ModuleList (conv, norm) because the norm takes the mask.
     """
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 2):
         super().__init__()
-        self.conv1 = nn.Conv1d(in_channels, out_channels, 3, 2, 1, bias=False)
+        self.conv1 = nn.Conv1d(in_channels, out_channels, 3, stride, 1, bias=False)
         self.norm1 = MaskedGroupNorm(out_channels, out_channels)
         self.conv2 = nn.Conv1d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.norm2 = MaskedGroupNorm(out_channels, out_channels)
         self.shortcut = nn.ModuleList([
-            nn.Conv1d(in_channels, out_channels, 1, 2, bias=False),
+            nn.Conv1d(in_channels, out_channels, 1, stride, bias=False),
             MaskedGroupNorm(out_channels, out_channels)])
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = downsample_mask(mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        mask = None if mask is None else downsample_mask(mask)
         out = F.leaky_relu(self.norm1(self.conv1(x), mask))
         out = self.norm2(self.conv2(out), mask)
         shortcut_conv, shortcut_norm = self.shortcut
         return F.leaky_relu(out + shortcut_norm(shortcut_conv(x), mask)), mask
 
 
-class MaskedTrunk(nn.Module):
-    """Trunk on valid positions: ``forward(x, mask) -> (features (B, 512, T/1024 - 2), final mask)``.
+class Trunk(nn.Module):
+    """Stem, eight stride-2 residual blocks and the final valid convolution, shared by every model.
 
-    Input samples outside the mask are ignored (read as zero). Features are zero at invalid
-    final positions.
+    ``forward(x)``: resnet18a's trunk, features (B, 512, T/1024 - 2). ``masked(x, mask)``: the
+    same layers on the valid positions only: (features, final mask); input samples outside the
+    mask are ignored (read as zero) and features are zero at invalid final positions.
     """
+
+    CHANNELS = (64, 64, 64, 128, 128, 256, 256, 512, 512)
 
     def __init__(self, in_leads: int = 8):
         super().__init__()
-        channels = Trunk.CHANNELS
-        # Only the parameterized stem layers are modules (indices 0 and 1, as in Trunk.stem);
-        # LeakyReLU and the max pooling are applied in forward, with the mask.
-        self.stem = nn.ModuleList([nn.Conv1d(in_leads, 64, 11, 2, 5, bias=False),
-                                   MaskedGroupNorm(64, 64)])
+        # Only the parameterized stem layers are modules (indices 0 and 1: the parameter names of
+        # a Sequential(conv, norm, LeakyReLU, MaxPool1d)); the activation and pooling are applied
+        # in forward, where the masked path needs the mask.
+        self.stem = nn.ModuleList([nn.Conv1d(in_leads, 64, 11, 2, 5, bias=False), MaskedGroupNorm(64, 64)])
         self.blocks = nn.ModuleList([
-            MaskedResidualBlock(c_in, c_out) for c_in, c_out in zip(channels[:-1], channels[1:])])
+            ResidualBlock(c_in, c_out) for c_in, c_out in zip(self.CHANNELS[:-1], self.CHANNELS[1:])])
         self.head_conv = nn.Conv1d(512, 512, 3, 1, 0, bias=True)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stem_conv, stem_norm = self.stem
+        out = F.max_pool1d(F.leaky_relu(stem_norm(stem_conv(x))), 3, 2, 1)
+        for block in self.blocks:
+            out, _ = block(out)
+        return F.relu(self.head_conv(out))
+
+    def masked(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         stem_conv, stem_norm = self.stem
         conv_mask = downsample_mask(mask)
         # Invalid positions are -inf for the max pooling, like its own padding. Leaky ReLU is
@@ -276,6 +231,31 @@ class MaskedTrunk(nn.Module):
             out, mask = block(out, mask)
         mask = erode_mask(mask)
         return F.relu(self.head_conv(out)) * mask, mask
+
+
+class ResNet18A(nn.Module):
+    """``resnet18a``, the paper's model: masked average pooling, then a linear classifier."""
+
+    def __init__(self, in_leads: int = 8, num_classes: int = 9):
+        super().__init__()
+        self.trunk = Trunk(in_leads)
+        self.classifier = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.classifier(masked_average_pool(self.trunk(x), mask))
+
+
+class ResNet18M(nn.Module):
+    """``resnet18m``: the classifier at every position, then the maximum over positions; no mask."""
+
+    def __init__(self, in_leads: int = 8, num_classes: int = 9):
+        super().__init__()
+        self.trunk = Trunk(in_leads)
+        self.classifier = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.classifier(self.trunk(x).transpose(1, 2))  # (B, P, classes)
+        return logits.max(dim=1).values
 
 
 def masked_mean_pool(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -292,11 +272,11 @@ class ResNet18AVariableLength(nn.Module):
 
     def __init__(self, in_leads: int = 8, num_classes: int = 9):
         super().__init__()
-        self.trunk = MaskedTrunk(in_leads)
+        self.trunk = Trunk(in_leads)
         self.classifier = nn.Linear(512, num_classes)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.classifier(masked_mean_pool(*self.trunk(x, mask)))
+        return self.classifier(masked_mean_pool(*self.trunk.masked(x, mask)))
 
 
 MODELS = {"resnet18a": ResNet18A, "resnet18m": ResNet18M, "resnet18a_vl": ResNet18AVariableLength}

@@ -371,17 +371,17 @@ def prepare_data(plan: Plan, raw_dir: Path, data_dir: Path, timings: Timings, dr
         if synthetic_complete(raw_dir, plan.synthetic_records_per_class):
             skip_stage(stage, f"{raw_dir} holds the complete synthetic dataset", timings)
         else:
-            run_stage(stage, [sys.executable, str(REPO / "synthetic.py"), "--out-dir", str(raw_dir),
-                              "--records-per-class", str(plan.synthetic_records_per_class), "--seed", "0",
-                              "--max-seconds", f"{plan.synthetic_max_seconds:g}"], timings, dry_run)
+            run_stage(stage, [sys.executable, str(REPO / "synthetic.py"), "--out_dir", str(raw_dir),
+                              "--records_per_class", str(plan.synthetic_records_per_class), "--seed", "0",
+                              "--max_seconds", f"{plan.synthetic_max_seconds:g}"], timings, dry_run)
             regenerated = True
     stage = "data: preprocess"
     if not regenerated and cache_valid(data_dir, raw_dir, plan.val_per_class, plan.test_per_class):
         skip_stage(stage, f"{data_dir} holds a valid cache of {raw_dir} with these split settings", timings)
         return
-    run_stage(stage, [sys.executable, str(REPO / "preprocess.py"), "--raw-dir", str(raw_dir),
-                      "--out-dir", str(data_dir), "--val-per-class", str(plan.val_per_class),
-                      "--test-per-class", str(plan.test_per_class)], timings, dry_run)
+    run_stage(stage, [sys.executable, str(REPO / "preprocess.py"), "--raw_dir", str(raw_dir),
+                      "--out_dir", str(data_dir), "--val_per_class", str(plan.val_per_class),
+                      "--test_per_class", str(plan.test_per_class)], timings, dry_run)
 
 
 def train_all(jobs: list[Job], timings: Timings, dry_run: bool, nproc_per_node: int = 1) -> None:
@@ -667,7 +667,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "the batch size must be a multiple of N")
     args = parser.parse_args(argv)
     if args.raw_dir is None and PLANS[args.preset].raw_dir is None:
-        raise ReproduceError(f"--preset {args.preset} needs --raw-dir DIR: a folder of real CPSC2018 records "
+        raise ReproduceError(f"--preset {args.preset} needs --raw_dir DIR: a folder of real CPSC2018 records "
                              "(e.g. 150 of them in the WFDB form, with REFERENCE.csv or #Dx headers; "
                              "see the README, 'Reproducing the paper')")
     if args.nproc_per_node < 1:

@@ -9,7 +9,7 @@ model's clean predictions and a budget too small to flip any of them, so that ev
 iteration and query runs on the whole batch (nothing is dropped by early stop); the
 number of samples fooled is reported.
 
-Example: python benchmarks/bench_autoattack.py --length 8192 --batch-size 8 --threads 1
+Example: python benchmarks/bench_autoattack.py --length 8192 --batch_size 8 --threads 1
 Writes JSON to --out (default benchmarks/results/autoattack_<device>.json).
 """
 from __future__ import annotations
@@ -23,52 +23,39 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 
-from benchmarks.bench_pgd import RATIO_TARGET, bare_passes  # noqa: E402
-from benchmarks.common import (add_common_arguments, apply_smoke, command_line,  # noqa: E402
-                               default_out, environment, open_device, timed, write_json)
-from ECG_CNN import build_model, check_length  # noqa: E402
+from benchmarks.common import (RATIO_TARGET, add_attack_arguments, add_common_arguments,  # noqa: E402
+                               apply_smoke, attack_setup, bare_passes, check_at_least_one, command_line,
+                               default_out, environment, start, timed, write_json)
+from ECG_CNN import check_length  # noqa: E402
 from attacks import apgd_attack, square_attack  # noqa: E402
+from config import OneLineParser  # noqa: E402
 
 SMOKE = dict(batch_size=2, length=3072, steps=3, queries=3, repeats=1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--length", type=int, default=33792, help="input length T")
-    parser.add_argument("--steps", type=int, default=100, help="APGD iterations = bare passes")
-    parser.add_argument("--queries", type=int, default=100, help="Square queries = bare forwards")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
-    parser.add_argument("--eps", type=float, default=1e-6,
-                        help="L-inf budget (small: nothing is fooled, every step runs)")
-    parser.add_argument("--model", default="resnet18a")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = OneLineParser(description=__doc__.splitlines()[0])
+    add_attack_arguments(parser, "APGD iterations = bare passes")
+    parser.add_flag("--queries", type=int, default=100, help="Square queries = bare forwards")
+    parser.add_flag("--eps", type=float, default=1e-6,
+                    help="L-inf budget (small: nothing is fooled, every step runs)")
     add_common_arguments(parser, "autoattack",
                          "tiny run for CI: batch 2, length 3072, 3 steps and queries, 1 repeat")
     args = parser.parse_args(argv)
     apply_smoke(args, SMOKE)
-    for name in ("batch_size", "steps", "queries", "repeats"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_at_least_one(args, "batch_size", "steps", "queries", "repeats")
     check_length(args.length)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-        device = open_device(args.device, args.threads)
-    except (ValueError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    started = start(parse_args, argv)
+    if started is None:
         return 2
+    args, device = started
     command = command_line("bench_autoattack.py", argv)
 
-    torch.manual_seed(args.seed)
-    model = build_model(args.model).to(device).eval()
-    x = torch.rand(args.batch_size, 8, args.length, device=device) * 2 - 1
-    mask = torch.ones(args.batch_size, 1, args.length, device=device)
-    with torch.no_grad():
-        y = model(x, mask).argmax(dim=1)
+    model, x, mask, y = attack_setup(args, device)
 
     def generator() -> torch.Generator:
         return torch.Generator(device=device).manual_seed(args.seed)

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's
 import harness  # noqa: E402
 from benchmarks.common import (add_common_arguments, apply_smoke, command_line,  # noqa: E402
                                default_out, environment, open_device, timed, write_json)
+from config import ConfigError, OneLineParser  # noqa: E402
 from ECG_CNN import build_model  # noqa: E402
 
 ROWS = {
@@ -132,17 +133,20 @@ def measure(row: str, args) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
-    parser.add_argument("--length", type=int, default=33792, help="input length T (paper: 33792)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps; the fastest counts")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--pgd-steps", type=int, default=100)
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_flag("--length", type=int, default=33792, help="input length T (paper: 33792)")
+    parser.add_flag("--batch_size", type=int, default=8)
+    parser.add_flag("--repeats", type=int, default=3, help="timed steps; the fastest counts")
+    parser.add_flag("--warmup", type=int, default=1)
+    parser.add_flag("--pgd_steps", type=int, default=100)
+    parser.add_flag("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
     add_common_arguments(parser, "methods", "tiny sizes, for CI")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    parser.add_flag("--worker", help=argparse.SUPPRESS)
+    try:
+        args = parser.parse_args(argv)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     apply_smoke(args, dict(length=3072, batch_size=2, repeats=1, warmup=0, pgd_steps=2))
     if args.worker:
         print(json.dumps(measure(args.worker, args)))

@@ -11,7 +11,7 @@ random inputs and the same batch as the bare passes:
   iterations run and the early-stop bookkeeping (clean check, per-iteration freeze and
   host sync) is paid in full. The number of samples fooled is reported.
 
-Example: python benchmarks/bench_pgd.py --length 8192 --batch-size 8
+Example: python benchmarks/bench_pgd.py --length 8192 --batch_size 8
 Writes JSON to --out (default benchmarks/results/pgd_<device>.json).
 """
 from __future__ import annotations
@@ -25,60 +25,39 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 
-from benchmarks.common import (add_common_arguments, apply_smoke, command_line,  # noqa: E402
-                               default_out, environment, open_device, timed, write_json)
-from ECG_CNN import build_model, check_length  # noqa: E402
-from attacks import ce_loss, pgd_attack  # noqa: E402
+from benchmarks.common import (RATIO_TARGET, add_attack_arguments, add_common_arguments,  # noqa: E402
+                               apply_smoke, attack_setup, bare_passes, check_at_least_one, command_line,
+                               default_out, environment, start, timed, write_json)
+from ECG_CNN import check_length  # noqa: E402
+from attacks import pgd_attack  # noqa: E402
+from config import OneLineParser  # noqa: E402
 
-RATIO_TARGET = 1.15
 SMOKE = dict(batch_size=2, length=3072, steps=3, repeats=1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--length", type=int, default=33792, help="input length T")
-    parser.add_argument("--steps", type=int, default=100, help="PGD iterations = bare passes")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
-    parser.add_argument("--eps", type=float, default=0.01, help="L-inf budget, no-early-stop run")
-    parser.add_argument("--early-stop-eps", type=float, default=1e-6,
-                        help="L-inf budget of the early-stop run (small: nothing is fooled)")
-    parser.add_argument("--model", default="resnet18a")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = OneLineParser(description=__doc__.splitlines()[0])
+    add_attack_arguments(parser, "PGD iterations = bare passes")
+    parser.add_flag("--eps", type=float, default=0.01, help="L-inf budget, no-early-stop run")
+    parser.add_flag("--early_stop_eps", type=float, default=1e-6,
+                    help="L-inf budget of the early-stop run (small: nothing is fooled)")
     add_common_arguments(parser, "pgd", "tiny run for CI: batch 2, length 3072, 3 steps, 1 repeat")
     args = parser.parse_args(argv)
     apply_smoke(args, SMOKE)
-    for name in ("batch_size", "steps", "repeats"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_at_least_one(args, "batch_size", "steps", "repeats")
     check_length(args.length)
     return args
 
 
-def bare_passes(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
-                steps: int) -> None:
-    """The floor for PGD: ``steps`` forward + input-gradient passes on the same batch."""
-    for _ in range(steps):
-        x_req = x.detach().requires_grad_(True)
-        torch.autograd.grad(ce_loss(model(x_req, mask), y), x_req)
-
-
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-        device = open_device(args.device, args.threads)
-    except (ValueError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    started = start(parse_args, argv)
+    if started is None:
         return 2
+    args, device = started
     command = command_line("bench_pgd.py", argv)
 
-    torch.manual_seed(args.seed)
-    model = build_model(args.model).to(device).eval()
-    x = torch.rand(args.batch_size, 8, args.length, device=device) * 2 - 1
-    mask = torch.ones(args.batch_size, 1, args.length, device=device)
+    model, x, mask, y_clean = attack_setup(args, device)  # nothing is clean-wrong in the early-stop run
     y_random = torch.randint(0, 9, (args.batch_size,), device=device)
-    with torch.no_grad():
-        y_clean = model(x, mask).argmax(dim=1)  # nothing is clean-wrong in the early-stop run
 
     def run_pgd(early_stop: bool, steps: int) -> torch.Tensor:
         generator = torch.Generator(device=device).manual_seed(args.seed)

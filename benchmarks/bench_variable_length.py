@@ -8,7 +8,7 @@ lengths written by synthetic.py. The records go through preprocess.py and
 step, train mode), each from the same initial weights:
 
 - ``resnet18a, fixed T``: the paper: every batch padded to max_length + random_pad. Its cost
-  per sample does not depend on the records, so the epoch's first ``--fixed-steps`` batches
+  per sample does not depend on the records, so the epoch's first ``--fixed_steps`` batches
   are timed.
 - ``resnet18a_vl, fixed T``: the variable-length model on those batches (the cost of masking).
 - ``resnet18a_vl, bucketed``: ``get_dataloaders(..., bucket=True)``: the whole epoch is timed.
@@ -40,8 +40,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 
-from benchmarks.common import (add_common_arguments, apply_smoke, command_line,  # noqa: E402
-                               default_out, environment, open_device, timed, write_json)
+from benchmarks.common import (add_common_arguments, apply_smoke, check_at_least_one,  # noqa: E402
+                               command_line, default_out, environment, open_device, timed, write_json)
+from config import ConfigError, OneLineParser  # noqa: E402
 from ECG_CNN import build_model, check_length  # noqa: E402
 from ECG_Dataset import get_dataloaders, set_loader_epoch  # noqa: E402
 from harness import make_optimizer  # noqa: E402
@@ -55,29 +56,27 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--records", type=Path, default=None,
-                        help="a CPSC2018 folder (original .mat or WFDB); default: synthetic records")
-    parser.add_argument("--synthetic-per-class", type=int, default=20,
-                        help="records per class of the synthetic set (without --records)")
-    parser.add_argument("--batch-size", type=int, default=64, help="default: the paper's 64")
-    parser.add_argument("--max-length", type=int, default=30720, help="records are cut to this")
-    parser.add_argument("--random-pad", type=int, default=3072,
-                        help="training shift range; fixed T = max-length + random-pad")
-    parser.add_argument("--fixed-steps", type=int, default=2, help="timed batches per fixed-T case")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (each batch's fastest counts)")
-    parser.add_argument("--epoch", type=int, default=0, help="which epoch of the sampler")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = OneLineParser(description=__doc__.splitlines()[0])
+    parser.add_flag("--records", type=Path, default=None,
+                    help="a CPSC2018 folder (original .mat or WFDB); default: synthetic records")
+    parser.add_flag("--synthetic_per_class", type=int, default=20,
+                    help="records per class of the synthetic set (without --records)")
+    parser.add_flag("--batch_size", type=int, default=64, help="default: the paper's 64")
+    parser.add_flag("--max_length", type=int, default=30720, help="records are cut to this")
+    parser.add_flag("--random_pad", type=int, default=3072,
+                    help="training shift range; fixed T = max_length + random_pad")
+    parser.add_flag("--fixed_steps", type=int, default=2, help="timed batches per fixed-T case")
+    parser.add_flag("--repeats", type=int, default=3, help="timed repeats (each batch's fastest counts)")
+    parser.add_flag("--epoch", type=int, default=0, help="which epoch of the sampler")
+    parser.add_flag("--seed", type=int, default=0)
     add_common_arguments(parser, "variable_length",
                          "seconds: 18 short synthetic records, batch 2, T 5120, 1 repeat")
     args = parser.parse_args(argv)
     args.synthetic_max_seconds = 60.0
     apply_smoke(args, SMOKE)
-    for name in ("batch_size", "fixed_steps", "repeats", "max_length", "synthetic_per_class"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_at_least_one(args, "batch_size", "fixed_steps", "repeats", "max_length", "synthetic_per_class")
     if args.random_pad < 0 or args.epoch < 0:
-        raise ValueError("--random-pad and --epoch must be >= 0")
+        raise ValueError("--random_pad and --epoch must be >= 0")
     if args.records is not None and not args.records.is_dir():
         raise ValueError(f"--records {args.records}: not a folder")
     check_length(args.max_length + args.random_pad)
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             cache, records = build_cache(args, Path(work))
             fixed, fixed_data = draw_epoch(cache, args, bucket=False, steps=args.fixed_steps)
             bucketed, bucketed_data = draw_epoch(cache, args, bucket=True, steps=None)
-    except (ValueError, RuntimeError, DataError) as error:
+    except (ConfigError, ValueError, RuntimeError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     command = command_line("bench_variable_length.py", argv)

@@ -12,6 +12,16 @@ def test_resnet18a_has_the_papers_parameter_count():
     assert count_parameters(build_model("resnet18a")) == 4_994_953
 
 
+def test_resnet18a_state_dict_keys_stay_those_of_saved_checkpoints():
+    """Checkpoints load by these names (strictly): a change to the model definitions keeps them."""
+    block = ["conv1.weight", "norm1.weight", "norm1.bias", "conv2.weight", "norm2.weight", "norm2.bias",
+             "shortcut.0.weight", "shortcut.1.weight", "shortcut.1.bias"]
+    expected = ["trunk.stem.0.weight", "trunk.stem.1.weight", "trunk.stem.1.bias",
+                *(f"trunk.blocks.{i}.{name}" for i in range(8) for name in block),
+                "trunk.head_conv.weight", "trunk.head_conv.bias", "classifier.weight", "classifier.bias"]
+    assert list(build_model("resnet18a").state_dict()) == expected
+
+
 def test_resnet18m_shares_the_trunk_and_classifier_sizes():
     assert count_parameters(build_model("resnet18m")) == 4_994_953
 
@@ -171,13 +181,24 @@ def interval_batch(dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     return x, mask
 
 
+def small_interval_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """interval_batch's four kinds of interval on x (4, 4, 8): small enough for second-order
+    finite differences, whose cost grows with the square of the number of values."""
+    torch.manual_seed(7)
+    x = torch.randn(4, 4, 8, dtype=torch.float64) * 2 + 0.5
+    mask = torch.zeros(4, 1, 8, dtype=torch.float64)
+    for row, (start, stop) in enumerate([(2, 6), (0, 8), (0, 3)]):
+        mask[row, :, start:stop] = 1
+    return x, mask
+
+
 @pytest.mark.parametrize("fill", [0.0, -3.5])
 @pytest.mark.usefixtures("one_thread")  # tensors of a few hundred numbers
 def test_masked_group_norm_gradients_match_finite_differences(norm_path, fill):
     """First and second derivatives (Jacobian regularization differentiates twice) against
-    numerical differentiation, on both computations."""
-    x, mask = interval_batch()
-    norm = MaskedGroupNorm(3, 6).double()
+    numerical differentiation, on both computations; groups of two channels."""
+    x, mask = small_interval_batch()
+    norm = MaskedGroupNorm(2, 4).double()
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
         norm.bias.uniform_(-0.5, 0.5)
@@ -310,6 +331,7 @@ def test_a_record_without_a_valid_final_position_gives_the_bias_and_finite_gradi
     assert torch.isfinite(x.grad).all()
 
 
+@pytest.mark.slow  # second derivatives of the whole model in float64
 def test_jacobian_regularization_differentiates_twice_through_either_norm_path(monkeypatch):
     """The Jacobian term's weight gradients are the same whichever computation the norms use.
     With the per-sample one, the input-gradient pass (create_graph) recomputes the batched
@@ -377,6 +399,7 @@ def test_norm_without_affine_parameters_and_an_empty_batch(monkeypatch):
     assert plain(x[:0], mask[:0]).shape == (0, 6, 24)
 
 
+@pytest.mark.slow  # the whole model forward and backward at T = 8192, twice
 def test_float32_model_at_the_default_threshold_matches_the_batched_norms(monkeypatch):
     """The training configuration: float32, the default ROW_PATH_MIN (the per-sample path in
     the early layers, the batched one in the late ones) against the batched path everywhere."""

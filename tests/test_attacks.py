@@ -15,6 +15,7 @@ from art.estimators.classification import PyTorchClassifier
 
 import attacks
 from ECG_CNN import build_model
+from helpers import LinearModel, TinyCNN, right_aligned_masks
 
 FS = 500
 
@@ -23,38 +24,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny tensors,
 
 
 # ----------------------------------------------------------------------------- helpers
-
-class LinearModel(nn.Module):
-    """logits_k = <W_k, x * mask> + b_k: every attack quantity has a closed form."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.weight = nn.Parameter(weight)  # (classes, leads, T)
-        self.bias = nn.Parameter(torch.zeros(weight.shape[0]) if bias is None else bias)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bct,kct->bk", x * mask, self.weight) + self.bias
-
-
-class TinyCNN(nn.Module):
-    """Two convolutions, masked mean pooling over time, a linear classifier."""
-
-    def __init__(self, leads: int = 2, classes: int = 3, width: int = 8):
-        super().__init__()
-        self.conv1 = nn.Conv1d(leads, width, 9, padding=4)
-        self.conv2 = nn.Conv1d(width, width, 9, padding=4)
-        self.classifier = nn.Linear(width, classes)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.conv2(F.relu(self.conv1(x))))
-        return self.classifier((h * mask).sum(dim=2) / mask.sum(dim=2).clamp_min(1))
-
-
-def right_aligned_masks(lengths: list[int], total: int) -> torch.Tensor:
-    """(B, 1, T) masks with each signal occupying the last ``length`` samples (PROTOCOL section 3)."""
-    positions = torch.arange(total)
-    return torch.stack([(positions >= total - n).float()[None] for n in lengths])
-
 
 def synthetic_task(n: int, total: int = 256, seed: int = 0
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -25,11 +25,9 @@ from torch.utils.data import BatchSampler
 import distributed
 import harness
 from ECG_Dataset import ClassBalancedSampler, get_dataloaders
+import ddp_worker
 from evaluate import shard_loader
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-import ddp_worker  # noqa: E402
+from helpers import REPO
 
 LR = 1e-3
 RUN_FLAGS = ["--max_length", "3072", "--random_pad", "0", "--batch_size", "8",

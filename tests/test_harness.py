@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 import config
 import harness
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_flags(cache, result_dir, *extra):

@@ -13,23 +13,12 @@ import torch.nn.functional as F
 import attacks
 import losses
 from ECG_CNN import build_model
+from helpers import LinearModel, TinyCNN, right_aligned_masks
 
 
 # ----------------------------------------------------------------------------- helpers
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny tensors, one thread
-
-
-class LinearModel(nn.Module):
-    """z = W flatten(x * mask) + b: the input gradient of z_k is W_k * mask in closed form."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(weight)  # (classes, leads, T)
-        self.bias = nn.Parameter(bias)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("blt,klt->bk", x * mask, self.weight) + self.bias
 
 
 class SmallNet(nn.Module):
@@ -45,12 +34,6 @@ class SmallNet(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.norm(self.conv(x)))
         return self.classifier((h * mask).sum(dim=2) / mask.sum(dim=2).clamp_min(1))
-
-
-def right_aligned_masks(lengths: list[int], total: int, dtype=torch.float32) -> torch.Tensor:
-    """(B, 1, T) masks with each signal in the last ``length`` samples (PROTOCOL section 3)."""
-    positions = torch.arange(total)
-    return torch.stack([(positions >= total - n).to(dtype)[None] for n in lengths])
 
 
 def weight_grads(model: nn.Module) -> torch.Tensor:
@@ -305,19 +288,6 @@ def test_adversarial_eps_schedule_and_step():
 
 
 # ----------------------------------------------------------------------------- adversarial loss
-
-class TinyCNN(nn.Module):
-    """Convolution, ReLU, masked mean pooling, linear classifier."""
-
-    def __init__(self, leads: int = 2, classes: int = 3, width: int = 8):
-        super().__init__()
-        self.conv = nn.Conv1d(leads, width, 9, padding=4)
-        self.classifier = nn.Linear(width, classes)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.conv(x))
-        return self.classifier((h * mask).sum(dim=2) / mask.sum(dim=2).clamp_min(1))
-
 
 def sinusoid_task(n: int, total: int = 128, seed: int = 0
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

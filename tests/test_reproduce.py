@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import reproduce
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SMOKE_RUNS = ["CE", "NSR_beta1_1_beta2_1", "jacob_beta_44_proj_1", "advls_eps_0.01_beta_0.5"]
 
 
@@ -164,7 +164,7 @@ def test_dry_run_of_the_paper_prints_the_seven_training_commands_in_order(tmp_pa
     for command in commands:
         assert "--preset paper" in command and "--resume" not in command
         assert "--sweeps pgd_linf,pgd_l2,white,baseline_wander,powerline_50hz,muscle" in command
-    assert "preprocess.py --raw-dir data/CPSC2018/train" in out
+    assert "preprocess.py --raw_dir data/CPSC2018/train" in out
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
 
 
@@ -227,14 +227,14 @@ def test_mini_without_raw_dir_says_what_to_pass(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert reproduce.main(["--preset", "mini", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: --preset mini needs --raw-dir DIR")
+    assert len(err.splitlines()) == 1 and err.startswith("error: --preset mini needs --raw_dir DIR")
     assert not any(tmp_path.iterdir())
 
 
 def test_mini_takes_its_records_from_raw_dir(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert reproduce.main(["--preset", "mini", "--raw-dir", "records", "--dry-run"]) == 0
-    assert "preprocess.py --raw-dir records --out-dir data/mini/processed" in capsys.readouterr().out
+    assert "preprocess.py --raw_dir records --out_dir data/mini/processed" in capsys.readouterr().out
 
 
 def test_report_has_the_gradient_masking_check_for_runs_with_pgd_and_the_ensemble(tmp_path, fake_run):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import REPO
 from safe_writes import LOCK_NAME, FolderInUseError, atomic_path, lock_folder, write_text_atomic
 
-REPO = Path(__file__).resolve().parents[1]
 HOLD = ("import sys, time\nfrom safe_writes import lock_folder\n"
         "with lock_folder(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n")
 

@@ -1,0 +1,44 @@
+"""Small models and masks that several test modules build their cases from."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]  # the repository root
+
+
+class LinearModel(nn.Module):
+    """logits_k = <W_k, x * mask> + b_k: input gradients (W_k * mask) and every attack quantity
+    have closed forms."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(weight)  # (classes, leads, T)
+        self.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype) if bias is None else bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("blt,klt->bk", x * mask, self.weight) + self.bias
+
+
+class TinyCNN(nn.Module):
+    """Two convolutions, masked mean pooling over time, a linear classifier: nonlinear, trains in
+    about a second."""
+
+    def __init__(self, leads: int = 2, classes: int = 3, width: int = 8):
+        super().__init__()
+        self.conv1 = nn.Conv1d(leads, width, 9, padding=4)
+        self.conv2 = nn.Conv1d(width, width, 9, padding=4)
+        self.classifier = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.classifier((h * mask).sum(dim=2) / mask.sum(dim=2).clamp_min(1))
+
+
+def right_aligned_masks(lengths: list[int], total: int, dtype=torch.float32) -> torch.Tensor:
+    """(B, 1, T) masks with each signal in the last ``length`` samples (PROTOCOL section 3)."""
+    positions = torch.arange(total)
+    return torch.stack([(positions >= total - n).to(dtype)[None] for n in lengths])
