@@ -13,7 +13,7 @@ offsets, the split CSVs and ``meta.json``) that ``load_cache`` reads back memory
 
 CLI: ``python preprocess.py [--raw_dir data/CPSC2018/train] [--out_dir data/CPSC2018/processed]
 [--val_per_class 5] [--test_per_class 50] [--download [--url URL]]``; ``--download`` first
-fetches the records into --raw-dir (download.py).
+fetches the records into --raw_dir (download.py).
 """
 
 from __future__ import annotations
@@ -816,7 +816,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--download",
         action="store_true",
         help="first fetch CPSC2018 (the PhysioNet/CinC Challenge 2021 WFDB archive) and unpack its "
-        "records into --raw-dir; a partial download is resumed",
+        "records into --raw_dir; a partial download is resumed",
     )
     parser.add_argument(
         "--url", help=f"the archive's address, implies --download (default: {CPSC2018_ARCHIVE_URL})"

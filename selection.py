@@ -51,7 +51,7 @@ def selection_report(studies: dict[str, tuple[str, dict[float, Path]]], sweep: s
         missing = [str(runs[value]) for value, result in results.items() if result is None]
         if missing:
             raise evaluate.EvaluationError(f"{missing[0]}: no '{sweep}' sweep on the validation split "
-                                           "(rerun reproduce.py without --skip-train)")
+                                           "(rerun reproduce.py without --skip_train)")
         curves = {f"{setting}={value:g}": {sweep: result} for value, result in results.items()}
         lines += [f"## {method}: {setting}", ""]
         for metric, name in (("accuracy", "accuracy"), ("mean_f1", "f1")):
