@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import harness
-from ECG_CNN import MIN_LENGTH, build_model
+from helpers import TinyCNN
 from losses import jacobian_loss
 
 
@@ -62,8 +62,8 @@ def test_jacobian_term_starts_at_its_epoch():
     jacob = importlib.import_module("CPSC2018_CNN_jacob")
     cfg = harness.parse_config("jacob", jacob.HYPERPARAMETERS, ["--reg_start_epoch", "2", "--beta", "3"])
     torch.manual_seed(0)
-    model = build_model().eval()
-    x, y, mask = torch.randn(2, 8, MIN_LENGTH) / 4, torch.tensor([0, 5]), torch.ones(2, 1, MIN_LENGTH)
+    model = TinyCNN(leads=2, classes=9)
+    x, y, mask = torch.randn(2, 2, 64), torch.tensor([0, 5]), torch.ones(2, 1, 64)
     ce = F.cross_entropy(model(x, mask), y)
     before, parts = jacob.loss_fn(model, x, y, mask, 1, cfg)
     assert before.item() == ce.item() and set(parts) == {"loss_ce"}
