@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 
+import attacks  # noqa: E402
 import harness  # noqa: E402
 from benchmarks.common import (add_common_arguments, apply_smoke, command_line,  # noqa: E402
                                default_out, environment, open_device, timed, write_json)
@@ -85,8 +86,6 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def measure(row: str, args) -> dict:
     """Seconds per sample of one row, measured in this process."""
-    import attacks
-
     device = open_device(args.device, args.threads)
     torch.manual_seed(0)
     model = build_model("resnet18a").to(device)

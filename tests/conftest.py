@@ -1,10 +1,26 @@
 """Fixtures shared by the test modules."""
 
+import fcntl
+import json
+import os
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
-from preprocess import OFFICIAL_REFERENCE
+import evaluate
+import harness
+from ECG_CNN import build_model
+from helpers import run_reproduce
+from preprocess import OFFICIAL_REFERENCE, preprocess
+from synthetic import generate_dataset
+
+# One torch thread here and in every process a test starts: the tests' tensors are small, and on
+# a 2-core machine a second thread per process oversubscribes the cores and slows every run.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
 
@@ -23,82 +39,54 @@ def official_reference() -> Path:
     return OFFICIAL_REFERENCE
 
 
-@pytest.fixture(scope="module")
-def single_thread():
-    """One torch intra-op thread for a module (pytestmark = pytest.mark.usefixtures("single_thread")):
-    for tiny tensors threads only add overhead, and on a shared 2-core machine oversubscribed
-    threads made runs up to 20x slower. The previous setting is restored after the module."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def one_thread():
-    """single_thread for one test (tiny tensors in a module that also runs large ones)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> Path:
     """A preprocessed synthetic dataset in CPSC2018's original format: 6 records per class,
     6-20 s, 1 per class for validation and 2 for test (the rest trains)."""
-    from preprocess import preprocess
-    from synthetic import generate_dataset
-
     root = tmp_path_factory.mktemp("tiny_cpsc")
     generate_dataset(root / "train", records_per_class=6, seed=0, min_seconds=6, max_seconds=20)
     preprocess(root / "train", root / "processed", val_per_class=1, test_per_class=2)
     return root / "processed"
 
 
-# --- runs of the method scripts, trained once per session ------------------------------------
+# --- the smoke chain: every method end to end, once per test session ---------------------------
 
-METHOD_RUNS = {  # script module: the run folder its default hyperparameters name
-    "CPSC2018_CNN_CE": "CE",
-    "CPSC2018_CNN_NSR": "NSR_beta1_1_beta2_1",
-    "CPSC2018_CNN_jacob": "jacob_beta_44_proj_1",  # the smoke preset: one projection
-    "CPSC2018_CNN_ce_adv_pgd_ls": "advls_eps_0.01_beta_0.5",
-}
-
-# The smoke preset cut to 2 epochs of 2 batches of 6 records on tiny_cache, with a white-noise
-# and a 2-step PGD sweep: every file of a run, in seconds.
-METHOD_FLAGS = ["--preset", "smoke", "--max_length", "2048", "--random_pad", "1024", "--batch_size", "6",
-                "--eval_batch_size", "18", "--epochs", "2", "--max_batches", "2",
-                "--sweeps", "white,pgd_linf", "--sweep_steps", "2"]
+def built_once(request, tmp_path_factory, name: str, build) -> Path:
+    """build(folder) once per test session. Under pytest-xdist the first worker to get here
+    builds it in the folder all workers share, while the others wait for it and reuse it."""
+    if not hasattr(request.config, "workerinput"):  # not an xdist worker
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    shared = tmp_path_factory.getbasetemp().parent  # this session's, common to its workers
+    folder = shared / name
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").write_text("")
+    return folder
 
 
 @pytest.fixture(scope="session")
-def method_run(tiny_cache, tmp_path_factory):
-    """method_run(script) -> (exit status, run folder) of that method script trained through
-    harness.main with METHOD_FLAGS on tiny_cache: each method once per session, on first use.
-    The folder is shared: copy it (shutil.copytree) before changing anything in it."""
-    import importlib
+def smoke_chain(request, tmp_path_factory) -> tuple[Path, SimpleNamespace, SimpleNamespace]:
+    """`python reproduce.py --preset smoke` run twice in an empty folder, each a process of its
+    own: (that folder, first, second), each with the process's returncode, stdout and stderr.
+    Its runs are the method scripts' end-to-end runs (test_methods.py); read, never change them."""
+    def build(folder: Path) -> None:
+        (folder / "chain").mkdir()
+        for name in ("first", "second"):
+            done = run_reproduce(folder / "chain", "--preset", "smoke")
+            assert done.returncode == 0, done.stderr[-3000:]
+            (folder / f"{name}.json").write_text(json.dumps(
+                {"returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}))
 
-    import harness
-
-    root, runs = tmp_path_factory.mktemp("method_runs"), {}
-
-    def run(script_name: str) -> tuple[int, Path]:
-        if script_name not in runs:
-            script = importlib.import_module(script_name)
-            result_dir = root / script_name
-            argv = [*METHOD_FLAGS, "--data_dir", str(tiny_cache), "--result_dir", str(result_dir)]
-            status = harness.main(script.__name__, script.loss_fn, script.HYPERPARAMETERS, script.run_name,
-                                  argv=argv, check=getattr(script, "check_hyperparameters", None),
-                                  training=script.TRAINING)
-            runs[script_name] = status, result_dir / METHOD_RUNS[script_name]
-        return runs[script_name]
-
-    return run
+    folder = built_once(request, tmp_path_factory, "smoke_chain", build)
+    first, second = (SimpleNamespace(**json.loads((folder / f"{name}.json").read_text()))
+                     for name in ("first", "second"))
+    return folder / "chain", first, second
 
 
 # --- runs built without training ------------------------------------------------------------
@@ -108,11 +96,6 @@ def untrained_run(tiny_cache):
     """untrained_run(folder, seed=0, *flags) -> folder holding model.pt: an untrained resnet18a
     (torch seed ``seed``) with the config a tiny CE training on tiny_cache would save, as if
     trained; evaluate.py can evaluate it."""
-    import torch
-
-    import harness
-    from ECG_CNN import build_model
-
     def make(folder: Path, seed: int = 0, *flags: str) -> Path:
         argv = ["--data_dir", str(tiny_cache), "--result_dir", str(folder.parent), "--run_name", folder.name,
                 "--max_length", "2048", "--random_pad", "1024", "--batch_size", "8",
@@ -136,10 +119,6 @@ def fake_run():
     evaluation: eval_test.json with the clean scores of those predictions (default: all 9 classes
     right) and robustness_test.json with ``sweeps`` ({name: sweep result}; by default a white-noise
     sweep at accuracy and mean F1 1 on every level of the paper's list; None: no robustness_test.json)."""
-    import json
-
-    import evaluate
-
     def make(folder: Path, sweeps=WHITE, clean=(range(9), range(9))) -> Path:
         folder.mkdir(parents=True)
         scores = evaluate.classification_scores(evaluate.confusion_matrix(*map(list, clean)))

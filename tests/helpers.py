@@ -1,6 +1,11 @@
 """Small models and masks that several test modules build their cases from."""
 from __future__ import annotations
 
+import contextlib
+import io
+import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -8,6 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]  # the repository root
+
+SMOKE_RUNS = {  # method: its run folder in the smoke chain (conftest's smoke_chain)
+    "CE": "CE", "NSR": "NSR_beta1_1_beta2_1", "jacob": "jacob_beta_44_proj_1", "advls": "advls_eps_0.01_beta_0.5"}
 
 
 class LinearModel(nn.Module):
@@ -42,3 +50,29 @@ def right_aligned_masks(lengths: list[int], total: int, dtype=torch.float32) -> 
     """(B, 1, T) masks with each signal in the last ``length`` samples (PROTOCOL section 3)."""
     positions = torch.arange(total)
     return torch.stack([(positions >= total - n).to(dtype)[None] for n in lengths])
+
+
+def run_script(path: Path, *args: str, capture: bool = True) -> tuple[int, str, str]:
+    """Run a script's ``__main__`` block in this process as ``python path args`` would, without
+    the seconds a new interpreter spends importing torch: (exit status, stdout, stderr), the
+    streams empty unless captured."""
+    out, err = io.StringIO(), io.StringIO()
+    argv, sys.argv = sys.argv, [str(path), *args]
+    try:
+        with contextlib.ExitStack() as streams:
+            if capture:
+                streams.enter_context(contextlib.redirect_stdout(out))
+                streams.enter_context(contextlib.redirect_stderr(err))
+            runpy.run_path(str(path), run_name="__main__")
+        status = 0
+    except SystemExit as exit:  # what the interpreter makes of it
+        status = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+    finally:
+        sys.argv = argv
+    return status, out.getvalue(), err.getvalue()
+
+
+def run_reproduce(cwd: Path, *flags: str) -> subprocess.CompletedProcess:
+    """``python reproduce.py flags`` in the folder ``cwd``, its output captured."""
+    return subprocess.run([sys.executable, str(REPO / "reproduce.py"), *flags], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from losses import jacobian_squared_norm
 from ECG_CNN import (DOWNSAMPLE, MaskedGroupNorm, build_model, check_length, count_parameters, downsample_mask,
                      erode_mask, masked_average_pool, signal_spans)
 
@@ -147,7 +148,6 @@ def path_taken(out: torch.Tensor) -> str:
 
 
 @pytest.mark.parametrize("num_groups", [4, 2])
-@pytest.mark.usefixtures("one_thread")  # tensors of a few hundred numbers
 def test_masked_group_norm_matches_group_norm_on_the_valid_part(num_groups, norm_path):
     torch.manual_seed(2)
     masked = MaskedGroupNorm(num_groups, 4).double()
@@ -193,7 +193,6 @@ def small_interval_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("fill", [0.0, -3.5])
-@pytest.mark.usefixtures("one_thread")  # tensors of a few hundred numbers
 def test_masked_group_norm_gradients_match_finite_differences(norm_path, fill):
     """First and second derivatives (Jacobian regularization differentiates twice) against
     numerical differentiation, on both computations; groups of two channels."""
@@ -212,7 +211,6 @@ def test_masked_group_norm_gradients_match_finite_differences(norm_path, fill):
     assert torch.autograd.gradgradcheck(function, inputs)
 
 
-@pytest.mark.usefixtures("one_thread")  # tensors of a few hundred numbers
 def test_masked_group_norm_paths_agree_and_fill_the_invalid_positions(monkeypatch):
     x, mask = interval_batch()
     norm = MaskedGroupNorm(6, 6).double()
@@ -336,8 +334,6 @@ def test_jacobian_regularization_differentiates_twice_through_either_norm_path(m
     """The Jacobian term's weight gradients are the same whichever computation the norms use.
     With the per-sample one, the input-gradient pass (create_graph) recomputes the batched
     form and the final backward runs the per-sample first-order backward of the forward pass."""
-    from losses import jacobian_squared_norm
-
     torch.manual_seed(8)
     model = build_model("resnet18a_vl").double()
     x, mask = place(torch.rand(LEADS, 2500, dtype=torch.float64) * 2 - 1, 3 * DOWNSAMPLE, [0, 300])
@@ -356,7 +352,6 @@ def test_jacobian_regularization_differentiates_twice_through_either_norm_path(m
 
 
 @pytest.mark.parametrize("frozen", ["norm parameters", "input"])
-@pytest.mark.usefixtures("one_thread")  # tensors of a few hundred numbers
 def test_second_order_gradients_when_some_inputs_need_no_gradient(monkeypatch, frozen):
     """create_graph with frozen norm parameters (input gradients only) or an input that needs
     no gradient (weight gradients only): both computations give the same values."""
@@ -381,7 +376,6 @@ def test_second_order_gradients_when_some_inputs_need_no_gradient(monkeypatch, f
         torch.testing.assert_close(rows, batched)
 
 
-@pytest.mark.usefixtures("one_thread")  # tensors of a few hundred numbers
 def test_norm_without_affine_parameters_and_an_empty_batch(monkeypatch):
     monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", 0)
     x, mask = interval_batch()

@@ -11,7 +11,7 @@ import torch
 
 from ECG_CNN import build_model
 from ECG_Dataset import (LEADS, PADDED_LENGTH, RANDOM_PAD, BucketBatchSampler, ClassBalancedSampler,
-                         ECGDataset, crop_collate, get_dataloaders, scale_leads, set_loader_epoch)
+                         ECGDataset, batch_records, crop_collate, get_dataloaders, scale_leads, set_loader_epoch)
 from preprocess import CACHE_VERSION, FS, Cache, load_cache
 
 
@@ -167,8 +167,6 @@ def test_get_dataloaders_on_a_preprocessed_cache(tiny_cache):
 
 @pytest.mark.parametrize("bucket", [False, True], ids=["fixed length", "bucketed"])
 def test_batch_records_names_the_records_of_each_training_batch(tiny_cache, monkeypatch, bucket):
-    from ECG_Dataset import batch_records, set_loader_epoch
-
     loader = get_dataloaders(str(tiny_cache), batch_size=4, max_length=2048, random_pad=1024,
                              splits=("train",), bucket=bucket)["train"]
     fetched = []

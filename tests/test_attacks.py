@@ -10,17 +10,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from art.attacks.evasion import ProjectedGradientDescentPyTorch
+from art.attacks.evasion import AutoProjectedGradientDescent, ProjectedGradientDescentPyTorch, SquareAttack
 from art.estimators.classification import PyTorchClassifier
 
 import attacks
 from ECG_CNN import build_model
+from evaluate import class_balanced_accuracy, confusion_matrix, masking_check
 from helpers import LinearModel, TinyCNN, right_aligned_masks
 
 FS = 500
-
-
-pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny tensors, one thread
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -44,7 +42,7 @@ def synthetic_task(n: int, total: int = 256, seed: int = 0
 
 
 @pytest.fixture(scope="module")
-def trained(single_thread):
+def trained():
     """A TinyCNN trained for about a second to near-perfect accuracy, plus a held-out batch."""
     torch.manual_seed(0)
     model = TinyCNN()
@@ -672,9 +670,6 @@ ART_TOLERANCE = 3  # samples of 48: the random starts and windows of the two lib
 
 @pytest.fixture(scope="module")
 def art_case(trained):
-    art = pytest.importorskip("art")
-    from art.estimators.classification import PyTorchClassifier
-
     model = trained[0]
     x, y, _ = synthetic_task(ART_RECORDS, total=ART_LENGTH, seed=3)
     full = torch.ones(ART_RECORDS, 1, ART_LENGTH)
@@ -683,7 +678,7 @@ def art_case(trained):
         return PyTorchClassifier(FullMaskModel(model, 2, ART_LENGTH), loss=nn.CrossEntropyLoss(),
                                  input_shape=input_shape, nb_classes=3, clip_values=(-1.0, 1.0))
 
-    return art, classifier, model, x, y, full
+    return classifier, model, x, y, full
 
 
 def broken_counts(model, x, y, full, ours, theirs) -> dict[str, int]:
@@ -696,8 +691,7 @@ def broken_counts(model, x, y, full, ours, theirs) -> dict[str, int]:
 
 @pytest.mark.parametrize("loss, art_loss", [("ce", "cross_entropy"), ("dlr", "difference_logits_ratio")])
 def test_apgd_breaks_as_many_as_art(art_case, loss, art_loss):
-    art, classifier, model, x, y, full = art_case
-    from art.attacks.evasion import AutoProjectedGradientDescent
+    classifier, model, x, y, full = art_case
 
     eps, steps = 0.15, 20
     np.random.seed(0)  # ART draws its random start from numpy's global RNG
@@ -711,8 +705,7 @@ def test_apgd_breaks_as_many_as_art(art_case, loss, art_loss):
 
 
 def test_square_breaks_as_many_as_art(art_case):
-    art, classifier, model, x, y, full = art_case
-    from art.attacks.evasion import SquareAttack
+    classifier, model, x, y, full = art_case
 
     eps, queries = 0.2, 100
     np.random.seed(0)
@@ -740,8 +733,6 @@ class QuantizedInput(nn.Module):
 
 
 def test_masked_gradients_fool_pgd_but_not_the_ensemble(trained):
-    from evaluate import class_balanced_accuracy, confusion_matrix, masking_check
-
     model, x, y, mask = trained
     masked = QuantizedInput(model)
     eps = 0.2

@@ -2,40 +2,17 @@
 and refuse bad flags with one line."""
 import importlib
 import json
-import subprocess
-import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, run_script
 
 SCRIPTS = ["bench_methods.py", "bench_pgd.py", "bench_variable_length.py", "bench_autoattack.py"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_benchmark_smoke_run_writes_its_figures(script, tmp_path):
-    out = tmp_path / "result.json"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--threads", "1",
-                           "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "benchmarks/" in done.stdout  # the command line is printed with the figures
-    result = json.loads(out.read_text())
-    assert result  # figures were written
-    if script == "bench_methods.py":
-        rows = {r["row"]: r for r in result["rows"]}
-        assert {"CE", "NSR", "jacob", "jacob (1 projection)", "advls", "data: training loader",
-                "eval: clean forward", "eval: PGD-100"} == set(rows)
-        assert all(r["seconds_per_sample"] > 0 and r["peak_memory_mb"] > 0 for r in rows.values())
-    if script == "bench_variable_length.py":
-        assert len(result["results"]) == 4 and result["epoch"]["samples"] > 0
-        assert all(r["ms_per_sample"] > 0 and r["speedup_vs_fixed_resnet18a"] > 0
-                   for r in result["results"].values())
-        assert "SYNTHETIC" in result["records"]  # the demo data says what it is
-    if script == "bench_autoattack.py":
-        assert set(result["results"]) == {"bare forward+input-grad", "apgd-ce", "apgd-dlr",
-                                          "bare forward", "square"}
-        assert result["results"]["square"]["queries_per_s"] > 0
+# bench_methods measures each row in a process of its own; two rows show that wiring, and
+# test_every_row_of_bench_methods_is_measured measures every row in this process.
+METHOD_ROWS = ["CE", "eval: PGD-100"]
 
 
 BAD_FLAGS = [(script, ["--threads", "0"], "--threads must be >= 1") for script in SCRIPTS] + [
@@ -52,6 +29,38 @@ def benchmark(script: str):
     return importlib.import_module(f"benchmarks.{script.removesuffix('.py')}")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_smoke_run_writes_its_figures(script, tmp_path, capsys):
+    out = tmp_path / "result.json"
+    rows = ["--rows", ",".join(METHOD_ROWS)] if script == "bench_methods.py" else []
+    assert benchmark(script).main(["--smoke", "--threads", "1", "--out", str(out), *rows]) == 0
+    assert "benchmarks/" in capsys.readouterr().out  # the command line is printed with the figures
+    result = json.loads(out.read_text())
+    assert result  # figures were written
+    if script == "bench_methods.py":
+        assert [r["row"] for r in result["rows"]] == METHOD_ROWS
+        assert all(r["seconds_per_sample"] > 0 and r["peak_memory_mb"] > 0 for r in result["rows"])
+    if script == "bench_variable_length.py":
+        assert len(result["results"]) == 4 and result["epoch"]["samples"] > 0
+        assert all(r["ms_per_sample"] > 0 and r["speedup_vs_fixed_resnet18a"] > 0
+                   for r in result["results"].values())
+        assert "SYNTHETIC" in result["records"]  # the demo data says what it is
+    if script == "bench_autoattack.py":
+        assert set(result["results"]) == {"bare forward+input-grad", "apgd-ce", "apgd-dlr",
+                                          "bare forward", "square"}
+        assert result["results"]["square"]["queries_per_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", ["CE", "NSR", "jacob", "jacob (1 projection)", "advls", "data: training loader",
+                                 "eval: clean forward", "eval: PGD-100"])
+def test_every_row_of_bench_methods_is_measured(row, capsys):
+    assert benchmark("bench_methods.py").main(["--smoke", "--threads", "1", "--worker", row]) == 0
+    measured = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert measured["row"] == row and measured["seconds_per_sample"] > 0 and measured["peak_memory_mb"] > 0
+
+
 @pytest.mark.parametrize("script, flags, problem", BAD_FLAGS)
 def test_bad_flags_give_one_line(script, flags, problem, capsys):
     assert benchmark(script).main(flags) == 2
@@ -59,15 +68,12 @@ def test_bad_flags_give_one_line(script, flags, problem, capsys):
     assert len(lines) == 1 and lines[0].startswith(f"error: {problem}")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_the_script_ends_a_bad_flag_with_one_line_and_status_2(script):
-    """main's status is the process's (the smoke run above checks status 0)."""
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--threads", "0"],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --threads must be >= 1")
+    """main's status is the script's exit status (the smoke run above checks status 0)."""
+    status, _, err = run_script(REPO / "benchmarks" / script, "--threads", "0")
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: --threads must be >= 1")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -14,7 +14,6 @@ import json
 import signal
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from torch.utils.data import BatchSampler
 
 import distributed
 import harness
+import reproduce
 from ECG_Dataset import ClassBalancedSampler, get_dataloaders
 import ddp_worker
 from evaluate import shard_loader
@@ -38,18 +38,6 @@ def torchrun(*args, timeout: int = 240) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                *map(str, args)]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-@contextmanager
-def one_thread():
-    """In-process reference runs on one thread, as each torchrun worker (OMP_NUM_THREADS=1):
-    two threads on two loaded cores can be many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def flat(state: dict) -> torch.Tensor:
@@ -122,8 +110,6 @@ def test_batch_size_must_split_evenly_over_the_processes(monkeypatch):
 
 
 def test_reproduce_launches_each_run_with_torchrun_when_asked():
-    import reproduce
-
     job = reproduce.plan_jobs(reproduce.PLANS["smoke"], ["CE"], "data/x", "result/x")[0]
     torchrun_prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     assert reproduce.job_command(job, "train", 2)[:6] == [*torchrun_prefix, str(job.script)]
@@ -166,13 +152,11 @@ def test_ddp_gradient_is_the_single_process_gradient_on_the_union_batch(ddp_grad
     ranks = ddp_gradients[case]
     grads = [flat(r["grads"]) for r in ranks]
     assert torch.equal(grads[0], grads[1])  # DDP's all-reduce: both ranks step alike
-    with one_thread():
-        expected, loss = single_process_step(case)
+    expected, loss = single_process_step(case)
     assert relative_error(grads[0], expected) < 1e-3
     assert ranks[0]["logged"]["loss"] == pytest.approx(loss, rel=1e-5)
     if case in ("NSR_mixed", "jacob"):  # the check can fail: per-rank normalizers are far off
-        with one_thread():
-            naive, _ = single_process_step(case, shards=2)
+        naive, _ = single_process_step(case, shards=2)
         assert relative_error(naive, expected) > 1e-2
 
 
@@ -183,8 +167,7 @@ def test_adversarial_training_step_runs_and_synchronises(ddp_gradients):
     ranks = ddp_gradients["advls"]
     grads = [flat(r["grads"]) for r in ranks]
     assert torch.equal(grads[0], grads[1]) and torch.isfinite(grads[0]).all()
-    with one_thread():
-        expected, _ = single_process_step("advls")
+    expected, _ = single_process_step("advls")
     assert relative_error(grads[0], expected) < 0.2
     assert ranks[0]["logged"]["loss_ce"] == pytest.approx(ddp_gradients["CE"][0]["logged"]["loss"], rel=1e-6)
     assert ranks[0]["logged"]["loss_adv"] > 0
@@ -216,9 +199,8 @@ def test_script_under_torchrun_matches_one_process_and_writes_each_file_once(
     assert json.loads((ddp / "eval_test.json").read_text())["clean"]["n"] == 18  # shares summed
 
     module = importlib.import_module(script)
-    with one_thread():
-        status = harness.main(script, module.loss_fn, module.HYPERPARAMETERS, module.run_name,
-                              argv=[*flags, "--result_dir", str(tmp_path / "single")])
+    status = harness.main(script, module.loss_fn, module.HYPERPARAMETERS, module.run_name,
+                          argv=[*flags, "--result_dir", str(tmp_path / "single")])
     assert status == 0
     single = tmp_path / "single" / run
     history, expected = (json.loads((d / "history.json").read_text())[0] for d in (ddp, single))

@@ -1,9 +1,16 @@
+import json
+import os
+import shutil
+
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 from sklearn import metrics as skm
 
-from evaluate import (classification_scores, class_balanced_accuracy, confusion_matrix,
-                      robustness_auc)
+import evaluate
+from evaluate import class_balanced_accuracy, classification_scores, confusion_matrix, robustness_auc
+from safe_writes import lock_folder
 
 LABELS = list(range(9))
 
@@ -79,16 +86,6 @@ def test_robustness_auc_rejects_bad_levels(levels):
 
 # --- the command line: runs, checkpoints, sweeps --------------------------------------------
 
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import torch  # noqa: E402
-
-import evaluate  # noqa: E402
-
-
 @pytest.fixture(scope="module")
 def two_runs(untrained_run, tmp_path_factory):
     """Two runs A and B of tiny_cache (untrained resnet18a's of seeds 0 and 1 saved as trained CE
@@ -108,8 +105,6 @@ def test_compare_writes_the_papers_tables_and_figures(two_runs, tmp_path):
         assert (tmp_path / f"{name}.md").is_file() and (tmp_path / f"{name}.csv").is_file()
     for name in tables[1:]:
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
-    import pandas as pd
-
     paper_linf = ["0.001", "0.003", "0.005", "0.007", "0.01", "0.03", "0.05", "0.1"]
     for metric, key, auc in (("accuracy", "accuracy", "auc"), ("f1", "mean_f1", "auc_f1")):
         table = pd.read_csv(tmp_path / f"pgd_linf_{metric}.csv", index_col=0)
@@ -133,8 +128,6 @@ def test_compare_writes_the_papers_tables_and_figures(two_runs, tmp_path):
 
 
 def test_compare_refuses_aucs_of_different_level_lists(two_runs, tmp_path, capsys, one_error_line):
-    import shutil
-
     shutil.copytree(two_runs / "B", tmp_path / "B")
     evaluate.main([str(tmp_path / "B"), "--sweeps", "pgd_linf", "--levels", "extended", "--sweep_steps", "1",
                    "--sweep_restarts", "1"])
@@ -227,8 +220,6 @@ def test_an_unavailable_device_is_refused_in_one_line(tmp_path, untrained_run, o
 
 
 def test_a_run_folder_in_use_is_not_evaluated(tmp_path, untrained_run, one_error_line):
-    from safe_writes import lock_folder
-
     untrained_run(tmp_path)
     with lock_folder(tmp_path):  # as a training of that run would
         assert evaluate.main([str(tmp_path)]) == 2
@@ -296,8 +287,6 @@ def test_masking_check_passes_a_consistent_run_and_skips_incomparable_ones():
 
 
 def test_autoattack_sweeps_on_a_record_subset_and_the_compare_check(two_runs, tmp_path):
-    import shutil
-
     run = tmp_path / "B"  # a copy: the other tests read the fixture's own results
     shutil.copytree(two_runs / "B", run)
     assert evaluate.main([str(run), "--sweeps", "pgd_linf,autoattack,white", "--sweep_steps", "1",
@@ -341,8 +330,6 @@ def test_noise_never_counts_a_wrong_record_right(sweep):
 def test_sweep_results_hold_f1_and_the_confusion_matrix_of_every_level(two_runs):
     """Each level's mean F1 is scikit-learn's macro F1 of the stored confusion matrix, and its
     accuracy the balanced accuracy; the AUCs follow from the curves; the level list is named."""
-    from sklearn import metrics as skm
-
     result = json.loads((two_runs / "A" / "robustness_test.json").read_text())
     assert result["levels"] == "paper"
     for name, sweep in result["sweeps"].items():

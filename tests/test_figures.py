@@ -14,8 +14,6 @@ from distributed import choose_device
 from ECG_Dataset import get_dataloaders
 from preprocess import CLASSES, LEAD_NAMES, load_cache
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_LENGTH, RANDOM_PAD = 2048, 1024  # untrained_run's input: records truncated, then padded to 3072
 EPS = 0.05

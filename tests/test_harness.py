@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 import config
 import harness
-from helpers import REPO
+from evaluate import load_model
+from helpers import REPO, run_script
+from preprocess import load_cache
 
 
 
@@ -155,8 +157,6 @@ def test_non_finite_loss_stops_naming_epoch_and_batch(tiny_cache, tmp_path, caps
 
 
 def test_non_finite_loss_names_the_batchs_records_and_the_checkpoint_kept(tiny_cache, ce_run_copy, capsys):
-    from preprocess import load_cache
-
     tmp_path = ce_run_copy  # one epoch trained
     labels = []
 
@@ -223,12 +223,10 @@ def test_unwritable_result_folder_is_named(tmp_path, capsys):
 
 
 def test_script_reports_missing_data_without_a_traceback(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "CPSC2018_CNN_CE.py"), "--data_dir",
-                             str(tmp_path / "nowhere"), "--result_dir", str(tmp_path / "r")],
-                            capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr and result.stderr.startswith("error: ")
-    assert str(tmp_path / "nowhere") in result.stderr
+    status, _, err = run_script(REPO / "CPSC2018_CNN_CE.py", "--data_dir", str(tmp_path / "nowhere"),
+                                "--result_dir", str(tmp_path / "r"))
+    assert status == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert str(tmp_path / "nowhere") in err
 
 
 @pytest.mark.slow  # trains two runs end to end
@@ -324,10 +322,9 @@ def test_two_trainings_of_one_run_folder_never_run_together(tiny_cache, tmp_path
     try:
         wait_for(tmp_path / "started", first)
         for extra in ([], ["--resume"], ["--overwrite"]):
-            second = subprocess.run([sys.executable, str(REPO / "CPSC2018_CNN_CE.py"), *flags, *extra],
-                                    cwd=REPO, capture_output=True, text=True, timeout=300)
-            assert second.returncode == 2, second.stderr
-            assert second.stderr.strip() == (f"error: {tmp_path / 'R' / 'CE'}: this run folder is in use by "
+            status, _, err = run_script(REPO / "CPSC2018_CNN_CE.py", *flags, *extra)  # another process holds it
+            assert status == 2, err
+            assert err.strip() == (f"error: {tmp_path / 'R' / 'CE'}: this run folder is in use by "
                                              f"process {first.pid} (it holds {tmp_path / 'R' / 'CE' / '.lock'}); "
                                              "wait for it to finish or stop it")
         (tmp_path / "go").write_text("")
@@ -335,8 +332,6 @@ def test_two_trainings_of_one_run_folder_never_run_together(tiny_cache, tmp_path
     finally:
         first.kill()
         first.communicate()
-    from evaluate import load_model
-
     model, config = load_model(tmp_path / "R" / "CE")
     assert config["run_name"] == "CE" and (tmp_path / "R" / "CE" / "eval_test.json").is_file()
     assert not list((tmp_path / "R").rglob("*.tmp"))

@@ -18,8 +18,6 @@ from helpers import LinearModel, TinyCNN, right_aligned_masks
 
 # ----------------------------------------------------------------------------- helpers
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny tensors, one thread
-
 
 class SmallNet(nn.Module):
     """Convolution, per-sample GroupNorm, tanh, masked mean, linear: nonlinear and no

@@ -1,52 +1,45 @@
-"""The four method scripts end to end on a tiny configuration (each trained once, by conftest's
-method_run), and their defaults."""
+"""The four method scripts end to end on a tiny configuration (the runs of conftest's smoke
+chain, each trained once per test session), and their defaults."""
 import importlib
 import json
-import subprocess
-import sys
-from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import harness
-from helpers import TinyCNN
+from helpers import REPO, SMOKE_RUNS, TinyCNN, run_script
 from losses import jacobian_loss
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,expected_run", [
-    ("CPSC2018_CNN_CE", "CE"),
-    ("CPSC2018_CNN_NSR", "NSR_beta1_1_beta2_1"),
-    ("CPSC2018_CNN_jacob", "jacob_beta_44_proj_1"),  # the smoke preset: one projection
-    ("CPSC2018_CNN_ce_adv_pgd_ls", "advls_eps_0.01_beta_0.5"),
-])
-def test_script_runs_end_to_end_and_leaves_every_file(method_run, name, expected_run):
-    status, run = method_run(name)
-    assert status == 0 and run.name == expected_run
+@pytest.mark.parametrize("method", SMOKE_RUNS)
+def test_script_runs_end_to_end_and_leaves_every_file(smoke_chain, method):
+    root, first, _ = smoke_chain
+    run = root / "result" / "smoke" / SMOKE_RUNS[method]
+    assert f"({run.name}): done in" in first.stdout  # its script ended with status 0
     for path in ("config.json", "history.json", "curves.png", "model.pt", "checkpoints/last.pt",
-                 "checkpoints/epoch_002.pt", "eval_test.json", "eval_test.md",
+                 "checkpoints/epoch_001.pt", "eval_test.json", "eval_test.md", "confusion_test.png",
                  "robustness_test.json", "robustness_test.csv", "robustness_test.png"):
         assert (run / path).is_file(), path
     history = json.loads((run / "history.json").read_text())
-    assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert len(history) == 1 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     sweeps = json.loads((run / "robustness_test.json").read_text())["sweeps"]
     assert set(sweeps) == {"white", "pgd_linf"}
     assert sweeps["pgd_linf"]["levels"] == [0, 0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1]  # the paper's
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,keys", [("CPSC2018_CNN_NSR", {"loss_mse", "loss_margin", "loss_nsr"}),
-                                       ("CPSC2018_CNN_jacob", {"loss_ce", "loss_jacobian"}),
-                                       ("CPSC2018_CNN_ce_adv_pgd_ls", {"loss_ce"})])
-def test_extra_terms_are_logged_when_they_apply(method_run, name, keys):
-    """Smoke presets start the NSR and adversarial terms at epoch 0, so they show in the history
-    from the first epoch on."""
-    status, run = method_run(name)
-    assert status == 0
-    history = json.loads((run / "history.json").read_text())
-    assert keys <= set(history[0]), name
+@pytest.mark.parametrize("method,keys", [("NSR", {"loss_mse", "loss_margin", "loss_nsr"}),
+                                         ("jacob", {"loss_ce", "loss_jacobian"}),
+                                         ("advls", {"loss_ce", "loss_adv"})])
+def test_extra_terms_are_logged_when_they_apply(smoke_chain, method, keys):
+    """The smoke preset starts the NSR and adversarial terms at epoch 0, so they show in the
+    history from the first epoch on."""
+    root, _, _ = smoke_chain
+    history = json.loads((root / "result" / "smoke" / SMOKE_RUNS[method] / "history.json").read_text())
+    assert keys <= set(history[0]), method
 
 
 def test_run_names_carry_the_key_settings():
@@ -94,17 +87,14 @@ def test_adversarial_hyperparameters_that_cannot_train_are_refused(tmp_path, cap
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("flags,message", [  # each a process: the script's own wiring (slow: torch's import)
-    pytest.param(["--eps", "inf"], "error: --eps must be a finite non-negative number, got inf",
-                 marks=pytest.mark.slow),
+@pytest.mark.parametrize("flags,message", [
+    (["--eps", "inf"], "error: --eps must be a finite non-negative number, got inf"),
     (["--pgd_steps", "0"], "error: --pgd_steps must be at least 1, got 0"),
-    pytest.param(["--device", "mps"], "error: --device mps: MPS is not available on this machine",
-                 marks=pytest.mark.slow),
+    (["--device", "mps"], "error: --device mps: MPS is not available on this machine"),
 ])
 def test_the_script_ends_bad_flags_with_one_line(tmp_path, flags, message):
-    result = subprocess.run([sys.executable, str(Path(harness.__file__).parent / "CPSC2018_CNN_ce_adv_pgd_ls.py"),
-                             "--result_dir", str(tmp_path), *flags], capture_output=True, text=True, timeout=120)
-    assert (result.returncode, result.stderr.strip(), result.stdout) == (2, message, "")
+    status, out, err = run_script(REPO / "CPSC2018_CNN_ce_adv_pgd_ls.py", "--result_dir", str(tmp_path), *flags)
+    assert (status, err.strip(), out) == (2, message, "")
 
 
 class _MeanLinear(torch.nn.Module):
@@ -123,9 +113,6 @@ class _MeanLinear(torch.nn.Module):
 def test_adversarial_loss_keeps_its_weights_without_an_adversarial_term(epoch, all_wrong):
     """Pins fix 1 (the original's loss): (1 - beta) * CE before adv_start_epoch and in a batch
     with no correct sample, where this code used to return the bare CE (twice the gradient)."""
-    import torch.nn.functional as F
-    from types import SimpleNamespace
-
     adv = importlib.import_module("CPSC2018_CNN_ce_adv_pgd_ls")
     cfg = SimpleNamespace(**adv.HYPERPARAMETERS, epochs=70)
     model = _MeanLinear()
@@ -141,9 +128,6 @@ def test_adversarial_loss_keeps_its_weights_without_an_adversarial_term(epoch, a
 def test_adversarial_loss_weighs_both_terms_once_attacks_start():
     """From adv_start_epoch on, with correct samples, both terms: the loss exceeds (1 - beta) * CE
     by beta times a positive adversarial term."""
-    import torch.nn.functional as F
-    from types import SimpleNamespace
-
     adv = importlib.import_module("CPSC2018_CNN_ce_adv_pgd_ls")
     cfg = SimpleNamespace(**{**adv.HYPERPARAMETERS, "pgd_steps": 2}, epochs=70)
     model = _MeanLinear()

@@ -1,36 +1,18 @@
 """reproduce.py: the smoke chain end to end, skipping on a rerun, the report, the paper's plan."""
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+import evaluate
+import harness
 import reproduce
-from helpers import REPO
+from helpers import REPO, SMOKE_RUNS
 
-SMOKE_RUNS = ["CE", "NSR_beta1_1_beta2_1", "jacob_beta_44_proj_1", "advls_eps_0.01_beta_0.5"]
-
-
-def run_reproduce(cwd: Path, *flags: str) -> subprocess.CompletedProcess:
-    # One torch thread: on a shared 2-core machine two threads per process oversubscribe the cores.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(REPO / "reproduce.py"), *flags], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """The smoke preset run twice in an empty folder: (folder, first result, second result)."""
-    root = tmp_path_factory.mktemp("smoke_chain")
-    first = run_reproduce(root, "--preset", "smoke")
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = run_reproduce(root, "--preset", "smoke")
-    assert second.returncode == 0, second.stderr[-3000:]
-    return root, first, second
+RUNS = list(SMOKE_RUNS.values())
 
 
 def markdown_tables(text: str) -> list[list[list[str]]]:
@@ -47,12 +29,12 @@ def markdown_tables(text: str) -> list[list[list[str]]]:
 
 
 @pytest.mark.slow
-def test_smoke_chain_writes_report_runs_and_timings(smoke):
-    root, first, _ = smoke
+def test_smoke_chain_writes_report_runs_and_timings(smoke_chain):
+    root, first, _ = smoke_chain
     result = root / "result" / "smoke"
     assert (root / "data" / "smoke" / "train" / "REFERENCE.csv").is_file()
     assert (root / "data" / "smoke" / "processed" / "meta.json").is_file()
-    for run in SMOKE_RUNS:
+    for run in RUNS:
         for name in ("model.pt", "eval_test.json", "robustness_test.json", "config.json"):
             assert (result / run / name).is_file(), f"{run}/{name}"
         assert json.loads((result / run / "config.json").read_text())["preset"] == "smoke"
@@ -61,15 +43,15 @@ def test_smoke_chain_writes_report_runs_and_timings(smoke):
     # Every run was trained, in the paper's order, each stage announced and timed.
     order = [first.stdout.index(f"=== train {method}") for method in ("CE", "NSR", "jacob", "advls")]
     assert order == sorted(order)
-    assert all(f"({run}): done in" in first.stdout for run in SMOKE_RUNS)
+    assert all(f"({run}): done in" in first.stdout for run in RUNS)
     assert "=== data: generate synthetic records" in first.stdout and "=== data: preprocess" in first.stdout
 
 
 @pytest.mark.slow
-def test_second_invocation_skips_every_finished_stage(smoke):
-    root, first, second = smoke
+def test_second_invocation_skips_every_finished_stage(smoke_chain):
+    root, first, second = smoke_chain
     assert "=== train" not in second.stdout and "=== data" not in second.stdout
-    for run in SMOKE_RUNS:
+    for run in RUNS:
         assert re.search(rf"^skip train .*\({re.escape(run)}\)", second.stdout, re.M), run
     assert "skip data: generate synthetic records" in second.stdout
     assert "skip data: preprocess" in second.stdout
@@ -81,8 +63,8 @@ def test_second_invocation_skips_every_finished_stage(smoke):
 
 
 @pytest.mark.slow
-def test_report_tables_have_one_row_per_run_with_the_runs_numbers(smoke):
-    root, _, _ = smoke
+def test_report_tables_have_one_row_per_run_with_the_runs_numbers(smoke_chain):
+    root, _, _ = smoke_chain
     result = root / "result" / "smoke"
     report = (result / "report.md").read_text()
     assert "synthetic signals, not CPSC2018" in report
@@ -92,7 +74,7 @@ def test_report_tables_have_one_row_per_run_with_the_runs_numbers(smoke):
     pgd_accuracy, pgd_f1 = [t for t in tables if t[0][1:3] == ["clean", "0.001"]]  # accuracy, then F1
     white_accuracy, white_f1 = [t for t in tables if t[0][1:3] == ["clean", "0.05"]]
     for table in (clean, pgd_accuracy, pgd_f1, white_accuracy, white_f1):
-        assert [row[0] for row in table[1:]] == SMOKE_RUNS
+        assert [row[0] for row in table[1:]] == RUNS
     # The numbers are the runs' own evaluation files, independently read here.
     header = clean[0]
     for row in clean[1:]:
@@ -109,20 +91,20 @@ def test_report_tables_have_one_row_per_run_with_the_runs_numbers(smoke):
             assert float(row[-1]) == pytest.approx(sweep[auc], abs=5e-4)
     # Settings, checkpoints and times are stated; every linked figure exists.
     assert "2 steps of size eps/10, 1 random start(s)" in report
-    for run in SMOKE_RUNS:
+    for run in RUNS:
         assert f"`{run}/model.pt`" in report
     links = re.findall(r"\]\(([^)]+\.png)\)", report)
     assert {f"compare/{sweep}_{metric}.png" for sweep in ("pgd_linf", "white") for metric in ("accuracy", "f1")} \
         <= set(links)
     assert "compare/adversarial_example.png" in links
-    assert all(f"{run}/{name}" in links for run in SMOKE_RUNS for name in ("curves.png", "confusion_test.png"))
+    assert all(f"{run}/{name}" in links for run in RUNS for name in ("curves.png", "confusion_test.png"))
     assert all((result / link).is_file() for link in links)
     assert "## Stage timings" in report and "train CE (CE)" in report
 
 
 @pytest.mark.slow
-def test_run_state_follows_the_files(smoke, tmp_path, monkeypatch):
-    root, _, _ = smoke
+def test_run_state_follows_the_files(smoke_chain, tmp_path, monkeypatch):
+    root, _, _ = smoke_chain
     monkeypatch.chdir(root)  # where the chain ran: the runs' relative data_dir is resolved from there
     plan = reproduce.PLANS["smoke"]
     shutil.copytree(root / "result" / "smoke" / "CE", tmp_path / "CE")
@@ -143,8 +125,8 @@ def test_run_state_follows_the_files(smoke, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_cache_is_reused_only_with_the_same_split_settings(smoke):
-    root, _, _ = smoke
+def test_cache_is_reused_only_with_the_same_split_settings(smoke_chain):
+    root, _, _ = smoke_chain
     data, raw = root / "data" / "smoke" / "processed", root / "data" / "smoke" / "train"
     assert reproduce.cache_valid(data, raw, 1, 1)
     assert not reproduce.cache_valid(data, raw, 1, 2)
@@ -168,21 +150,20 @@ def test_dry_run_of_the_paper_prints_the_seven_training_commands_in_order(tmp_pa
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
 
 
-@pytest.mark.slow  # reproduce.py and its first stage as processes
-def test_a_failing_stage_is_named_and_stops_without_a_traceback(tmp_path):
+def test_a_failing_stage_is_named_and_stops_without_a_traceback(tmp_path, monkeypatch, capfd):
+    """capfd: the stage's own process writes to the same stderr."""
+    monkeypatch.chdir(tmp_path)
     foreign = tmp_path / "not_synthetic"
     foreign.mkdir()
     (foreign / "A0001.mat").write_bytes(b"not written by synthetic.py")
-    result = run_reproduce(tmp_path, "--preset", "smoke", "--raw-dir", str(foreign))
-    assert result.returncode == 1
-    assert "stage 'data: generate synthetic records' failed with exit status" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert reproduce.main(["--preset", "smoke", "--raw-dir", str(foreign)]) == 1
+    err = capfd.readouterr().err
+    assert "stage 'data: generate synthetic records' failed with exit status" in err
+    assert "Traceback" not in err and "A0001.mat" in err
     assert not (tmp_path / "result" / "smoke" / "CE").exists()  # the chain stopped there
 
 
 def test_a_run_trained_on_another_data_folder_is_not_this_presets_run(tmp_path):
-    import harness
-
     cfg = harness.parse_config("CE", {}, argv=["--preset", "smoke", "--data_dir", str(tmp_path / "data")])
     job = reproduce.Job("CE", REPO / "CPSC2018_CNN_CE.py", [], cfg, {}, tmp_path / "CE")
     (job.run_dir / "checkpoints").mkdir(parents=True)
@@ -208,8 +189,6 @@ def test_bad_methods_flag_is_one_line_error(capsys):
 
 def test_snr_tables_keep_clean_and_0_db_apart(tmp_path, fake_run):
     """SNR sweeps end at 0 dB, the loudest noise: the report's tables must not read it as clean."""
-    import evaluate
-
     levels = [None, 40, 30, 20, 15, 10, 5, 0]
     accuracy = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
     for run in ("A", "B"):
@@ -238,8 +217,6 @@ def test_mini_takes_its_records_from_raw_dir(tmp_path, monkeypatch, capsys):
 
 
 def test_report_has_the_gradient_masking_check_for_runs_with_pgd_and_the_ensemble(tmp_path, fake_run):
-    import evaluate
-    from types import SimpleNamespace
 
     result = tmp_path / "result"
     settings = {"steps": 2, "restarts": 1, "max_batches": 0, "seed": 0}

@@ -11,8 +11,8 @@ import pytest
 
 import reproduce
 import selection
+from helpers import REPO, run_script
 
-REPO = Path(__file__).resolve().parents[1]
 LEVELS = [0.0, 0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1]
 
 
@@ -61,12 +61,24 @@ def test_dry_run_lists_every_run_of_the_grids_with_its_cost(tmp_path, monkeypatc
     assert not any(tmp_path.iterdir())
 
 
+class InProcessStage:
+    """subprocess.Popen for reproduce's stages (``python script flags``), each run in this
+    process by run_script: the stages' own processes are tested by the smoke chain
+    (test_reproduce.py)."""
+
+    def __init__(self, command: list[str], env: dict):
+        self.status = run_script(Path(command[1]), *command[2:], capture=False)[0]
+
+    def wait(self) -> int:
+        return self.status
+
+
 @pytest.mark.slow
 def test_scaled_down_selection_picks_what_the_validation_results_say(tmp_path, monkeypatch):
     """Tiny synthetic data, 2 values per grid, 1 epoch of 2 batches, a 2-step PGD sweep: the
     report's picks are recomputed here from each run's robustness_val.json."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(reproduce, "subprocess", SimpleNamespace(Popen=InProcessStage))
     plan = reproduce.Plan("smoke", reproduce.SYNTHETIC_NOTE, "train", "processed", "result", 1, 1,
                           (("NSR", "beta2", (0.4, 1.2)), ("jacob", "beta", (4, 84))), "",
                           synthetic_records_per_class=4, synthetic_max_seconds=8.0, selection=True)

@@ -18,6 +18,7 @@ from scipy import signal as sps
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
+import preprocess
 import synthetic
 from synthetic import AF, CLASSES, IAVB, LBBB, NORMAL, PAC, PVC, RBBB, STD, STE, generate_dataset, synthesize_record
 
@@ -215,9 +216,7 @@ def test_regenerating_replaces_its_own_files_and_refuses_foreign_ones(tmp_path):
 
 
 def test_preprocess_reads_the_files(dataset):
-    preprocess = pytest.importorskip("preprocess")
     out_dir, table = dataset
-    assert preprocess.CLASSES == CLASSES and preprocess.LEAD_NAMES == synthetic.LEAD_NAMES
     signal, sex, age = preprocess.read_original_record(out_dir / f"{table.Recording[0]}.mat")
     stored = scipy.io.loadmat(out_dir / f"{table.Recording[0]}.mat")["ECG"][0, 0]
     np.testing.assert_array_equal(signal, stored["data"])
