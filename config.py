@@ -48,8 +48,10 @@ TRAIN_DEFAULTS = dict(
     sweep_max_batches=0,
 )
 
-# The four methods, by the names their scripts pass to harness.main (and presets' sections use).
-METHODS = ("CE", "NSR", "jacob", "advls")
+# The four methods in the paper's order: the name each script passes to harness.main (and
+# presets' sections use) -> the script's module name.
+METHODS = {"CE": "CPSC2018_CNN_CE", "NSR": "CPSC2018_CNN_NSR", "jacob": "CPSC2018_CNN_jacob",
+           "advls": "CPSC2018_CNN_ce_adv_pgd_ls"}
 
 # Whole-number settings (shared and of the methods); SWITCHES are on/off flags, TEXTS strings;
 # every other setting is a float.

@@ -38,17 +38,14 @@ import pandas as pd
 import evaluate
 import selection
 from checkpoints import RESUME_KEYS, changed_settings
-from config import (PRESETS, SWEEPS, TRAIN_DEFAULTS, ConfigError, OneLineParser, parse_config, parse_sweeps,
-                    preset_settings)
+from config import (METHODS, PRESETS, SWEEPS, TRAIN_DEFAULTS, ConfigError, OneLineParser, parse_config,
+                    parse_sweeps, preset_settings)
 from preprocess import DataError, load_cache
 from safe_writes import read_json, write_json
 from synthetic import MARKER_NAME
 
 REPO = Path(__file__).resolve().parent
 
-# Method name -> its training script (module name in this folder), in the paper's order.
-METHOD_SCRIPTS = {"CE": "CPSC2018_CNN_CE", "NSR": "CPSC2018_CNN_NSR", "jacob": "CPSC2018_CNN_jacob",
-                  "advls": "CPSC2018_CNN_ce_adv_pgd_ls"}
 CHANCE_NOTE_ACCURACY = 1.5 / 9  # the report flags runs whose clean accuracy is no better than this
 PAPER_SWEEPS = "pgd_linf,pgd_l2,white"
 REAL_NOISE_SWEEPS = "baseline_wander,powerline_50hz,muscle"  # beyond the paper, for the report
@@ -158,8 +155,8 @@ def plan_jobs(plan: Plan, methods: list[str], data_dir: str, result_dir: str) ->
     exactly as the script will resolve them (so the run folder name is the script's)."""
     grids = {method: (setting, values) for method, setting, values in plan.grid}
     jobs = []
-    for method in (m for m in METHOD_SCRIPTS if m in methods and (m in grids or not plan.selection)):
-        module = importlib.import_module(METHOD_SCRIPTS[method])
+    for method in (m for m in METHODS if m in methods and (m in grids or not plan.selection)):
+        module = importlib.import_module(METHODS[method])
         setting, values = grids.get(method, ("", (None,)))
         for value in values:
             flags = ["--preset", plan.harness_preset, "--data_dir", data_dir, "--result_dir", result_dir,
@@ -478,7 +475,7 @@ def _run_settings(job: Job) -> str:
 def _preset_changes(preset: str, job: Job) -> str:
     """What ``preset`` changes for this run against the paper's settings (config.PRESETS):
     its method settings and its own section, each with the paper's value."""
-    module = importlib.import_module(METHOD_SCRIPTS[job.method])
+    module = importlib.import_module(METHODS[job.method])
     paper = {**TRAIN_DEFAULTS, **module.TRAINING, **job.hyperparameters}
     changed = {k: v for k, v in preset_settings(preset, job.method).items()
                if k in job.hyperparameters or k in PRESETS[preset].get(job.method, {})}
@@ -658,8 +655,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_flag("--result_dir", help="where the runs, compare/, report.md and timings.json go "
                                          "(default per preset: "
                                          + ", ".join(f"{k} {p.result_dir}" for k, p in PLANS.items()) + ")")
-    parser.add_argument("--methods", nargs="+", default=list(METHOD_SCRIPTS), metavar="METHOD",
-                        help=f"a subset of {', '.join(METHOD_SCRIPTS)} (space- or comma-separated)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
+                        help=f"a subset of {', '.join(METHODS)} (space- or comma-separated)")
     parser.add_flag("--skip_train", action="store_true",
                     help="no data or training stages: compare the finished runs and write the report")
     parser.add_flag("--dry_run", action="store_true", help="print the commands, run nothing")
@@ -674,10 +671,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.nproc_per_node < 1:
         raise ReproduceError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
     methods = [m.strip() for token in args.methods for m in token.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHOD_SCRIPTS]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ReproduceError(f"--methods: unknown method '{unknown[0] if unknown else ''}' "
-                             f"(known: {', '.join(METHOD_SCRIPTS)})")
+                             f"(known: {', '.join(METHODS)})")
     args.methods = methods
     # `torchrun --nproc_per_node N reproduce.py ...` means what `--nproc-per-node N` says: the
     # first process runs the chain, starting every run with N processes; the others are done.
@@ -704,7 +701,7 @@ def reproduce(args: argparse.Namespace) -> int:
     raw_dir = Path(args.raw_dir or plan.raw_dir)
     data_dir = Path(plan.data_dir)
     result_dir = Path(args.result_dir or plan.result_dir)
-    all_jobs = plan_jobs(plan, list(METHOD_SCRIPTS), str(data_dir), str(result_dir))
+    all_jobs = plan_jobs(plan, list(METHODS), str(data_dir), str(result_dir))
     jobs = [job for job in all_jobs if job.method in args.methods]
     timings = Timings(result_dir / "timings.json", args.preset, args.dry_run)
     print(f"reproduce: preset {args.preset}, records {raw_dir}, cache {data_dir}, results {result_dir}, "

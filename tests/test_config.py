@@ -23,7 +23,7 @@ def test_the_scripts_show_the_shared_settings_of_the_protocol():
 
 
 def test_every_preset_setting_belongs_to_a_method_or_the_shared_settings():
-    hyperparameters = {method: importlib.import_module(reproduce.METHOD_SCRIPTS[method]).HYPERPARAMETERS
+    hyperparameters = {method: importlib.import_module(config.METHODS[method]).HYPERPARAMETERS
                        for method in config.METHODS}
     known = set(config.TRAIN_DEFAULTS).union(*hyperparameters.values())
     for name, preset in config.PRESETS.items():
@@ -43,9 +43,9 @@ def test_a_method_section_of_a_preset_applies_to_that_method_only(monkeypatch):
 
 
 def test_a_preset_means_the_same_through_the_script_and_reproduce():
-    jobs = reproduce.plan_jobs(reproduce.PLANS["demo"], list(reproduce.METHOD_SCRIPTS), "data", "result")
+    jobs = reproduce.plan_jobs(reproduce.PLANS["demo"], list(config.METHODS), "data", "result")
     for job in jobs:
-        module = importlib.import_module(reproduce.METHOD_SCRIPTS[job.method])
+        module = importlib.import_module(config.METHODS[job.method])
         direct = config.parse_config(job.method, module.HYPERPARAMETERS, ["--preset", "demo"],
                                      training=module.TRAINING)
         for key in [*module.HYPERPARAMETERS, *module.TRAINING]:

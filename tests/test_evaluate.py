@@ -127,6 +127,7 @@ def test_compare_writes_the_papers_tables_and_figures(two_runs, tmp_path):
     assert len(markdown) == 4 and markdown[2].startswith("| A |")
 
 
+@pytest.mark.slow  # an evaluation at the extended levels
 def test_compare_refuses_aucs_of_different_level_lists(two_runs, tmp_path, capsys, one_error_line):
     shutil.copytree(two_runs / "B", tmp_path / "B")
     evaluate.main([str(tmp_path / "B"), "--sweeps", "pgd_linf", "--levels", "extended", "--sweep_steps", "1",
@@ -286,6 +287,7 @@ def test_masking_check_passes_a_consistent_run_and_skips_incomparable_ones():
     assert "- **CE**: No sign of gradient masking" in markdown
 
 
+@pytest.mark.slow  # the AutoAttack-style sweeps
 def test_autoattack_sweeps_on_a_record_subset_and_the_compare_check(two_runs, tmp_path):
     run = tmp_path / "B"  # a copy: the other tests read the fixture's own results
     shutil.copytree(two_runs / "B", run)
