@@ -503,6 +503,8 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise EvaluationError(f"--out {out_dir}: cannot create the output folder ({error.strerror})") from None
+    for optional in ("masking_check.md", "adversarial_example.png", "adversarial_example.json"):
+        (out_dir / optional).unlink(missing_ok=True)  # an earlier compare's, which this one may not redraw
     names = [Path(r).name for r in run_dirs]
     if len(set(names)) != len(names):
         names = [str(r) for r in run_dirs]

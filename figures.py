@@ -1,8 +1,9 @@
 """The pictures papers in this field show, beyond the tables (PROTOCOL section 10).
 
 - ``confusion_matrix_figure``: a heatmap of one run's confusion matrix, class names on both axes.
-- ``adversarial_example_figure``: one test record, clean and under L-inf PGD, for several runs
-  side by side (same record, same eps), with the data it plots written as JSON next to it.
+- ``adversarial_example_figure``: one record of a split (test by default), clean and under
+  L-inf PGD, for several runs side by side (same record, same eps), with the data it plots
+  written as JSON next to it.
 
 evaluate.py draws both: confusion_<split>.png for each run it evaluates, and
 adversarial_example.png/.json in the folder of ``python evaluate.py compare``.
