@@ -37,8 +37,9 @@ def check_hyperparameters(cfg):
     non_negative(cfg, *HYPERPARAMETERS)
     if cfg.pgd_steps < 1:
         raise ConfigError(f"--pgd_steps must be at least 1, got {cfg.pgd_steps}")
-    if cfg.label_smoothing > 1:
-        raise ConfigError(f"--label_smoothing must be between 0 and 1, got {cfg.label_smoothing:g}")
+    for key in ("beta", "label_smoothing"):  # beta > 1 would give the clean term a negative weight
+        if getattr(cfg, key) > 1:
+            raise ConfigError(f"--{key} must be between 0 and 1, got {getattr(cfg, key):g}")
 
 
 def loss_fn(model, x, y, mask, epoch, cfg):

@@ -29,6 +29,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from preprocess import FS
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -668,7 +670,7 @@ def _sinusoids(x: torch.Tensor, freqs: torch.Tensor, amplitudes: torch.Tensor,
     return wave.to(x.dtype)
 
 
-def baseline_wander(x: torch.Tensor, mask: torch.Tensor, snr_db: float, fs: float = 500,
+def baseline_wander(x: torch.Tensor, mask: torch.Tensor, snr_db: float, fs: float = FS,
                     generator: torch.Generator | None = None) -> torch.Tensor:
     """Baseline wander: a sum of three sinusoids of 0.05-0.5 Hz, random amplitude and phase
     per record and lead, added inside the mask at ``snr_db`` and clipped to [-1, 1]."""
@@ -680,7 +682,7 @@ def baseline_wander(x: torch.Tensor, mask: torch.Tensor, snr_db: float, fs: floa
     return _add_at_snr(x, mask, _sinusoids(x, freqs, amplitudes, phases, fs), snr_db)
 
 
-def powerline(x: torch.Tensor, mask: torch.Tensor, snr_db: float, fs: float = 500,
+def powerline(x: torch.Tensor, mask: torch.Tensor, snr_db: float, fs: float = FS,
               freq: float = 50.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Powerline interference: a ``freq`` Hz sinusoid plus its 3rd harmonic at 10 % amplitude
     (left out when above the Nyquist frequency), random phases per record and lead, added
@@ -700,7 +702,7 @@ def powerline(x: torch.Tensor, mask: torch.Tensor, snr_db: float, fs: float = 50
     return _add_at_snr(x, mask, _sinusoids(x, freqs, amplitudes, phases, fs), snr_db)
 
 
-def muscle_noise(x: torch.Tensor, mask: torch.Tensor, snr_db: float, fs: float = 500,
+def muscle_noise(x: torch.Tensor, mask: torch.Tensor, snr_db: float, fs: float = FS,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Muscle (EMG) noise: Gaussian noise band-limited to 20-150 Hz (upper edge capped at
     the Nyquist frequency) by an FFT brick-wall filter, added inside the mask at ``snr_db``

@@ -1,12 +1,13 @@
 """The pictures papers in this field show, beyond the tables (PROTOCOL section 10).
 
+- ``training_curves_figure``: a run's loss terms and validation accuracy per epoch.
 - ``confusion_matrix_figure``: a heatmap of one run's confusion matrix, class names on both axes.
 - ``adversarial_example_figure``: one record of a split (test by default), clean and under
   L-inf PGD, for several runs side by side (same record, same eps), with the data it plots
   written as JSON next to it.
 
-evaluate.py draws both: confusion_<split>.png for each run it evaluates, and
-adversarial_example.png/.json in the folder of ``python evaluate.py compare``.
+harness.py draws a run's curves.png; evaluate.py confusion_<split>.png for each run it
+evaluates, and adversarial_example.png/.json in the folder of ``python evaluate.py compare``.
 """
 from __future__ import annotations
 
@@ -40,6 +41,24 @@ JSON_DECIMALS = 6  # float32 carries about 7 significant digits; rounding keeps 
 
 class ExampleUnavailable(Exception):
     """The runs cannot share one adversarial example; the message says why."""
+
+
+def training_curves_figure(history: list[dict], path: Path, title: str) -> None:
+    """Training loss terms (epoch means) and validation accuracy per epoch: a run's curves.png."""
+    epochs = [h["epoch"] for h in history]
+    loss_keys = dict.fromkeys(k for h in history for k in h if k.startswith("loss"))  # terms may start late
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in loss_keys:
+        ax_loss.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=key)
+    ax_loss.set(xlabel="epoch", ylabel="training loss (epoch mean)", yscale="symlog")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [h["val_accuracy"] for h in history], marker="o", label="validation")
+    ax_acc.set(xlabel="epoch", ylabel="class-balanced accuracy", ylim=(0, 1))
+    ax_acc.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def confusion_matrix_figure(cm: np.ndarray, path: Path, title: str) -> None:

@@ -22,13 +22,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
-import matplotlib
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 import evaluate
+import figures
 from checkpoints import (RESUME_KEYS, Progress, changed_settings, newest_checkpoint, rng_state, save_atomic,
                          set_rng_state)
 from config import ConfigError, check_run_name, parse_config
@@ -39,9 +39,6 @@ from ECG_Dataset import batch_records, get_dataloaders, set_loader_epoch
 from preprocess import DataError
 from run_folder import start_run
 from safe_writes import FolderInUseError, write_json
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -63,23 +60,6 @@ def seed_everything(seed: int, cudnn_benchmark: bool = False) -> None:
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = not cudnn_benchmark
     torch.backends.cudnn.benchmark = cudnn_benchmark
-
-
-def plot_history(history: list[dict], path: Path, title: str) -> None:
-    epochs = [h["epoch"] for h in history]
-    loss_keys = dict.fromkeys(k for h in history for k in h if k.startswith("loss"))  # terms may start late
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in loss_keys:
-        ax_loss.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=key)
-    ax_loss.set(xlabel="epoch", ylabel="training loss (epoch mean)", yscale="symlog")
-    ax_loss.legend()
-    ax_acc.plot(epochs, [h["val_accuracy"] for h in history], marker="o", label="validation")
-    ax_acc.set(xlabel="epoch", ylabel="class-balanced accuracy", ylim=(0, 1))
-    ax_acc.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 class _StopRequest:
@@ -247,7 +227,7 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path,
                                 train_loader.generator)
             if is_main_process():
                 write_json(progress.history, run_dir / "history.json")
-                plot_history(progress.history, run_dir / "curves.png", f"{cfg.method}: {cfg.run_name}")
+                figures.training_curves_figure(progress.history, run_dir / "curves.png", f"{cfg.method}: {cfg.run_name}")
         if stop.signum is not None:  # arrived after the last batch: stop before the evaluation
             return unwrap(model), 128 + stop.signum
     return unwrap(model), 0

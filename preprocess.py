@@ -285,8 +285,9 @@ def _parse_signal_line(line: str) -> tuple[str, float, float, str, str]:
 def _read_wfdb_header(hea_path: Path) -> _WfdbHeader:
     """Parse and check a WFDB header; raise RecordError with the reason if it is unusable.
 
-    A small parser of the WFDB header format (record line, signal lines, ``#`` comments):
-    wfdb.rdheader needs about 12 ms per header, too slow for 6877 records read twice.
+    A small parser of the WFDB header format (record line, signal lines, ``#`` comments), in
+    place of wfdb.rdheader, which is much slower per header (benchmarks/README.md); every
+    header is read twice.
     """
     if not hea_path.is_file():
         raise RecordError(f"header {hea_path.name} not found")

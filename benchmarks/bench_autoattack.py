@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's
 
 from benchmarks.common import (RATIO_TARGET, add_attack_arguments, add_common_arguments,  # noqa: E402
                                apply_smoke, attack_setup, bare_passes, check_at_least_one, command_line,
-                               default_out, environment, start, timed, write_json)
+                               default_out, environment, save_result, start, timed)
 from ECG_CNN import check_length  # noqa: E402
 from attacks import apgd_attack, square_attack  # noqa: E402
 from config import OneLineParser  # noqa: E402
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
           f"fooled (eps {args.eps}): {fooled}; APGD ratio target <= {RATIO_TARGET}")
 
     out = args.out or default_out("autoattack", device, args.smoke)
-    write_json(out, {
+    save_result(out, {
         "command": command, **environment(device), "model": args.model, "batch_size": args.batch_size,
         "length": args.length, "steps": args.steps, "queries": args.queries, "repeats": args.repeats,
         "eps": args.eps, "time": "process CPU" if measure else "wall", "fooled": fooled, "ratio_target": RATIO_TARGET, "smoke": args.smoke,

@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
@@ -31,9 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's
 import attacks  # noqa: E402
 import harness  # noqa: E402
 from benchmarks.common import (add_common_arguments, apply_smoke, command_line,  # noqa: E402
-                               default_out, environment, open_device, timed, write_json)
+                               default_out, environment, open_device, save_result, timed)
 from config import ConfigError, OneLineParser  # noqa: E402
 from ECG_CNN import build_model  # noqa: E402
+from ECG_Dataset import PADDED_LENGTH, RANDOM_PAD, ClassBalancedSampler, ECGDataset  # noqa: E402
+from preprocess import Cache  # noqa: E402
 
 ROWS = {
     # name: (script, extra flags, epoch at which the step is timed)
@@ -59,12 +63,6 @@ def make_batch(batch_size: int, length: int, device: torch.device):
 
 def make_loader(batch_size: int, length: int):
     """The training loader over 200 random records of 6 to 60 s (truncated to fit ``length``)."""
-    import numpy as np
-    import pandas as pd
-
-    from ECG_Dataset import ClassBalancedSampler, ECGDataset
-    from preprocess import Cache
-
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.lognormal(np.log(6500), 0.5, 200).astype(int), 3000, 30000)
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -73,7 +71,7 @@ def make_loader(batch_size: int, length: int):
                             "offset": offsets, "length": lengths}).set_index("Recording", drop=False)
     cache = Cache(signals=rng.normal(size=(12, lengths.sum())).astype(np.float32), records=records,
                   splits={}, meta={})
-    pad = min(3072, length - 1024)
+    pad = min(RANDOM_PAD, length - 1024)
     dataset = ECGDataset(cache, records, length - pad, length, random_pad=pad)
     return torch.utils.data.DataLoader(dataset, batch_size, sampler=ClassBalancedSampler(dataset.labels))
 
@@ -133,7 +131,7 @@ def measure(row: str, args) -> dict:
 
 def main(argv=None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_flag("--length", type=int, default=33792, help="input length T (paper: 33792)")
+    parser.add_flag("--length", type=int, default=PADDED_LENGTH, help=f"input length T (paper: {PADDED_LENGTH})")
     parser.add_flag("--batch_size", type=int, default=8)
     parser.add_flag("--repeats", type=int, default=3, help="timed steps; the fastest counts")
     parser.add_flag("--warmup", type=int, default=1)
@@ -185,7 +183,7 @@ def main(argv=None) -> int:
         ratio = f"{r['seconds_per_sample'] / ce:.2f}" if ce else "-"
         print(f"| {r['row']} | {r['seconds_per_sample'] * 1000:.1f} | {ratio} | {r['peak_memory_mb']:.0f} |")
     out = args.out or default_out("methods", device, args.smoke)
-    write_json(out, {"command": command, "settings": settings, "rows": results})
+    save_result(out, {"command": command, "settings": settings, "rows": results})
     return 0
 
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's
 
 from benchmarks.common import (RATIO_TARGET, add_attack_arguments, add_common_arguments,  # noqa: E402
                                apply_smoke, attack_setup, bare_passes, check_at_least_one, command_line,
-                               default_out, environment, start, timed, write_json)
+                               default_out, environment, save_result, start, timed)
 from ECG_CNN import check_length  # noqa: E402
 from attacks import pgd_attack  # noqa: E402
 from config import OneLineParser  # noqa: E402
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(eps {args.early_stop_eps}); ratio target <= {RATIO_TARGET}")
 
     out = args.out or default_out("pgd", device, args.smoke)
-    write_json(out, {
+    save_result(out, {
         "command": command, **environment(device), "model": args.model, "batch_size": args.batch_size, "length": args.length,
         "steps": args.steps, "repeats": args.repeats, "eps": args.eps,
         "early_stop_eps": args.early_stop_eps, "early_stop_fooled": fooled,

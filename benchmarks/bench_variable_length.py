@@ -41,10 +41,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 
 from benchmarks.common import (add_common_arguments, apply_smoke, check_at_least_one,  # noqa: E402
-                               command_line, default_out, environment, open_device, timed, write_json)
+                               command_line, default_out, environment, open_device, save_result, timed)
 from config import ConfigError, OneLineParser  # noqa: E402
 from ECG_CNN import build_model, check_length  # noqa: E402
-from ECG_Dataset import get_dataloaders, set_loader_epoch  # noqa: E402
+from ECG_Dataset import MAX_LENGTH, RANDOM_PAD, get_dataloaders, set_loader_epoch  # noqa: E402
 from harness import make_optimizer  # noqa: E402
 from preprocess import DataError, preprocess  # noqa: E402
 from synthetic import generate_dataset  # noqa: E402
@@ -62,8 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_flag("--synthetic_per_class", type=int, default=20,
                     help="records per class of the synthetic set (without --records)")
     parser.add_flag("--batch_size", type=int, default=64, help="default: the paper's 64")
-    parser.add_flag("--max_length", type=int, default=30720, help="records are cut to this")
-    parser.add_flag("--random_pad", type=int, default=3072,
+    parser.add_flag("--max_length", type=int, default=MAX_LENGTH, help="records are cut to this")
+    parser.add_flag("--random_pad", type=int, default=RANDOM_PAD,
                     help="training shift range; fixed T = max_length + random_pad")
     parser.add_flag("--fixed_steps", type=int, default=2, help="timed batches per fixed-T case")
     parser.add_flag("--repeats", type=int, default=3, help="timed repeats (each batch's fastest counts)")
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['padding_fraction']:>9.2f}")
 
     out = args.out or default_out("variable_length", device, args.smoke)
-    write_json(out, {
+    save_result(out, {
         "command": command, "records": records, **environment(device),
         "settings": {key: (str(value) if isinstance(value, Path) else value)
                      for key, value in vars(args).items() if key != "out"},

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shlex
 import sys
@@ -16,7 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's
 
 from attacks import ce_loss  # noqa: E402
 from config import ConfigError, OneLineParser  # noqa: E402
+from distributed import choose_device  # noqa: E402
 from ECG_CNN import build_model  # noqa: E402
+from ECG_Dataset import PADDED_LENGTH  # noqa: E402
+from safe_writes import write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -35,7 +37,7 @@ def add_common_arguments(parser: OneLineParser, name: str, smoke_help: str) -> N
 def add_attack_arguments(parser: OneLineParser, steps_help: str) -> None:
     """The sizes of the attack benchmarks (bench_pgd.py, bench_autoattack.py)."""
     parser.add_flag("--batch_size", type=int, default=8)
-    parser.add_flag("--length", type=int, default=33792, help="input length T")
+    parser.add_flag("--length", type=int, default=PADDED_LENGTH, help="input length T")
     parser.add_flag("--steps", type=int, default=100, help=steps_help)
     parser.add_flag("--repeats", type=int, default=3, help="timed repeats (median reported)")
     parser.add_flag("--model", default="resnet18a")
@@ -105,8 +107,7 @@ def open_device(name: str, threads: int | None) -> torch.device:
     if threads is not None and threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
     try:
-        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available()
-                              else "cpu" if name == "auto" else name)
+        device = choose_device(name)
         torch.empty(0, device=device)
     except (AssertionError, RuntimeError) as error:  # torch asserts when built without CUDA
         raise ValueError(f"--device {name}: not available here ({error})") from None
@@ -145,7 +146,8 @@ def environment(device: torch.device) -> dict:
             "threads": torch.get_num_threads(), "python": platform.python_version()}
 
 
-def write_json(out: Path, record: dict) -> None:
+def save_result(out: Path, record: dict) -> None:
+    """Write a benchmark's JSON record to ``out`` and say where."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(record, out)
     print(f"wrote {out}")

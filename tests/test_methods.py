@@ -78,6 +78,7 @@ def test_method_defaults_follow_the_paper():
 @pytest.mark.parametrize("flags,message", [
     (["--pgd_steps", "0"], "--pgd_steps must be at least 1, got 0"),
     (["--label_smoothing", "2"], "--label_smoothing must be between 0 and 1, got 2"),
+    (["--beta", "1.5"], "--beta must be between 0 and 1, got 1.5"),
 ])
 def test_adversarial_hyperparameters_that_cannot_train_are_refused(tmp_path, capsys, flags, message):
     adv = importlib.import_module("CPSC2018_CNN_ce_adv_pgd_ls")
