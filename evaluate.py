@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import matplotlib
 import numpy as np
 import pandas as pd
 import torch
@@ -32,12 +31,10 @@ from distributed import (all_sum, distributed, init_distributed, is_main_process
 from ECG_CNN import build_model
 from ECG_Dataset import BucketBatchSampler, crop_collate, get_dataloaders
 from metrics import (NUM_CLASSES, class_balanced_accuracy, classification_scores, confusion_matrix,
-                     mean_f1, ratio, robustness_auc, scores_table, to_markdown)
+                     SWEEP_METRICS, mean_f1, ratio, robustness_auc, scores_table, to_markdown)
 from preprocess import CLASSES, DataError
 from safe_writes import FolderInUseError, lock_folder, read_json, write_json
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 
 SQUARE_QUERIES_PER_STEP = 10  # Square's queries per gradient-attack iteration: 1000 at the paper's 100
 MASKING_GAP = 0.02  # ensemble accuracy this far below PGD's (2 points) flags gradient masking
@@ -157,10 +154,6 @@ def sweep_levels(sweep: str, levels: str = "paper") -> tuple[list[float], list[f
     return [0.0, *chosen], [0.0, *chosen]
 
 
-# What a sweep reports per level and how the tables name it: {result key: (its AUC's key, label)}.
-SWEEP_METRICS = {"accuracy": ("auc", "class-balanced accuracy"), "mean_f1": ("auc_f1", "mean F1")}
-
-
 def robustness_sweep(model: torch.nn.Module, loader, sweep: str, device: torch.device,
                      steps: int = 100, restarts: int = 2, max_batches: int = 0,
                      seed: int = 0, sharded: bool = False, levels: str = "paper") -> dict:
@@ -213,30 +206,6 @@ def robustness_sweep(model: torch.nn.Module, loader, sweep: str, device: torch.d
             "settings": {"steps": steps, "restarts": restarts, "max_batches": max_batches,
                          "seed": seed},
             "seconds": round(time.perf_counter() - started, 3)}
-
-
-def plot_sweeps(curves: dict[str, dict[str, dict]], path: Path, title: str, metric: str = "accuracy") -> None:
-    """One panel per sweep, one curve per run: curves[run][sweep] = robustness_sweep(...);
-    ``metric``: a key of SWEEP_METRICS."""
-    auc_key, label = SWEEP_METRICS[metric]
-    sweeps = list(dict.fromkeys(s for run in curves.values() for s in run))
-    columns = min(3, len(sweeps))
-    rows = -(-len(sweeps) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False)
-    for ax, sweep in zip(axes.flat, sweeps):
-        for run, results in curves.items():
-            if sweep in results:
-                r = results[sweep]
-                ax.plot(r["axis_levels"], r[metric], marker="o",
-                        label=f"{run} (AUC {r[auc_key]:.3f}, {r['level_list']} levels)")
-        ax.set(title=sweep, xlabel=SWEEPS[sweep][3], ylabel=label, ylim=(0, 1))
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(sweeps):]:
-        ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def sweep_rows(run: str, result: dict) -> list[dict]:
@@ -433,8 +402,8 @@ def evaluate_run(run_dir: Path, model: torch.nn.Module, cfg: SimpleNamespace, sp
                    Path(run_dir) / f"robustness_{split}.json")
         pd.DataFrame([row for c in curves.values() for row in sweep_rows(cfg.run_name, c)]).to_csv(
             Path(run_dir) / f"robustness_{split}.csv", index=False)
-        plot_sweeps({cfg.run_name: curves}, Path(run_dir) / f"robustness_{split}.png",
-                    f"{cfg.run_name}: {split} split")
+        figures.sweep_curves_figure({cfg.run_name: curves}, Path(run_dir) / f"robustness_{split}.png",
+                                    f"{cfg.run_name}: {split} split")
         for name, curve in curves.items():
             print(f"{name} ({cfg.levels} levels): AUC {curve['auc']:.3f}, AUC of F1 {curve['auc_f1']:.3f}; "
                   "accuracy " + ", ".join(f"{a:.3f}" for a in curve["accuracy"]) +
@@ -537,8 +506,9 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
         markdown[table_name] = to_markdown(table)
         (out_dir / f"{table_name}.md").write_text(markdown[table_name] + "\n")
     for table_name, (sweep, metric) in sweep_plots.items():
-        plot_sweeps({name: {sweep: c[sweep]} for name, c in curves.items() if sweep in c},
-                    out_dir / f"{table_name}.png", f"{sweep}, {split} split: {SWEEP_METRICS[metric][1]}", metric)
+        figures.sweep_curves_figure({name: {sweep: c[sweep]} for name, c in curves.items() if sweep in c},
+                                    out_dir / f"{table_name}.png", f"{sweep}, {split} split: {SWEEP_METRICS[metric][1]}",
+                                    metric)
     checks = {name: check for name, results in curves.items() if (check := masking_check(results))}
     if checks:
         markdown["masking_check"] = masking_check_markdown(checks)

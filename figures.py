@@ -1,13 +1,16 @@
 """The pictures papers in this field show, beyond the tables (PROTOCOL section 10).
 
 - ``training_curves_figure``: a run's loss terms and validation accuracy per epoch.
+- ``sweep_curves_figure``: robustness curves, one panel per sweep and one curve per run.
 - ``confusion_matrix_figure``: a heatmap of one run's confusion matrix, class names on both axes.
 - ``adversarial_example_figure``: one record of a split (test by default), clean and under
   L-inf PGD, for several runs side by side (same record, same eps), with the data it plots
   written as JSON next to it.
 
-harness.py draws a run's curves.png; evaluate.py confusion_<split>.png for each run it
-evaluates, and adversarial_example.png/.json in the folder of ``python evaluate.py compare``.
+harness.py draws a run's curves.png; evaluate.py robustness_<split>.png and
+confusion_<split>.png for each run it evaluates, and the sweep figures and
+adversarial_example.png/.json in the folder of ``python evaluate.py compare``; selection.py
+the validation curves of the coefficient study.
 """
 from __future__ import annotations
 
@@ -20,8 +23,10 @@ import numpy as np
 import torch
 
 import attacks
+from config import SWEEPS
 from distributed import choose_device
 from ECG_Dataset import LEADS, get_dataloaders
+from metrics import SWEEP_METRICS
 from preprocess import CLASSES, FS, LEAD_NAMES
 from safe_writes import write_text_atomic
 
@@ -55,6 +60,31 @@ def training_curves_figure(history: list[dict], path: Path, title: str) -> None:
     ax_acc.plot(epochs, [h["val_accuracy"] for h in history], marker="o", label="validation")
     ax_acc.set(xlabel="epoch", ylabel="class-balanced accuracy", ylim=(0, 1))
     ax_acc.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def sweep_curves_figure(curves: dict[str, dict[str, dict]], path: Path, title: str,
+                        metric: str = "accuracy") -> None:
+    """One panel per sweep, one curve per run: curves[run][sweep] = evaluate.robustness_sweep(...);
+    ``metric``: a key of SWEEP_METRICS."""
+    auc_key, label = SWEEP_METRICS[metric]
+    sweeps = list(dict.fromkeys(s for run in curves.values() for s in run))
+    columns = min(3, len(sweeps))
+    rows = -(-len(sweeps) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False)
+    for ax, sweep in zip(axes.flat, sweeps):
+        for run, results in curves.items():
+            if sweep in results:
+                r = results[sweep]
+                ax.plot(r["axis_levels"], r[metric], marker="o",
+                        label=f"{run} (AUC {r[auc_key]:.3f}, {r['level_list']} levels)")
+        ax.set(title=sweep, xlabel=SWEEPS[sweep][3], ylabel=label, ylim=(0, 1))
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(sweeps):]:
+        ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

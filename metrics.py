@@ -9,6 +9,9 @@ import pandas as pd
 from preprocess import CLASSES
 
 NUM_CLASSES = len(CLASSES)
+
+# What a sweep reports per level and how the tables name it: {result key: (its AUC's key, label)}.
+SWEEP_METRICS = {"accuracy": ("auc", "class-balanced accuracy"), "mean_f1": ("auc_f1", "mean F1")}
 # CPSC2018 sub-scores: groups of class indices (0-based) scored together.
 SUBSCORE_GROUPS = {"Faf": (1,), "Fblock": (2, 3, 4), "Fpc": (5, 6), "Fst": (7, 8)}
 

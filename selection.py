@@ -11,8 +11,9 @@ import math
 from pathlib import Path
 
 import evaluate
+import figures
 from config import noise_levels
-from metrics import to_markdown
+from metrics import SWEEP_METRICS, to_markdown
 from safe_writes import read_json, write_json
 
 # criterion: its score in one PGD sweep result (robustness_sweep) on the validation split
@@ -60,8 +61,9 @@ def selection_report(studies: dict[str, tuple[str, dict[float, Path]]], sweep: s
             table.to_csv(stem.with_suffix(".csv"), float_format="%.4f")
             markdown = to_markdown(table)
             stem.with_suffix(".md").write_text(markdown + "\n")
-            label = evaluate.SWEEP_METRICS[metric][1]
-            evaluate.plot_sweeps(curves, stem.with_suffix(".png"), f"{method}, validation split: {label}", metric)
+            label = SWEEP_METRICS[metric][1]
+            figures.sweep_curves_figure(curves, stem.with_suffix(".png"), f"{method}, validation split: {label}",
+                                        metric)
             lines += [f"{label.capitalize()}:", "", markdown, "",
                       f"![{method}, {label}]({out_dir.name}/{stem.name}.png)", ""]
         chosen = picks(results)
