@@ -506,9 +506,9 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
         markdown[table_name] = to_markdown(table)
         (out_dir / f"{table_name}.md").write_text(markdown[table_name] + "\n")
     for table_name, (sweep, metric) in sweep_plots.items():
+        title = f"{sweep}, {split} split: {SWEEP_METRICS[metric][1]}"
         figures.sweep_curves_figure({name: {sweep: c[sweep]} for name, c in curves.items() if sweep in c},
-                                    out_dir / f"{table_name}.png", f"{sweep}, {split} split: {SWEEP_METRICS[metric][1]}",
-                                    metric)
+                                    out_dir / f"{table_name}.png", title, metric)
     checks = {name: check for name, results in curves.items() if (check := masking_check(results))}
     if checks:
         markdown["masking_check"] = masking_check_markdown(checks)
