@@ -66,29 +66,38 @@ def flag_type(key: str) -> type:
     return bool if key in SWITCHES else str if key in TEXTS else int if key in COUNTS else float
 
 
+# Sweeps beyond the paper's (TRAIN_DEFAULTS' sweeps), named once for the presets below.
+REAL_NOISE_SWEEPS = "baseline_wander,powerline_50hz,muscle"  # noise that real ECGs carry
+ENSEMBLE_SWEEPS = "apgd_ce,apgd_dlr,square,autoattack"  # the gradient-masking check
+
 # Named bundles of overrides, the same whichever entry point runs them (a method script or
-# reproduce.py). "paper" is the defaults; "demo" and "smoke" run on the synthetic dataset that
+# reproduce.py, whose PLANS add only what reproduce itself does: data, split sizes, grids).
+# "paper" is the defaults; "demo" and "smoke" run on the synthetic dataset that
 # `python synthetic.py` writes (see README). A setting applies to the methods that have it; a
 # section named after a method ("NSR", "jacob", ...) applies to that method only, after the rest.
 PRESETS = {
     "paper": {},
-    # Sized for about ten minutes of `python reproduce.py --preset demo` on 2 CPU cores.
+    # The coefficient study (reproduce.py --preset paper-selection): the paper's settings, its
+    # runs judged on the validation split afterwards, so no sweeps of the test split.
+    "paper-selection": dict(result_dir="result/selection", sweeps=""),
+    # Sized for about ten minutes of `python reproduce.py --preset demo` on 2 CPU cores: no L2
+    # sweep (and in reproduce's grid the paper's default eps only).
     "demo": dict(data_dir="data/demo/processed", result_dir="result/demo", max_length=4096,
                  random_pad=1024, epochs=10, batch_size=16, checkpoint_every=5,
-                 sweep_steps=5, sweep_restarts=1, adv_start_epoch=2, pgd_steps=5,
-                 jacobian_projections=1,
+                 sweeps=f"pgd_linf,white,{REAL_NOISE_SWEEPS}", sweep_steps=5, sweep_restarts=1,
+                 adv_start_epoch=2, pgd_steps=5, jacobian_projections=1,
                  NSR=dict(batch_size=8, reg_start_epoch=7, beta1=0.1, beta2=0.05),
                  jacob=dict(beta=0.5, reg_start_epoch=4)),
     "smoke": dict(data_dir="data/smoke/processed", result_dir="result/smoke", max_length=2048,
                   random_pad=1024, epochs=1, batch_size=16, checkpoint_every=1,
-                  max_batches=2, sweeps="white", sweep_steps=2, sweep_restarts=1,
+                  max_batches=2, sweeps="white,pgd_linf", sweep_steps=2, sweep_restarts=1,
                   sweep_max_batches=1,
                   reg_start_epoch=0, adv_start_epoch=0, pgd_steps=2, jacobian_projections=1),
     # A small real CPSC2018 set given with reproduce.py --preset mini --raw_dir DIR.
     "mini": dict(data_dir="data/mini/processed", result_dir="result/mini", max_length=4096,
                  random_pad=1024, epochs=10, batch_size=16, checkpoint_every=5,
-                 sweeps="pgd_linf,white", sweep_steps=10, sweep_restarts=1, adv_start_epoch=3,
-                 jacobian_projections=1,
+                 sweeps=f"pgd_linf,white,{ENSEMBLE_SWEEPS},{REAL_NOISE_SWEEPS}", sweep_steps=10,
+                 sweep_restarts=1, adv_start_epoch=3, jacobian_projections=1,
                  NSR=dict(batch_size=8, reg_start_epoch=7, beta1=0.1, beta2=0.05),
                  jacob=dict(beta=0.5, reg_start_epoch=4)),
 }
@@ -162,6 +171,11 @@ def preset_settings(preset: str, method: str) -> dict:
     """What ``preset`` sets for ``method``: its shared settings, then the method's own section."""
     shared = {key: value for key, value in PRESETS[preset].items() if key not in METHODS}
     return {**shared, **PRESETS[preset].get(method, {})}
+
+
+def preset_setting(preset: str, key: str):
+    """A shared setting's value under ``preset``: the preset's own, else TRAIN_DEFAULTS'."""
+    return PRESETS[preset].get(key, TRAIN_DEFAULTS[key])
 
 
 def parse_sweeps(names: str) -> list[str]:

@@ -39,7 +39,7 @@ import evaluate
 import selection
 from checkpoints import RESUME_KEYS, changed_settings
 from config import (METHODS, PRESETS, SWEEPS, TRAIN_DEFAULTS, ConfigError, OneLineParser, parse_config,
-                    parse_sweeps, preset_settings)
+                    parse_sweeps, preset_setting, preset_settings)
 from preprocess import DataError, load_cache
 from safe_writes import read_json, write_json
 from synthetic import MARKER_NAME
@@ -47,9 +47,6 @@ from synthetic import MARKER_NAME
 REPO = Path(__file__).resolve().parent
 
 CHANCE_NOTE_ACCURACY = 1.5 / 9  # the report flags runs whose clean accuracy is no better than this
-PAPER_SWEEPS = "pgd_linf,pgd_l2,white"
-REAL_NOISE_SWEEPS = "baseline_wander,powerline_50hz,muscle"  # beyond the paper, for the report
-ENSEMBLE_SWEEPS = "apgd_ce,apgd_dlr,square,autoattack"  # beyond the paper: the gradient-masking check
 SWEEP_TITLES = {"pgd_linf": "PGD, L-inf budget", "pgd_l2": "PGD, L2 budget",
                 "ifgsm_linf": "IFGSM, L-inf budget", "ifgsm_l2": "IFGSM, L2 budget",
                 "white": "White noise", "baseline_wander": "Real-ECG noise: baseline wander",
@@ -60,17 +57,15 @@ SWEEP_TITLES = {"pgd_linf": "PGD, L-inf budget", "pgd_l2": "PGD, L2 budget",
 
 @dataclass(frozen=True)
 class Plan:
-    """What one --preset runs. Paths are relative to the working directory."""
+    """What reproduce itself does for one --preset, beyond the runs' settings (config.PRESETS
+    under the same name, which also name the cache and the result folder). Paths are relative
+    to the working directory."""
 
-    harness_preset: str        # the method scripts' --preset
     data_note: str             # the report's statement of what the data is
     raw_dir: str | None        # the records (synthetic presets generate them here); None: --raw_dir required
-    data_dir: str              # the preprocessed cache
-    result_dir: str
     val_per_class: int
     test_per_class: int
     grid: tuple[tuple[str, str, tuple[float, ...]], ...]  # (method, setting, its values): one run per value
-    sweeps: str
     synthetic_records_per_class: int = 0  # > 0: a synthetic dataset (synthetic.py)
     synthetic_max_seconds: float = 60.0
     selection: bool = False    # the coefficient study: only the grid's methods, judged on the validation split
@@ -81,31 +76,26 @@ SYNTHETIC_NOTE = ("**Data: synthetic signals, not CPSC2018.** The records are si
                   "CPSC2018's file format); they are not recordings of patients, and nothing "
                   "below says anything about real ECGs or about the paper's numbers.")
 PLANS = {
-    "paper": Plan("paper", "**Data: CPSC2018** (real 12-lead ECGs, the official training set) with the "
-                  "paper's reference split (PROTOCOL section 2).",
-                  "data/CPSC2018/train", "data/CPSC2018/processed", "result", 5, 50,
-                  (("advls", "eps", (0.005, 0.01, 0.05, 0.1)),), f"{PAPER_SWEEPS},{REAL_NOISE_SWEEPS}"),
-    # The paper's default eps only, and no L2 sweep: to fit the demo's ten minutes.
-    "demo": Plan("demo", SYNTHETIC_NOTE, "data/demo/train", "data/demo/processed", "result/demo", 3, 6,
-                 (("advls", "eps", (0.01,)),), f"pgd_linf,white,{REAL_NOISE_SWEEPS}",
+    "paper": Plan("**Data: CPSC2018** (real 12-lead ECGs, the official training set) with the "
+                  "paper's reference split (PROTOCOL section 2).", "data/CPSC2018/train", 5, 50,
+                  (("advls", "eps", (0.005, 0.01, 0.05, 0.1)),)),
+    # The paper's default eps only: to fit the demo's ten minutes.
+    "demo": Plan(SYNTHETIC_NOTE, "data/demo/train", 3, 6, (("advls", "eps", (0.01,)),),
                  synthetic_records_per_class=30, synthetic_max_seconds=20.0),
-    "smoke": Plan("smoke", SYNTHETIC_NOTE, "data/smoke/train", "data/smoke/processed", "result/smoke", 1, 1,
-                  (("advls", "eps", (0.01,)),), "white,pgd_linf", synthetic_records_per_class=4, synthetic_max_seconds=8.0),
-    "mini": Plan("mini", "**Data: real CPSC2018 records, but only a small sample of them** with a small "
+    "smoke": Plan(SYNTHETIC_NOTE, "data/smoke/train", 1, 1, (("advls", "eps", (0.01,)),),
+                  synthetic_records_per_class=4, synthetic_max_seconds=8.0),
+    "mini": Plan("**Data: real CPSC2018 records, but only a small sample of them** with a small "
                  "stratified split of its own (2 validation and 4 test records per class), not the "
                  "paper's 450-record test set: a small-scale check of the pipeline on real ECGs, "
-                 "not a reproduction of the paper's numbers.",
-                 None, "data/mini/processed", "result/mini", 2, 4,
-                 (("advls", "eps", (0.01, 0.05)),), f"pgd_linf,white,{ENSEMBLE_SWEEPS},{REAL_NOISE_SWEEPS}"),
+                 "not a reproduction of the paper's numbers.", None, 2, 4, (("advls", "eps", (0.01, 0.05)),)),
     # How the paper chose its NSR and Jacobian coefficients: each value trained with the paper's
     # settings and judged on the validation split under PGD L-inf (SELECTION_SWEEP).
-    "paper-selection": Plan("paper", "**Data: CPSC2018** (real 12-lead ECGs, the official training set) with "
+    "paper-selection": Plan("**Data: CPSC2018** (real 12-lead ECGs, the official training set) with "
                             "the paper's reference split (PROTOCOL section 2); coefficients judged on its "
-                            "validation split.", "data/CPSC2018/train", "data/CPSC2018/processed",
-                            "result/selection", 5, 50,
+                            "validation split.", "data/CPSC2018/train", 5, 50,
                             (("NSR", "beta2", (0.4, 0.6, 0.8, 0.9, 1.0, 1.1, 1.2)),
                              ("jacob", "beta", (4, 14, 24, 34, 44, 54, 64, 74, 84))),
-                            "", selection=True),
+                            selection=True),
 }
 SELECTION_SWEEP = "pgd_linf"  # at the paper's levels, on the validation split
 
@@ -150,23 +140,24 @@ class Job:
         return f"{self.method}{varied} ({self.run_dir.name})"
 
 
-def plan_jobs(plan: Plan, methods: list[str], data_dir: str, result_dir: str) -> list[Job]:
-    """The training runs of ``plan`` for ``methods``, in the paper's order, settings resolved
-    exactly as the script will resolve them (so the run folder name is the script's)."""
+def plan_jobs(preset: str, methods: list[str], result_dir: str | None = None) -> list[Job]:
+    """The training runs of ``preset`` for ``methods``, in the paper's order: the method scripts
+    with ``--preset``, the plan's grid setting and ``result_dir`` when given (else the preset's),
+    settings resolved exactly as the script will resolve them (so the run folder is the script's)."""
+    plan = PLANS[preset]
     grids = {method: (setting, values) for method, setting, values in plan.grid}
     jobs = []
     for method in (m for m in METHODS if m in methods and (m in grids or not plan.selection)):
         module = importlib.import_module(METHODS[method])
         setting, values = grids.get(method, ("", (None,)))
         for value in values:
-            flags = ["--preset", plan.harness_preset, "--data_dir", data_dir, "--result_dir", result_dir,
-                     "--sweeps", plan.sweeps]
+            flags = ["--preset", preset, *(["--result_dir", result_dir] if result_dir else [])]
             if setting:
                 flags += [f"--{setting}", f"{value:g}"]
             cfg = parse_config(method, module.HYPERPARAMETERS, flags,
                                getattr(module, "check_hyperparameters", None), module.TRAINING)
             jobs.append(Job(method, REPO / f"{module.__name__}.py", flags, cfg, module.HYPERPARAMETERS,
-                            Path(result_dir) / module.run_name(cfg), setting))
+                            Path(cfg.result_dir) / module.run_name(cfg), setting))
     return jobs
 
 
@@ -418,7 +409,7 @@ def print_costs(jobs: list[Job]) -> None:
     print(f"total: {_duration(total)} of single-thread CPU time for {len(jobs)} runs (a GPU is much faster)")
 
 
-def write_selection_report(plan: Plan, jobs: list[Job], result_dir: Path, timings: Timings) -> Path:
+def write_selection_report(preset: str, plan: Plan, jobs: list[Job], result_dir: Path, timings: Timings) -> Path:
     """selection.md: per method of the grid, the validation tables and each criterion's pick."""
     started = time.perf_counter()
     studies = {method: (setting, {getattr(job.cfg, setting): job.run_dir for job in jobs if job.method == method})
@@ -430,7 +421,7 @@ def write_selection_report(plan: Plan, jobs: list[Job], result_dir: Path, timing
         "# Coefficient selection", "", plan.data_note, "",
         f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} by "
         f"`python {shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`.",
-        "", f"Each run: the paper's settings (harness preset `{plan.harness_preset}`) but for the coefficient in "
+        "", f"Each run: the paper's settings (preset `{preset}`) but for the coefficient in "
         f"its row; its final `model.pt` evaluated on the validation split under `{SELECTION_SWEEP}` "
         f"({_sweep_settings_line(SELECTION_SWEEP, _validation_sweeps(jobs), 'val')}). Rows: the coefficient; columns: "
         "clean, each level, the robustness AUC over the level list named in its header. Each criterion picks "
@@ -541,7 +532,7 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
     histories = {job: read_json(job.run_dir / "history.json") or [] for job in ready}
     configs = {job: read_json(job.run_dir / "config.json") or {} for job in ready}
     lines += ["## Runs", "",
-              f"Harness preset `{plan.harness_preset}` for every run: " +
+              f"Preset `{plan_name}` for every run: " +
               ", ".join(f"{k}={getattr(jobs[0].cfg, k)}" for k in
                         ("epochs", "batch_size", "lr", "max_length", "random_pad", "max_batches", "model")) +
               " (a run's own changes are in its row). Checkpoint evaluated: each run's final `model.pt` "
@@ -554,7 +545,7 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
         train_seconds = sum(h.get("seconds", 0) for h in history) if history else None
         val = f"{history[-1]['val_accuracy']:.3f}" if history else "n/a"
         lines.append(f"| {job.run_dir.name} | {job.method} | {_run_settings(job)} | "
-                     f"{_preset_changes(plan.harness_preset, job)} | {len(history)} | "
+                     f"{_preset_changes(plan_name, job)} | {len(history)} | "
                      f"`{rel(job.run_dir / 'model.pt')}` | {configs[job].get('device_used', '?')} | "
                      f"{_format_seconds(train_seconds)} | {val} | [training curves]({rel(job.run_dir / 'curves.png')}), "
                      f"[test confusion matrix]({rel(job.run_dir / 'confusion_test.png')}) |")
@@ -654,7 +645,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                              for k, p in PLANS.items()))
     parser.add_flag("--result_dir", help="where the runs, compare/, report.md and timings.json go "
                                          "(default per preset: "
-                                         + ", ".join(f"{k} {p.result_dir}" for k, p in PLANS.items()) + ")")
+                                         + ", ".join(f"{k} {preset_setting(k, 'result_dir')}" for k in PLANS)
+                                         + ")")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
                         help=f"a subset of {', '.join(METHODS)} (space- or comma-separated)")
     parser.add_flag("--skip_train", action="store_true",
@@ -699,9 +691,9 @@ def _without_torchrun(environment: dict[str, str]) -> dict[str, str]:
 def reproduce(args: argparse.Namespace) -> int:
     plan = PLANS[args.preset]
     raw_dir = Path(args.raw_dir or plan.raw_dir)
-    data_dir = Path(plan.data_dir)
-    result_dir = Path(args.result_dir or plan.result_dir)
-    all_jobs = plan_jobs(plan, list(METHODS), str(data_dir), str(result_dir))
+    data_dir = Path(preset_setting(args.preset, "data_dir"))
+    result_dir = Path(args.result_dir or preset_setting(args.preset, "result_dir"))
+    all_jobs = plan_jobs(args.preset, list(METHODS), args.result_dir)
     jobs = [job for job in all_jobs if job.method in args.methods]
     timings = Timings(result_dir / "timings.json", args.preset, args.dry_run)
     print(f"reproduce: preset {args.preset}, records {raw_dir}, cache {data_dir}, results {result_dir}, "
@@ -717,7 +709,7 @@ def reproduce(args: argparse.Namespace) -> int:
             print_costs(jobs)
             print(f"\n=== selection report -> {result_dir / 'selection.md'}")
             return 0
-        path = write_selection_report(plan, jobs, result_dir, timings)
+        path = write_selection_report(args.preset, plan, jobs, result_dir, timings)
         print(f"\nselection report written to {path} (this invocation: {_duration(time.time() - timings.started)})")
         return 0
     if args.dry_run:

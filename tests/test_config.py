@@ -43,18 +43,25 @@ def test_a_method_section_of_a_preset_applies_to_that_method_only(monkeypatch):
 
 
 def test_a_preset_means_the_same_through_the_script_and_reproduce():
-    jobs = reproduce.plan_jobs(reproduce.PLANS["demo"], list(config.METHODS), "data", "result")
-    for job in jobs:
-        module = importlib.import_module(config.METHODS[job.method])
-        direct = config.parse_config(job.method, module.HYPERPARAMETERS, ["--preset", "demo"],
-                                     training=module.TRAINING)
-        for key in [*module.HYPERPARAMETERS, *module.TRAINING]:
-            if key != "eps":  # reproduce sweeps the adversarial budget
-                assert getattr(job.cfg, key) == getattr(direct, key), (job.method, key)
-    jacob = next(job for job in jobs if job.method == "jacob")
-    advls = next(job for job in jobs if job.method == "advls")
+    """Every setting of every run of every preset: `--preset P` in a method script resolves as
+    reproduce.py --preset P does, but for the setting reproduce's grid varies."""
+    for preset in config.PRESETS:
+        jobs = reproduce.plan_jobs(preset, list(config.METHODS))
+        plan = reproduce.PLANS[preset]
+        assert {job.method for job in jobs} == \
+            ({method for method, _, _ in plan.grid} if plan.selection else set(config.METHODS)), preset
+        for job in jobs:
+            module = importlib.import_module(config.METHODS[job.method])
+            direct = vars(config.parse_config(job.method, module.HYPERPARAMETERS, argv=["--preset", preset],
+                                              training=module.TRAINING))
+            through_reproduce = vars(job.cfg)
+            assert direct.keys() == through_reproduce.keys(), (preset, job.method)
+            differ = {key: (direct[key], through_reproduce[key]) for key in direct
+                      if key != job.varied and direct[key] != through_reproduce[key]}
+            assert not differ, (preset, job.method, differ)
+    demo = reproduce.plan_jobs("demo", list(config.METHODS))
+    jacob, advls, nsr = (next(job for job in demo if job.method == m) for m in ("jacob", "advls", "NSR"))
     assert jacob.cfg.jacobian_projections == 1 and advls.cfg.pgd_steps == 5
-    nsr = next(job for job in jobs if job.method == "NSR")
     assert nsr.cfg.batch_size == config.PRESETS["demo"]["NSR"]["batch_size"] != advls.cfg.batch_size
 
 

@@ -110,7 +110,7 @@ def test_batch_size_must_split_evenly_over_the_processes(monkeypatch):
 
 
 def test_reproduce_launches_each_run_with_torchrun_when_asked():
-    job = reproduce.plan_jobs(reproduce.PLANS["smoke"], ["CE"], "data/x", "result/x")[0]
+    job = reproduce.plan_jobs("smoke", ["CE"], "result/x")[0]
     torchrun_prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     assert reproduce.job_command(job, "train", 2)[:6] == [*torchrun_prefix, str(job.script)]
     assert reproduce.job_command(job, "evaluate", 2)[5].endswith("evaluate.py")

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import config
 import evaluate
 import harness
 import reproduce
@@ -106,9 +107,8 @@ def test_report_tables_have_one_row_per_run_with_the_runs_numbers(smoke_chain):
 def test_run_state_follows_the_files(smoke_chain, tmp_path, monkeypatch):
     root, _, _ = smoke_chain
     monkeypatch.chdir(root)  # where the chain ran: the runs' relative data_dir is resolved from there
-    plan = reproduce.PLANS["smoke"]
     shutil.copytree(root / "result" / "smoke" / "CE", tmp_path / "CE")
-    (job,) = reproduce.plan_jobs(plan, ["CE"], str(root / plan.data_dir), str(tmp_path))
+    (job,) = reproduce.plan_jobs("smoke", ["CE"], str(tmp_path))
     assert job.run_dir == tmp_path / "CE" and reproduce.run_state(job) == "done"
     (job.run_dir / "robustness_test.json").unlink()
     assert reproduce.run_state(job) == "evaluate"
@@ -143,11 +143,23 @@ def test_dry_run_of_the_paper_prints_the_seven_training_commands_in_order(tmp_pa
     assert scripts == ["CPSC2018_CNN_CE", "CPSC2018_CNN_NSR", "CPSC2018_CNN_jacob"] + \
         ["CPSC2018_CNN_ce_adv_pgd_ls"] * 4
     assert [re.search(r"--eps (\S+)", c).group(1) for c in commands[3:]] == ["0.005", "0.01", "0.05", "0.1"]
+    # The preset alone sets the runs' folders and sweeps, as when a script runs with --preset paper.
     for command in commands:
-        assert "--preset paper" in command and "--resume" not in command
-        assert "--sweeps pgd_linf,pgd_l2,white,baseline_wander,powerline_50hz,muscle" in command
+        assert re.search(r"\.py --preset paper( --eps \S+)?$", command), command
     assert "preprocess.py --raw_dir data/CPSC2018/train" in out
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def test_reproduce_passes_on_a_result_folder_it_is_given(tmp_path, monkeypatch, capsys):
+    (job,) = reproduce.plan_jobs("smoke", ["CE"], "elsewhere")
+    assert job.flags == ["--preset", "smoke", "--result_dir", "elsewhere"]
+    assert job.cfg.result_dir == "elsewhere" and job.run_dir == Path("elsewhere") / "CE"
+    assert job.cfg.data_dir == config.PRESETS["smoke"]["data_dir"]
+    monkeypatch.chdir(tmp_path)
+    assert reproduce.main(["--preset", "smoke", "--result_dir", "elsewhere", "--methods", "CE", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "CPSC2018_CNN_CE.py --preset smoke --result_dir elsewhere\n" in out
+    assert "preprocess.py --raw_dir data/smoke/train --out_dir data/smoke/processed" in out
 
 
 def test_a_failing_stage_is_named_and_stops_without_a_traceback(tmp_path, monkeypatch, capfd):
