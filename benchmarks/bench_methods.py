@@ -32,8 +32,8 @@ import attacks  # noqa: E402
 import harness  # noqa: E402
 from benchmarks.common import (add_common_arguments, apply_smoke, command_line,  # noqa: E402
                                default_out, environment, open_device, timed, write_json)
-from config import ConfigError, OneLineParser  # noqa: E402
 from ECG_CNN import build_model  # noqa: E402
+from flags import ConfigError, OneLineParser  # noqa: E402
 
 ROWS = {
     # name: (script, extra flags, epoch at which the step is timed)

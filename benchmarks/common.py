@@ -15,8 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 
 from attacks import ce_loss  # noqa: E402
-from config import ConfigError, OneLineParser  # noqa: E402
 from ECG_CNN import build_model  # noqa: E402
+from flags import ConfigError, OneLineParser  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
