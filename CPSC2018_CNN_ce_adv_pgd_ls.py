@@ -16,8 +16,9 @@ import sys
 import torch.nn.functional as F
 
 import harness
-from config import ConfigError, non_negative
+from config import non_negative
 from distributed import union_sum, unwrap
+from flags import ConfigError
 from losses import adversarial_eps, adversarial_loss, adversarial_step
 
 # The settings to edit; each is also a flag (types and presets: config.py). Shared (PROTOCOL section 5):

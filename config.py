@@ -18,6 +18,7 @@ import torch
 from distributed import choose_device, world_size
 from ECG_CNN import MODELS, check_length
 from ECG_Dataset import MAX_LENGTH, RANDOM_PAD
+from flags import ConfigError, OneLineParser
 
 # PROTOCOL section 5: the settings shared by all four methods; each is a command-line flag.
 TRAIN_DEFAULTS = dict(
@@ -149,24 +150,6 @@ ATTACK_KINDS = ("attack", "ifgsm", "apgd_ce", "apgd_dlr", "square", "autoattack"
 GRADIENT_SWEEPS = ("pgd_linf", "apgd_ce", "apgd_dlr")  # the L-inf gradient attacks
 
 
-class ConfigError(Exception):
-    """A bad flag or setting; the message names it."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser that raises ConfigError (one line, exit status 2) instead of exiting."""
-
-    def __init__(self, **kwargs):
-        super().__init__(allow_abbrev=False, **kwargs)
-
-    def error(self, message: str):
-        raise ConfigError(message)
-
-    def add_flag(self, name: str, *aliases: str, **kwargs):
-        """``--name`` (underscores) with its hyphenated alias, ``--na-me``."""
-        return self.add_argument(*dict.fromkeys([name, name.replace("_", "-"), *aliases]), **kwargs)
-
-
 def preset_settings(preset: str, method: str) -> dict:
     """What ``preset`` sets for ``method``: its shared settings, then the method's own section."""
     shared = {key: value for key, value in PRESETS[preset].items() if key not in METHODS}
@@ -194,6 +177,17 @@ def check_levels(name: str) -> None:
         raise ConfigError(f"--levels: unknown level list '{name}' (known: {', '.join(LEVEL_LISTS)})")
 
 
+def check_sweep_settings(settings: dict) -> None:
+    """Refuse sweep settings that cannot run (the training's and evaluate.py's), naming the flag."""
+    parse_sweeps(settings["sweeps"])
+    check_levels(settings["levels"])
+    if settings["sweep_restarts"] < 1:
+        raise ConfigError(f"--sweep_restarts must be at least 1, got {settings['sweep_restarts']}")
+    for key in ("sweep_steps", "sweep_max_batches"):
+        if settings[key] < 0:
+            raise ConfigError(f"--{key} must be >= 0, got {settings[key]}")
+
+
 def non_negative(cfg: SimpleNamespace, *keys: str) -> None:
     """Refuse a value of ``keys`` that is negative or not finite."""
     for key in keys:
@@ -214,7 +208,7 @@ def parse_config(method: str, hyperparameters: dict, argv: list[str] | None = No
     defaults = {**TRAIN_DEFAULTS, **(training or {}), **hyperparameters}
     parser = OneLineParser(prog=f"{method} training", description=f"Train {method} (PROTOCOL section 5).",
                            argument_default=argparse.SUPPRESS)
-    parser.add_argument("--preset", default="paper", choices=sorted(PRESETS))
+    parser.add_flag("--preset", default="paper", choices=sorted(PRESETS))
     for key in defaults:
         kind = flag_type(key)
         if kind is bool:
@@ -241,14 +235,11 @@ def validate_config(cfg: SimpleNamespace) -> None:
                           f"processes ({world_size()}): each takes an equal share of every batch")
     if config["num_workers"] < -1:
         raise ConfigError(f"--num_workers must be >= -1 (-1: automatic), got {config['num_workers']}")
-    if config["sweep_restarts"] < 1:
-        raise ConfigError(f"--sweep_restarts must be at least 1, got {config['sweep_restarts']}")
     if config["bucket"] and config["model"] != "resnet18a_vl":
         raise ConfigError(f"--bucket needs --model resnet18a_vl: the predictions of {config['model']} "
                           "depend on the padding that bucketing crops")
-    parse_sweeps(config["sweeps"])
-    check_levels(config["levels"])
-    for key in ("max_batches", "random_pad", "sweep_steps", "sweep_max_batches"):
+    check_sweep_settings(config)
+    for key in ("max_batches", "random_pad"):
         if config[key] < 0:
             raise ConfigError(f"--{key} must be >= 0, got {config[key]}")
     if not 0 < config["lr"] < math.inf:

@@ -24,12 +24,13 @@ from tqdm import tqdm
 
 import attacks
 import figures
-from config import (ATTACK_KINDS, GRADIENT_SWEEPS, LEVEL_LISTS, SWEEPS, ConfigError, OneLineParser, check_device,
-                    check_levels, noise_levels, parse_sweeps)
+from config import (ATTACK_KINDS, GRADIENT_SWEEPS, LEVEL_LISTS, SWEEPS, check_device, check_sweep_settings,
+                    noise_levels, parse_sweeps)
 from distributed import (all_sum, distributed, init_distributed, is_main_process, on_main_process, process_device,
                          rank, shutdown_distributed, world_size)
 from ECG_CNN import build_model
 from ECG_Dataset import BucketBatchSampler, crop_collate, get_dataloaders
+from flags import ConfigError, OneLineParser
 from metrics import (NUM_CLASSES, class_balanced_accuracy, classification_scores, confusion_matrix,
                      SWEEP_METRICS, mean_f1, ratio, robustness_auc, scores_table, to_markdown)
 from preprocess import CLASSES, DataError
@@ -531,8 +532,8 @@ def main(argv: list[str] | None = None) -> int:
             parser = OneLineParser(prog="evaluate.py compare",
                                    description="Tables and figures for several evaluated runs.")
             parser.add_argument("runs", nargs="+", help="run folders (evaluated)")
-            parser.add_argument("--split", default="test", choices=("test", "val"))
-            parser.add_argument("--out", default="result/compare", help="output folder")
+            parser.add_flag("--split", default="test", choices=("test", "val"))
+            parser.add_flag("--out", default="result/compare", help="output folder")
             parser.add_flag("--example_eps", type=float, default=figures.EXAMPLE_EPS,
                             help="L-inf eps of the adversarial-example figure (0: no figure)")
             args = parser.parse_args(argv[1:])
@@ -544,14 +545,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         parser = OneLineParser(description="Evaluate a trained run (PROTOCOL sections 6-7).")
         parser.add_argument("run", help="a run folder under result/ or a checkpoint file")
-        parser.add_argument("--split", default="test", choices=("test", "val"))
+        parser.add_flag("--split", default="test", choices=("test", "val"))
         parser.add_flag("--data_dir", help="override the run's data cache folder")
-        parser.add_argument("--device", default="auto")
+        parser.add_flag("--device", default="auto")
         parser.add_flag("--eval_max_batches", type=int, default=0,
                         help="clean evaluation: at most this many batches")
         parser.add_flag("--levels", help=f"the sweeps' level list: {', '.join(LEVEL_LISTS)} (default: the run's; "
                                          "the paper's lists are 'paper')")
-        parser.add_argument("--sweeps", help=f"comma-separated, 'all' or '' (default: the run's); known: {', '.join(SWEEPS)}")
+        parser.add_flag("--sweeps", help=f"comma-separated, 'all' or '' (default: the run's); known: {', '.join(SWEEPS)}")
         parser.add_flag("--sweep_steps", type=int, help="PGD/IFGSM iterations (default: the run's, 100 in the paper)")
         parser.add_flag("--sweep_restarts", type=int, help="PGD random starts (the paper: 2)")
         parser.add_flag("--sweep_max_batches", type=int, help="sweeps: at most this many batches")
@@ -561,18 +562,15 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         model, config = load_model(args.run)
         cfg = SimpleNamespace(**config)
-        cfg.levels = config.get("levels", "paper")  # runs trained before --levels existed: the paper's
+        cfg.levels = config.get("levels", "paper")  # a config.json naming no level list: the paper's
         for key in ("device", "data_dir", "sweeps", "levels", "sweep_steps", "sweep_restarts", "sweep_max_batches",
                     "sweep_max_records"):
             if getattr(args, key) is not None:
                 setattr(cfg, key, getattr(args, key))
-        for key in ("sweep_steps", "sweep_max_batches", "sweep_max_records", "eval_max_batches"):
-            if getattr(args, key) is not None and getattr(args, key) < 0:
+        for key in ("sweep_max_records", "eval_max_batches"):
+            if getattr(args, key) < 0:
                 raise EvaluationError(f"--{key} must be >= 0, got {getattr(args, key)}")
-        if args.sweep_restarts is not None and args.sweep_restarts < 1:
-            raise EvaluationError(f"--sweep_restarts must be >= 1, got {args.sweep_restarts}")
-        parse_sweeps(cfg.sweeps)
-        check_levels(cfg.levels)
+        check_sweep_settings(vars(cfg))
         check_device(cfg.device)
         run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
         # Under torchrun the processes share the records (evaluate_run); alone, this is the device.

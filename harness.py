@@ -31,11 +31,12 @@ import evaluate
 import figures
 from checkpoints import (RESUME_KEYS, Progress, changed_settings, newest_checkpoint, rng_state, save_atomic,
                          set_rng_state)
-from config import ConfigError, check_run_name, parse_config
+from config import check_run_name, parse_config
 from distributed import (all_sum, average_logged, barrier, distributed_model, gather_to_main, init_distributed,
                          is_main_process, on_main_process, rank, shutdown_distributed, unwrap, world_size)
 from ECG_CNN import build_model
 from ECG_Dataset import batch_records, get_dataloaders, set_loader_epoch
+from flags import ConfigError
 from preprocess import DataError
 from run_folder import start_run
 from safe_writes import FolderInUseError, write_json

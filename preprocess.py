@@ -18,7 +18,6 @@ fetches the records into --raw_dir (download.py).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -34,6 +33,7 @@ import scipy.io
 from tqdm import tqdm
 
 from download import CPSC2018_ARCHIVE_URL, DownloadError, fetch_cpsc2018
+from flags import ConfigError, OneLineParser
 from safe_writes import FolderInUseError, lock_folder, temporary_path, write_text_atomic
 
 CLASSES = ("Normal", "AF", "I-AVB", "LBBB", "RBBB", "PAC", "PVC", "STD", "STE")
@@ -592,12 +592,12 @@ def preprocess(
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"--out-dir {out_dir}: a file is in the way of the cache folder")
+        raise DataError(f"--out_dir {out_dir}: a file is in the way of the cache folder")
     inventory = _inventory(raw_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise DataError(f"--out-dir {out_dir}: cannot create the cache folder ({error.strerror})") from None
+        raise DataError(f"--out_dir {out_dir}: cannot create the cache folder ({error.strerror})") from None
     with lock_folder(out_dir, "cache folder"):
         return _preprocess_into(raw_dir, out_dir, inventory, val_per_class, test_per_class)
 
@@ -800,31 +800,23 @@ def _format_summary(summary: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument(
-        "--raw_dir", "--raw-dir", default=DEFAULT_RAW_DIR, help="folder with the CPSC2018 records (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--out_dir", "--out-dir", default=DEFAULT_OUT_DIR, help="cache folder to write (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--val_per_class", "--val-per-class", type=int, default=5, help="validation records per class (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--test_per_class", "--test-per-class", type=int, default=50, help="test records per class (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--download",
-        action="store_true",
-        help="first fetch CPSC2018 (the PhysioNet/CinC Challenge 2021 WFDB archive) and unpack its "
-        "records into --raw_dir; a partial download is resumed",
-    )
-    parser.add_argument(
-        "--url", help=f"the archive's address, implies --download (default: {CPSC2018_ARCHIVE_URL})"
-    )
-    args = parser.parse_args(argv)
-    if args.val_per_class < 0 or args.test_per_class < 0:
-        parser.error("--val_per_class and --test_per_class must be >= 0")
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser.add_flag("--raw_dir", default=DEFAULT_RAW_DIR, help="folder with the CPSC2018 records (default: %(default)s)")
+    parser.add_flag("--out_dir", default=DEFAULT_OUT_DIR, help="cache folder to write (default: %(default)s)")
+    parser.add_flag("--val_per_class", type=int, default=5,
+                    help="validation records per class (default: %(default)s)")
+    parser.add_flag("--test_per_class", type=int, default=50, help="test records per class (default: %(default)s)")
+    parser.add_flag("--download", action="store_true",
+                    help="first fetch CPSC2018 (the PhysioNet/CinC Challenge 2021 WFDB archive) and unpack its "
+                         "records into --raw_dir; a partial download is resumed")
+    parser.add_flag("--url", help=f"the archive's address, implies --download (default: {CPSC2018_ARCHIVE_URL})")
+    try:
+        args = parser.parse_args(argv)
+        if args.val_per_class < 0 or args.test_per_class < 0:
+            raise ConfigError("--val_per_class and --test_per_class must be >= 0")
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.download or args.url:
         try:
             print(fetch_cpsc2018(Path(args.raw_dir), args.url or CPSC2018_ARCHIVE_URL, OFFICIAL_REFERENCE))

@@ -4,11 +4,11 @@
     python reproduce.py --preset demo      # synthetic data it generates itself, ~10 min on 2 CPU cores
     python reproduce.py --preset smoke     # the smallest chain (CI), synthetic data
     python reproduce.py --preset mini --raw_dir DIR  # a small real CPSC2018 set of your own, on a CPU
-    python reproduce.py --dry-run          # print the commands, run nothing
-    python reproduce.py --nproc-per-node 4 # each run trained and evaluated by 4 processes (torchrun, 4 GPUs)
+    python reproduce.py --dry_run          # print the commands, run nothing
+    python reproduce.py --nproc_per_node 4 # each run trained and evaluated by 4 processes (torchrun, 4 GPUs)
     python reproduce.py --preset demo --methods CE advls  # only these runs (the tables show every finished one)
-    python reproduce.py --preset demo --skip-train        # tables and report from the finished runs
-    python reproduce.py --preset paper-selection --dry-run  # the coefficient study: its runs and their cost
+    python reproduce.py --preset demo --skip_train        # tables and report from the finished runs
+    python reproduce.py --preset paper-selection --dry_run  # the coefficient study: its runs and their cost
 
 Stages: the data (synthetic presets generate their records; a valid preprocessed cache is
 reused), one training subprocess per run (the method scripts, with this Python; each
@@ -38,8 +38,8 @@ import pandas as pd
 import evaluate
 import selection
 from checkpoints import RESUME_KEYS, changed_settings
-from config import (METHODS, PRESETS, SWEEPS, TRAIN_DEFAULTS, ConfigError, OneLineParser, parse_config,
-                    parse_sweeps, preset_setting, preset_settings)
+from config import METHODS, PRESETS, SWEEPS, TRAIN_DEFAULTS, parse_config, parse_sweeps, preset_setting, preset_settings
+from flags import ConfigError, OneLineParser
 from preprocess import DataError, load_cache
 from safe_writes import read_json, write_json
 from synthetic import MARKER_NAME
@@ -115,9 +115,9 @@ class StageFailed(Exception):
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM during a stage (the training scripts checkpoint before exiting)."""
 
-    def __init__(self, stage: str):
-        super().__init__(stage)
-        self.stage = stage
+    def __init__(self, stage: str, signum: int):
+        super().__init__(stage, signum)
+        self.stage, self.signum = stage, signum
 
 
 # --- the runs ------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ def _check_same_settings(job: Job) -> None:
     if changed:
         key, before, now = changed[0]
         raise ReproduceError(f"{job.run_dir} holds a run trained with {key}={before!r}, but this "
-                             f"preset asks for {now!r}: delete that folder or choose another --result-dir")
+                             f"preset asks for {now!r}: delete that folder or choose another --result_dir")
 
 
 def evaluation_complete(job: Job, split: str = "test", sweeps: str | None = None) -> bool:
@@ -280,7 +280,7 @@ class Timings:
 
     def all_stages(self) -> list[dict]:
         """This invocation's stages, plus (as skipped) those that only an earlier invocation ran
-        (with --skip-train or --methods), in the order they ran."""
+        (with --skip_train or --methods), in the order they ran."""
         current = {entry["stage"]: entry for entry in self.stages}
         carried = {name: {"stage": name, "status": "skipped", "seconds": 0.0, "cpu_seconds": 0.0,
                           "finished": None, "earlier": self._last_run(name)}
@@ -312,11 +312,11 @@ def run_stage(stage: str, command: list[str], timings: Timings, dry_run: bool) -
         return
     started, cpu = time.perf_counter(), _children_cpu()
     process = subprocess.Popen(command, env=_without_torchrun(dict(os.environ)))
-    interrupted = False
+    interrupted_by = None  # the signal that stopped the stage
 
     def forward_sigterm(signum, frame):  # let the script checkpoint, as for Ctrl-C
-        nonlocal interrupted
-        interrupted = True
+        nonlocal interrupted_by
+        interrupted_by = signal.SIGTERM
         process.send_signal(signal.SIGTERM)
 
     previous_handler = signal.signal(signal.SIGTERM, forward_sigterm)
@@ -326,13 +326,13 @@ def run_stage(stage: str, command: list[str], timings: Timings, dry_run: bool) -
                 status = process.wait()
                 break
             except KeyboardInterrupt:  # the child got the same SIGINT and stops at a batch boundary
-                interrupted = True
+                interrupted_by = signal.SIGINT
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     seconds, cpu = time.perf_counter() - started, _children_cpu() - cpu
-    if interrupted:
+    if interrupted_by is not None:
         timings.record(stage, "interrupted", seconds, cpu, command)
-        raise Interrupted(stage)
+        raise Interrupted(stage, interrupted_by)
     timings.record(stage, "ran" if status == 0 else "failed", seconds, cpu, command)
     if status != 0:
         raise StageFailed(stage, status)
@@ -443,7 +443,7 @@ def compare(jobs: list[Job], out_dir: Path, timings: Timings) -> tuple[list[Job]
             print(f"note: {job.run_dir} is not evaluated yet; it is left out of the tables", flush=True)
     if not ready:
         raise ReproduceError(f"no evaluated run under {jobs[0].run_dir.parent if jobs else 'the result dir'}"
-                             " to compare: train first (run without --skip-train)")
+                             " to compare: train first (run without --skip_train)")
     print(f"\n=== compare {len(ready)} runs -> {out_dir}", flush=True)
     started, cpu = time.perf_counter(), time.process_time()
     tables = evaluate.compare_runs([job.run_dir for job in ready], out_dir)
@@ -638,8 +638,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                            epilog="Presets: paper (CPSC2018, the paper's settings), demo (synthetic, ~10 min "
                                   "on 2 CPU cores), smoke (synthetic, CI), mini (a small real set given with --raw_dir), "
                                   "paper-selection (the NSR and Jacobian coefficient study on CPSC2018's validation "
-                                  "split; with --dry-run: every run and its estimated cost).")
-    parser.add_argument("--preset", default="paper", choices=list(PLANS))
+                                  "split; with --dry_run: every run and its estimated cost).")
+    parser.add_flag("--preset", default="paper", choices=list(PLANS))
     parser.add_flag("--raw_dir", help="the records (synthetic presets generate them there); default per "
                                       "preset: " + ", ".join(f"{k} {p.raw_dir or '(required)'}"
                                                              for k, p in PLANS.items()))
@@ -647,8 +647,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                          "(default per preset: "
                                          + ", ".join(f"{k} {preset_setting(k, 'result_dir')}" for k in PLANS)
                                          + ")")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
-                        help=f"a subset of {', '.join(METHODS)} (space- or comma-separated)")
+    parser.add_flag("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
+                    help=f"a subset of {', '.join(METHODS)} (space- or comma-separated)")
     parser.add_flag("--skip_train", action="store_true",
                     help="no data or training stages: compare the finished runs and write the report")
     parser.add_flag("--dry_run", action="store_true", help="print the commands, run nothing")
@@ -661,14 +661,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(e.g. 150 of them in the WFDB form, with REFERENCE.csv or #Dx headers; "
                              "see the README, 'Reproducing the paper')")
     if args.nproc_per_node < 1:
-        raise ReproduceError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
+        raise ReproduceError(f"--nproc_per_node must be at least 1, got {args.nproc_per_node}")
     methods = [m.strip() for token in args.methods for m in token.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ReproduceError(f"--methods: unknown method '{unknown[0] if unknown else ''}' "
                              f"(known: {', '.join(METHODS)})")
     args.methods = methods
-    # `torchrun --nproc_per_node N reproduce.py ...` means what `--nproc-per-node N` says: the
+    # `torchrun --nproc_per_node N reproduce.py ...` means what `--nproc_per_node N` says: the
     # first process runs the chain, starting every run with N processes; the others are done.
     args.torchrun_rank = int(os.environ.get("RANK", 0)) if _torchrun_world() > 1 else None
     if args.torchrun_rank is not None and args.nproc_per_node == 1:
@@ -739,13 +739,16 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as interruption:
         print(f"error: interrupted during stage '{interruption.stage}'; rerun the same command to "
               "continue (training resumes from its last checkpoint)", file=sys.stderr)
-        return 130
+        return 128 + interruption.signum
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        return 130
-    except (ReproduceError, ConfigError, DataError, evaluate.EvaluationError, OSError) as error:
+        return 128 + signal.SIGINT
+    except (ReproduceError, ConfigError, DataError, evaluate.EvaluationError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a file or folder that could not be read or written while running
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import torch
 
-from config import ConfigError
 from distributed import world_size
+from flags import ConfigError
 from safe_writes import LOCK_NAME, lock_folder, read_json, write_json
 
 

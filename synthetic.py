@@ -19,13 +19,12 @@ and not clinical data. Their morphology is a caricature: a model that does well 
 nothing about real ECGs. They exist so that a new user can run the whole pipeline without
 downloading CPSC2018, and so that tests have data with known properties.
 
-Usage: ``python synthetic.py --out-dir data/demo/train --records-per-class 30 --seed 0
-[--max-seconds 10]``. From Python: ``generate_dataset(...)`` writes a dataset;
+Usage: ``python synthetic.py --out_dir data/demo/train --records_per_class 30 --seed 0
+[--max_seconds 10]``. From Python: ``generate_dataset(...)`` writes a dataset;
 ``synthesize_record(label, n_samples, rng)`` returns one (12, n) signal in mV.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import struct
 import sys
@@ -41,6 +40,7 @@ import scipy.io
 import scipy.signal
 import scipy.stats
 
+from flags import ConfigError, OneLineParser
 from preprocess import CLASSES, FS, REFERENCE_COLUMNS
 
 NORMAL, AF, IAVB, LBBB, RBBB, PAC, PVC, STD, STE = range(1, 10)  # label k is CLASSES[k - 1]
@@ -434,7 +434,7 @@ def _prepare_out_dir(out_dir: Path, marker_text: str) -> None:
     dataset_files = [*out_dir.glob("*.mat"), *out_dir.glob("*.hea"), *out_dir.glob("REFERENCE.csv")]
     if dataset_files and not marker.exists():
         raise FileExistsError(f"{out_dir}: holds ECG files not written by synthetic.py (e.g. {dataset_files[0].name}); "
-                              "choose an empty or new --out-dir")
+                              "choose an empty or new --out_dir")
     marker.write_text(marker_text)  # first, so that an interrupted run still leaves a folder marked as ours
     for path in dataset_files:
         path.unlink()
@@ -513,27 +513,29 @@ def _summary(table: pd.DataFrame, out_dir: Path, seconds: float) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description="Write a SYNTHETIC 12-lead ECG dataset in the original CPSC2018 format (A0001.mat ... + "
                     "REFERENCE.csv). The signals are simulated for the demo and tests; they are not CPSC2018 "
-                    "recordings and not clinical data.",
-        allow_abbrev=False)
-    parser.add_argument("--out_dir", "--out-dir", default="data/demo/train", help="output folder (default: %(default)s)")
-    parser.add_argument("--records_per_class", "--records-per-class", type=int, default=30, help="records per First_label (default: 30)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--min_seconds", "--min-seconds", type=float, default=6.0, help="shortest record in s (default: 6)")
-    parser.add_argument("--max_seconds", "--max-seconds", type=float, default=60.0,
-                        help="longest record in s (default: 60, like CPSC2018; smaller keeps the files small)")
-    parser.add_argument("--multilabel_fraction", "--multilabel-fraction", type=float, default=0.05,
-                        help="fraction of records with more than one label (default: 0.05)")
-    args = parser.parse_args(argv)
+                    "recordings and not clinical data.")
+    parser.add_flag("--out_dir", default="data/demo/train", help="output folder (default: %(default)s)")
+    parser.add_flag("--records_per_class", type=int, default=30, help="records per First_label (default: 30)")
+    parser.add_flag("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_flag("--min_seconds", type=float, default=6.0, help="shortest record in s (default: 6)")
+    parser.add_flag("--max_seconds", type=float, default=60.0,
+                    help="longest record in s (default: 60, like CPSC2018; smaller keeps the files small)")
+    parser.add_flag("--multilabel_fraction", type=float, default=0.05,
+                    help="fraction of records with more than one label (default: 0.05)")
     start = time.perf_counter()
     try:
+        args = parser.parse_args(argv)
         table = generate_dataset(args.out_dir, args.records_per_class, args.seed, args.min_seconds,
                                  args.max_seconds, args.multilabel_fraction)
-    except (ValueError, OSError) as error:
+    except (ConfigError, ValueError, FileExistsError) as error:  # refused before writing: flags, --out_dir
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a record or REFERENCE.csv that could not be written
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(_summary(table, Path(args.out_dir), time.perf_counter() - start))
     return 0
 

@@ -34,9 +34,9 @@ import attacks  # noqa: E402
 import harness  # noqa: E402
 from benchmarks.common import (add_common_arguments, apply_smoke, command_line,  # noqa: E402
                                default_out, environment, open_device, save_result, timed)
-from config import ConfigError, OneLineParser  # noqa: E402
 from ECG_CNN import build_model  # noqa: E402
 from ECG_Dataset import PADDED_LENGTH, RANDOM_PAD, ClassBalancedSampler, ECGDataset  # noqa: E402
+from flags import ConfigError, OneLineParser  # noqa: E402
 from preprocess import Cache  # noqa: E402
 
 ROWS = {

@@ -5,6 +5,7 @@ import pytest
 
 import config
 import reproduce
+from flags import ConfigError
 
 SCRIPTS = ["CPSC2018_CNN_CE", "CPSC2018_CNN_NSR", "CPSC2018_CNN_jacob", "CPSC2018_CNN_ce_adv_pgd_ls"]
 
@@ -12,7 +13,7 @@ SCRIPTS = ["CPSC2018_CNN_CE", "CPSC2018_CNN_NSR", "CPSC2018_CNN_jacob", "CPSC201
 def test_editing_a_default_does_not_change_what_its_flag_accepts():
     assert config.parse_config("jacob", {"beta": 44}, argv=["--beta", "0.5"]).beta == 0.5
     assert config.parse_config("CE", {}, argv=["--lr", "1"], training={"lr": 1}).lr == 1.0
-    with pytest.raises(config.ConfigError, match="invalid int value"):
+    with pytest.raises(ConfigError, match="invalid int value"):
         config.parse_config("advls", {"pgd_steps": 20.0}, argv=["--pgd_steps", "2.5"])
 
 
@@ -77,5 +78,5 @@ def test_level_lists_are_the_papers_by_default_and_extended_on_request():
                for s in ("ifgsm_linf", "apgd_ce", "apgd_dlr", "square", "autoattack"))
     assert config.noise_levels("white", "extended") == paper["white"]
     assert config.parse_config("CE", {}, argv=["--levels", "extended"]).levels == "extended"
-    with pytest.raises(config.ConfigError, match=r"^--levels: unknown level list 'long' \(known: paper, extended\)$"):
+    with pytest.raises(ConfigError, match=r"^--levels: unknown level list 'long' \(known: paper, extended\)$"):
         config.parse_config("CE", {}, argv=["--levels", "long"])

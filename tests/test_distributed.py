@@ -27,6 +27,7 @@ import reproduce
 from ECG_Dataset import ClassBalancedSampler, get_dataloaders
 import ddp_worker
 from evaluate import shard_loader
+from flags import ConfigError
 from helpers import REPO
 
 LR = 1e-3
@@ -103,8 +104,8 @@ def test_union_sum_and_helpers_are_the_identity_in_one_process():
 
 def test_batch_size_must_split_evenly_over_the_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(harness.ConfigError, match="--batch_size 64 must be a multiple of the number "
-                                                  r"of processes \(3\)"):
+    with pytest.raises(ConfigError, match="--batch_size 64 must be a multiple of the number "
+                                         r"of processes \(3\)"):
         harness.parse_config("CE", {}, argv=[])
     assert harness.parse_config("CE", {}, argv=["--batch_size", "63"]).batch_size == 63
 
@@ -116,7 +117,7 @@ def test_reproduce_launches_each_run_with_torchrun_when_asked():
     assert reproduce.job_command(job, "evaluate", 2)[5].endswith("evaluate.py")
     assert reproduce.job_command(job, "resume")[:2] == [sys.executable, str(job.script)]
     assert reproduce.parse_args(["--nproc-per-node", "4"]).nproc_per_node == 4
-    with pytest.raises(reproduce.ReproduceError, match="--nproc-per-node must be at least 1"):
+    with pytest.raises(reproduce.ReproduceError, match="--nproc_per_node must be at least 1"):
         reproduce.parse_args(["--nproc-per-node", "0"])
 
 

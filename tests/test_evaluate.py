@@ -154,6 +154,7 @@ def test_evaluate_cli_reevaluates_a_run_on_validation(two_runs):
     (lambda runs, tmp: [str(tmp / "missing")], "no such checkpoint"),
     (lambda runs, tmp: [str(runs / "A"), "--sweeps", "pgd_l3"], "unknown sweep 'pgd_l3'"),
     (lambda runs, tmp: [str(runs / "A"), "--sweep_steps", "-1"], "--sweep_steps must be >= 0"),
+    (lambda runs, tmp: [str(runs / "A"), "--sweep-restarts", "0"], "--sweep_restarts must be at least 1, got 0"),
     (lambda runs, tmp: [str(runs / "A"), "--levels", "huge"],
      "--levels: unknown level list 'huge' (known: paper, extended)"),
     (lambda runs, tmp: [str(tmp / "foreign.pt")], "not a checkpoint of this project"),

@@ -741,14 +741,24 @@ def test_cli_refuses_an_out_dir_that_is_a_file(tmp_path, capsys):
     make_original_dataset(tmp_path / "raw")
     (tmp_path / "cache").write_text("not a folder")
     assert main(["--raw-dir", str(tmp_path / "raw"), "--out-dir", str(tmp_path / "cache")]) == 2
-    assert capsys.readouterr().err == f"error: --out-dir {tmp_path / 'cache'}: a file is in the way of the cache folder\n"
+    assert capsys.readouterr().err == f"error: --out_dir {tmp_path / 'cache'}: a file is in the way of the cache folder\n"
     assert (tmp_path / "cache").read_text() == "not a folder"
 
 
 def test_cli_takes_no_abbreviated_flag(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--raw", str(tmp_path)])
-    assert exit_info.value.code == 2 and "unrecognized arguments: --raw" in capsys.readouterr().err
+    assert main(["--raw", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "error: unrecognized arguments: --raw " + str(tmp_path) + "\n"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--val_per_class", "-1"], "--val_per_class and --test_per_class must be >= 0"),
+    (["--test-per-class", "x"], "argument --test_per_class/--test-per-class: invalid int value: 'x'"),
+])
+def test_cli_bad_flag_is_one_error_line_and_status_2(tmp_path, capsys, flags, message):
+    assert main(["--raw_dir", str(tmp_path), "--out_dir", str(tmp_path / "cache"), *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == f"error: {message}\n"
+    assert not (tmp_path / "cache").exists()
 
 
 def test_cli_as_a_subprocess_ends_without_traceback(tmp_path):

@@ -2,6 +2,9 @@
 import json
 import re
 import shutil
+import signal
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -186,6 +189,28 @@ def test_a_run_trained_on_another_data_folder_is_not_this_presets_run(tmp_path):
         reproduce.run_state(job)
     (job.run_dir / "config.json").write_text(json.dumps({**config, "data_dir": str(tmp_path / "data")}))
     assert reproduce.run_state(job) == "resume"
+
+
+def test_sigterm_during_a_stage_is_forwarded_and_ends_with_status_143(tmp_path, monkeypatch, capsys):
+    """The stage's process sends SIGTERM to reproduce, which forwards it and exits 128 + 15."""
+    stage = [sys.executable, "-c", "import os, signal, time; time.sleep(0.2); "
+             "os.kill(os.getppid(), signal.SIGTERM); time.sleep(60)"]
+    timings = reproduce.Timings(tmp_path / "timings.json", "smoke", dry_run=False)
+    monkeypatch.setattr(reproduce, "reproduce", lambda args: reproduce.run_stage("train CE", stage, timings, False))
+    started = time.perf_counter()
+    assert reproduce.main(["--preset", "smoke"]) == 128 + signal.SIGTERM == 143
+    assert time.perf_counter() - started < 30  # the stage was stopped, not waited for
+    assert "error: interrupted during stage 'train CE'" in capsys.readouterr().err
+    assert json.loads((tmp_path / "timings.json").read_text())["stages"][0]["status"] == "interrupted"
+
+
+def test_a_file_that_cannot_be_written_while_running_is_status_1(tmp_path, fake_run, capsys):
+    result = tmp_path / "result"
+    fake_run(result / "CE")
+    (result / "compare" / "clean.csv").mkdir(parents=True)  # in the way of the comparison's first table
+    assert reproduce.main(["--preset", "smoke", "--skip_train", "--methods", "CE", "--result_dir", str(result)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: [Errno 21] Is a directory") and "clean.csv" in err
 
 
 def test_flags_are_never_abbreviated(capsys):

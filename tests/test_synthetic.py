@@ -5,6 +5,7 @@ generator. The same toolkit run on the real CPSC2018 sample shows the same class
 which checks the instruments themselves."""
 from __future__ import annotations
 
+import errno
 import io
 import re
 import zlib
@@ -264,10 +265,37 @@ def test_cli_error_is_one_line_and_a_nonzero_exit(tmp_path, capsys):
 
 
 def test_cli_takes_no_abbreviated_flag(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        synthetic.main(["--out", str(tmp_path)])
-    assert exit_info.value.code == 2 and "unrecognized arguments: --out" in capsys.readouterr().err
+    assert synthetic.main(["--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: unrecognized arguments: --out {tmp_path}\n"
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flags", [["--records_per_class", "many"], ["--seed", "1.5"], ["--max-seconds"]])
+def test_cli_bad_flag_value_is_one_error_line_and_status_2(tmp_path, capsys, flags):
+    assert synthetic.main(["--out_dir", str(tmp_path / "d"), *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1 and captured.err.startswith("error: ")
+    assert not (tmp_path / "d").exists()
+
+
+def test_cli_refuses_a_folder_of_other_ecg_files_with_status_2(tmp_path, capsys):
+    (tmp_path / "A0001.mat").write_bytes(b"not ours")
+    assert synthetic.main(["--out_dir", str(tmp_path), "--records_per_class", "1", "--max_seconds", "7"]) == 2
+    assert capsys.readouterr().err.startswith("error: ") and (tmp_path / "A0001.mat").read_bytes() == b"not ours"
+
+
+def test_cli_write_failure_while_running_is_status_1(tmp_path, capsys, monkeypatch):
+    written = []
+
+    def disk_full_after_two(path, *record):
+        if len(written) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        written.append(path)
+
+    monkeypatch.setattr(synthetic, "_save_record", disk_full_after_two)
+    assert synthetic.main(["--out_dir", str(tmp_path / "d"), "--records_per_class", "1", "--max_seconds", "7"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.startswith("error: [Errno 28] No space left on device")
 
 
 # ----------------------------------------------------------------------------- class features
