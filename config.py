@@ -67,6 +67,17 @@ def flag_type(key: str) -> type:
     return bool if key in SWITCHES else str if key in TEXTS else int if key in COUNTS else float
 
 
+def as_flag_type(key: str, value):
+    """A default as its flag reads values (``beta=44`` -> 44.0, ``batch_size=64.0`` -> 64), so
+    that how a value is written at the top of a script never changes the run."""
+    kind = flag_type(key)
+    if value is None or kind not in (int, float):
+        return value
+    if kind is int and value != int(value):
+        raise ConfigError(f"{key} = {value!r}: --{key} takes a whole number")
+    return kind(value)
+
+
 # Sweeps beyond the paper's (TRAIN_DEFAULTS' sweeps), named once for the presets below.
 REAL_NOISE_SWEEPS = "baseline_wander,powerline_50hz,muscle"  # noise that real ECGs carry
 ENSEMBLE_SWEEPS = "apgd_ce,apgd_dlr,square,autoattack"  # the gradient-masking check
@@ -205,7 +216,8 @@ def parse_config(method: str, hyperparameters: dict, argv: list[str] | None = No
     ``check``: the method's rules for its hyperparameters (raises ConfigError); without one,
     each must be a finite non-negative number.
     """
-    defaults = {**TRAIN_DEFAULTS, **(training or {}), **hyperparameters}
+    defaults = {key: as_flag_type(key, value)
+                for key, value in {**TRAIN_DEFAULTS, **(training or {}), **hyperparameters}.items()}
     parser = OneLineParser(prog=f"{method} training", description=f"Train {method} (PROTOCOL section 5).",
                            argument_default=argparse.SUPPRESS)
     parser.add_flag("--preset", default="paper", choices=sorted(PRESETS))

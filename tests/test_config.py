@@ -7,7 +7,7 @@ import config
 import reproduce
 from flags import ConfigError
 
-SCRIPTS = ["CPSC2018_CNN_CE", "CPSC2018_CNN_NSR", "CPSC2018_CNN_jacob", "CPSC2018_CNN_ce_adv_pgd_ls"]
+SCRIPTS = list(config.METHODS.values())
 
 
 def test_editing_a_default_does_not_change_what_its_flag_accepts():
@@ -15,6 +15,14 @@ def test_editing_a_default_does_not_change_what_its_flag_accepts():
     assert config.parse_config("CE", {}, argv=["--lr", "1"], training={"lr": 1}).lr == 1.0
     with pytest.raises(ConfigError, match="invalid int value"):
         config.parse_config("advls", {"pgd_steps": 20.0}, argv=["--pgd_steps", "2.5"])
+
+
+def test_a_default_is_read_as_its_flag_would_read_it():
+    cfg = config.parse_config("jacob", {"beta": 44, "reg_start_epoch": 4.0}, argv=[], training={"batch_size": 64.0})
+    assert (cfg.beta, cfg.reg_start_epoch, cfg.batch_size) == (44.0, 4, 64)
+    assert (type(cfg.beta), type(cfg.reg_start_epoch), type(cfg.batch_size)) == (float, int, int)
+    with pytest.raises(ConfigError, match=r"batch_size = 64\.5: --batch_size takes a whole number"):
+        config.parse_config("CE", {}, argv=[], training={"batch_size": 64.5})
 
 
 def test_the_scripts_show_the_shared_settings_of_the_protocol():
