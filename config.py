@@ -229,7 +229,8 @@ def parse_config(method: str, hyperparameters: dict, argv: list[str] | None = No
             parser.add_flag(f"--{key}", dest=key, type=kind, metavar=kind.__name__.upper())
     args = vars(parser.parse_args(argv))
     preset = args.pop("preset", "paper")
-    overrides = {key: value for key, value in preset_settings(preset, method).items() if key in defaults}
+    overrides = {key: as_flag_type(key, value) for key, value in preset_settings(preset, method).items()
+                 if key in defaults}
     cfg = SimpleNamespace(**{**defaults, **overrides, **args, "preset": preset, "method": method})
     validate_config(cfg)
     (check or (lambda cfg: non_negative(cfg, *hyperparameters)))(cfg)

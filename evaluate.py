@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 import attacks
 import figures
-from config import (ATTACK_KINDS, GRADIENT_SWEEPS, LEVEL_LISTS, SWEEPS, check_device, check_sweep_settings,
-                    noise_levels, parse_sweeps)
+from config import (ATTACK_KINDS, GRADIENT_SWEEPS, LEVEL_LISTS, SWEEPS, TRAIN_DEFAULTS, check_device,
+                    check_sweep_settings, noise_levels, parse_sweeps)
 from distributed import (all_sum, distributed, init_distributed, is_main_process, on_main_process, process_device,
                          rank, shutdown_distributed, world_size)
 from ECG_CNN import build_model
@@ -328,6 +328,11 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[to
                               f"({type(error).__name__}: {str(error).splitlines()[0]})") from None
     if not isinstance(config, dict):
         raise EvaluationError(f"{path}: not a checkpoint of this project (its config is not a dict)")
+    missing = [key for key in TRAIN_DEFAULTS if key not in config and key != "levels"]  # levels: see main
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise EvaluationError(f"{path}: not a checkpoint of this project (its config lacks "
+                              f"{', '.join(missing[:3])}{more})")
     return model.to(device), config
 
 
@@ -473,8 +478,6 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise EvaluationError(f"--out {out_dir}: cannot create the output folder ({error.strerror})") from None
-    for optional in ("masking_check.md", "adversarial_example.png", "adversarial_example.json"):
-        (out_dir / optional).unlink(missing_ok=True)  # an earlier compare's, which this one may not redraw
     names = [Path(r).name for r in run_dirs]
     if len(set(names)) != len(names):
         names = [str(r) for r in run_dirs]
@@ -501,6 +504,13 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
         for metric, short in (("accuracy", "accuracy"), ("mean_f1", "f1")):
             tables[f"{sweep}_{short}"] = sweep_table(curves, sweep, metric, split)
             sweep_plots[f"{sweep}_{short}"] = (sweep, metric)
+    # The runs are accepted: what an earlier compare wrote here goes, so that no file stays that
+    # this one would not write.
+    earlier = [f"{sweep}_{short}.{ext}" for sweep in SWEEPS for short in ("accuracy", "f1")
+               for ext in ("md", "csv", "png")]
+    for name in ("clean.md", "clean.csv", "masking_check.md", "adversarial_example.png", "adversarial_example.json",
+                 *earlier):
+        (out_dir / name).unlink(missing_ok=True)
     markdown = {}
     for table_name, table in tables.items():
         table.to_csv(out_dir / f"{table_name}.csv", float_format="%.4f")
@@ -582,6 +592,10 @@ def main(argv: list[str] | None = None) -> int:
         if is_main_process():
             print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a file that could not be written while running
+        if is_main_process():
+            print(f"error: {error}", file=sys.stderr)
+        return 1
     finally:
         locks.close()
         shutdown_distributed()

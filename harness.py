@@ -264,6 +264,10 @@ def main(method: str, loss_fn: LossFn, hyperparameters: dict, run_name: Callable
         if is_main_process():
             print(f"error: {error}", file=sys.stderr)
         return 1 if isinstance(error, TrainingError) else 2
+    except OSError as error:  # a file that could not be written while running
+        if is_main_process():
+            print(f"error: {error}", file=sys.stderr)
+        return 1
     finally:
         locks.close()
         if joins_group:

@@ -828,6 +828,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, FolderInUseError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a file that could not be written while running
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(_format_summary(summary))
     return 0
 

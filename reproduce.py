@@ -691,9 +691,9 @@ def _without_torchrun(environment: dict[str, str]) -> dict[str, str]:
 def reproduce(args: argparse.Namespace) -> int:
     plan = PLANS[args.preset]
     raw_dir = Path(args.raw_dir or plan.raw_dir)
-    data_dir = Path(preset_setting(args.preset, "data_dir"))
-    result_dir = Path(args.result_dir or preset_setting(args.preset, "result_dir"))
     all_jobs = plan_jobs(args.preset, list(METHODS), args.result_dir)
+    # The runs' own settings name the cache and the result folder (whatever set them).
+    data_dir, result_dir = Path(all_jobs[0].cfg.data_dir), Path(all_jobs[0].cfg.result_dir)
     jobs = [job for job in all_jobs if job.method in args.methods]
     timings = Timings(result_dir / "timings.json", args.preset, args.dry_run)
     print(f"reproduce: preset {args.preset}, records {raw_dir}, cache {data_dir}, results {result_dir}, "

@@ -3,7 +3,6 @@
 import fcntl
 import json
 import os
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -53,7 +52,8 @@ def tiny_cache(tmp_path_factory) -> Path:
 
 def built_once(request, tmp_path_factory, name: str, build) -> Path:
     """build(folder) once per test session. Under pytest-xdist the first worker to get here
-    builds it in the folder all workers share, while the others wait for it and reuse it."""
+    builds it in the folder all workers share, while the others wait for it and reuse it (or,
+    if it failed, fail at once rather than build it again)."""
     if not hasattr(request.config, "workerinput"):  # not an xdist worker
         folder = tmp_path_factory.mktemp(name)
         build(folder)
@@ -62,10 +62,15 @@ def built_once(request, tmp_path_factory, name: str, build) -> Path:
     folder = shared / name
     with open(shared / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if (shared / f"{name}.failed").exists():
+            pytest.fail(f"building {name} failed on another worker: {(shared / f'{name}.failed').read_text()}")
         if not (folder / ".built").exists():
-            shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
             folder.mkdir()
-            build(folder)
+            try:
+                build(folder)
+            except BaseException as error:
+                (shared / f"{name}.failed").write_text(f"{type(error).__name__}: {error}"[:3000])
+                raise
             (folder / ".built").write_text("")
     return folder
 

@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import shutil
@@ -159,14 +160,27 @@ def test_evaluate_cli_reevaluates_a_run_on_validation(two_runs):
      "--levels: unknown level list 'huge' (known: paper, extended)"),
     (lambda runs, tmp: [str(tmp / "foreign.pt")], "not a checkpoint of this project"),
     (lambda runs, tmp: [str(tmp / "truncated.pt")], "not a checkpoint of this project"),
+    (lambda runs, tmp: [str(tmp / "no_settings.pt")], "not a checkpoint of this project (its config lacks "),
     (lambda runs, tmp: ["compare", str(tmp)], "eval_test.json: not found"),
 ])
 def test_evaluate_cli_bad_inputs_give_one_line(two_runs, tmp_path, capsys, make_args, message):
     torch.save({"model_name": "resnet18a", "model": {"w": torch.zeros(1)}, "config": {}}, tmp_path / "foreign.pt")
     (tmp_path / "truncated.pt").write_bytes((two_runs / "A" / "model.pt").read_bytes()[:500])
+    state = torch.load(two_runs / "A" / "model.pt", weights_only=True)
+    torch.save({**state, "config": {}}, tmp_path / "no_settings.pt")
     assert evaluate.main(make_args(two_runs, tmp_path)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_a_file_that_cannot_be_written_ends_the_evaluation_in_one_line_with_status_1(two_runs, monkeypatch,
+                                                                                     one_error_line):
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device", "eval_test.json")
+
+    monkeypatch.setattr(evaluate, "evaluate_run", disk_full)
+    assert evaluate.main([str(two_runs / "A")]) == 1
+    assert one_error_line() == "error: [Errno 28] No space left on device: 'eval_test.json'"
 
 
 def test_a_pickled_object_in_a_checkpoint_is_never_executed(tmp_path, capsys):

@@ -135,10 +135,11 @@ def test_the_record_is_shared_by_every_run_when_one_exists(tiny_cache):
 def test_compare_notes_runs_without_checkpoints_and_draws_nothing_at_eps_0(runs, tmp_path, capsys, fake_run):
     fakes = [fake_run(tmp_path / "A"), fake_run(tmp_path / "B")]
     (tmp_path / "out").mkdir()
-    for stale in ("adversarial_example.png", "adversarial_example.json"):  # an earlier compare's
-        (tmp_path / "out" / stale).write_text("")
+    stale = ["adversarial_example.png", "adversarial_example.json", "masking_check.md", "pgd_l2_f1.csv"]
+    for name in stale:  # an earlier compare's, which this one does not write
+        (tmp_path / "out" / name).write_text("")
     assert evaluate.main(["compare", *map(str, fakes), "--out", str(tmp_path / "out")]) == 0
-    assert not list((tmp_path / "out").glob("adversarial_example.*"))
+    assert not any((tmp_path / "out" / name).exists() for name in stale)
     assert "note: no adversarial example figure (" in capsys.readouterr().err
     assert (tmp_path / "out" / "clean.md").is_file()
     assert evaluate.main(["compare", str(runs / "A"), "--out", str(tmp_path / "zero"), "--example_eps", "0"]) == 0

@@ -1,4 +1,5 @@
 """The shared training harness: a tiny run end to end, resume, signals, bad flags."""
+import errno
 import json
 import os
 import shutil
@@ -92,13 +93,15 @@ def test_preset_then_method_override_then_flag():
 
 @pytest.mark.slow  # trains two runs end to end
 def test_resume_after_an_epoch_gives_the_same_weights_bit_for_bit(tiny_cache, tmp_path, ce_run):
-    assert train_ce(tiny_cache, tmp_path / "straight", "--epochs", "2") == 0
+    assert train_ce(tiny_cache, tmp_path / "straight", "--epochs", "2", "--checkpoint_every", "1") == 0
+    checkpoints = tmp_path / "straight" / "CE" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_001.pt", "epoch_002.pt", "last.pt"]
     shutil.copytree(ce_run / "CE", tmp_path / "split" / "CE")  # one epoch, as split's first training
     assert train_ce(tiny_cache, tmp_path / "split", "--epochs", "2", "--resume") == 0
     assert_same_weights(weights(tmp_path / "straight" / "CE"), weights(tmp_path / "split" / "CE"))
     straight = json.loads((tmp_path / "straight" / "CE" / "history.json").read_text())
     split = json.loads((tmp_path / "split" / "CE" / "history.json").read_text())
-    assert [h["loss"] for h in straight] == [h["loss"] for h in split]
+    assert len(straight) == 2 and [h["loss"] for h in straight] == [h["loss"] for h in split]
 
 
 @pytest.mark.slow  # trains to a stop, then resumes to the end
@@ -220,6 +223,16 @@ def test_unwritable_result_folder_is_named(tmp_path, capsys):
     blocker.write_text("")
     status = harness.main("CE", ce_loss, {}, lambda cfg: "CE", argv=["--result_dir", str(blocker)])
     assert status == 2 and f"cannot write to {blocker / 'CE'}" in capsys.readouterr().err
+
+
+def test_a_file_that_cannot_be_written_ends_the_training_in_one_line_with_status_1(tiny_cache, tmp_path,
+                                                                                   monkeypatch, one_error_line):
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "CE"))
+
+    monkeypatch.setattr(harness, "start_run", disk_full)
+    assert train_ce(tiny_cache, tmp_path) == 1
+    assert one_error_line() == f"error: [Errno 28] No space left on device: '{tmp_path / 'CE'}'"
 
 
 def test_script_reports_missing_data_without_a_traceback(tmp_path):

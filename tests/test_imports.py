@@ -5,7 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = {path.stem: path for path in ROOT.glob("*.py")}
-SOURCES = sorted([*MODULES.values(), *(ROOT / "benchmarks").glob("*.py")])
+SOURCES = sorted([*MODULES.values(), *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "tests").glob("*.py")])
 
 
 def imported_modules(path: Path) -> set[str]:

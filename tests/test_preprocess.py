@@ -1,5 +1,6 @@
 """Tests of preprocess.py: the reference split, both CPSC2018 readers, bad records, the cache, the CLI."""
 
+import errno
 import hashlib
 import json
 import shutil
@@ -13,6 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.io
+
+with warnings.catch_warnings():  # wfdb's import warns about pandas deprecations
+    warnings.simplefilter("ignore")
+    import wfdb
 
 import preprocess
 from preprocess import (
@@ -44,9 +49,6 @@ CLASS_CODES = {label: code for code, label in SNOMED_TO_CLASS.items()}
 
 def wfdb_physical_signal(record_path: Path) -> np.ndarray:
     """The (12, N) mV signal as the wfdb library reads it: an independent reader."""
-    with warnings.catch_warnings():  # wfdb's import warns about pandas deprecations
-        warnings.simplefilter("ignore")
-        import wfdb
     return wfdb.rdrecord(str(record_path)).p_signal.T
 
 
@@ -735,6 +737,15 @@ def test_cli_without_data_says_where_to_put_and_get_it(tmp_path, capsys, monkeyp
     ):
         assert text in captured.err
     assert not (tmp_path / "data" / "CPSC2018" / "processed").exists()
+
+
+def test_cli_ends_a_write_failure_while_running_in_one_line_with_status_1(tmp_path, monkeypatch, capsys):
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device", "signals.npy")
+
+    monkeypatch.setattr(preprocess, "preprocess", disk_full)
+    assert main(["--raw_dir", str(tmp_path), "--out_dir", str(tmp_path / "cache")]) == 1
+    assert capsys.readouterr().err == "error: [Errno 28] No space left on device: 'signals.npy'\n"
 
 
 def test_cli_refuses_an_out_dir_that_is_a_file(tmp_path, capsys):
