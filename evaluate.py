@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 import attacks
 import figures
-from config import (ATTACK_KINDS, GRADIENT_SWEEPS, LEVEL_LISTS, SWEEPS, TRAIN_DEFAULTS, check_device,
-                    check_sweep_settings, noise_levels, parse_sweeps)
+from config import (ATTACK_KINDS, GRADIENT_SWEEPS, LEVEL_LISTS, SWEEPS, check_device, check_sweep_settings,
+                    noise_levels, parse_sweeps)
 from distributed import (all_sum, distributed, init_distributed, is_main_process, on_main_process, process_device,
                          rank, shutdown_distributed, world_size)
 from ECG_CNN import build_model
@@ -310,6 +310,11 @@ def masking_check_markdown(checks: dict[str, dict]) -> str:
 
 # --- runs --------------------------------------------------------------------------------
 
+# The settings of a run that its evaluation reads (a run saved without "levels" swept the paper's).
+RUN_SETTINGS = ("run_name", "device", "data_dir", "max_length", "random_pad", "batch_size", "eval_batch_size",
+                "bucket", "seed", "sweeps", "sweep_steps", "sweep_restarts", "sweep_max_batches")
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
     """The model of a run folder (its model.pt) or of a checkpoint file, with its settings."""
 
@@ -328,7 +333,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[to
                               f"({type(error).__name__}: {str(error).splitlines()[0]})") from None
     if not isinstance(config, dict):
         raise EvaluationError(f"{path}: not a checkpoint of this project (its config is not a dict)")
-    missing = [key for key in TRAIN_DEFAULTS if key not in config and key != "levels"]  # levels: see main
+    missing = [key for key in RUN_SETTINGS if key not in config]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise EvaluationError(f"{path}: not a checkpoint of this project (its config lacks "
