@@ -478,11 +478,6 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
     checkpoints and data are at hand. Returns {table name: Markdown}.
     """
 
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise EvaluationError(f"--out {out_dir}: cannot create the output folder ({error.strerror})") from None
     names = [Path(r).name for r in run_dirs]
     if len(set(names)) != len(names):
         names = [str(r) for r in run_dirs]
@@ -509,8 +504,13 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
         for metric, short in (("accuracy", "accuracy"), ("mean_f1", "f1")):
             tables[f"{sweep}_{short}"] = sweep_table(curves, sweep, metric, split)
             sweep_plots[f"{sweep}_{short}"] = (sweep, metric)
-    # The runs are accepted: what an earlier compare wrote here goes, so that no file stays that
-    # this one would not write.
+    # The runs are accepted: the folder is made, and what an earlier compare wrote there goes, so
+    # that no file stays that this one would not write.
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise EvaluationError(f"--out {out_dir}: cannot create the output folder ({error.strerror})") from None
     earlier = [f"{sweep}_{short}.{ext}" for sweep in SWEEPS for short in ("accuracy", "f1")
                for ext in ("md", "csv", "png")]
     for name in ("clean.md", "clean.csv", "masking_check.md", "adversarial_example.png", "adversarial_example.json",

@@ -206,6 +206,13 @@ def test_compare_refuses_malformed_results_in_one_line(tmp_path, fake_run, one_e
     assert str(run / "eval_test.json") in one_error_line()
 
 
+def test_a_refused_compare_creates_no_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default --out, result/compare, is relative
+    assert evaluate.main(["compare", str(tmp_path / "missing")]) == 2
+    assert "eval_test.json: not found" in capsys.readouterr().err
+    assert not (tmp_path / "result").exists()
+
+
 def test_compare_refuses_an_out_that_is_a_file(tmp_path, fake_run, one_error_line):
     (tmp_path / "out").write_text("")
     assert evaluate.main(["compare", str(fake_run(tmp_path / "A")), "--out", str(tmp_path / "out")]) == 2
