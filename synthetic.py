@@ -449,7 +449,8 @@ def _save_record(path: Path, data: np.ndarray, sex: str, age: float) -> None:
 
     scipy.io.savemat encodes the file; its element is then zlib-compressed at level 1
     instead of savemat's fixed level 6 (do_compression=True): the same MAT-5 file structure,
-    about 25% larger but 9 times faster to write, which dominates the generation time.
+    somewhat larger and much faster to write, since at level 6 writing takes several times
+    longer than synthesizing the record (benchmarks/README.md, "Synthetic records").
     """
     ecg = np.empty((1, 1), dtype=[("sex", object), ("age", object), ("data", object)])
     ecg[0, 0] = (sex, float(age), data)
