@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from preprocess import CLASSES, LEADS
+
 DOWNSAMPLE = 1024  # stem (4) x eight stride-2 blocks (256)
 POOL_KERNEL = 3 * DOWNSAMPLE  # the receptive field of one position of the last conv
 MIN_LENGTH = POOL_KERNEL
@@ -161,8 +163,8 @@ class MaskedGroupNorm(nn.GroupNorm):
 
 # --------------------------------------------------------------------------- the models
 #
-# One trunk for every model: resnet18a's layers, run on the whole array (forward) or on the
-# valid positions only (masked), so an architecture edit is made once.
+# One trunk for every model: resnet18a's layers, run on the whole array (no mask) or on the
+# valid positions only (with a mask), so an architecture edit is made once.
 
 
 class ResidualBlock(nn.Module):
@@ -195,66 +197,65 @@ class ResidualBlock(nn.Module):
 class Trunk(nn.Module):
     """Stem, eight stride-2 residual blocks and the final valid convolution, shared by every model.
 
-    ``forward(x)``: resnet18a's trunk, features (B, 512, T/1024 - 2). ``masked(x, mask)``: the
-    same layers on the valid positions only: (features, final mask); input samples outside the
-    mask are ignored (read as zero) and features are zero at invalid final positions.
+    ``forward(x, mask=None) -> (features, final_mask)``, features (B, 512, T/1024 - 2). Without
+    a mask: resnet18a's trunk on the whole array (final_mask None). With one: the same layers on
+    the valid positions only; input samples outside the mask are ignored (read as zero) and
+    features are zero at invalid final positions.
     """
 
     CHANNELS = (64, 64, 64, 128, 128, 256, 256, 512, 512)
 
-    def __init__(self, in_leads: int = 8):
+    def __init__(self, in_leads: int):
         super().__init__()
         # Only the parameterized stem layers are modules (indices 0 and 1: the parameter names of
         # a Sequential(conv, norm, LeakyReLU, MaxPool1d)); the activation and pooling are applied
-        # in forward, where the masked path needs the mask.
+        # in forward, where they need the mask.
         self.stem = nn.ModuleList([nn.Conv1d(in_leads, 64, 11, 2, 5, bias=False), MaskedGroupNorm(64, 64)])
         self.blocks = nn.ModuleList([
             ResidualBlock(c_in, c_out) for c_in, c_out in zip(self.CHANNELS[:-1], self.CHANNELS[1:])])
         self.head_conv = nn.Conv1d(512, 512, 3, 1, 0, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         stem_conv, stem_norm = self.stem
-        out = F.max_pool1d(F.leaky_relu(stem_norm(stem_conv(x))), 3, 2, 1)
-        for block in self.blocks:
-            out, _ = block(out)
-        return F.relu(self.head_conv(out))
-
-    def masked(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        stem_conv, stem_norm = self.stem
-        conv_mask = downsample_mask(mask)
-        # Invalid positions are -inf for the max pooling, like its own padding. Leaky ReLU is
-        # increasing, so it commutes with the pooling: applied after it, on half the positions.
-        out = F.max_pool1d(stem_norm(stem_conv(x * mask), conv_mask, float("-inf")), 3, 2, 1)
-        mask = downsample_mask(conv_mask)
-        out = F.leaky_relu(out.masked_fill(mask == 0, 0.0))  # a valid output's window has a finite value
+        conv_mask = None if mask is None else downsample_mask(mask)
+        # Invalid positions are -inf for the max pooling, like its own padding (leaky ReLU keeps -inf).
+        out = stem_norm(stem_conv(x if mask is None else x * mask), conv_mask, float("-inf"))
+        out = F.max_pool1d(F.leaky_relu(out), 3, 2, 1)
+        if mask is not None:
+            mask = downsample_mask(conv_mask)
+            out = out.masked_fill(mask == 0, 0.0)  # a valid output's window has a finite value
         for block in self.blocks:
             out, mask = block(out, mask)
+        out = F.relu(self.head_conv(out))
+        if mask is None:
+            return out, None
         mask = erode_mask(mask)
-        return F.relu(self.head_conv(out)) * mask, mask
+        return out * mask, mask
 
 
 class ResNet18A(nn.Module):
     """``resnet18a``, the paper's model: masked average pooling, then a linear classifier."""
 
-    def __init__(self, in_leads: int = 8, num_classes: int = 9):
+    def __init__(self, in_leads: int, num_classes: int):
         super().__init__()
         self.trunk = Trunk(in_leads)
         self.classifier = nn.Linear(512, num_classes)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.classifier(masked_average_pool(self.trunk(x), mask))
+        return self.classifier(masked_average_pool(self.trunk(x)[0], mask))
 
 
 class ResNet18M(nn.Module):
     """``resnet18m``: the classifier at every position, then the maximum over positions; no mask."""
 
-    def __init__(self, in_leads: int = 8, num_classes: int = 9):
+    def __init__(self, in_leads: int, num_classes: int):
         super().__init__()
         self.trunk = Trunk(in_leads)
         self.classifier = nn.Linear(512, num_classes)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self.classifier(self.trunk(x).transpose(1, 2))  # (B, P, classes)
+        logits = self.classifier(self.trunk(x)[0].transpose(1, 2))  # (B, P, classes)
         return logits.max(dim=1).values
 
 
@@ -270,24 +271,22 @@ class ResNet18AVariableLength(nn.Module):
     opening the variable-length section (above downsample_mask) for the mask rules and pooling.
     """
 
-    def __init__(self, in_leads: int = 8, num_classes: int = 9):
+    def __init__(self, in_leads: int, num_classes: int):
         super().__init__()
         self.trunk = Trunk(in_leads)
         self.classifier = nn.Linear(512, num_classes)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.classifier(masked_mean_pool(*self.trunk.masked(x, mask)))
+        return self.classifier(masked_mean_pool(*self.trunk(x, mask)))
 
 
 MODELS = {"resnet18a": ResNet18A, "resnet18m": ResNet18M, "resnet18a_vl": ResNet18AVariableLength}
 
 
-def build_model(name: str = "resnet18a", in_leads: int = 8, num_classes: int = 9) -> nn.Module:
-    """Build a model by name; raises ValueError naming the known models for an unknown one."""
+def build_model(name: str = "resnet18a", in_leads: int = len(LEADS),
+                num_classes: int = len(CLASSES)) -> nn.Module:
+    """Build a model by name (by default for the 8 leads of ``preprocess.LEADS`` and the 9 classes);
+    raises ValueError naming the known models for an unknown one."""
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}': choose one of {', '.join(MODELS)}")
     return MODELS[name](in_leads=in_leads, num_classes=num_classes)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

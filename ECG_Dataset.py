@@ -23,9 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, default_collate
 
 from ECG_CNN import DOWNSAMPLE, MIN_LENGTH
-from preprocess import CLASSES, Cache, load_cache
+from preprocess import CLASSES, LEADS, Cache, load_cache
 
-LEADS = (0, 1, 6, 7, 8, 9, 10, 11)  # I, II, V1..V6: the other four are combinations of I and II
 MAX_LENGTH = 30720
 RANDOM_PAD = 3072
 PADDED_LENGTH = MAX_LENGTH + RANDOM_PAD  # 33792
@@ -286,7 +285,3 @@ def get_dataloaders(data_dir: str, batch_size: int = 64, eval_batch_size: int = 
                                    generator=torch.Generator().manual_seed(seed + rank))
     return loaders
 
-
-__all__ = ["CLASSES", "LEADS", "MAX_LENGTH", "RANDOM_PAD", "PADDED_LENGTH", "scale_leads",
-           "ECGDataset", "ClassBalancedSampler", "BucketBatchSampler", "crop_collate",
-           "set_loader_epoch", "batch_records", "get_dataloaders"]

@@ -25,9 +25,9 @@ import torch
 import attacks
 from config import SWEEPS
 from distributed import choose_device
-from ECG_Dataset import LEADS, get_dataloaders
+from ECG_Dataset import get_dataloaders
 from metrics import SWEEP_METRICS
-from preprocess import CLASSES, FS, LEAD_NAMES
+from preprocess import CLASSES, FS, LEAD_NAMES, LEADS
 from safe_writes import write_text_atomic
 
 matplotlib.use("Agg")  # files only, no display

@@ -65,6 +65,8 @@ _VERHOEFF_PERMUTE = (
     (2, 7, 9, 3, 8, 0, 6, 4, 1, 5), (7, 0, 4, 6, 9, 1, 3, 2, 5, 8),
 )
 LEAD_NAMES = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+# The leads the models read, I, II, V1..V6: the other four are combinations of I and II.
+LEADS = (0, 1, 6, 7, 8, 9, 10, 11)
 FS = 500
 CACHE_VERSION = 1
 

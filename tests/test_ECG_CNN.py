@@ -5,12 +5,17 @@ import torch
 import torch.nn as nn
 
 from losses import jacobian_squared_norm
-from ECG_CNN import (DOWNSAMPLE, MaskedGroupNorm, build_model, check_length, count_parameters, downsample_mask,
-                     erode_mask, masked_average_pool, signal_spans)
+from ECG_CNN import (DOWNSAMPLE, MaskedGroupNorm, build_model, check_length, downsample_mask, erode_mask,
+                     masked_average_pool, signal_spans)
+from preprocess import LEADS
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def test_resnet18a_has_the_papers_parameter_count():
-    assert count_parameters(build_model("resnet18a")) == 4_994_953
+    assert parameter_count(build_model("resnet18a")) == 4_994_953
 
 
 def test_resnet18a_state_dict_keys_stay_those_of_saved_checkpoints():
@@ -24,7 +29,7 @@ def test_resnet18a_state_dict_keys_stay_those_of_saved_checkpoints():
 
 
 def test_resnet18m_shares_the_trunk_and_classifier_sizes():
-    assert count_parameters(build_model("resnet18m")) == 4_994_953
+    assert parameter_count(build_model("resnet18m")) == 4_994_953
 
 
 @pytest.mark.parametrize("name", ["resnet18a", "resnet18m"])
@@ -39,8 +44,8 @@ def test_output_shape_for_several_lengths(name, length):
 def test_trunk_leaves_31_positions_at_the_paper_length():
     model = build_model("resnet18a")
     with torch.no_grad():
-        features = model.trunk(torch.zeros(1, 8, 33792))
-    assert features.shape == (1, 512, 31)
+        features, final_mask = model.trunk(torch.zeros(1, 8, 33792))
+    assert features.shape == (1, 512, 31) and final_mask is None
 
 
 @pytest.mark.parametrize("length", [2048, 5000, 33792 + 512])
@@ -93,8 +98,6 @@ def test_resnet18a_ignores_padding_content_only_through_the_pooling_weights():
 
 # --- resnet18a_vl: resnet18a on the valid positions only -------------------------------------
 
-LEADS = 8
-
 
 @pytest.fixture(scope="module")
 def models() -> tuple[nn.Module, nn.Module]:
@@ -110,7 +113,7 @@ def place(signal: torch.Tensor, length: int, shifts: list[int]) -> tuple[torch.T
     """One row per shift: ``signal`` (leads, t) zero-padded to ``length``, ending ``shift`` samples
     before the right end (shift 0: right-aligned), with its mask."""
     t = signal.shape[1]
-    x = torch.zeros(len(shifts), LEADS, length, dtype=signal.dtype)
+    x = torch.zeros(len(shifts), len(LEADS), length, dtype=signal.dtype)
     mask = torch.zeros(len(shifts), 1, length, dtype=signal.dtype)
     for row, shift in enumerate(shifts):
         x[row, :, length - shift - t:length - shift] = signal
@@ -120,7 +123,7 @@ def place(signal: torch.Tensor, length: int, shifts: list[int]) -> tuple[torch.T
 
 def test_same_parameters_as_resnet18a_and_checkpoints_load_both_ways():
     paper, variable = build_model("resnet18a"), build_model("resnet18a_vl")
-    assert count_parameters(variable) == 4_994_953
+    assert parameter_count(variable) == 4_994_953
     paper_state, variable_state = paper.state_dict(), variable.state_dict()
     assert list(variable_state) == list(paper_state)
     assert all(variable_state[k].shape == paper_state[k].shape for k in paper_state)
@@ -131,7 +134,7 @@ def test_same_parameters_as_resnet18a_and_checkpoints_load_both_ways():
 def test_with_an_all_ones_mask_it_computes_resnet18a(models):
     paper, variable = models
     torch.manual_seed(1)
-    x, mask = torch.rand(2, LEADS, 3 * DOWNSAMPLE) * 2 - 1, torch.ones(2, 1, 3 * DOWNSAMPLE)
+    x, mask = torch.rand(2, len(LEADS), 3 * DOWNSAMPLE) * 2 - 1, torch.ones(2, 1, 3 * DOWNSAMPLE)
     with torch.no_grad():
         torch.testing.assert_close(variable(x, mask), paper(x, mask), rtol=1e-5, atol=1e-5)
 
@@ -262,7 +265,7 @@ def alone_and_padded_logits(model: nn.Module, dtype: torch.dtype) -> tuple[torch
     4096-sample one fills its shortest array (no padding, both ends at the border). Returns the
     logits the padded rows should equal if padding did not matter, and those of the padded rows."""
     torch.manual_seed(3)
-    long_record, grid_record = (torch.rand(LEADS, t, dtype=dtype) * 2 - 1 for t in (4500, 4096))
+    long_record, grid_record = (torch.rand(len(LEADS), t, dtype=dtype) * 2 - 1 for t in (4500, 4096))
     wide = 8 * DOWNSAMPLE
     x_wide, mask_wide = (torch.cat(parts) for parts in zip(
         place(long_record, wide, [0, 3 * DOWNSAMPLE]), place(grid_record, wide, [DOWNSAMPLE])))
@@ -292,7 +295,7 @@ def test_resnet18a_logits_do_depend_on_the_padding(models):
 def test_padding_content_and_other_samples_do_not_matter(models):
     _, variable = models
     torch.manual_seed(4)
-    x, mask = place(torch.rand(LEADS, 3500) * 2 - 1, 5 * DOWNSAMPLE, [0, 700])
+    x, mask = place(torch.rand(len(LEADS), 3500) * 2 - 1, 5 * DOWNSAMPLE, [0, 700])
     noisy = x + 5 * (1 - mask) * torch.randn_like(x)  # garbage outside the mask
     with torch.no_grad():
         both = variable(noisy, mask)
@@ -304,7 +307,7 @@ def test_padding_content_and_other_samples_do_not_matter(models):
 def test_gradients_reach_every_parameter_and_only_the_signal_samples():
     torch.manual_seed(5)
     model = build_model("resnet18a_vl")
-    x, mask = place(torch.rand(LEADS, 3000) * 2 - 1, 4 * DOWNSAMPLE, [0, 1000])
+    x, mask = place(torch.rand(len(LEADS), 3000) * 2 - 1, 4 * DOWNSAMPLE, [0, 1000])
     x.requires_grad_(True)
     loss = nn.functional.cross_entropy(model(x, mask), torch.tensor([1, 7]))
     loss.backward()
@@ -320,7 +323,7 @@ def test_a_record_without_a_valid_final_position_gives_the_bias_and_finite_gradi
     """1500 samples in 2 cells of 1024: no 3 valid coarse positions, so the pooled features are 0."""
     torch.manual_seed(6)
     model = build_model("resnet18a_vl")
-    x, mask = place(torch.rand(LEADS, 1500) * 2 - 1, 3 * DOWNSAMPLE, [0])
+    x, mask = place(torch.rand(len(LEADS), 1500) * 2 - 1, 3 * DOWNSAMPLE, [0])
     x.requires_grad_(True)
     logits = model(x, mask)
     torch.testing.assert_close(logits[0], model.classifier.bias.detach())
@@ -336,7 +339,7 @@ def test_jacobian_regularization_differentiates_twice_through_either_norm_path(m
     form and the final backward runs the per-sample first-order backward of the forward pass."""
     torch.manual_seed(8)
     model = build_model("resnet18a_vl").double()
-    x, mask = place(torch.rand(LEADS, 2500, dtype=torch.float64) * 2 - 1, 3 * DOWNSAMPLE, [0, 300])
+    x, mask = place(torch.rand(len(LEADS), 2500, dtype=torch.float64) * 2 - 1, 3 * DOWNSAMPLE, [0, 300])
     results = []
     for row_path_min in (0, 10 ** 12):
         monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", row_path_min)
@@ -399,7 +402,7 @@ def test_float32_model_at_the_default_threshold_matches_the_batched_norms(monkey
     the early layers, the batched one in the late ones) against the batched path everywhere."""
     torch.manual_seed(10)
     model = build_model("resnet18a_vl")
-    x, mask = place(torch.rand(LEADS, 6000) * 2 - 1, 8 * DOWNSAMPLE, [0, 1500])
+    x, mask = place(torch.rand(len(LEADS), 6000) * 2 - 1, 8 * DOWNSAMPLE, [0, 1500])
     x[1] = 0.5 * x[1].roll(100, dims=1) * mask[1]
     y = torch.tensor([2, 5])
     results = []
