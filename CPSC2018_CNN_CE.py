@@ -1,7 +1,7 @@
 """Train the paper's CNN with plain cross-entropy (the baseline; PROTOCOL section 5, CE).
 
     python CPSC2018_CNN_CE.py                 # the paper's settings
-    python CPSC2018_CNN_CE.py --preset demo   # the synthetic demo dataset, a few minutes on a CPU
+    python CPSC2018_CNN_CE.py --preset demo   # synthetic data (`reproduce.py --preset demo` makes it)
     python CPSC2018_CNN_CE.py --epochs 2 --max_batches 5 --run_name quick_look
 
 Every setting of config.TRAIN_DEFAULTS (epochs, lr, batch_size, data_dir, ...) is a flag.

@@ -1,5 +1,6 @@
 """Checkpoints: atomic save, safe load, the newest valid one, the RNG state, the resume check,
-and Progress, where training stands (what a checkpoint records besides the weights)."""
+Progress (where training stands: what a checkpoint records besides the weights), and the two
+steps the training loop takes with them: save_checkpoint and resume."""
 from __future__ import annotations
 
 import glob
@@ -12,6 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from distributed import barrier, gather_to_main, is_main_process, rank, unwrap, world_size
+from flags import ConfigError
 from safe_writes import atomic_path
 
 
@@ -63,7 +66,6 @@ def newest_checkpoint(run_dir: Path) -> dict | None:
     return best
 
 
-
 # The settings that change what is trained (besides the method's hyperparameters and
 # --epochs, which a resume may raise): a resumed run must share them with its checkpoint.
 RESUME_KEYS = ("data_dir", "model", "batch_size", "lr", "seed", "max_length", "random_pad", "bucket",
@@ -97,3 +99,47 @@ class Progress:
             self.running[key] = self.running.get(key, 0.0) + value * samples
         self.running["samples"] = self.running.get("samples", 0) + samples
         self.batch += 1
+
+
+def resume(cfg: SimpleNamespace, run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+           generator: torch.Generator, hyperparameters: tuple[str, ...]) -> Progress:
+    """Load the newest checkpoint of ``run_dir`` into ``model``, ``optimizer`` and the RNGs;
+    refuse one trained with other settings. A fresh Progress when there is none."""
+    state = newest_checkpoint(run_dir)
+    if state is None:
+        if is_main_process():
+            print(f"--resume: no checkpoint in {run_dir}; starting from scratch")
+        return Progress()
+    if state["model_name"] != cfg.model:
+        raise ConfigError(f"--resume: the checkpoint in {run_dir} is a {state['model_name']}, not a {cfg.model}")
+    saved = state["config"]
+    changed = changed_settings(saved, cfg, (*RESUME_KEYS, *hyperparameters))
+    if changed:
+        key, before, now = changed[0]
+        raise ConfigError(f"--resume: {run_dir} was trained with --{key} {before}, not {now}")
+    if saved.get("epochs") != cfg.epochs and is_main_process():
+        print(f"--resume: training to epoch {cfg.epochs} (the run was started for {saved['epochs']})")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    # Each rank continues its own random streams; a checkpoint of another number of processes
+    # gives rank 0 its stream and the others fresh ones.
+    rng_per_rank = state.get("rng_per_rank") or [state["rng"]]
+    if len(rng_per_rank) == world_size():
+        set_rng_state(rng_per_rank[rank()], generator)
+    elif rank() == 0:
+        set_rng_state(state["rng"], generator)
+    if is_main_process():
+        print(f"resuming {run_dir} at epoch {state['epoch']}, batch {state['batch']}")
+    return Progress(state["epoch"], state["batch"], state["history"], state["running"])
+
+
+def save_checkpoint(path: Path, cfg: SimpleNamespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    progress: Progress, generator: torch.Generator) -> None:
+    """Every rank's RNG state goes to rank 0, which writes the checkpoint; the others wait."""
+    rng = gather_to_main(rng_state(generator))
+    if is_main_process():
+        save_atomic({"model_name": cfg.model, "model": unwrap(model).state_dict(),
+                     "optimizer": optimizer.state_dict(), "epoch": progress.epoch, "batch": progress.batch,
+                     "history": progress.history, "running": progress.running, "rng": rng[0],
+                     **({"rng_per_rank": rng} if world_size() > 1 else {}), "config": vars(cfg)}, path)
+    barrier()

@@ -84,9 +84,10 @@ ENSEMBLE_SWEEPS = "apgd_ce,apgd_dlr,square,autoattack"  # the gradient-masking c
 
 # Named bundles of overrides, the same whichever entry point runs them (a method script or
 # reproduce.py, whose PLANS add only what reproduce itself does: data, split sizes, grids).
-# "paper" is the defaults; "demo" and "smoke" run on the synthetic dataset that
-# `python synthetic.py` writes (see README). A setting applies to the methods that have it; a
-# section named after a method ("NSR", "jacob", ...) applies to that method only, after the rest.
+# "paper" is the defaults; "demo" and "smoke" run on synthetic data that `python reproduce.py
+# --preset demo|smoke` generates and preprocesses first (see README). A setting applies to the
+# methods that have it; a section named after a method ("NSR", "jacob", ...) applies to that
+# method only, after the rest.
 PRESETS = {
     "paper": {},
     # The coefficient study (reproduce.py --preset paper-selection): the paper's settings, its

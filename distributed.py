@@ -24,16 +24,21 @@ def choose_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def in_process_group() -> bool:
+    """True once this process has joined a process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def world_size() -> int:
     """The number of training processes: the process group's size, else torchrun's WORLD_SIZE."""
-    if dist.is_available() and dist.is_initialized():
+    if in_process_group():
         return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def rank() -> int:
     """This process's rank (0 outside torchrun)."""
-    if dist.is_available() and dist.is_initialized():
+    if in_process_group():
         return dist.get_rank()
     return int(os.environ.get("RANK", "0"))
 
@@ -45,7 +50,7 @@ def is_main_process() -> bool:
 
 def distributed() -> bool:
     """True in one of several processes that have joined the process group."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return in_process_group() and dist.get_world_size() > 1
 
 
 def process_device(name: str) -> torch.device:
@@ -72,7 +77,7 @@ def init_distributed(device_name: str) -> torch.device:
 
 def shutdown_distributed() -> None:
     """Leave the process group (no-op outside torchrun)."""
-    if dist.is_available() and dist.is_initialized():
+    if in_process_group():
         dist.destroy_process_group()
 
 
@@ -82,14 +87,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_sum(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
-    """The sum (or another reduction ``op``) of ``tensor`` over the processes, detached
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """The sum (``op`` "sum") or the maximum ("max") of ``tensor`` over the processes, detached
     (``tensor`` itself outside torchrun)."""
     if not distributed():
         return tensor
     on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
     total = tensor.detach().to(on, copy=True)
-    dist.all_reduce(total, op)
+    dist.all_reduce(total, _REDUCE_OPS[op])
     return total.to(tensor.device)
 
 
@@ -107,7 +115,7 @@ def union_sum(tensor: torch.Tensor) -> torch.Tensor:
     """
     if not distributed():
         return tensor
-    total = all_sum(tensor)
+    total = all_reduce(tensor)
     if not tensor.requires_grad:
         return total
     return total + world_size() * (tensor - tensor.detach())
@@ -170,7 +178,7 @@ def average_logged(values: dict, flag: bool) -> tuple[dict[str, float], bool]:
     """
     if not distributed():
         return {key: float(value) for key, value in values.items()}, flag
-    packed = all_sum(torch.tensor([*map(float, values.values()), float(flag)], dtype=torch.float64))
+    packed = all_reduce(torch.tensor([*map(float, values.values()), float(flag)], dtype=torch.float64))
     means = (packed[:-1] / world_size()).tolist()
     return dict(zip(values, means)), bool(packed[-1] > 0)
 

@@ -26,7 +26,7 @@ import attacks
 import figures
 from config import (ATTACK_KINDS, GRADIENT_SWEEPS, LEVEL_LISTS, SWEEPS, check_device, check_sweep_settings,
                     noise_levels, parse_sweeps)
-from distributed import (all_sum, distributed, init_distributed, is_main_process, on_main_process, process_device,
+from distributed import (all_reduce, distributed, init_distributed, is_main_process, on_main_process, process_device,
                          rank, shutdown_distributed, world_size)
 from ECG_CNN import build_model
 from ECG_Dataset import BucketBatchSampler, crop_collate, get_dataloaders
@@ -194,7 +194,7 @@ def robustness_sweep(model: torch.nn.Module, loader, sweep: str, device: torch.d
                 bar.update()
     model.train(was_training)
     if sharded:
-        matrices = all_sum(torch.from_numpy(matrices)).numpy()
+        matrices = all_reduce(torch.from_numpy(matrices)).numpy()
     accuracy = [class_balanced_accuracy(cm) for cm in matrices]
     f1 = [mean_f1(cm) for cm in matrices]
     return {"sweep": sweep, "axis": SWEEPS[sweep][3], "level_list": levels,
@@ -349,7 +349,7 @@ def evaluate_clean(model: torch.nn.Module, loader, device: torch.device, max_bat
     counts = confusion_matrix(*predict(model, loader, device, max_batches,
                                        desc="clean" if is_main_process() else None))
     if sharded:
-        counts = all_sum(torch.from_numpy(counts)).numpy()
+        counts = all_reduce(torch.from_numpy(counts)).numpy()
     return classification_scores(counts)
 
 

@@ -24,20 +24,18 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import evaluate
 import figures
-from checkpoints import (RESUME_KEYS, Progress, changed_settings, newest_checkpoint, rng_state, save_atomic,
-                         set_rng_state)
+from checkpoints import Progress, resume, save_atomic, save_checkpoint
 from config import check_run_name, parse_config
-from distributed import (all_sum, average_logged, barrier, distributed_model, gather_to_main, init_distributed,
+from distributed import (all_reduce, average_logged, distributed_model, in_process_group, init_distributed,
                          is_main_process, on_main_process, rank, shutdown_distributed, unwrap, world_size)
 from ECG_CNN import build_model
 from ECG_Dataset import batch_records, get_dataloaders, set_loader_epoch
 from flags import ConfigError
-from preprocess import DataError
+from preprocess import DataError, load_cache
 from run_folder import start_run
 from safe_writes import FolderInUseError, write_json
 
@@ -63,6 +61,14 @@ def seed_everything(seed: int, cudnn_benchmark: bool = False) -> None:
     torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM during training: stop without waiting for the batch to end."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class _StopRequest:
     """Remembers SIGINT/SIGTERM so that training stops at the next batch boundary."""
 
@@ -78,62 +84,16 @@ class _StopRequest:
     def _handle(self, signum, frame):
         if self.signum is not None:  # a second signal: the user does not want to wait
             self.__exit__()
-            raise KeyboardInterrupt
+            raise StoppedAtOnce(signum)
         self.signum = signum
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-# --- training ----------------------------------------------------------------------------
-
-def resume(cfg: SimpleNamespace, run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-           generator: torch.Generator, hyperparameters: tuple[str, ...]) -> Progress:
-    """Load the newest checkpoint of ``run_dir`` into ``model``, ``optimizer`` and the RNGs;
-    refuse one trained with other settings. A fresh Progress when there is none."""
-    state = newest_checkpoint(run_dir)
-    if state is None:
-        if is_main_process():
-            print(f"--resume: no checkpoint in {run_dir}; starting from scratch")
-        return Progress()
-    if state["model_name"] != cfg.model:
-        raise ConfigError(f"--resume: the checkpoint in {run_dir} is a {state['model_name']}, not a {cfg.model}")
-    saved = state["config"]
-    changed = changed_settings(saved, cfg, (*RESUME_KEYS, *hyperparameters))
-    if changed:
-        key, before, now = changed[0]
-        raise ConfigError(f"--resume: {run_dir} was trained with --{key} {before}, not {now}")
-    if saved.get("epochs") != cfg.epochs and is_main_process():
-        print(f"--resume: training to epoch {cfg.epochs} (the run was started for {saved['epochs']})")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    # Each rank continues its own random streams; a checkpoint of another number of processes
-    # gives rank 0 its stream and the others fresh ones.
-    rng_per_rank = state.get("rng_per_rank") or [state["rng"]]
-    if len(rng_per_rank) == world_size():
-        set_rng_state(rng_per_rank[rank()], generator)
-    elif rank() == 0:
-        set_rng_state(state["rng"], generator)
-    if is_main_process():
-        print(f"resuming {run_dir} at epoch {state['epoch']}, batch {state['batch']}")
-    return Progress(state["epoch"], state["batch"], state["history"], state["running"])
-
-
-def save_checkpoint(path: Path, cfg: SimpleNamespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    progress: Progress, generator: torch.Generator) -> None:
-    """Every rank's RNG state goes to rank 0, which writes the checkpoint; the others wait."""
-    rng = gather_to_main(rng_state(generator))
-    if is_main_process():
-        save_atomic({"model_name": cfg.model, "model": unwrap(model).state_dict(),
-                     "optimizer": optimizer.state_dict(), "epoch": progress.epoch, "batch": progress.batch,
-                     "history": progress.history, "running": progress.running, "rng": rng[0],
-                     **({"rng_per_rank": rng} if world_size() > 1 else {}), "config": vars(cfg)}, path)
-    barrier()
-
-
 def validation_accuracy(model: torch.nn.Module, loader, device: torch.device) -> float:
     """Each rank predicts its share of the records; the confusion counts are summed."""
     counts = evaluate.confusion_matrix(*evaluate.predict(unwrap(model), loader, device))
-    return evaluate.class_balanced_accuracy(all_sum(torch.from_numpy(counts)).numpy())
+    return evaluate.class_balanced_accuracy(all_reduce(torch.from_numpy(counts)).numpy())
 
 
 def non_finite_loss(loss: float, epoch: int, progress: Progress, loader, run_dir: Path) -> TrainingError:
@@ -182,36 +142,36 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path,
             set_loader_epoch(train_loader, epoch, start=progress.batch * batch_size)
             model.train()
             started = time.time() - progress.running.get("seconds", 0.0)
-            bar = tqdm(total=batches_per_epoch, initial=progress.batch, desc=f"epoch {epoch}",
-                       unit="batch", dynamic_ncols=True, mininterval=1.0, disable=not is_main_process())
-            for x, y, mask in train_loader:
-                if progress.batch >= batches_per_epoch:
-                    break
-                x, y, mask = (t.to(device, non_blocking=True) for t in (x, y, mask))
-                with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
-                    loss, parts = loss_fn(model, x, y, mask, epoch, cfg)
-                # One all_reduce decides for every rank: the logged means, a non-finite loss
-                # anywhere, and a stop request on any rank (all stop after this same batch).
-                logged, stop_requested = average_logged({"loss": loss.detach(), **parts}, stop.signum is not None)
-                if not np.isfinite(logged["loss"]):
-                    bar.close()  # the error line comes after the bar, not on it
-                    raise non_finite_loss(logged["loss"], epoch, progress, train_loader, run_dir)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                progress.add(logged, len(y) * world)
-                bar.update()
-                bar.set_postfix(loss=f"{progress.running['loss'] / progress.running['samples']:.4f}")
-                if stop_requested:
-                    bar.close()
-                    progress.running["seconds"] = time.time() - started
-                    save_checkpoint(checkpoints / "last.pt", cfg, model, optimizer, progress, train_loader.generator)
-                    signum = int(all_sum(torch.tensor(stop.signum or 0), dist.ReduceOp.MAX))
-                    if is_main_process():
-                        print(f"stopped by signal {signum}: saved epoch {epoch}, batch {progress.batch} to "
-                              f"{checkpoints / 'last.pt'}; continue with --resume", file=sys.stderr)
-                    return unwrap(model), 128 + signum
-            bar.close()
+            with tqdm(total=batches_per_epoch, initial=progress.batch, desc=f"epoch {epoch}", unit="batch",
+                      dynamic_ncols=True, mininterval=1.0, disable=not is_main_process()) as bar:
+                for x, y, mask in train_loader:
+                    if progress.batch >= batches_per_epoch:
+                        break
+                    x, y, mask = (t.to(device, non_blocking=True) for t in (x, y, mask))
+                    with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
+                        loss, parts = loss_fn(model, x, y, mask, epoch, cfg)
+                    # One all_reduce decides for every rank: the logged means, a non-finite loss
+                    # anywhere, and a stop request on any rank (all stop after this same batch).
+                    logged, stop_requested = average_logged({"loss": loss.detach(), **parts},
+                                                            stop.signum is not None)
+                    if not np.isfinite(logged["loss"]):
+                        raise non_finite_loss(logged["loss"], epoch, progress, train_loader, run_dir)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    progress.add(logged, len(y) * world)
+                    bar.update()
+                    bar.set_postfix(loss=f"{progress.running['loss'] / progress.running['samples']:.4f}")
+                    if stop_requested:
+                        bar.close()
+                        progress.running["seconds"] = time.time() - started
+                        save_checkpoint(checkpoints / "last.pt", cfg, model, optimizer, progress,
+                                        train_loader.generator)
+                        signum = int(all_reduce(torch.tensor(stop.signum or 0), "max"))
+                        if is_main_process():
+                            print(f"stopped by signal {signum}: saved epoch {epoch}, batch {progress.batch} to "
+                                  f"{checkpoints / 'last.pt'}; continue with --resume", file=sys.stderr)
+                        return unwrap(model), 128 + signum
             samples = max(progress.running.pop("samples", 0), 1)
             progress.running.pop("seconds", None)
             record = {"epoch": epoch, **{k: v / samples for k, v in progress.running.items()},
@@ -228,7 +188,8 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path,
                                 train_loader.generator)
             if is_main_process():
                 write_json(progress.history, run_dir / "history.json")
-                figures.training_curves_figure(progress.history, run_dir / "curves.png", f"{cfg.method}: {cfg.run_name}")
+                figures.training_curves_figure(progress.history, run_dir / "curves.png",
+                                               f"{cfg.method}: {cfg.run_name}")
         if stop.signum is not None:  # arrived after the last batch: stop before the evaluation
             return unwrap(model), 128 + stop.signum
     return unwrap(model), 0
@@ -244,12 +205,13 @@ def main(method: str, loss_fn: LossFn, hyperparameters: dict, run_name: Callable
     Under torchrun every process calls this; rank 0 alone locks and prepares the run folder,
     writes files and prints (errors are raised on every rank alike, so none is left waiting).
     """
-    joins_group = not (dist.is_available() and dist.is_initialized())  # then it leaves it at the end
+    joins_group = not in_process_group()  # then it leaves it at the end
     locks = contextlib.ExitStack()  # the run folder's lock, held until the evaluation is written
     try:
         cfg = parse_config(method, hyperparameters, argv, check, training)
         cfg.run_name = cfg.run_name or run_name(cfg)
         check_run_name(cfg.run_name)
+        load_cache(cfg.data_dir)  # missing or bad data is refused before the run folder is made
         device = init_distributed(cfg.device)
         run_dir = on_main_process(lambda: start_run(cfg, device, locks))
         model, status = train(cfg, loss_fn, run_dir, tuple(hyperparameters))
@@ -268,6 +230,11 @@ def main(method: str, loss_fn: LossFn, hyperparameters: dict, run_name: Callable
         if is_main_process():
             print(f"error: {error}", file=sys.stderr)
         return 1
+    except StoppedAtOnce as stop:
+        if is_main_process():
+            print(f"error: stopped at once by a second signal {stop.signum}, without saving the batch in "
+                  f"progress; --resume continues from the last checkpoint", file=sys.stderr)
+        return 128 + stop.signum
     finally:
         locks.close()
         if joins_group:

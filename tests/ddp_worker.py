@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import distributed  # noqa: E402
 import harness  # noqa: E402
 from ECG_CNN import build_model  # noqa: E402
 
@@ -76,21 +77,21 @@ def case_config(case: str):
 
 
 def grads(out: Path) -> None:
-    device = harness.init_distributed("cpu")
-    rank, world = harness.rank(), harness.world_size()
+    device = distributed.init_distributed("cpu")
+    rank, world = distributed.rank(), distributed.world_size()
     x, mask = union_batch()
     share = slice(rank * UNION // world, (rank + 1) * UNION // world)
     for case, (_, pattern, _) in CASES.items():
         module, cfg = case_config(case)
         model = fresh_model()
         y = labels_for(model, x, mask, pattern)
-        ddp = harness.distributed_model(model, device)
+        ddp = distributed.distributed_model(model, device)
         loss, parts = module.loss_fn(ddp, x[share], y[share], mask[share], 0, cfg)
-        logged, _ = harness.average_logged({"loss": loss.detach(), **parts}, False)
+        logged, _ = distributed.average_logged({"loss": loss.detach(), **parts}, False)
         loss.backward()
         torch.save({"grads": {name: p.grad for name, p in model.named_parameters()}, "logged": logged},
                    out / f"{case}_rank{rank}.pt")
-    harness.shutdown_distributed()
+    distributed.shutdown_distributed()
 
 
 def train(out: Path, method: str, stop_on_rank: int, stop_at_call: int, flags: list[str]) -> int:
@@ -100,13 +101,13 @@ def train(out: Path, method: str, stop_on_rank: int, stop_at_call: int, flags: l
     def loss_fn(model, x, y, mask, epoch, cfg):
         seen["model"] = model
         seen["calls"] += 1
-        if harness.rank() == stop_on_rank and seen["calls"] == stop_at_call:
+        if distributed.rank() == stop_on_rank and seen["calls"] == stop_at_call:
             os.kill(os.getpid(), signal.SIGTERM)
         return module.loss_fn(model, x, y, mask, epoch, cfg)
 
     status = harness.main(method, loss_fn, module.HYPERPARAMETERS, module.run_name, argv=flags)
     if "model" in seen:
-        torch.save(harness.unwrap(seen["model"]).state_dict(), out / f"weights_rank{harness.rank()}.pt")
+        torch.save(distributed.unwrap(seen["model"]).state_dict(), out / f"weights_rank{distributed.rank()}.pt")
     return status
 
 

@@ -95,11 +95,11 @@ def test_shard_loaders_partition_the_records_one_process_evaluates(tiny_cache, b
 
 def test_union_sum_and_helpers_are_the_identity_in_one_process():
     t = torch.tensor([1.0, 2.0], requires_grad=True)
-    assert distributed.union_sum(t) is t and harness.all_sum(t) is t
+    assert distributed.union_sum(t) is t and distributed.all_reduce(t) is t
     model = torch.nn.Linear(2, 2)
-    assert harness.unwrap(model) is model and harness.distributed_model(model, torch.device("cpu")) is model
-    assert harness.average_logged({"loss": torch.tensor(2.5)}, True) == ({"loss": 2.5}, True)
-    assert harness.gather_to_main({"a": 1}) == [{"a": 1}] and harness.on_main_process(lambda: 7) == 7
+    assert distributed.unwrap(model) is model and distributed.distributed_model(model, torch.device("cpu")) is model
+    assert distributed.average_logged({"loss": torch.tensor(2.5)}, True) == ({"loss": 2.5}, True)
+    assert distributed.gather_to_main({"a": 1}) == [{"a": 1}] and distributed.on_main_process(lambda: 7) == 7
 
 
 def test_batch_size_must_split_evenly_over_the_processes(monkeypatch):

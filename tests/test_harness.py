@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import config
 import harness
+from checkpoints import newest_checkpoint
 from evaluate import load_model
 from helpers import REPO, run_script
 from preprocess import load_cache
@@ -125,6 +126,21 @@ def test_a_signal_saves_at_the_next_batch_and_resume_finishes_identically(tiny_c
     assert_same_weights(weights(ce_run / "CE"), weights(tmp_path / "stopped" / "CE"))  # straight through
 
 
+def test_a_second_signal_stops_at_once_in_one_line_with_its_status(tiny_cache, tmp_path, capsys):
+    def twice_interrupted_loss(model, x, y, mask, epoch, cfg):
+        os.kill(os.getpid(), signal.SIGTERM)  # the first asks to stop after this batch
+        os.kill(os.getpid(), signal.SIGTERM)  # the second, before it ends: at once
+        raise AssertionError("the second signal did not stop the training")
+
+    status = train_ce(tiny_cache, tmp_path, "--epochs", "1", loss_fn=twice_interrupted_loss)
+    assert status == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("error: stopped at once by a second signal 15, without saving the batch in progress; "
+                       "--resume continues from the last checkpoint")
+    assert not (tmp_path / "CE" / "checkpoints" / "last.pt").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are given back
+
+
 @pytest.mark.slow  # trains two runs end to end
 def test_same_seed_same_weights_other_seed_other_weights(tiny_cache, tmp_path, ce_run):
     for name, seed in [("b", "0"), ("c", "1")]:  # a: ce_run, seed 0
@@ -139,7 +155,7 @@ def test_resume_ignores_a_truncated_checkpoint(ce_run_copy):
     checkpoints = tmp_path / "CE" / "checkpoints"
     (checkpoints / "epoch_999.pt").write_bytes((checkpoints / "last.pt").read_bytes()[:1000])
     with pytest.warns(UserWarning, match="ignoring unreadable checkpoint .*epoch_999.pt"):
-        state = harness.newest_checkpoint(tmp_path / "CE")
+        state = newest_checkpoint(tmp_path / "CE")
     assert state["epoch"] == 1
 
 
@@ -218,10 +234,11 @@ def test_bad_method_hyperparameter_is_rejected(tmp_path, capsys, value, message)
     assert status == 2 and message in capsys.readouterr().err
 
 
-def test_unwritable_result_folder_is_named(tmp_path, capsys):
+def test_unwritable_result_folder_is_named(tiny_cache, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    status = harness.main("CE", ce_loss, {}, lambda cfg: "CE", argv=["--result_dir", str(blocker)])
+    status = harness.main("CE", ce_loss, {}, lambda cfg: "CE",
+                          argv=["--data_dir", str(tiny_cache), "--result_dir", str(blocker)])
     assert status == 2 and f"cannot write to {blocker / 'CE'}" in capsys.readouterr().err
 
 
@@ -239,7 +256,8 @@ def test_script_reports_missing_data_without_a_traceback(tmp_path):
     status, _, err = run_script(REPO / "CPSC2018_CNN_CE.py", "--data_dir", str(tmp_path / "nowhere"),
                                 "--result_dir", str(tmp_path / "r"))
     assert status == 2 and err.startswith("error: ") and err.count("\n") == 1
-    assert str(tmp_path / "nowhere") in err
+    assert f"python preprocess.py --raw_dir RECORDS --out_dir {tmp_path / 'nowhere'}" in err
+    assert not (tmp_path / "r").exists()  # refused before the run folder is made
 
 
 @pytest.mark.slow  # trains two runs end to end
@@ -288,13 +306,13 @@ def test_a_run_name_outside_the_result_folder_is_refused_and_nothing_is_touched(
     assert sentinel.read_text() == "keep me"
 
 
-def test_overwrite_leaves_a_folder_that_is_not_a_run_alone(tmp_path, capsys):
+def test_overwrite_leaves_a_folder_that_is_not_a_run_alone(tiny_cache, tmp_path, capsys):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "mine.txt").write_text("keep me")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text(json.dumps({"run_name": "CE", "method": "CE"}))
     for name in ("notes", "other"):  # other: a run's config.json, but not of a run of that name
-        flags = ["--result_dir", str(tmp_path), "--run_name", name, "--overwrite"]
+        flags = ["--data_dir", str(tiny_cache), "--result_dir", str(tmp_path), "--run_name", name, "--overwrite"]
         assert harness.main("CE", ce_loss, {}, lambda cfg: name, argv=flags) == 2
         assert f"--overwrite: {tmp_path / name} is not a run folder of this project" in capsys.readouterr().err
     assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
