@@ -73,6 +73,8 @@ def as_flag_type(key: str, value):
     kind = flag_type(key)
     if value is None or kind not in (int, float):
         return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} = {value!r}: --{key} takes a number")
     if kind is int and value != int(value):
         raise ConfigError(f"{key} = {value!r}: --{key} takes a whole number")
     return kind(value)
@@ -225,7 +227,7 @@ def parse_config(method: str, hyperparameters: dict, argv: list[str] | None = No
     for key in defaults:
         kind = flag_type(key)
         if kind is bool:
-            parser.add_flag(f"--{key}", dest=key, action=argparse.BooleanOptionalAction)
+            parser.add_switch(f"--{key}", dest=key)
         else:
             parser.add_flag(f"--{key}", dest=key, type=kind, metavar=kind.__name__.upper())
     args = vars(parser.parse_args(argv))

@@ -21,3 +21,19 @@ class OneLineParser(argparse.ArgumentParser):
     def add_flag(self, name: str, *aliases: str, **kwargs):
         """``--name`` (underscores) with its hyphenated alias, ``--na-me``."""
         return self.add_argument(*dict.fromkeys([name, name.replace("_", "-"), *aliases]), **kwargs)
+
+    def add_switch(self, name: str, **kwargs):
+        """An on/off flag: ``--name`` and ``--no_name``, each also hyphenated."""
+        off = f"--no_{name[2:]}"
+        return self.add_argument(*dict.fromkeys([name, name.replace("_", "-"), off, off.replace("_", "-")]),
+                                 action=_Switch, **kwargs)
+
+
+class _Switch(argparse.Action):
+    """Sets True for a flag's plain spellings and False for its --no_ ones."""
+
+    def __init__(self, option_strings, dest, default=None, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, not option_string.startswith(("--no_", "--no-")))

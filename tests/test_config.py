@@ -17,12 +17,22 @@ def test_editing_a_default_does_not_change_what_its_flag_accepts():
         config.parse_config("advls", {"pgd_steps": 20.0}, argv=["--pgd_steps", "2.5"])
 
 
+@pytest.mark.parametrize("flag, value", [("--resume", True), ("--no_resume", False), ("--no-resume", False),
+                                         ("--overwrite", True), ("--no_overwrite", False), ("--no-overwrite", False)])
+def test_an_on_off_setting_takes_every_spelling(flag, value):
+    name = flag.removeprefix("--").removeprefix("no").lstrip("_-").replace("-", "_")
+    cfg = config.parse_config("CE", {}, argv=[flag], training={name: not value})
+    assert getattr(cfg, name) is value
+
+
 def test_a_default_is_read_as_its_flag_would_read_it():
     cfg = config.parse_config("jacob", {"beta": 44, "reg_start_epoch": 4.0}, argv=[], training={"batch_size": 64.0})
     assert (cfg.beta, cfg.reg_start_epoch, cfg.batch_size) == (44.0, 4, 64)
     assert (type(cfg.beta), type(cfg.reg_start_epoch), type(cfg.batch_size)) == (float, int, int)
     with pytest.raises(ConfigError, match=r"batch_size = 64\.5: --batch_size takes a whole number"):
         config.parse_config("CE", {}, argv=[], training={"batch_size": 64.5})
+    with pytest.raises(ConfigError, match=r"beta = '0\.5': --beta takes a number"):
+        config.parse_config("jacob", {"beta": "0.5"}, argv=[])
 
 
 def test_the_scripts_show_the_shared_settings_of_the_protocol():
