@@ -34,7 +34,7 @@ from flags import ConfigError, OneLineParser
 from metrics import (NUM_CLASSES, class_balanced_accuracy, classification_scores, confusion_matrix,
                      SWEEP_METRICS, mean_f1, ratio, robustness_auc, scores_table, to_markdown)
 from preprocess import CLASSES, DataError
-from safe_writes import FolderInUseError, lock_folder, read_json, write_json
+from safe_writes import FolderInUseError, lock_folder, read_json, write_json, write_text_atomic
 
 
 SQUARE_QUERIES_PER_STEP = 10  # Square's queries per gradient-attack iteration: 1000 at the paper's 100
@@ -377,8 +377,8 @@ def evaluate_run(run_dir: Path, model: torch.nn.Module, cfg: SimpleNamespace, sp
     table = scores_table(scores)
     if main:
         write_json(result, Path(run_dir) / f"eval_{split}.json")
-        (Path(run_dir) / f"eval_{split}.md").write_text(
-            f"# {cfg.run_name}: clean metrics on the {split} split ({scores['n']} records)\n\n{table}\n")
+        write_text_atomic(Path(run_dir) / f"eval_{split}.md",
+                          f"# {cfg.run_name}: clean metrics on the {split} split ({scores['n']} records)\n\n{table}\n")
         print(f"\n{cfg.run_name}: clean metrics on the {split} split ({scores['n']} records)\n{table}")
         figures.confusion_matrix_figure(scores["confusion_matrix"], Path(run_dir) / f"confusion_{split}.png",
                                         f"{cfg.run_name}: {split} split, clean ({scores['n']} records)")
@@ -411,8 +411,8 @@ def evaluate_run(run_dir: Path, model: torch.nn.Module, cfg: SimpleNamespace, sp
                     "level_values": {name: list(noise_levels(name, cfg.levels)) for name in curves},
                     "sweeps": curves},
                    Path(run_dir) / f"robustness_{split}.json")
-        pd.DataFrame([row for c in curves.values() for row in sweep_rows(cfg.run_name, c)]).to_csv(
-            Path(run_dir) / f"robustness_{split}.csv", index=False)
+        write_text_atomic(Path(run_dir) / f"robustness_{split}.csv", pd.DataFrame(
+            [row for c in curves.values() for row in sweep_rows(cfg.run_name, c)]).to_csv(index=False))
         figures.sweep_curves_figure({cfg.run_name: curves}, Path(run_dir) / f"robustness_{split}.png",
                                     f"{cfg.run_name}: {split} split")
         for name, curve in curves.items():
@@ -518,9 +518,9 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
         (out_dir / name).unlink(missing_ok=True)
     markdown = {}
     for table_name, table in tables.items():
-        table.to_csv(out_dir / f"{table_name}.csv", float_format="%.4f")
+        write_text_atomic(out_dir / f"{table_name}.csv", table.to_csv(float_format="%.4f"))
         markdown[table_name] = to_markdown(table)
-        (out_dir / f"{table_name}.md").write_text(markdown[table_name] + "\n")
+        write_text_atomic(out_dir / f"{table_name}.md", markdown[table_name] + "\n")
     for table_name, (sweep, metric) in sweep_plots.items():
         title = f"{sweep}, {split} split: {SWEEP_METRICS[metric][1]}"
         figures.sweep_curves_figure({name: {sweep: c[sweep]} for name, c in curves.items() if sweep in c},
@@ -528,7 +528,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
     checks = {name: check for name, results in curves.items() if (check := masking_check(results))}
     if checks:
         markdown["masking_check"] = masking_check_markdown(checks)
-        (out_dir / "masking_check.md").write_text(markdown["masking_check"] + "\n")
+        write_text_atomic(out_dir / "masking_check.md", markdown["masking_check"] + "\n")
     if example_eps:
         try:
             figures.adversarial_example_figure({name: load_model(run) for name, run in zip(names, run_dirs)},

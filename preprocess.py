@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from download import CPSC2018_ARCHIVE_URL, DownloadError, fetch_cpsc2018
 from flags import ConfigError, OneLineParser
-from safe_writes import FolderInUseError, lock_folder, temporary_path, write_text_atomic
+from safe_writes import FolderInUseError, lock_folder, temporary_path, write_json
 
 CLASSES = ("Normal", "AF", "I-AVB", "LBBB", "RBBB", "PAC", "PVC", "STD", "STE")
 # SNOMED CT codes of the nine classes in the PhysioNet/CinC 2020 headers; label k = CLASSES[k-1].
@@ -572,7 +572,7 @@ def _write_csv(table: pd.DataFrame, path: Path) -> Path:
 
 def _write_meta(meta: dict, out_dir: Path) -> None:
     """Write meta.json last: its presence is what makes the cache loadable."""
-    write_text_atomic(out_dir / "meta.json", json.dumps(meta, indent=1))
+    write_json(meta, out_dir / "meta.json")
 
 
 def preprocess(
