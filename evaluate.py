@@ -354,9 +354,10 @@ def evaluate_clean(model: torch.nn.Module, loader, device: torch.device, max_bat
 
 
 def evaluate_run(run_dir: Path, model: torch.nn.Module, cfg: SimpleNamespace, split: str = "test",
-                 max_batches: int = 0) -> dict:
+                 max_batches: int = 0, checkpoint: Path | None = None) -> dict:
     """Clean metrics of ``model`` on ``split`` (run_dir/eval_<split>.json and .md), then the
-    sweeps named by cfg.sweeps (run_dir/robustness_<split>.json, .csv and .png).
+    sweeps named by cfg.sweeps (run_dir/robustness_<split>.json, .csv and .png). The results
+    name ``checkpoint``, the file the model came from (default: run_dir/model.pt).
 
     Under torchrun every process calls this: each evaluates its share of the records
     (``shard_loader``), the confusion matrices are summed, and rank 0 writes and prints.
@@ -372,7 +373,7 @@ def evaluate_run(run_dir: Path, model: torch.nn.Module, cfg: SimpleNamespace, sp
         return shard_loader(loader, rank(), world_size(), limit) if sharded else loader
 
     scores = evaluate_clean(model, share(max_batches), device, max_batches, sharded)
-    result = {"run": str(run_dir), "split": split, "checkpoint": str(Path(run_dir) / "model.pt"),
+    result = {"run": str(run_dir), "split": split, "checkpoint": str(checkpoint or Path(run_dir) / "model.pt"),
               "settings": vars(cfg), "clean": scores}
     table = scores_table(scores)
     if main:
@@ -559,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\ntables and figures written to {args.out}/")
             return 0
         parser = OneLineParser(description="Evaluate a trained run (PROTOCOL sections 6-7).")
-        parser.add_argument("run", help="a run folder under result/ or a checkpoint file")
+        parser.add_argument("run", help="a run folder under result/ (its model.pt), or a checkpoint file "
+                                        "(for example checkpoints/epoch_010.pt; results written beside it)")
         parser.add_flag("--split", default="test", choices=("test", "val"))
         parser.add_flag("--data_dir", help="override the run's data cache folder")
         parser.add_flag("--device", default="auto")
@@ -587,12 +589,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise EvaluationError(f"--{key} must be >= 0, got {getattr(args, key)}")
         check_sweep_settings(vars(cfg))
         check_device(cfg.device)
-        run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
+        checkpoint = Path(args.run) / "model.pt" if Path(args.run).is_dir() else Path(args.run)
         # Under torchrun the processes share the records (evaluate_run); alone, this is the device.
         device = init_distributed(cfg.device)
-        # One process per run folder (rank 0 locks it): refused while a training or evaluation holds it.
-        on_main_process(lambda: locks.enter_context(lock_folder(run_dir, "run folder")))
-        evaluate_run(run_dir, model.to(device), cfg, args.split, args.eval_max_batches)
+        # One process per folder written (rank 0 locks it): refused while a training or evaluation holds it.
+        on_main_process(lambda: locks.enter_context(lock_folder(checkpoint.parent, "run folder")))
+        evaluate_run(checkpoint.parent, model.to(device), cfg, args.split, args.eval_max_batches, checkpoint)
     except (EvaluationError, DataError, ConfigError, FolderInUseError) as error:
         if is_main_process():
             print(f"error: {error}", file=sys.stderr)

@@ -27,7 +27,7 @@ def _git_commit() -> str:
 
 
 def is_run_folder(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds the config.json that main() writes for a run of that name."""
+    """Whether ``run_dir`` holds the config.json that start_run writes for a run of that name."""
     config = read_json(run_dir / "config.json")
     return isinstance(config, dict) and config.get("run_name") == run_dir.name and "method" in config
 
