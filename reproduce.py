@@ -45,6 +45,8 @@ from safe_writes import read_json, write_json
 from synthetic import MARKER_NAME
 
 REPO = Path(__file__).resolve().parent
+# method -> its script's module (config.METHODS names them), imported here once
+SCRIPTS = {method: importlib.import_module(name) for method, name in METHODS.items()}
 
 CHANCE_NOTE_ACCURACY = 1.5 / 9  # the report flags runs whose clean accuracy is no better than this
 SWEEP_TITLES = {"pgd_linf": "PGD, L-inf budget", "pgd_l2": "PGD, L2 budget",
@@ -148,7 +150,7 @@ def plan_jobs(preset: str, methods: list[str], result_dir: str | None = None) ->
     grids = {method: (setting, values) for method, setting, values in plan.grid}
     jobs = []
     for method in (m for m in METHODS if m in methods and (m in grids or not plan.selection)):
-        module = importlib.import_module(METHODS[method])
+        module = SCRIPTS[method]
         setting, values = grids.get(method, ("", (None,)))
         for value in values:
             flags = ["--preset", preset, *(["--result_dir", result_dir] if result_dir else [])]
@@ -466,8 +468,7 @@ def _run_settings(job: Job) -> str:
 def _preset_changes(preset: str, job: Job) -> str:
     """What ``preset`` changes for this run against the paper's settings (config.PRESETS):
     its method settings and its own section, each with the paper's value."""
-    module = importlib.import_module(METHODS[job.method])
-    paper = {**TRAIN_DEFAULTS, **module.TRAINING, **job.hyperparameters}
+    paper = {**TRAIN_DEFAULTS, **SCRIPTS[job.method].TRAINING, **job.hyperparameters}
     changed = {k: v for k, v in preset_settings(preset, job.method).items()
                if k in job.hyperparameters or k in PRESETS[preset].get(job.method, {})}
     return ", ".join(f"{k}={v:g} (paper {paper[k]:g})" for k, v in changed.items()) or "none"
