@@ -8,8 +8,8 @@
 the DistributedDataParallel model and one backward, and saves the averaged gradients (and
 the logged values) to OUT/<case>_rank<r>.pt; the test compares them with one process's
 gradients on the union batch (``union_batch`` and ``labels_for`` rebuild it).
-``train``: harness.main of METHOD (a method name of config.METHODS; its script's loss) with the given flags; each rank saves
-its final weights to OUT/weights_rank<r>.pt; ``--stop_on_rank R --stop_at_call K`` sends
+``train``: harness.main of METHOD (a method name of config.METHODS, with its script's loss)
+with the given flags; each rank saves its final weights to OUT/weights_rank<r>.pt; ``--stop_on_rank R --stop_at_call K`` sends
 SIGTERM to rank R's own process during its K-th loss evaluation, as a scheduler would.
 """
 from __future__ import annotations

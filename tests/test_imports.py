@@ -11,6 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
 def module_name(path: Path) -> str:
     """The name the file is imported under: benchmarks.<stem> for the benchmarks (a package
     folder), the stem for the repository root and tests/ (both on sys.path when tests run)."""
@@ -36,6 +37,7 @@ def is_import_module(node: ast.AST) -> bool:
 
 
 def with_parents(tree: ast.AST) -> ast.AST:
+    """The tree, each node given its parent (``node.parent``)."""
     for parent in ast.walk(tree):
         for child in ast.iter_child_nodes(parent):
             child.parent = parent
@@ -112,7 +114,8 @@ def test_no_import_inside_a_function():
               for name, tree in TREES.items()
               for function in ast.walk(tree)
               if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
-              for node in ast.walk(function) if isinstance(node, (ast.Import, ast.ImportFrom)) or is_import_module(node)]
+              for node in ast.walk(function)
+              if isinstance(node, (ast.Import, ast.ImportFrom)) or is_import_module(node)]
     assert not inside, "\n".join(inside)
 
 
@@ -183,8 +186,8 @@ def main() -> int:
     for name, modules in sorted(GRAPH.items()):
         print(f"{name}: {', '.join(modules)}")
     failed = 0
-    for check in (test_every_import_module_call_names_its_modules, test_no_import_cycle, test_no_import_inside_a_function,
-                  test_imports_come_before_other_module_level_code):
+    for check in (test_every_import_module_call_names_its_modules, test_no_import_cycle,
+                  test_no_import_inside_a_function, test_imports_come_before_other_module_level_code):
         try:
             check()
         except AssertionError as error:
