@@ -14,6 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]  # the repository root
+# The input of conftest's untrained_run: records truncated to TINY_MAX_LENGTH samples, then
+# padded by TINY_RANDOM_PAD
+TINY_MAX_LENGTH, TINY_RANDOM_PAD = 2048, 1024
 
 SMOKE_RUNS = {  # method: its run folder in the smoke chain (conftest's smoke_chain)
     "CE": "CE", "NSR": "NSR_beta1_1_beta2_1", "jacob": "jacob_beta_44_proj_1", "advls": "advls_eps_0.01_beta_0.5"}
@@ -68,6 +71,11 @@ def sinusoid_task(n: int, total: int = 256, seed: int = 0) -> tuple[torch.Tensor
     lengths = torch.randint(total // 2, total + 1, (n,), generator=g).tolist()
     mask = right_aligned_masks(lengths, total)
     return (x * mask).clamp(-1, 1), y, mask
+
+
+def weights(path: Path) -> dict:
+    """The model weights (state dict) saved in a model.pt or a checkpoint file."""
+    return torch.load(path, weights_only=True)["model"]
 
 
 def run_script(path: Path, *args: str, capture: bool = True) -> tuple[int, str, str]:

@@ -13,7 +13,6 @@ import json
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +26,7 @@ from ECG_Dataset import ClassBalancedSampler, get_dataloaders
 import ddp_worker
 from evaluate import shard_loader
 from flags import ConfigError
-from helpers import REPO
+from helpers import REPO, weights
 
 LR = 1e-3
 RUN_FLAGS = ["--max_length", "3072", "--random_pad", "0", "--batch_size", "8",
@@ -46,10 +45,6 @@ def flat(state: dict) -> torch.Tensor:
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
-
-
-def weights(path: Path) -> dict:
-    return torch.load(path, weights_only=True)["model"]
 
 
 # --- the data each rank sees -------------------------------------------------------------

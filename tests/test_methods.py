@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import harness
-from helpers import REPO, SMOKE_RUNS, TinyCNN, run_script
+from helpers import REPO, SMOKE_RUNS, LinearModel, TinyCNN, run_script
 from losses import jacobian_loss
 from reproduce import SCRIPTS
 
@@ -98,25 +98,19 @@ def test_the_script_ends_bad_flags_with_one_line(tmp_path, flags, message):
     assert (status, err.strip(), out) == (2, message, "")
 
 
-class _MeanLinear(torch.nn.Module):
-    """A stand-in for the CNN: logits from each lead's mean (fast, differentiable in x)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.linear = torch.nn.Linear(8, 9)
-
-    def forward(self, x, mask):
-        return self.linear((x * mask).mean(dim=2))
+@pytest.fixture
+def linear_model() -> LinearModel:
+    """A stand-in for the CNN on 8-lead, 32-sample inputs (fast, differentiable in x)."""
+    return LinearModel(torch.randn(9, 8, 32, generator=torch.Generator().manual_seed(0)) / 32)
 
 
 @pytest.mark.parametrize("epoch,all_wrong", [(0, False), (9, False), (20, True)])
-def test_adversarial_loss_keeps_its_weights_without_an_adversarial_term(epoch, all_wrong):
+def test_adversarial_loss_keeps_its_weights_without_an_adversarial_term(linear_model, epoch, all_wrong):
     """Pins fix 1 (the original's loss): (1 - beta) * CE before adv_start_epoch and in a batch
     with no correct sample, where this code used to return the bare CE (twice the gradient)."""
     adv = SCRIPTS["advls"]
     cfg = SimpleNamespace(**adv.HYPERPARAMETERS, epochs=70)
-    model = _MeanLinear()
+    model = linear_model
     x, mask = torch.rand(4, 8, 32) * 2 - 1, torch.ones(4, 1, 32)
     with torch.no_grad():
         predicted = model(x, mask).argmax(dim=1)
@@ -126,12 +120,12 @@ def test_adversarial_loss_keeps_its_weights_without_an_adversarial_term(epoch, a
     assert logged["loss_adv"] == 0.0
 
 
-def test_adversarial_loss_weighs_both_terms_once_attacks_start():
+def test_adversarial_loss_weighs_both_terms_once_attacks_start(linear_model):
     """From adv_start_epoch on, with correct samples, both terms: the loss exceeds (1 - beta) * CE
     by beta times a positive adversarial term."""
     adv = SCRIPTS["advls"]
     cfg = SimpleNamespace(**{**adv.HYPERPARAMETERS, "pgd_steps": 2}, epochs=70)
-    model = _MeanLinear()
+    model = linear_model
     x, mask = torch.rand(4, 8, 32) * 2 - 1, torch.ones(4, 1, 32)
     with torch.no_grad():
         y = model(x, mask).argmax(dim=1)
