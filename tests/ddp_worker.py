@@ -9,8 +9,9 @@ the DistributedDataParallel model and one backward, and saves the averaged gradi
 the logged values) to OUT/<case>_rank<r>.pt; the test compares them with one process's
 gradients on the union batch (``union_batch`` and ``labels_for`` rebuild it).
 ``train``: harness.main of METHOD (a method name of config.METHODS, with its script's loss)
-with the given flags; each rank saves its final weights to OUT/weights_rank<r>.pt; ``--stop_on_rank R --stop_at_call K`` sends
-SIGTERM to rank R's own process during its K-th loss evaluation, as a scheduler would.
+with the given flags; each rank saves its final weights to OUT/weights_rank<r>.pt;
+``--stop_on_rank R --stop_at_call K`` sends SIGTERM to rank R's own process during its K-th
+loss evaluation, as a scheduler would.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import harness  # noqa: E402
 from ECG_CNN import build_model  # noqa: E402
-from flags import OneLineParser  # noqa: E402
+from flags import ConfigError, OneLineParser  # noqa: E402
 from reproduce import SCRIPTS  # noqa: E402
 
 UNION = 6         # samples in the union batch (3 per rank with 2 ranks)
@@ -117,7 +118,11 @@ def main() -> int:
     parser.add_argument("method", nargs="?", choices=SCRIPTS)
     parser.add_flag("--stop_on_rank", type=int, default=-1)
     parser.add_flag("--stop_at_call", type=int, default=0)
-    args, flags = parser.parse_known_args()
+    try:
+        args, flags = parser.parse_known_args()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     flags = [f for f in flags if f != "--"]
     if args.mode == "grads":
         grads(args.out)
