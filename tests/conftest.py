@@ -52,8 +52,9 @@ def tiny_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_tiny():
     """(model, x, y, mask): a TinyCNN trained for about a second to near-perfect accuracy on
-    helpers.sinusoid_task, in eval mode, and a held-out batch of that task. Tests that change the
-    model's mode or gradients restore them."""
+    helpers.sinusoid_task, in eval mode, and a held-out batch of that task. The model is shared:
+    a test that needs its parameters' .grad empty clears them, and one that changes its mode
+    restores it."""
     torch.manual_seed(0)
     model = TinyCNN()
     x, y, mask = sinusoid_task(512, seed=1)

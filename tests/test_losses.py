@@ -340,6 +340,7 @@ def test_adversarial_loss_gradient_and_mode(correct_tiny, training):
     model, x, y, mask = correct_tiny
     mode = model.training
     model.train(training)
+    model.zero_grad(set_to_none=True)  # the model is shared: other tests' backward passes leave .grad
     try:
         loss = losses.adversarial_loss(model, x, y, mask, 0.05, 0.01,
                                        generator=torch.Generator().manual_seed(0))
