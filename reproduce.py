@@ -40,13 +40,15 @@ import selection
 from checkpoints import RESUME_KEYS, changed_settings
 from config import METHODS, PRESETS, SWEEPS, TRAIN_DEFAULTS, parse_config, parse_sweeps, preset_setting, preset_settings
 from flags import ConfigError, OneLineParser
-from preprocess import DataError, load_cache
+from preprocess import CLASSES, DEFAULT_RAW_DIR, DataError, load_cache
 from safe_writes import read_json, write_json
-from synthetic import MARKER_NAME
+from synthetic import DEMO_RAW_DIR, MARKER_NAME
 
 REPO = Path(__file__).resolve().parent
+# method -> its script's module (config.METHODS names them), imported here once
+SCRIPTS = {method: importlib.import_module(name) for method, name in METHODS.items()}
 
-CHANCE_NOTE_ACCURACY = 1.5 / 9  # the report flags runs whose clean accuracy is no better than this
+CHANCE_NOTE_ACCURACY = 1.5 / len(CLASSES)  # the report flags runs whose clean accuracy is no better than this
 SWEEP_TITLES = {"pgd_linf": "PGD, L-inf budget", "pgd_l2": "PGD, L2 budget",
                 "ifgsm_linf": "IFGSM, L-inf budget", "ifgsm_l2": "IFGSM, L2 budget",
                 "white": "White noise", "baseline_wander": "Real-ECG noise: baseline wander",
@@ -77,10 +79,10 @@ SYNTHETIC_NOTE = ("**Data: synthetic signals, not CPSC2018.** The records are si
                   "below says anything about real ECGs or about the paper's numbers.")
 PLANS = {
     "paper": Plan("**Data: CPSC2018** (real 12-lead ECGs, the official training set) with the "
-                  "paper's reference split (PROTOCOL section 2).", "data/CPSC2018/train", 5, 50,
+                  "paper's reference split (PROTOCOL section 2).", DEFAULT_RAW_DIR, 5, 50,
                   (("advls", "eps", (0.005, 0.01, 0.05, 0.1)),)),
     # The paper's default eps only: to fit the demo's ten minutes.
-    "demo": Plan(SYNTHETIC_NOTE, "data/demo/train", 3, 6, (("advls", "eps", (0.01,)),),
+    "demo": Plan(SYNTHETIC_NOTE, DEMO_RAW_DIR, 3, 6, (("advls", "eps", (0.01,)),),
                  synthetic_records_per_class=30, synthetic_max_seconds=20.0),
     "smoke": Plan(SYNTHETIC_NOTE, "data/smoke/train", 1, 1, (("advls", "eps", (0.01,)),),
                   synthetic_records_per_class=4, synthetic_max_seconds=8.0),
@@ -92,7 +94,7 @@ PLANS = {
     # settings and judged on the validation split under PGD L-inf (SELECTION_SWEEP).
     "paper-selection": Plan("**Data: CPSC2018** (real 12-lead ECGs, the official training set) with "
                             "the paper's reference split (PROTOCOL section 2); coefficients judged on its "
-                            "validation split.", "data/CPSC2018/train", 5, 50,
+                            "validation split.", DEFAULT_RAW_DIR, 5, 50,
                             (("NSR", "beta2", (0.4, 0.6, 0.8, 0.9, 1.0, 1.1, 1.2)),
                              ("jacob", "beta", (4, 14, 24, 34, 44, 54, 64, 74, 84))),
                             selection=True),
@@ -148,7 +150,7 @@ def plan_jobs(preset: str, methods: list[str], result_dir: str | None = None) ->
     grids = {method: (setting, values) for method, setting, values in plan.grid}
     jobs = []
     for method in (m for m in METHODS if m in methods and (m in grids or not plan.selection)):
-        module = importlib.import_module(METHODS[method])
+        module = SCRIPTS[method]
         setting, values = grids.get(method, ("", (None,)))
         for value in values:
             flags = ["--preset", preset, *(["--result_dir", result_dir] if result_dir else [])]
@@ -231,7 +233,8 @@ def synthetic_complete(raw_dir: Path, records_per_class: int) -> bool:
         counts = reference["First_label"].value_counts()
     except (ValueError, KeyError, pd.errors.ParserError):
         return False
-    return (len(reference) == 9 * records_per_class and sorted(counts.index) == list(range(1, 10))
+    return (len(reference) == len(CLASSES) * records_per_class
+            and sorted(counts.index) == list(range(1, len(CLASSES) + 1))
             and (counts == records_per_class).all()
             and all((raw_dir / f"{name}.mat").is_file() for name in reference["Recording"]))
 
@@ -466,8 +469,7 @@ def _run_settings(job: Job) -> str:
 def _preset_changes(preset: str, job: Job) -> str:
     """What ``preset`` changes for this run against the paper's settings (config.PRESETS):
     its method settings and its own section, each with the paper's value."""
-    module = importlib.import_module(METHODS[job.method])
-    paper = {**TRAIN_DEFAULTS, **module.TRAINING, **job.hyperparameters}
+    paper = {**TRAIN_DEFAULTS, **SCRIPTS[job.method].TRAINING, **job.hyperparameters}
     changed = {k: v for k, v in preset_settings(preset, job.method).items()
                if k in job.hyperparameters or k in PRESETS[preset].get(job.method, {})}
     return ", ".join(f"{k}={v:g} (paper {paper[k]:g})" for k, v in changed.items()) or "none"
@@ -565,7 +567,8 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
     near_chance = [job.run_dir.name for job in ready
                    if evals[job].get("clean", {}).get("accuracy", 1.0) <= CHANCE_NOTE_ACCURACY]
     if near_chance:
-        lines += [f"Note: near chance (class-balanced accuracy of guessing: 1/9 = 0.111): "
+        lines += [f"Note: near chance (class-balanced accuracy of guessing: 1/{len(CLASSES)} = "
+                  f"{1 / len(CLASSES):.3f}): "
                   f"{', '.join(f'`{name}`' for name in near_chance)}. Within this preset's training budget "
                   "such a run learned (almost) nothing, so its robustness rows below are no evidence of "
                   "robustness (a constant prediction does not change under any noise).", ""]

@@ -14,6 +14,7 @@ import evaluate
 import figures
 from config import noise_levels
 from metrics import SWEEP_METRICS, to_markdown
+from preprocess import CLASSES
 from safe_writes import read_json, write_json
 
 # criterion: its score in one PGD sweep result (robustness_sweep) on the validation split
@@ -27,8 +28,10 @@ CRITERIA = {
 # Cost estimates: the CPU figures of benchmarks/bench_methods.py (seconds per sample at the
 # paper's input length, 1 thread) at the paper's data size (PROTOCOL sections 2-3).
 BENCHMARK = Path(__file__).resolve().parent / "benchmarks" / "results" / "methods_cpu.json"
-PAPER_EPOCH_SAMPLES = 9 * 1478  # the class-balanced sampler: 9 x the largest class (RBBB)
+PAPER_EPOCH_SAMPLES = len(CLASSES) * 1478  # the class-balanced sampler: 9 x the largest class (RBBB)
 PAPER_VAL_RECORDS, PAPER_TEST_RECORDS = 45, 450
+# The evaluation rows of methods_cpu.json (bench_methods.py names its rows with these and benchmark_row)
+CLEAN_ROW, PGD_ROW = "eval: clean forward", "eval: PGD-100"
 
 
 def picks(results: dict[float, dict]) -> dict[str, tuple[float, float]]:
@@ -77,7 +80,7 @@ def selection_report(studies: dict[str, tuple[str, dict[float, Path]]], sweep: s
 
 
 def benchmark_row(method: str, cfg) -> str:
-    """The row of methods_cpu.json that times ``method`` with its settings."""
+    """The row of methods_cpu.json that times a training step of ``method`` with its settings."""
     if method == "jacob":
         return "jacob" if cfg.jacobian_projections == 0 else f"jacob ({cfg.jacobian_projections} projection)"
     return method
@@ -94,11 +97,11 @@ def estimate_seconds(method: str, cfg, sweep: str) -> dict[str, float]:
         raise KeyError(f"{BENCHMARK.name} has no row '{row}'")
     batches = math.ceil(PAPER_EPOCH_SAMPLES / cfg.batch_size)
     batches = min(batches, cfg.max_batches) if cfg.max_batches else batches
-    clean = rows["eval: clean forward"]
+    clean = rows[CLEAN_ROW]
     return {"train": cfg.epochs * batches * cfg.batch_size * rows[row],
             "clean evaluation": (PAPER_VAL_RECORDS + PAPER_TEST_RECORDS) * clean,
             f"{sweep} (validation)": PAPER_VAL_RECORDS * len(noise_levels(sweep, cfg.levels)) * cfg.sweep_restarts
-            * cfg.sweep_steps / 100 * rows["eval: PGD-100"]}
+            * cfg.sweep_steps / 100 * rows[PGD_ROW]}
 
 
 def cost_source(method_rows: list[str]) -> str:
@@ -108,6 +111,6 @@ def cost_source(method_rows: list[str]) -> str:
             f"{benchmark['settings']['device']}, {benchmark['settings']['threads']} thread, input length "
             f"{benchmark['settings']['length']}), seconds_per_sample of the rows "
             + ", ".join(f"'{row}'" for row in dict.fromkeys(method_rows))
-            + ", 'eval: clean forward' and 'eval: PGD-100'; at the paper's size: "
+            + f", '{CLEAN_ROW}' and '{PGD_ROW}'; at the paper's size: "
             f"{PAPER_EPOCH_SAMPLES} training samples per epoch (PROTOCOL section 3), {PAPER_VAL_RECORDS} validation "
             f"and {PAPER_TEST_RECORDS} test records")

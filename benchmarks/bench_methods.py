@@ -6,8 +6,8 @@
 
 Every row runs in its own process so that its peak memory is its own (peak RSS on the
 CPU, peak allocated memory on CUDA). A training step is forward, the method's loss,
-backward and an Adam step, with the method's extra terms active (NSR from its start
-epoch, advls at its final eps); the labels are the model's own predictions, so the terms
+backward and an Adam step at the method's last epoch, so that its extra terms are active
+(NSR's from its start epoch, advls at its final eps); the labels are the model's own predictions, so the terms
 that apply to correctly classified samples run on the whole batch (their worst case).
 Evaluation rows: a clean forward pass, and PGD with 100 iterations (L-inf, eps 0.01, no
 early stop, one start). The data row times the training DataLoader (class-balanced sampler,
@@ -17,7 +17,6 @@ lengths. Prints a table, the command line and writes JSON.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import resource
 import subprocess
@@ -38,18 +37,16 @@ from ECG_CNN import build_model  # noqa: E402
 from ECG_Dataset import PADDED_LENGTH, RANDOM_PAD, ClassBalancedSampler, ECGDataset  # noqa: E402
 from flags import ConfigError, OneLineParser  # noqa: E402
 from preprocess import Cache  # noqa: E402
+from reproduce import SCRIPTS  # noqa: E402
+from selection import CLEAN_ROW, PGD_ROW, benchmark_row  # noqa: E402
 
-ROWS = {
-    # name: (script, extra flags, epoch at which the step is timed)
-    "CE": ("CPSC2018_CNN_CE", [], 0),
-    "NSR": ("CPSC2018_CNN_NSR", [], 10),
-    "jacob": ("CPSC2018_CNN_jacob", [], 0),
-    "jacob (1 projection)": ("CPSC2018_CNN_jacob", ["--jacobian_projections", "1"], 0),
-    "advls": ("CPSC2018_CNN_ce_adv_pgd_ls", [], 69),
-    "data: training loader": (None, [], 0),
-    "eval: clean forward": (None, [], 0),
-    "eval: PGD-100": (None, [], 0),
-}
+STEP_VARIANTS = {"jacob": [["--jacobian_projections", "1"]]}  # settings timed besides a method's defaults
+# The training-step rows, {row: (method, its settings)}, in config.METHODS' order
+STEP_ROWS = {benchmark_row(method, cfg): (method, cfg)
+             for method, script in SCRIPTS.items() for flags in [[], *STEP_VARIANTS.get(method, [])]
+             for cfg in [harness.parse_config(method, script.HYPERPARAMETERS, argv=flags)]}
+LOADER_ROW = "data: training loader"
+ROWS = [*STEP_ROWS, LOADER_ROW, CLEAN_ROW, PGD_ROW]
 
 
 def make_batch(batch_size: int, length: int, device: torch.device):
@@ -90,25 +87,23 @@ def measure(row: str, args) -> dict:
     x, mask = make_batch(args.batch_size, args.length, device)
     with torch.no_grad():
         y = model(x, mask).argmax(dim=1)
-    script_name, flags, epoch = ROWS[row]
-    if script_name:
-        script = importlib.import_module(script_name)
-        cfg = harness.parse_config(row, script.HYPERPARAMETERS, argv=flags)
+    if row in STEP_ROWS:
+        method, cfg = STEP_ROWS[row]
         optimizer = harness.make_optimizer(model, cfg.lr, device)
         model.train()
 
         def step():
-            loss, _ = script.loss_fn(model, x, y, mask, epoch, cfg)
+            loss, _ = SCRIPTS[method].loss_fn(model, x, y, mask, cfg.epochs - 1, cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    elif row == "data: training loader":
+    elif row == LOADER_ROW:
         loader = make_loader(args.batch_size, args.length)
 
         def step():
             for _ in zip(range(1), loader):  # one batch from a fresh iterator
                 pass
-    elif row == "eval: clean forward":
+    elif row == CLEAN_ROW:
         model.eval()
 
         def step():

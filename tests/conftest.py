@@ -8,11 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import evaluate
 import harness
 from ECG_CNN import build_model
-from helpers import run_reproduce
+from helpers import TINY_MAX_LENGTH, TINY_RANDOM_PAD, TinyCNN, run_reproduce, sinusoid_task
 from preprocess import OFFICIAL_REFERENCE, preprocess
 from synthetic import generate_dataset
 
@@ -46,6 +47,30 @@ def tiny_cache(tmp_path_factory) -> Path:
     generate_dataset(root / "train", records_per_class=6, seed=0, min_seconds=6, max_seconds=20)
     preprocess(root / "train", root / "processed", val_per_class=1, test_per_class=2)
     return root / "processed"
+
+
+@pytest.fixture(scope="session")
+def trained_tiny():
+    """(model, x, y, mask): a TinyCNN trained for about a second to near-perfect accuracy on
+    helpers.sinusoid_task, in eval mode, and a held-out batch of that task. The model is shared:
+    a test that needs its parameters' .grad empty clears them, and one that changes its mode
+    restores it."""
+    torch.manual_seed(0)
+    model = TinyCNN()
+    x, y, mask = sinusoid_task(512, seed=1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(120):
+        batch = slice((step * 64) % 512, (step * 64) % 512 + 64)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x[batch], mask[batch]), y[batch]).backward()
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    x_test, y_test, mask_test = sinusoid_task(64, seed=2)
+    with torch.no_grad():
+        accuracy = (model(x_test, mask_test).argmax(1) == y_test).float().mean().item()
+    assert accuracy > 0.95, f"the tiny CNN did not learn the sinusoid task ({accuracy:.2f})"
+    return model, x_test, y_test, mask_test
 
 
 # --- the smoke chain: every method end to end, once per test session ---------------------------
@@ -103,7 +128,7 @@ def untrained_run(tiny_cache):
     trained; evaluate.py can evaluate it."""
     def make(folder: Path, seed: int = 0, *flags: str) -> Path:
         argv = ["--data_dir", str(tiny_cache), "--result_dir", str(folder.parent), "--run_name", folder.name,
-                "--max_length", "2048", "--random_pad", "1024", "--batch_size", "8",
+                "--max_length", str(TINY_MAX_LENGTH), "--random_pad", str(TINY_RANDOM_PAD), "--batch_size", "8",
                 "--eval_batch_size", "18", "--epochs", "1", "--seed", str(seed), *flags]
         config = vars(harness.parse_config("CE", {}, argv=argv))
         torch.manual_seed(seed)

@@ -8,14 +8,13 @@
 the DistributedDataParallel model and one backward, and saves the averaged gradients (and
 the logged values) to OUT/<case>_rank<r>.pt; the test compares them with one process's
 gradients on the union batch (``union_batch`` and ``labels_for`` rebuild it).
-``train``: harness.main of METHOD (the script's loss) with the given flags; each rank saves
-its final weights to OUT/weights_rank<r>.pt; ``--stop_on_rank R --stop_at_call K`` sends
-SIGTERM to rank R's own process during its K-th loss evaluation, as a scheduler would.
+``train``: harness.main of METHOD (a method name of config.METHODS, with its script's loss)
+with the given flags; each rank saves its final weights to OUT/weights_rank<r>.pt;
+``--stop_on_rank R --stop_at_call K`` sends SIGTERM to rank R's own process during its K-th
+loss evaluation, as a scheduler would.
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import os
 import signal
 import sys
@@ -28,18 +27,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import distributed  # noqa: E402
 import harness  # noqa: E402
 from ECG_CNN import build_model  # noqa: E402
+from flags import ConfigError, OneLineParser  # noqa: E402
+from reproduce import SCRIPTS  # noqa: E402
 
 UNION = 6         # samples in the union batch (3 per rank with 2 ranks)
 LENGTH = 3072
 # Which samples of the union batch get their predicted label (the others a wrong one):
 # "mixed" has correct samples on both ranks, "one_rank" on rank 0 only (rank 1 has n_r = 0).
 PATTERNS = {"mixed": (0, 1, 3), "one_rank": (0, 2)}
-CASES = {  # case name: (script module, label pattern, extra settings)
-    "CE": ("CPSC2018_CNN_CE", "mixed", {}),
-    "NSR_mixed": ("CPSC2018_CNN_NSR", "mixed", {}),
-    "NSR_one_rank": ("CPSC2018_CNN_NSR", "one_rank", {}),
-    "jacob": ("CPSC2018_CNN_jacob", "mixed", {}),
-    "advls": ("CPSC2018_CNN_ce_adv_pgd_ls", "mixed", dict(adv_start_epoch=0, pgd_steps=2)),
+CASES = {  # case name: (method, label pattern, extra settings)
+    "CE": ("CE", "mixed", {}),
+    "NSR_mixed": ("NSR", "mixed", {}),
+    "NSR_one_rank": ("NSR", "one_rank", {}),
+    "jacob": ("jacob", "mixed", {}),
+    "advls": ("advls", "mixed", dict(adv_start_epoch=0, pgd_steps=2)),
 }
 
 
@@ -67,9 +68,9 @@ def labels_for(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, patt
 
 
 def case_config(case: str):
-    module_name, _, extra = CASES[case]
-    module = importlib.import_module(module_name)
-    cfg = harness.parse_config(module_name, module.HYPERPARAMETERS, argv=["--device", "cpu"])
+    method, _, extra = CASES[case]
+    module = SCRIPTS[method]
+    cfg = harness.parse_config(method, module.HYPERPARAMETERS, argv=["--device", "cpu"])
     cfg.reg_start_epoch = 0  # NSR's extra terms from the first epoch
     for key, value in extra.items():
         setattr(cfg, key, value)
@@ -95,7 +96,7 @@ def grads(out: Path) -> None:
 
 
 def train(out: Path, method: str, stop_on_rank: int, stop_at_call: int, flags: list[str]) -> int:
-    module = importlib.import_module(method)
+    module = SCRIPTS[method]
     seen: dict = {"calls": 0}
 
     def loss_fn(model, x, y, mask, epoch, cfg):
@@ -112,13 +113,17 @@ def train(out: Path, method: str, stop_on_rank: int, stop_at_call: int, flags: l
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
+    parser = OneLineParser()
     parser.add_argument("mode", choices=("grads", "train"))
     parser.add_argument("out", type=Path)
-    parser.add_argument("method", nargs="?")
-    parser.add_argument("--stop_on_rank", type=int, default=-1)
-    parser.add_argument("--stop_at_call", type=int, default=0)
-    args, flags = parser.parse_known_args()
+    parser.add_argument("method", nargs="?", choices=SCRIPTS)
+    parser.add_flag("--stop_on_rank", type=int, default=-1)
+    parser.add_flag("--stop_at_call", type=int, default=0)
+    try:
+        args, flags = parser.parse_known_args()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     flags = [f for f in flags if f != "--"]
     if args.mode == "grads":
         grads(args.out)

@@ -1,8 +1,9 @@
-"""Small models and masks that several test modules build their cases from."""
+"""Small models, masks and tasks that several test modules build their cases from."""
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 import runpy
 import subprocess
 import sys
@@ -13,6 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]  # the repository root
+# The input of conftest's untrained_run: records truncated to TINY_MAX_LENGTH samples, then
+# padded by TINY_RANDOM_PAD
+TINY_MAX_LENGTH, TINY_RANDOM_PAD = 2048, 1024
 
 SMOKE_RUNS = {  # method: its run folder in the smoke chain (conftest's smoke_chain)
     "CE": "CE", "NSR": "NSR_beta1_1_beta2_1", "jacob": "jacob_beta_44_proj_1", "advls": "advls_eps_0.01_beta_0.5"}
@@ -50,6 +54,28 @@ def right_aligned_masks(lengths: list[int], total: int, dtype=torch.float32) -> 
     """(B, 1, T) masks with each signal in the last ``length`` samples (PROTOCOL section 3)."""
     positions = torch.arange(total)
     return torch.stack([(positions >= total - n).to(dtype)[None] for n in lengths])
+
+
+def sinusoid_task(n: int, total: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, y, mask) of ``n`` samples: three classes told apart by the period (32, 16, 8 samples) of
+    a noisy 2-lead sinusoid, random lengths T/2..T, right-aligned and zero-padded."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    periods = torch.tensor([32.0, 16.0, 8.0])[y]
+    amplitude = 0.4 + 0.5 * torch.rand(n, 1, 1, generator=g)
+    phase = 2 * math.pi * torch.rand(n, 1, 1, generator=g)
+    t = torch.arange(total, dtype=torch.float32)
+    lead_shift = torch.tensor([0.0, 1.0])[None, :, None]
+    x = amplitude * torch.sin(2 * math.pi * t / periods[:, None, None] + phase + lead_shift)
+    x = x + 0.05 * torch.randn(x.shape, generator=g)
+    lengths = torch.randint(total // 2, total + 1, (n,), generator=g).tolist()
+    mask = right_aligned_masks(lengths, total)
+    return (x * mask).clamp(-1, 1), y, mask
+
+
+def weights(path: Path) -> dict:
+    """The model weights (state dict) saved in a model.pt or a checkpoint file."""
+    return torch.load(path, weights_only=True)["model"]
 
 
 def run_script(path: Path, *args: str, capture: bool = True) -> tuple[int, str, str]:

@@ -1,9 +1,6 @@
 """ECG_Dataset.py: scaling, placement and padding of records, the class-balanced sampler, the
 loaders, and length-bucketed batching (variable-length mode: BucketBatchSampler, crop_collate,
 bucket=True)."""
-import json
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,7 +9,7 @@ import torch
 from ECG_CNN import build_model
 from ECG_Dataset import (LEADS, PADDED_LENGTH, RANDOM_PAD, BucketBatchSampler, ClassBalancedSampler,
                          ECGDataset, batch_records, crop_collate, get_dataloaders, scale_leads, set_loader_epoch)
-from preprocess import CACHE_VERSION, FS, Cache, load_cache
+from preprocess import FS, Cache, load_cache
 
 
 def make_cache(lengths, labels, seed=0, zero_lead=None) -> Cache:
@@ -208,32 +205,6 @@ def masked_items(lengths: np.ndarray, shifts: np.ndarray, padded: int = PADDED_L
     return [(masks[i:i + 1], torch.tensor(0), masks[i:i + 1]) for i in range(len(masks))]
 
 
-def write_tiny_cache(out_dir: Path, lengths: list[int], labels: list[int], val: list[int]) -> None:
-    """A cache in preprocess's layout: records A0001.. with random mV signals; val = row numbers."""
-    rng = np.random.RandomState(1)
-    names = [f"A{i + 1:04d}" for i in range(len(lengths))]
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    np.save(out_dir / "signals.npy", rng.randn(12, int(sum(lengths))).astype(np.float32))
-    reference = pd.DataFrame({"Recording": names, "First_label": labels,
-                              "Second_label": pd.NA, "Third_label": pd.NA})
-    reference.assign(offset=offsets, length=lengths).to_csv(out_dir / "records.csv", index=False)
-    train = [i for i in range(len(names)) if i not in val]
-    for split, rows in (("train", train), ("val", val), ("test", val)):
-        reference.iloc[rows].to_csv(out_dir / f"{split}.csv", index=False)
-    (out_dir / "meta.json").write_text(json.dumps(
-        {"cache_version": CACHE_VERSION, "n_records": len(names), "total_samples": int(sum(lengths))}))
-
-
-@pytest.fixture(scope="module")
-def tiny_cache_dir(tmp_path_factory) -> Path:
-    """27 records (3 per class) of 3000..6000 samples; 6 of them form val (and test)."""
-    rng = np.random.RandomState(2)
-    out_dir = tmp_path_factory.mktemp("cache")
-    write_tiny_cache(out_dir, rng.randint(3000, 6001, 27).tolist(), [1 + i % 9 for i in range(27)],
-                     val=[0, 4, 8, 12, 20, 25])
-    return out_dir
-
-
 def test_an_epoch_keeps_the_class_balanced_multiset_and_the_batch_count():
     sampler, bucketed, _ = cpsc_like_epoch()
     bucketed.set_epoch(3)
@@ -299,8 +270,8 @@ def test_batches_are_length_homogeneous_and_cropping_never_cuts_signal():
     assert bucketed_padding < 0.4 and bucketed_area < 0.4 * PADDED_LENGTH * len(epoch)
 
 
-def test_crop_collate_keeps_every_signal_sample_of_real_items(tiny_cache_dir):
-    cache = load_cache(tiny_cache_dir)
+def test_crop_collate_keeps_every_signal_sample_of_real_items(tiny_cache):
+    cache = load_cache(tiny_cache)
     torch.manual_seed(0)
     dataset = ECGDataset(cache, cache.splits["train"], max_length=6144, padded_length=8192,
                          random_pad=2048)
@@ -318,10 +289,10 @@ def test_crop_collate_keeps_every_signal_sample_of_real_items(tiny_cache_dir):
     assert short[0].shape == (1, 8, 3072) and short[2].sum() == 1000
 
 
-def test_get_dataloaders_bucket_option(tiny_cache_dir):
+def test_get_dataloaders_bucket_option(tiny_cache):
     settings = dict(batch_size=4, eval_batch_size=4, max_length=6144, random_pad=2048, seed=0)
-    plain = get_dataloaders(str(tiny_cache_dir), **settings)
-    bucketed = get_dataloaders(str(tiny_cache_dir), **settings, bucket=True)
+    plain = get_dataloaders(str(tiny_cache), **settings)
+    bucketed = get_dataloaders(str(tiny_cache), **settings, bucket=True)
     assert isinstance(plain["train"].sampler, ClassBalancedSampler)  # default: the paper's loaders
     for loaders in (plain, bucketed):
         set_loader_epoch(loaders["train"], 2)
@@ -333,18 +304,18 @@ def test_get_dataloaders_bucket_option(tiny_cache_dir):
     assert len(bucketed["train"]) == len(plain["train"]) - 1
     eval_order = sum(bucketed["val"].batch_sampler, [])
     lengths = bucketed["val"].dataset.lengths
-    assert sorted(eval_order) == list(range(6)) and list(lengths[eval_order]) == sorted(lengths)
+    assert sorted(eval_order) == list(range(len(lengths))) and list(lengths[eval_order]) == sorted(lengths)
     with pytest.raises(ValueError, match="multiple of 1024"):
-        get_dataloaders(str(tiny_cache_dir), max_length=6000, random_pad=2048, bucket=True)
+        get_dataloaders(str(tiny_cache), max_length=6000, random_pad=2048, bucket=True)
 
 
-def test_bucketed_evaluation_gives_resnet18a_vl_the_same_logits(tiny_cache_dir):
+def test_bucketed_evaluation_gives_resnet18a_vl_the_same_logits(tiny_cache):
     """Cropping keeps each signal's offset modulo 1024, so the variable-length model cannot tell."""
     torch.manual_seed(0)
     model = build_model("resnet18a_vl").eval()
     settings = dict(max_length=6144, random_pad=2048, splits=("val",), eval_batch_size=3)
-    plain = get_dataloaders(str(tiny_cache_dir), **settings)["val"]
-    bucketed = get_dataloaders(str(tiny_cache_dir), **settings, bucket=True)["val"]
+    plain = get_dataloaders(str(tiny_cache), **settings)["val"]
+    bucketed = get_dataloaders(str(tiny_cache), **settings, bucket=True)["val"]
     with torch.no_grad():
         expected = torch.cat([model(x, mask) for x, _, mask in plain])
         logits = torch.cat([model(x, mask) for x, _, mask in bucketed])
@@ -355,10 +326,10 @@ def test_bucketed_evaluation_gives_resnet18a_vl_the_same_logits(tiny_cache_dir):
 
 
 def test_bucketed_training_shift_is_the_papers_modulo_1024_and_the_same_for_resnet18a_vl(
-        tiny_cache_dir):
+        tiny_cache):
     """The same draws place each record 0..2047 samples from the right end without the modulo
     and 0..1023 with it; resnet18a_vl gives the same logits on the cropped modulo batch."""
-    cache = load_cache(tiny_cache_dir)
+    cache = load_cache(tiny_cache)
     settings = dict(max_length=6144, padded_length=8192, random_pad=2048)
     paper = ECGDataset(cache, cache.splits["train"], **settings)
     modulo = ECGDataset(cache, cache.splits["train"], **settings, shift_modulo=1024)
@@ -383,10 +354,10 @@ def test_bucketed_training_shift_is_the_papers_modulo_1024_and_the_same_for_resn
         torch.testing.assert_close(model(x, mask), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_get_dataloaders_bucket_takes_the_training_shift_modulo_1024(tiny_cache_dir):
+def test_get_dataloaders_bucket_takes_the_training_shift_modulo_1024(tiny_cache):
     settings = dict(batch_size=4, max_length=6144, random_pad=2048, splits=("train",))
-    assert get_dataloaders(str(tiny_cache_dir), **settings)["train"].dataset.shift_modulo is None
-    bucketed = get_dataloaders(str(tiny_cache_dir), **settings, bucket=True)["train"]
+    assert get_dataloaders(str(tiny_cache), **settings)["train"].dataset.shift_modulo is None
+    bucketed = get_dataloaders(str(tiny_cache), **settings, bucket=True)["train"]
     assert bucketed.dataset.shift_modulo == 1024
     set_loader_epoch(bucketed, 0)
     torch.manual_seed(1)

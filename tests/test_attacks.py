@@ -16,51 +16,12 @@ from art.estimators.classification import PyTorchClassifier
 import attacks
 from ECG_CNN import build_model
 from evaluate import class_balanced_accuracy, confusion_matrix, masking_check
-from helpers import LinearModel, TinyCNN, right_aligned_masks
+from helpers import LinearModel, TinyCNN, right_aligned_masks, sinusoid_task
 
 FS = 500
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def synthetic_task(n: int, total: int = 256, seed: int = 0
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Three classes told apart by the period (32, 16, 8 samples) of a noisy 2-lead sinusoid,
-    random lengths T/2..T, right-aligned and zero-padded."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n,), generator=g)
-    periods = torch.tensor([32.0, 16.0, 8.0])[y]
-    amplitude = 0.4 + 0.5 * torch.rand(n, 1, 1, generator=g)
-    phase = 2 * math.pi * torch.rand(n, 1, 1, generator=g)
-    t = torch.arange(total, dtype=torch.float32)
-    lead_shift = torch.tensor([0.0, 1.0])[None, :, None]
-    x = amplitude * torch.sin(2 * math.pi * t / periods[:, None, None] + phase + lead_shift)
-    x = x + 0.05 * torch.randn(x.shape, generator=g)
-    lengths = torch.randint(total // 2, total + 1, (n,), generator=g).tolist()
-    mask = right_aligned_masks(lengths, total)
-    return (x * mask).clamp(-1, 1), y, mask
-
-
-@pytest.fixture(scope="module")
-def trained():
-    """A TinyCNN trained for about a second to near-perfect accuracy, plus a held-out batch."""
-    torch.manual_seed(0)
-    model = TinyCNN()
-    x, y, mask = synthetic_task(512, seed=1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(120):
-        batch = slice((step * 64) % 512, (step * 64) % 512 + 64)
-        optimizer.zero_grad()
-        F.cross_entropy(model(x[batch], mask[batch]), y[batch]).backward()
-        optimizer.step()
-    model.zero_grad(set_to_none=True)
-    model.eval()
-    x_test, y_test, mask_test = synthetic_task(64, seed=2)
-    with torch.no_grad():
-        accuracy = (model(x_test, mask_test).argmax(1) == y_test).float().mean().item()
-    assert accuracy > 0.95, f"the tiny CNN did not learn the synthetic task ({accuracy:.2f})"
-    return model, x_test, y_test, mask_test
-
 
 def predictions(model: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
@@ -262,8 +223,8 @@ class RecordingModel(nn.Module):
         return self.model(x, mask)
 
 
-def test_early_stop_returns_the_first_fooling_iterate_exactly(trained):
-    model, x, y, mask = trained
+def test_early_stop_returns_the_first_fooling_iterate_exactly(trained_tiny):
+    model, x, y, mask = trained_tiny
     recorder = RecordingModel(model)
     x_adv = attacks.pgd_attack(recorder, x, y, mask, 0.2, steps=10, restarts=1,
                                generator=generator())
@@ -275,16 +236,16 @@ def test_early_stop_returns_the_first_fooling_iterate_exactly(trained):
     assert torch.equal(x_adv[broken], iterates[first[broken], broken.nonzero().squeeze(1)])
 
 
-def test_clean_wrong_samples_are_returned_unchanged(trained):
-    model, x, y, mask = trained
+def test_clean_wrong_samples_are_returned_unchanged(trained_tiny):
+    model, x, y, mask = trained_tiny
     y_wrong = (y + 1) % 3
     x_adv = attacks.pgd_attack(model, x[:8], y_wrong[:8], mask[:8], 0.2, steps=5,
                                generator=generator())
     assert torch.equal(x_adv, x[:8])
 
 
-def test_restarts_never_lower_the_number_of_broken_samples(trained):
-    model, x, y, mask = trained
+def test_restarts_never_lower_the_number_of_broken_samples(trained_tiny):
+    model, x, y, mask = trained_tiny
     run = lambda restarts: attacks.pgd_attack(model, x, y, mask, 0.2, steps=10,
                                               restarts=restarts, generator=generator(3))
     one, two = run(1), run(2)
@@ -325,8 +286,8 @@ def art_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tens
     return torch.from_numpy(pgd.generate(inputs, y.numpy(), mask=where))[:, :-1]
 
 
-def test_pgd_breaks_at_least_as_many_as_white_noise_and_art(trained):
-    model, x, y, mask = trained
+def test_pgd_breaks_at_least_as_many_as_white_noise_and_art(trained_tiny):
+    model, x, y, mask = trained_tiny
     eps, steps = 0.2, 20
     ours = attacks.pgd_attack(model, x, y, mask, eps, steps=steps, generator=generator())
     noisy = attacks.white_noise(x, eps, generator=generator())
@@ -338,20 +299,20 @@ def test_pgd_breaks_at_least_as_many_as_white_noise_and_art(trained):
     assert broken["pgd"] >= broken["art"] > 0, broken
 
 
-def test_ifgsm_matches_art_pgd_without_random_start(trained):
+def test_ifgsm_matches_art_pgd_without_random_start(trained_tiny):
     # Same algorithm (no random start, no early stop, L-inf, masked) in another library:
     # the iterates agree up to float rounding.
-    model, x, y, mask = trained
+    model, x, y, mask = trained_tiny
     ours = attacks.ifgsm_attack(model, x, y, mask, 0.1, steps=10, early_stop=False)
     theirs = art_pgd(model, x, y, mask, 0.1, steps=10, random_start=False)
     agree = ((ours - theirs).abs() < 1e-5).float().mean().item()
     assert agree > 0.999, f"only {agree:.4f} of the elements agree"
 
 
-def test_batch_result_equals_per_sample_results(trained):
+def test_batch_result_equals_per_sample_results(trained_tiny):
     # No cross-sample leakage: norms, steps and freezing are per sample (float64 rules out
     # rounding differences between batch sizes).
-    model, x, y, mask = trained
+    model, x, y, mask = trained_tiny
     model64 = TinyCNN()
     model64.load_state_dict(model.state_dict())
     model64 = model64.double().eval()
@@ -579,19 +540,19 @@ def test_new_attacks_keep_budget_mask_clip_type_and_model_state(name, dtype):
 
 
 @pytest.mark.parametrize("name", ATTACKS)
-def test_new_attacks_are_reproducible_and_leave_clean_wrong_samples(name, trained):
-    model, x, y, mask = trained
+def test_new_attacks_are_reproducible_and_leave_clean_wrong_samples(name, trained_tiny):
+    model, x, y, mask = trained_tiny
     x, y, mask = x[:12], y[:12], mask[:12]
     run = lambda seed, labels=y: ATTACKS[name](model, x, labels, mask, 0.2, generator(seed))
     assert torch.equal(run(1), run(1)) and not torch.equal(run(1), run(2))
     assert torch.equal(run(1, (y + 1) % 3), x), "a clean-wrong sample was attacked"
 
 
-def test_apgd_returns_first_fooling_iterate_and_best_point_otherwise(trained):
+def test_apgd_returns_first_fooling_iterate_and_best_point_otherwise(trained_tiny):
     # Broken samples stop at the first iterate the model misclassifies; survivors come back
     # at their iterate of highest loss. The batch shrinks as samples break, so each recorded
     # row is matched to its sample by distance (samples differ far more than 2 eps).
-    model, x, y, mask = trained
+    model, x, y, mask = trained_tiny
     recorder = RecordingModel(model)
     x_adv = attacks.apgd_attack(recorder, x, y, mask, 0.2, steps=10, generator=generator())
     rows = torch.cat(recorder.iterates)  # every input the attack took a gradient at, in order
@@ -635,8 +596,8 @@ def test_square_fraction_follows_the_published_schedule():
         assert attacks.square_fraction(0.8, query, 10000) == pytest.approx(expected)
 
 
-def test_ensemble_reports_who_broke_each_sample(trained):
-    model, x, y, mask = trained
+def test_ensemble_reports_who_broke_each_sample(trained_tiny):
+    model, x, y, mask = trained_tiny
     y = y.clone()
     y[:3] = (y[:3] + 1) % 3  # clean-wrong
     x_adv, broken_by = attacks.ensemble_attack(model, x, y, mask, 0.2, steps=5, queries=30,
@@ -669,9 +630,9 @@ ART_TOLERANCE = 3  # samples of 48: the random starts and windows of the two lib
 
 
 @pytest.fixture(scope="module")
-def art_case(trained):
-    model = trained[0]
-    x, y, _ = synthetic_task(ART_RECORDS, total=ART_LENGTH, seed=3)
+def art_case(trained_tiny):
+    model = trained_tiny[0]
+    x, y, _ = sinusoid_task(ART_RECORDS, total=ART_LENGTH, seed=3)
     full = torch.ones(ART_RECORDS, 1, ART_LENGTH)
 
     def classifier(input_shape):
@@ -732,8 +693,8 @@ class QuantizedInput(nn.Module):
         return self.model(torch.round(x * 64) / 64, mask)
 
 
-def test_masked_gradients_fool_pgd_but_not_the_ensemble(trained):
-    model, x, y, mask = trained
+def test_masked_gradients_fool_pgd_but_not_the_ensemble(trained_tiny):
+    model, x, y, mask = trained_tiny
     masked = QuantizedInput(model)
     eps = 0.2
 

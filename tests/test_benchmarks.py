@@ -1,13 +1,16 @@
 """The benchmark scripts run in a smoke size, so that they cannot rot (no timing is asserted),
 and refuse bad flags with one line."""
-import importlib
 import json
 
 import pytest
 
+from benchmarks import bench_autoattack, bench_methods, bench_pgd, bench_variable_length, common
 from helpers import REPO, run_script
 
-SCRIPTS = ["bench_methods.py", "bench_pgd.py", "bench_variable_length.py", "bench_autoattack.py"]
+# script: its module (its main(argv) is what the script runs)
+BENCHMARKS = {f"{module.__name__.removeprefix('benchmarks.')}.py": module
+              for module in (bench_methods, bench_pgd, bench_variable_length, bench_autoattack)}
+SCRIPTS = list(BENCHMARKS)
 
 
 # bench_methods measures each row in a process of its own; two rows show that wiring, and
@@ -24,17 +27,12 @@ BAD_FLAGS = [(script, ["--threads", "0"], "--threads must be >= 1") for script i
 ]
 
 
-def benchmark(script: str):
-    """The benchmark script as a module (its main(argv) is what the script runs)."""
-    return importlib.import_module(f"benchmarks.{script.removesuffix('.py')}")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_benchmark_smoke_run_writes_its_figures(script, tmp_path, capsys):
     out = tmp_path / "result.json"
     rows = ["--rows", ",".join(METHOD_ROWS)] if script == "bench_methods.py" else []
-    assert benchmark(script).main(["--smoke", "--threads", "1", "--out", str(out), *rows]) == 0
+    assert BENCHMARKS[script].main(["--smoke", "--threads", "1", "--out", str(out), *rows]) == 0
     assert "benchmarks/" in capsys.readouterr().out  # the command line is printed with the figures
     result = json.loads(out.read_text())
     assert result  # figures were written
@@ -56,14 +54,14 @@ def test_benchmark_smoke_run_writes_its_figures(script, tmp_path, capsys):
 @pytest.mark.parametrize("row", ["CE", "NSR", "jacob", "jacob (1 projection)", "advls", "data: training loader",
                                  "eval: clean forward", "eval: PGD-100"])
 def test_every_row_of_bench_methods_is_measured(row, capsys):
-    assert benchmark("bench_methods.py").main(["--smoke", "--threads", "1", "--worker", row]) == 0
+    assert bench_methods.main(["--smoke", "--threads", "1", "--worker", row]) == 0
     measured = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert measured["row"] == row and measured["seconds_per_sample"] > 0 and measured["peak_memory_mb"] > 0
 
 
 @pytest.mark.parametrize("script, flags, problem", BAD_FLAGS)
 def test_bad_flags_give_one_line(script, flags, problem, capsys):
-    assert benchmark(script).main(flags) == 2
+    assert BENCHMARKS[script].main(flags) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {problem}")
 
@@ -78,12 +76,12 @@ def test_the_script_ends_a_bad_flag_with_one_line_and_status_2(script):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_flags_are_never_abbreviated(script, one_error_line, monkeypatch):
-    module = benchmark(script)
+    module = BENCHMARKS[script]
 
     def accepted(*args):  # a benchmark that took --thread for --threads would run from here on
         raise AssertionError("--thread was taken for --threads")
 
-    for holder in (module, importlib.import_module("benchmarks.common")):  # where main reaches it
+    for holder in (module, common):  # where main reaches it
         monkeypatch.setattr(holder, "open_device", accepted, raising=False)
     assert module.main(["--thread", "1"]) == 2
     assert one_error_line() == "error: unrecognized arguments: --thread 1"

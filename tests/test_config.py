@@ -1,13 +1,9 @@
 """Settings: one place for presets, flag types declared rather than taken from the defaults."""
-import importlib
-
 import pytest
 
 import config
 import reproduce
 from flags import ConfigError
-
-SCRIPTS = list(config.METHODS.values())
 
 
 def test_editing_a_default_does_not_change_what_its_flag_accepts():
@@ -36,14 +32,12 @@ def test_a_default_is_read_as_its_flag_would_read_it():
 
 
 def test_the_scripts_show_the_shared_settings_of_the_protocol():
-    for name in SCRIPTS:
-        training = importlib.import_module(name).TRAINING
-        assert training == {key: config.TRAIN_DEFAULTS[key] for key in ("epochs", "batch_size", "lr")}, name
+    for method, script in reproduce.SCRIPTS.items():
+        assert script.TRAINING == {key: config.TRAIN_DEFAULTS[key] for key in ("epochs", "batch_size", "lr")}, method
 
 
 def test_every_preset_setting_belongs_to_a_method_or_the_shared_settings():
-    hyperparameters = {method: importlib.import_module(config.METHODS[method]).HYPERPARAMETERS
-                       for method in config.METHODS}
+    hyperparameters = {method: script.HYPERPARAMETERS for method, script in reproduce.SCRIPTS.items()}
     known = set(config.TRAIN_DEFAULTS).union(*hyperparameters.values())
     for name, preset in config.PRESETS.items():
         assert set(preset) - set(config.METHODS) <= known, (name, set(preset) - known)
@@ -70,7 +64,7 @@ def test_a_preset_means_the_same_through_the_script_and_reproduce():
         assert {job.method for job in jobs} == \
             ({method for method, _, _ in plan.grid} if plan.selection else set(config.METHODS)), preset
         for job in jobs:
-            module = importlib.import_module(config.METHODS[job.method])
+            module = reproduce.SCRIPTS[job.method]
             direct = vars(config.parse_config(job.method, module.HYPERPARAMETERS, argv=["--preset", preset],
                                               training=module.TRAINING))
             through_reproduce = vars(job.cfg)

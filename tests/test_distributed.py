@@ -9,12 +9,10 @@ can move by up to lr differently. Hence: gradients of one step are compared at r
 1e-3 (measured 1e-6 to 5e-5), logged losses at 1e-4, weights after two steps at 2 x steps x lr
 per coordinate. With --random_pad > 0 the runs differ more: each rank draws its own pads.
 """
-import importlib
 import json
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +26,7 @@ from ECG_Dataset import ClassBalancedSampler, get_dataloaders
 import ddp_worker
 from evaluate import shard_loader
 from flags import ConfigError
-from helpers import REPO
+from helpers import REPO, weights
 
 LR = 1e-3
 RUN_FLAGS = ["--max_length", "3072", "--random_pad", "0", "--batch_size", "8",
@@ -47,10 +45,6 @@ def flat(state: dict) -> torch.Tensor:
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
-
-
-def weights(path: Path) -> dict:
-    return torch.load(path, weights_only=True)["model"]
 
 
 # --- the data each rank sees -------------------------------------------------------------
@@ -177,14 +171,15 @@ def test_adversarial_training_step_runs_and_synchronises(ddp_gradients):
 # --- the method scripts under torchrun ---------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script,run,extra", [
-    ("CPSC2018_CNN_CE", "CE", ["--sweeps", "white", "--sweep_max_batches", "1"]),
-    ("CPSC2018_CNN_NSR", "NSR_beta1_1_beta2_1", ["--preset", "smoke", "--sweeps", ""]),
+@pytest.mark.parametrize("method,run,extra", [
+    ("CE", "CE", ["--sweeps", "white", "--sweep_max_batches", "1"]),
+    ("NSR", "NSR_beta1_1_beta2_1", ["--preset", "smoke", "--sweeps", ""]),
 ])
 def test_script_under_torchrun_matches_one_process_and_writes_each_file_once(
-        tiny_cache, tmp_path, script, run, extra):
+        tiny_cache, tmp_path, method, run, extra):
+    module = reproduce.SCRIPTS[method]
     flags = ["--data_dir", str(tiny_cache), "--max_batches", "2", *RUN_FLAGS, *extra]
-    result = torchrun(f"{script}.py", *flags, "--result_dir", tmp_path / "ddp")
+    result = torchrun(module.__file__, *flags, "--result_dir", tmp_path / "ddp")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("epoch 0: loss") == 1  # rank 0 alone prints
     assert result.stdout.count("clean metrics on the test split") == 1
@@ -199,8 +194,7 @@ def test_script_under_torchrun_matches_one_process_and_writes_each_file_once(
     assert len(saved["rng_per_rank"]) == 2 and (saved["epoch"], saved["batch"]) == (1, 0)
     assert json.loads((ddp / "eval_test.json").read_text())["clean"]["n"] == 18  # shares summed
 
-    module = importlib.import_module(script)
-    status = harness.main(script, module.loss_fn, module.HYPERPARAMETERS, module.run_name,
+    status = harness.main(method, module.loss_fn, module.HYPERPARAMETERS, module.run_name,
                           argv=[*flags, "--result_dir", str(tmp_path / "single")])
     assert status == 0
     single = tmp_path / "single" / run
@@ -221,14 +215,14 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_batch_and_resume_matc
     # Random pads this time: resuming must restore each rank's own random stream.
     flags = ["--", "--data_dir", tiny_cache, "--max_batches", "3", "--sweeps", "", *RUN_FLAGS,
              "--max_length", "2048", "--random_pad", "1024"]
-    straight = torchrun(worker, "train", tmp_path / "straight", "CPSC2018_CNN_CE", *flags,
+    straight = torchrun(worker, "train", tmp_path / "straight", "CE", *flags,
                         "--result_dir", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
     reference = [torch.load(tmp_path / "straight" / f"weights_rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert torch.equal(flat(reference[0]), flat(reference[1]))  # the ranks end with the same weights
 
     (tmp_path / "stopped").mkdir()
-    stopped = torchrun(worker, "train", tmp_path / "stopped", "CPSC2018_CNN_CE", "--stop_on_rank", "1",
+    stopped = torchrun(worker, "train", tmp_path / "stopped", "CE", "--stop_on_rank", "1",
                        "--stop_at_call", "2", *flags, "--result_dir", tmp_path / "stopped")
     assert stopped.returncode != 0  # torchrun reports the workers' status 128 + SIGTERM
     assert f"exitcode  : {128 + signal.SIGTERM}" in stopped.stderr
@@ -238,7 +232,7 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_batch_and_resume_matc
     assert (saved["epoch"], saved["batch"]) == (0, 2) and not (run / "model.pt").exists()
     assert not torch.equal(saved["rng_per_rank"][0]["torch"], saved["rng_per_rank"][1]["torch"])
 
-    resumed = torchrun(worker, "train", tmp_path / "stopped", "CPSC2018_CNN_CE", *flags,
+    resumed = torchrun(worker, "train", tmp_path / "stopped", "CE", *flags,
                        "--result_dir", tmp_path / "stopped", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count("resuming") == 1

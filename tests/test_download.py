@@ -95,13 +95,6 @@ def run_download(tmp_path: Path, url: str) -> int:
                  "--test-per-class", "0"])
 
 
-def one_error_line(capsys) -> str:
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err, captured.err
-    return lines[0]
-
-
 def test_download_unpacks_flat_and_preprocesses(sample_dir, tmp_path, server, capsys):
     archive = sample_archive(sample_dir, folder="training/cpsc_2018/g1")
     server.files["/WFDB_CPSC2018.tar.gz"] = archive
@@ -144,11 +137,12 @@ def test_a_broken_transfer_is_resumed_with_a_range_request(sample_dir, tmp_path,
     assert "read 18 CPSC2018 records" in out
 
 
-def test_a_download_that_keeps_failing_is_kept_and_resumed_by_the_next_run(sample_dir, tmp_path, server, capsys):
+def test_a_download_that_keeps_failing_is_kept_and_resumed_by_the_next_run(sample_dir, tmp_path, server,
+                                                                            one_error_line):
     archive = sample_archive(sample_dir)
     server.files["/a.tar.gz"], server.cut_responses = archive, download.ATTEMPTS
     assert run_download(tmp_path, server.url + "/a.tar.gz") == 1
-    error = one_error_line(capsys)
+    error = one_error_line()
     partial = tmp_path / "CPSC2018" / "a.tar.gz.part"
     assert "download failed" in error and f"{partial} is kept and the next run resumes it" in error
     kept = partial.stat().st_size
@@ -166,25 +160,25 @@ def test_a_complete_archive_is_not_fetched_again(sample_dir, tmp_path, server, c
     assert len(server.requests) == 1
 
 
-def test_http_404_is_one_line(tmp_path, server, capsys):
+def test_http_404_is_one_line(tmp_path, server, one_error_line):
     assert run_download(tmp_path, server.url + "/moved.tar.gz") == 1
-    assert "HTTP 404" in one_error_line(capsys)
+    assert "HTTP 404" in one_error_line()
     assert not any((tmp_path / "CPSC2018").iterdir())
 
 
-def test_network_error_is_one_line(tmp_path, capsys):
+def test_network_error_is_one_line(tmp_path, one_error_line):
     with socket.socket() as closed:  # a port that nothing listens on
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
     assert run_download(tmp_path, f"http://127.0.0.1:{port}/a.tar.gz") == 1
-    assert "download failed" in one_error_line(capsys)
+    assert "download failed" in one_error_line()
     assert not (tmp_path / "CPSC2018" / "train").exists()
 
 
-def test_a_file_that_is_not_a_gzip_tar_is_refused_and_removed(tmp_path, server, capsys):
+def test_a_file_that_is_not_a_gzip_tar_is_refused_and_removed(tmp_path, server, one_error_line):
     server.files["/a.tar.gz"] = b"<html>the archive has moved</html>"
     assert run_download(tmp_path, server.url + "/a.tar.gz") == 1
-    assert "not a gzip tar archive" in one_error_line(capsys)
+    assert "not a gzip tar archive" in one_error_line()
     assert not any((tmp_path / "CPSC2018").iterdir())
 
 
@@ -201,11 +195,12 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, target: str = "") -> tarfi
     (_member("WFDB_CPSC2018/A0003.mat", tarfile.LNKTYPE, "WFDB_CPSC2018/A0001.mat"), "is a link"),
     (_member("WFDB_CPSC2018/console", tarfile.CHRTYPE), "is a device or other special file"),
 ], ids=["dot-dot", "absolute", "symlink", "hard link", "device"])
-def test_a_malicious_archive_is_refused_and_nothing_is_written(sample_dir, tmp_path, server, capsys, bad, reason):
+def test_a_malicious_archive_is_refused_and_nothing_is_written(sample_dir, tmp_path, server, one_error_line, bad,
+                                                              reason):
     server.files["/a.tar.gz"] = malicious_archive(sample_dir, bad)
     work = tmp_path / "work"
     assert run_download(work, server.url + "/a.tar.gz") == 1
-    error = one_error_line(capsys)
+    error = one_error_line()
     assert "refused, nothing unpacked" in error and reason in error
     assert sorted(path.name for path in work.rglob("*")) == ["CPSC2018", "a.tar.gz"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["work"]

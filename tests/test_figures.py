@@ -12,10 +12,10 @@ import evaluate
 import figures
 from distributed import choose_device
 from ECG_Dataset import get_dataloaders
+from helpers import TINY_MAX_LENGTH, TINY_RANDOM_PAD
 from preprocess import CLASSES, LEAD_NAMES, load_cache
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-MAX_LENGTH, RANDOM_PAD = 2048, 1024  # untrained_run's input: records truncated, then padded to 3072
 EPS = 0.05
 JSON_TOLERANCE = 1e-6  # the JSON rounds to 6 decimals
 SEEDS = {"A": 1, "B": 0}  # run: the seed of its weights and PGD starts (A, always attacked: not 0)
@@ -27,8 +27,8 @@ def assert_png(path):
 
 
 def split_loader(data_dir, batch_size=18):
-    return get_dataloaders(str(data_dir), eval_batch_size=batch_size, max_length=MAX_LENGTH,
-                           random_pad=RANDOM_PAD, splits=("test",))["test"]
+    return get_dataloaders(str(data_dir), eval_batch_size=batch_size, max_length=TINY_MAX_LENGTH,
+                           random_pad=TINY_RANDOM_PAD, splits=("test",))["test"]
 
 
 @torch.no_grad()
@@ -81,8 +81,8 @@ def test_compare_writes_the_adversarial_example_within_eps_and_the_mask(runs, ti
     cache = load_cache(tiny_cache)
     mask = np.asarray(example["mask"])
     clean = np.asarray(example["clean"])
-    length = min(len(cache.signal(example["record"])[0]), MAX_LENGTH)
-    assert mask.tolist() == [0] * (MAX_LENGTH + RANDOM_PAD - length) + [1] * length
+    length = min(len(cache.signal(example["record"])[0]), TINY_MAX_LENGTH)
+    assert mask.tolist() == [0] * (TINY_MAX_LENGTH + TINY_RANDOM_PAD - length) + [1] * length
     for lead, trace in zip(example["leads"], clean):
         millivolts = cache.signal(example["record"])[LEAD_NAMES.index(lead), :length].astype(np.float64)
         np.testing.assert_allclose(trace[mask == 1], millivolts / np.abs(millivolts).max(), atol=JSON_TOLERANCE)

@@ -17,7 +17,7 @@ import config
 import harness
 from checkpoints import newest_checkpoint
 from evaluate import load_model
-from helpers import REPO, run_script
+from helpers import REPO, run_script, weights
 from preprocess import load_cache
 
 
@@ -34,10 +34,6 @@ def ce_loss(model, x, y, mask, epoch, cfg):
 
 def train_ce(cache, result_dir, *extra, loss_fn=ce_loss):
     return harness.main("CE", loss_fn, {}, lambda cfg: "CE", argv=tiny_flags(cache, result_dir, *extra))
-
-
-def weights(run_dir):
-    return torch.load(Path(run_dir) / "model.pt", weights_only=True)["model"]
 
 
 def assert_same_weights(a, b):
@@ -99,7 +95,8 @@ def test_resume_after_an_epoch_gives_the_same_weights_bit_for_bit(tiny_cache, tm
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_001.pt", "epoch_002.pt", "last.pt"]
     shutil.copytree(ce_run / "CE", tmp_path / "split" / "CE")  # one epoch, as split's first training
     assert train_ce(tiny_cache, tmp_path / "split", "--epochs", "2", "--resume") == 0
-    assert_same_weights(weights(tmp_path / "straight" / "CE"), weights(tmp_path / "split" / "CE"))
+    assert_same_weights(weights(tmp_path / "straight" / "CE" / "model.pt"),
+                        weights(tmp_path / "split" / "CE" / "model.pt"))
     straight = json.loads((tmp_path / "straight" / "CE" / "history.json").read_text())
     split = json.loads((tmp_path / "split" / "CE" / "history.json").read_text())
     assert len(straight) == 2 and [h["loss"] for h in straight] == [h["loss"] for h in split]
@@ -123,7 +120,8 @@ def test_a_signal_saves_at_the_next_batch_and_resume_finishes_identically(tiny_c
     assert (saved["epoch"], saved["batch"]) == (0, 2)
     assert not (tmp_path / "stopped" / "CE" / "model.pt").exists()
     assert train_ce(tiny_cache, tmp_path / "stopped", "--epochs", "1", "--resume") == 0
-    assert_same_weights(weights(ce_run / "CE"), weights(tmp_path / "stopped" / "CE"))  # straight through
+    assert_same_weights(weights(ce_run / "CE" / "model.pt"),  # straight through
+                        weights(tmp_path / "stopped" / "CE" / "model.pt"))
 
 
 def test_a_second_signal_stops_at_once_in_one_line_with_its_status(tiny_cache, tmp_path, capsys):
@@ -145,9 +143,9 @@ def test_a_second_signal_stops_at_once_in_one_line_with_its_status(tiny_cache, t
 def test_same_seed_same_weights_other_seed_other_weights(tiny_cache, tmp_path, ce_run):
     for name, seed in [("b", "0"), ("c", "1")]:  # a: ce_run, seed 0
         assert train_ce(tiny_cache, tmp_path / name, "--epochs", "1", "--seed", seed) == 0
-    assert_same_weights(weights(ce_run / "CE"), weights(tmp_path / "b" / "CE"))
-    other = weights(tmp_path / "c" / "CE")
-    assert not torch.equal(other["classifier.weight"], weights(ce_run / "CE")["classifier.weight"])
+    assert_same_weights(weights(ce_run / "CE" / "model.pt"), weights(tmp_path / "b" / "CE" / "model.pt"))
+    other = weights(tmp_path / "c" / "CE" / "model.pt")
+    assert not torch.equal(other["classifier.weight"], weights(ce_run / "CE" / "model.pt")["classifier.weight"])
 
 
 def test_resume_ignores_a_truncated_checkpoint(ce_run_copy):
@@ -266,7 +264,8 @@ def test_variable_length_mode_trains_and_resumes_identically(tiny_cache, tmp_pat
     assert train_ce(tiny_cache, tmp_path / "straight", "--epochs", "2", *flags) == 0
     assert train_ce(tiny_cache, tmp_path / "split", "--epochs", "1", *flags) == 0
     assert train_ce(tiny_cache, tmp_path / "split", "--epochs", "2", "--resume", *flags) == 0
-    assert_same_weights(weights(tmp_path / "straight" / "CE"), weights(tmp_path / "split" / "CE"))
+    assert_same_weights(weights(tmp_path / "straight" / "CE" / "model.pt"),
+                        weights(tmp_path / "split" / "CE" / "model.pt"))
     config = json.loads((tmp_path / "straight" / "CE" / "config.json").read_text())
     assert config["model"] == "resnet18a_vl" and config["bucket"] is True
 

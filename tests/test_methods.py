@@ -1,6 +1,5 @@
 """The four method scripts end to end on a tiny configuration (the runs of conftest's smoke
 chain, each trained once per test session), and their defaults."""
-import importlib
 import json
 from types import SimpleNamespace
 
@@ -9,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import harness
-from helpers import REPO, SMOKE_RUNS, TinyCNN, run_script
+from helpers import REPO, SMOKE_RUNS, LinearModel, TinyCNN, run_script
 from losses import jacobian_loss
+from reproduce import SCRIPTS
 
 
 @pytest.mark.slow
@@ -43,16 +43,16 @@ def test_extra_terms_are_logged_when_they_apply(smoke_chain, method, keys):
 
 
 def test_run_names_carry_the_key_settings():
-    adv = importlib.import_module("CPSC2018_CNN_ce_adv_pgd_ls")
+    adv = SCRIPTS["advls"]
     cfg = harness.parse_config("advls", adv.HYPERPARAMETERS, argv=["--eps", "0.05", "--label_smoothing", "0.1"])
     assert adv.run_name(cfg) == "advls_eps_0.05_beta_0.5_ls_0.1"
-    jacob = importlib.import_module("CPSC2018_CNN_jacob")
+    jacob = SCRIPTS["jacob"]
     cfg = harness.parse_config("jacob", jacob.HYPERPARAMETERS, argv=["--jacobian_projections", "1"])
     assert jacob.run_name(cfg) == "jacob_beta_44_proj_1"
 
 
 def test_jacobian_term_starts_at_its_epoch():
-    jacob = importlib.import_module("CPSC2018_CNN_jacob")
+    jacob = SCRIPTS["jacob"]
     cfg = harness.parse_config("jacob", jacob.HYPERPARAMETERS, ["--reg_start_epoch", "2", "--beta", "3"])
     torch.manual_seed(0)
     model = TinyCNN(leads=2, classes=9)
@@ -66,11 +66,11 @@ def test_jacobian_term_starts_at_its_epoch():
 
 
 def test_method_defaults_follow_the_paper():
-    nsr = importlib.import_module("CPSC2018_CNN_NSR").HYPERPARAMETERS
+    nsr = SCRIPTS["NSR"].HYPERPARAMETERS
     assert (nsr["beta1"], nsr["beta2"], nsr["reg_start_epoch"]) == (1.0, 1.0, 10)
-    jacob = importlib.import_module("CPSC2018_CNN_jacob").HYPERPARAMETERS
+    jacob = SCRIPTS["jacob"].HYPERPARAMETERS
     assert (jacob["beta"], jacob["jacobian_projections"], jacob["reg_start_epoch"]) == (44.0, 0, 0)
-    adv = importlib.import_module("CPSC2018_CNN_ce_adv_pgd_ls").HYPERPARAMETERS
+    adv = SCRIPTS["advls"].HYPERPARAMETERS
     assert (adv["eps"], adv["beta"], adv["adv_start_epoch"], adv["pgd_steps"], adv["pgd_alpha"],
             adv["label_smoothing"]) == (0.01, 0.5, 10, 20, 4.0, 0.0)
 
@@ -81,7 +81,7 @@ def test_method_defaults_follow_the_paper():
     (["--beta", "1.5"], "--beta must be between 0 and 1, got 1.5"),
 ])
 def test_adversarial_hyperparameters_that_cannot_train_are_refused(tmp_path, capsys, flags, message):
-    adv = importlib.import_module("CPSC2018_CNN_ce_adv_pgd_ls")
+    adv = SCRIPTS["advls"]
     status = harness.main("advls", adv.loss_fn, adv.HYPERPARAMETERS, adv.run_name,
                           argv=["--result_dir", str(tmp_path), *flags], check=adv.check_hyperparameters)
     assert status == 2 and capsys.readouterr().err == f"error: {message}\n"
@@ -98,25 +98,19 @@ def test_the_script_ends_bad_flags_with_one_line(tmp_path, flags, message):
     assert (status, err.strip(), out) == (2, message, "")
 
 
-class _MeanLinear(torch.nn.Module):
-    """A stand-in for the CNN: logits from each lead's mean (fast, differentiable in x)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.linear = torch.nn.Linear(8, 9)
-
-    def forward(self, x, mask):
-        return self.linear((x * mask).mean(dim=2))
+@pytest.fixture
+def linear_model() -> LinearModel:
+    """A stand-in for the CNN on 8-lead, 32-sample inputs (fast, differentiable in x)."""
+    return LinearModel(torch.randn(9, 8, 32, generator=torch.Generator().manual_seed(0)) / 32)
 
 
 @pytest.mark.parametrize("epoch,all_wrong", [(0, False), (9, False), (20, True)])
-def test_adversarial_loss_keeps_its_weights_without_an_adversarial_term(epoch, all_wrong):
+def test_adversarial_loss_keeps_its_weights_without_an_adversarial_term(linear_model, epoch, all_wrong):
     """Pins fix 1 (the original's loss): (1 - beta) * CE before adv_start_epoch and in a batch
     with no correct sample, where this code used to return the bare CE (twice the gradient)."""
-    adv = importlib.import_module("CPSC2018_CNN_ce_adv_pgd_ls")
+    adv = SCRIPTS["advls"]
     cfg = SimpleNamespace(**adv.HYPERPARAMETERS, epochs=70)
-    model = _MeanLinear()
+    model = linear_model
     x, mask = torch.rand(4, 8, 32) * 2 - 1, torch.ones(4, 1, 32)
     with torch.no_grad():
         predicted = model(x, mask).argmax(dim=1)
@@ -126,12 +120,12 @@ def test_adversarial_loss_keeps_its_weights_without_an_adversarial_term(epoch, a
     assert logged["loss_adv"] == 0.0
 
 
-def test_adversarial_loss_weighs_both_terms_once_attacks_start():
+def test_adversarial_loss_weighs_both_terms_once_attacks_start(linear_model):
     """From adv_start_epoch on, with correct samples, both terms: the loss exceeds (1 - beta) * CE
     by beta times a positive adversarial term."""
-    adv = importlib.import_module("CPSC2018_CNN_ce_adv_pgd_ls")
+    adv = SCRIPTS["advls"]
     cfg = SimpleNamespace(**{**adv.HYPERPARAMETERS, "pgd_steps": 2}, epochs=70)
-    model = _MeanLinear()
+    model = linear_model
     x, mask = torch.rand(4, 8, 32) * 2 - 1, torch.ones(4, 1, 32)
     with torch.no_grad():
         y = model(x, mask).argmax(dim=1)

@@ -2,7 +2,6 @@
 
 With 2 records per class the sample fills train and validation only (1 each per class), so
 the chain evaluates on the validation split."""
-import importlib
 import json
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 import evaluate
 import harness
 import preprocess
+from reproduce import SCRIPTS
 
 
 @pytest.mark.slow
@@ -20,7 +20,7 @@ def test_preprocess_train_and_evaluate_on_the_real_sample(sample_dir, tmp_path, 
                             "--val-per-class", "1", "--test-per-class", "0"]) == 0
     assert "read 18 CPSC2018 records (wfdb form)" in capsys.readouterr().out
 
-    script = importlib.import_module("CPSC2018_CNN_CE")
+    script = SCRIPTS["CE"]
     argv = ["--preset", "smoke", "--data_dir", str(cache), "--result_dir", str(results),
             "--max_length", "2048", "--random_pad", "1024", "--batch_size", "6", "--eval_batch_size", "9",
             "--epochs", "1", "--max_batches", "2", "--sweeps", ""]
