@@ -4,7 +4,7 @@
     python CPSC2018_CNN_CE.py --preset demo   # synthetic data (`reproduce.py --preset demo` makes it)
     python CPSC2018_CNN_CE.py --epochs 2 --max_batches 5 --run_name quick_look
 
-Every setting of config.TRAIN_DEFAULTS (epochs, lr, batch_size, data_dir, ...) is a flag.
+Every setting is a flag: TRAINING's below and the rest of config.TRAIN_DEFAULTS (data_dir, seed, ...).
 """
 import sys
 

@@ -1,9 +1,10 @@
 """Every training setting in one place (PROTOCOL section 5): the defaults, the presets, the
 command-line flags and the checks that refuse settings that cannot work.
 
-A setting is resolved as: ``TRAIN_DEFAULTS``, then the method script's own values, then the
-preset, then the flags. Each flag's type is declared here (``flag_type``), never taken from
-its default, so that editing a default (44.0 to 44) does not change what its flag accepts.
+A setting is resolved as: ``TRAIN_DEFAULTS`` and the method script's own values (its
+TRAINING, which sets the SCRIPT_SETTINGS, and its HYPERPARAMETERS), then the preset, then the
+flags. Each flag's type is declared here (``flag_type``), never taken from its default, so
+that editing a default (44.0 to 44) does not change what its flag accepts.
 """
 from __future__ import annotations
 
@@ -21,15 +22,15 @@ from ECG_Dataset import MAX_LENGTH, RANDOM_PAD
 from flags import ConfigError, OneLineParser
 
 # PROTOCOL section 5: the settings shared by all four methods; each is a command-line flag.
+# These each method script sets at its top (TRAINING), where a researcher edits them:
+SCRIPT_SETTINGS = ("epochs", "batch_size", "lr")
+# The others:
 TRAIN_DEFAULTS = dict(
     data_dir="data/CPSC2018/processed",  # the cache written by preprocess.py
     result_dir="result",
     run_name="",             # empty: the method's own name with its key settings
     model="resnet18a",
-    epochs=70,
-    batch_size=64,
     eval_batch_size=64,
-    lr=1e-3,
     seed=0,
     max_length=MAX_LENGTH,   # records are truncated to this many samples
     random_pad=RANDOM_PAD,   # training shift range; inputs are max_length + random_pad long
@@ -171,7 +172,8 @@ def preset_settings(preset: str, method: str) -> dict:
 
 
 def preset_setting(preset: str, key: str):
-    """A shared setting's value under ``preset``: the preset's own, else TRAIN_DEFAULTS'."""
+    """A shared setting's value under ``preset``: the preset's own, else TRAIN_DEFAULTS' (not one
+    of the SCRIPT_SETTINGS, which are each script's)."""
     return PRESETS[preset].get(key, TRAIN_DEFAULTS[key])
 
 
@@ -211,16 +213,18 @@ def non_negative(cfg: SimpleNamespace, *keys: str) -> None:
 
 
 def parse_config(method: str, hyperparameters: dict, argv: list[str] | None = None,
-                 check: Callable[[SimpleNamespace], None] | None = None,
-                 training: dict | None = None) -> SimpleNamespace:
-    """TRAIN_DEFAULTS, then the method script's ``training`` values and ``hyperparameters``,
-    then the preset, then the flags.
+                 check: Callable[[SimpleNamespace], None] | None = None, *, training: dict) -> SimpleNamespace:
+    """TRAIN_DEFAULTS with the method script's ``training`` (its values of SCRIPT_SETTINGS) and
+    ``hyperparameters``, then the preset, then the flags.
 
     ``check``: the method's rules for its hyperparameters (raises ConfigError); without one,
     each must be a finite non-negative number.
     """
+    if set(training) != set(SCRIPT_SETTINGS):
+        raise ConfigError(f"{method}: TRAINING must set exactly {', '.join(SCRIPT_SETTINGS)} "
+                          f"(it sets {', '.join(training) or 'nothing'})")
     defaults = {key: as_flag_type(key, value)
-                for key, value in {**TRAIN_DEFAULTS, **(training or {}), **hyperparameters}.items()}
+                for key, value in {**TRAIN_DEFAULTS, **training, **hyperparameters}.items()}
     parser = OneLineParser(prog=f"{method} training", description=f"Train {method} (PROTOCOL section 5).",
                            argument_default=argparse.SUPPRESS)
     parser.add_flag("--preset", default="paper", choices=sorted(PRESETS))

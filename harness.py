@@ -196,8 +196,8 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path,
 
 
 def main(method: str, loss_fn: LossFn, hyperparameters: dict, run_name: Callable[[SimpleNamespace], str],
-         argv: list[str] | None = None, check: Callable[[SimpleNamespace], None] | None = None,
-         training: dict | None = None) -> int:
+         argv: list[str] | None = None, check: Callable[[SimpleNamespace], None] | None = None, *,
+         training: dict) -> int:
     """Parse flags, train, evaluate the final model. Returns the process exit status (README).
 
     ``check`` raises ConfigError for hyperparameters the method cannot train with;
@@ -208,7 +208,7 @@ def main(method: str, loss_fn: LossFn, hyperparameters: dict, run_name: Callable
     joins_group = not in_process_group()  # then it leaves it at the end
     locks = contextlib.ExitStack()  # the run folder's lock, held until the evaluation is written
     try:
-        cfg = parse_config(method, hyperparameters, argv, check, training)
+        cfg = parse_config(method, hyperparameters, argv, check, training=training)
         cfg.run_name = cfg.run_name or run_name(cfg)
         check_run_name(cfg.run_name)
         load_cache(cfg.data_dir)  # missing or bad data is refused before the run folder is made

@@ -157,7 +157,7 @@ def plan_jobs(preset: str, methods: list[str], result_dir: str | None = None) ->
             if setting:
                 flags += [f"--{setting}", f"{value:g}"]
             cfg = parse_config(method, module.HYPERPARAMETERS, flags,
-                               getattr(module, "check_hyperparameters", None), module.TRAINING)
+                               getattr(module, "check_hyperparameters", None), training=module.TRAINING)
             jobs.append(Job(method, REPO / f"{module.__name__}.py", flags, cfg, module.HYPERPARAMETERS,
                             Path(cfg.result_dir) / module.run_name(cfg), setting))
     return jobs

@@ -44,7 +44,7 @@ STEP_VARIANTS = {"jacob": [["--jacobian_projections", "1"]]}  # settings timed b
 # The training-step rows, {row: (method, its settings)}, in config.METHODS' order
 STEP_ROWS = {benchmark_row(method, cfg): (method, cfg)
              for method, script in SCRIPTS.items() for flags in [[], *STEP_VARIANTS.get(method, [])]
-             for cfg in [harness.parse_config(method, script.HYPERPARAMETERS, argv=flags)]}
+             for cfg in [harness.parse_config(method, script.HYPERPARAMETERS, argv=flags, training=script.TRAINING)]}
 LOADER_ROW = "data: training loader"
 ROWS = [*STEP_ROWS, LOADER_ROW, CLEAN_ROW, PGD_ROW]
 

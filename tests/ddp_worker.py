@@ -70,7 +70,7 @@ def labels_for(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, patt
 def case_config(case: str):
     method, _, extra = CASES[case]
     module = SCRIPTS[method]
-    cfg = harness.parse_config(method, module.HYPERPARAMETERS, argv=["--device", "cpu"])
+    cfg = harness.parse_config(method, module.HYPERPARAMETERS, argv=["--device", "cpu"], training=module.TRAINING)
     cfg.reg_start_epoch = 0  # NSR's extra terms from the first epoch
     for key, value in extra.items():
         setattr(cfg, key, value)
@@ -106,7 +106,8 @@ def train(out: Path, method: str, stop_on_rank: int, stop_at_call: int, flags: l
             os.kill(os.getpid(), signal.SIGTERM)
         return module.loss_fn(model, x, y, mask, epoch, cfg)
 
-    status = harness.main(method, loss_fn, module.HYPERPARAMETERS, module.run_name, argv=flags)
+    status = harness.main(method, loss_fn, module.HYPERPARAMETERS, module.run_name, argv=flags,
+                          training=module.TRAINING)
     if "model" in seen:
         torch.save(distributed.unwrap(seen["model"]).state_dict(), out / f"weights_rank{distributed.rank()}.pt")
     return status

@@ -18,6 +18,9 @@ REPO = Path(__file__).resolve().parents[1]  # the repository root
 # padded by TINY_RANDOM_PAD
 TINY_MAX_LENGTH, TINY_RANDOM_PAD = 2048, 1024
 
+# PROTOCOL section 5: the shared settings that every method script sets at its top (TRAINING).
+PAPER_TRAINING = dict(epochs=70, batch_size=64, lr=1e-3)
+
 SMOKE_RUNS = {  # method: its run folder in the smoke chain (conftest's smoke_chain)
     "CE": "CE", "NSR": "NSR_beta1_1_beta2_1", "jacob": "jacob_beta_44_proj_1", "advls": "advls_eps_0.01_beta_0.5"}
 

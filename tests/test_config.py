@@ -4,55 +4,60 @@ import pytest
 import config
 import reproduce
 from flags import ConfigError
+from helpers import PAPER_TRAINING
 
 
 def test_editing_a_default_does_not_change_what_its_flag_accepts():
-    assert config.parse_config("jacob", {"beta": 44}, argv=["--beta", "0.5"]).beta == 0.5
-    assert config.parse_config("CE", {}, argv=["--lr", "1"], training={"lr": 1}).lr == 1.0
+    assert config.parse_config("jacob", {"beta": 44}, argv=["--beta", "0.5"], training=PAPER_TRAINING).beta == 0.5
+    assert config.parse_config("CE", {}, argv=["--lr", "1"], training={**PAPER_TRAINING, "lr": 1}).lr == 1.0
     with pytest.raises(ConfigError, match="invalid int value"):
-        config.parse_config("advls", {"pgd_steps": 20.0}, argv=["--pgd_steps", "2.5"])
+        config.parse_config("advls", {"pgd_steps": 20.0}, argv=["--pgd_steps", "2.5"], training=PAPER_TRAINING)
 
 
 @pytest.mark.parametrize("flag, value", [("--resume", True), ("--no_resume", False), ("--no-resume", False),
                                          ("--overwrite", True), ("--no_overwrite", False), ("--no-overwrite", False)])
 def test_an_on_off_setting_takes_every_spelling(flag, value):
     name = flag.removeprefix("--").removeprefix("no").lstrip("_-").replace("-", "_")
-    cfg = config.parse_config("CE", {}, argv=[flag], training={name: not value})
+    cfg = config.parse_config("CE", {name: not value}, argv=[flag], training=PAPER_TRAINING)
     assert getattr(cfg, name) is value
 
 
 def test_a_default_is_read_as_its_flag_would_read_it():
-    cfg = config.parse_config("jacob", {"beta": 44, "reg_start_epoch": 4.0}, argv=[], training={"batch_size": 64.0})
+    cfg = config.parse_config("jacob", {"beta": 44, "reg_start_epoch": 4.0}, argv=[],
+                              training={**PAPER_TRAINING, "batch_size": 64.0})
     assert (cfg.beta, cfg.reg_start_epoch, cfg.batch_size) == (44.0, 4, 64)
     assert (type(cfg.beta), type(cfg.reg_start_epoch), type(cfg.batch_size)) == (float, int, int)
     with pytest.raises(ConfigError, match=r"batch_size = 64\.5: --batch_size takes a whole number"):
-        config.parse_config("CE", {}, argv=[], training={"batch_size": 64.5})
+        config.parse_config("CE", {}, argv=[], training={**PAPER_TRAINING, "batch_size": 64.5})
+    with pytest.raises(ConfigError, match=r"^CE: TRAINING must set exactly epochs, batch_size, lr \(it sets epochs\)$"):
+        config.parse_config("CE", {}, argv=[], training={"epochs": 70})
     with pytest.raises(ConfigError, match=r"beta = '0\.5': --beta takes a number"):
-        config.parse_config("jacob", {"beta": "0.5"}, argv=[])
+        config.parse_config("jacob", {"beta": "0.5"}, argv=[], training=PAPER_TRAINING)
 
 
 def test_the_scripts_show_the_shared_settings_of_the_protocol():
     for method, script in reproduce.SCRIPTS.items():
-        assert script.TRAINING == {key: config.TRAIN_DEFAULTS[key] for key in ("epochs", "batch_size", "lr")}, method
+        assert script.TRAINING == PAPER_TRAINING, method
 
 
 def test_every_preset_setting_belongs_to_a_method_or_the_shared_settings():
     hyperparameters = {method: script.HYPERPARAMETERS for method, script in reproduce.SCRIPTS.items()}
-    known = set(config.TRAIN_DEFAULTS).union(*hyperparameters.values())
+    known = set(config.TRAIN_DEFAULTS).union(config.SCRIPT_SETTINGS, *hyperparameters.values())
     for name, preset in config.PRESETS.items():
         assert set(preset) - set(config.METHODS) <= known, (name, set(preset) - known)
         for method in set(preset) & set(config.METHODS):  # a method's section: its own settings
-            own = set(config.TRAIN_DEFAULTS) | set(hyperparameters[method])
+            own = set(config.TRAIN_DEFAULTS) | set(config.SCRIPT_SETTINGS) | set(hyperparameters[method])
             assert set(preset[method]) <= own, (name, method, set(preset[method]) - own)
 
 
 def test_a_method_section_of_a_preset_applies_to_that_method_only(monkeypatch):
     monkeypatch.setitem(config.PRESETS, "test", dict(epochs=3, beta=2.0, jacob=dict(beta=0.5, epochs=4)))
-    jacob = config.parse_config("jacob", {"beta": 44.0}, ["--preset", "test"])
-    advls = config.parse_config("advls", {"beta": 0.5}, ["--preset", "test"])
+    jacob = config.parse_config("jacob", {"beta": 44.0}, ["--preset", "test"], training=PAPER_TRAINING)
+    advls = config.parse_config("advls", {"beta": 0.5}, ["--preset", "test"], training=PAPER_TRAINING)
     assert (jacob.beta, jacob.epochs) == (0.5, 4)
     assert (advls.beta, advls.epochs) == (2.0, 3)
-    assert config.parse_config("jacob", {"beta": 44.0}, ["--preset", "test", "--beta", "7"]).beta == 7.0
+    flags = ["--preset", "test", "--beta", "7"]
+    assert config.parse_config("jacob", {"beta": 44.0}, flags, training=PAPER_TRAINING).beta == 7.0
 
 
 def test_a_preset_means_the_same_through_the_script_and_reproduce():
@@ -81,7 +86,7 @@ def test_a_preset_means_the_same_through_the_script_and_reproduce():
 def test_level_lists_are_the_papers_by_default_and_extended_on_request():
     paper = {"pgd_linf": (0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1), "pgd_l2": (1, 3, 5, 10, 15, 20, 25, 30),
              "white": (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)}
-    assert config.parse_config("CE", {}, argv=[]).levels == "paper"
+    assert config.parse_config("CE", {}, argv=[], training=PAPER_TRAINING).levels == "paper"
     for sweep, levels in paper.items():
         assert config.noise_levels(sweep) == levels
     assert config.noise_levels("pgd_linf", "extended") == paper["pgd_linf"] + (0.2, 0.3)
@@ -89,6 +94,6 @@ def test_level_lists_are_the_papers_by_default_and_extended_on_request():
     assert all(config.noise_levels(s, "extended") == paper["pgd_linf"] + (0.2, 0.3)
                for s in ("ifgsm_linf", "apgd_ce", "apgd_dlr", "square", "autoattack"))
     assert config.noise_levels("white", "extended") == paper["white"]
-    assert config.parse_config("CE", {}, argv=["--levels", "extended"]).levels == "extended"
+    assert config.parse_config("CE", {}, argv=["--levels", "extended"], training=PAPER_TRAINING).levels == "extended"
     with pytest.raises(ConfigError, match=r"^--levels: unknown level list 'long' \(known: paper, extended\)$"):
-        config.parse_config("CE", {}, argv=["--levels", "long"])
+        config.parse_config("CE", {}, argv=["--levels", "long"], training=PAPER_TRAINING)

@@ -26,7 +26,7 @@ from ECG_Dataset import ClassBalancedSampler, get_dataloaders
 import ddp_worker
 from evaluate import shard_loader
 from flags import ConfigError
-from helpers import REPO, weights
+from helpers import PAPER_TRAINING, REPO, weights
 
 LR = 1e-3
 RUN_FLAGS = ["--max_length", "3072", "--random_pad", "0", "--batch_size", "8",
@@ -100,8 +100,8 @@ def test_batch_size_must_split_evenly_over_the_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError, match="--batch_size 64 must be a multiple of the number "
                                          r"of processes \(3\)"):
-        harness.parse_config("CE", {}, argv=[])
-    assert harness.parse_config("CE", {}, argv=["--batch_size", "63"]).batch_size == 63
+        harness.parse_config("CE", {}, argv=[], training=PAPER_TRAINING)
+    assert harness.parse_config("CE", {}, argv=["--batch_size", "63"], training=PAPER_TRAINING).batch_size == 63
 
 
 def test_reproduce_launches_each_run_with_torchrun_when_asked():
@@ -195,7 +195,7 @@ def test_script_under_torchrun_matches_one_process_and_writes_each_file_once(
     assert json.loads((ddp / "eval_test.json").read_text())["clean"]["n"] == 18  # shares summed
 
     status = harness.main(method, module.loss_fn, module.HYPERPARAMETERS, module.run_name,
-                          argv=[*flags, "--result_dir", str(tmp_path / "single")])
+                          argv=[*flags, "--result_dir", str(tmp_path / "single")], training=module.TRAINING)
     assert status == 0
     single = tmp_path / "single" / run
     history, expected = (json.loads((d / "history.json").read_text())[0] for d in (ddp, single))

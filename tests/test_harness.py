@@ -17,7 +17,7 @@ import config
 import harness
 from checkpoints import newest_checkpoint
 from evaluate import load_model
-from helpers import REPO, run_script, weights
+from helpers import PAPER_TRAINING, REPO, run_script, weights
 from preprocess import load_cache
 
 
@@ -33,7 +33,8 @@ def ce_loss(model, x, y, mask, epoch, cfg):
 
 
 def train_ce(cache, result_dir, *extra, loss_fn=ce_loss):
-    return harness.main("CE", loss_fn, {}, lambda cfg: "CE", argv=tiny_flags(cache, result_dir, *extra))
+    return harness.main("CE", loss_fn, {}, lambda cfg: "CE", argv=tiny_flags(cache, result_dir, *extra),
+                        training=PAPER_TRAINING)
 
 
 def assert_same_weights(a, b):
@@ -76,14 +77,15 @@ def test_one_epoch_tiny_run_writes_every_artifact(ce_run):
 
 
 def test_defaults_follow_the_paper():
-    cfg = harness.parse_config("CE", {}, argv=[])
+    cfg = harness.parse_config("CE", {}, argv=[], training=PAPER_TRAINING)
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed, cfg.model) == (70, 64, 1e-3, 0, "resnet18a")
     assert (cfg.max_length, cfg.random_pad, cfg.checkpoint_every) == (30720, 3072, 10)
     assert (cfg.sweep_steps, cfg.sweep_restarts) == (100, 2)
 
 
 def test_preset_then_method_override_then_flag():
-    cfg = harness.parse_config("X", {"adv_start_epoch": 10}, ["--preset", "demo", "--epochs", "3"])
+    cfg = harness.parse_config("X", {"adv_start_epoch": 10}, ["--preset", "demo", "--epochs", "3"],
+                               training=PAPER_TRAINING)
     assert cfg.preset == "demo" and cfg.adv_start_epoch == 2 and cfg.epochs == 3
     assert cfg.max_length == config.PRESETS["demo"]["max_length"]
 
@@ -217,7 +219,8 @@ def test_resume_refuses_a_checkpoint_of_another_model(tiny_cache, ce_run_copy, c
     (["--bucket"], "--bucket needs --model resnet18a_vl"),
 ])
 def test_bad_flags_give_one_line_and_exit_status_2(tmp_path, capsys, flags, message):
-    assert harness.main("CE", ce_loss, {}, lambda cfg: "CE", argv=["--result_dir", str(tmp_path), *flags]) == 2
+    assert harness.main("CE", ce_loss, {}, lambda cfg: "CE", argv=["--result_dir", str(tmp_path), *flags],
+                        training=PAPER_TRAINING) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
 
@@ -228,7 +231,7 @@ def test_bad_flags_give_one_line_and_exit_status_2(tmp_path, capsys, flags, mess
                                            ("abc", "argument --eps: invalid float value: 'abc'")])
 def test_bad_method_hyperparameter_is_rejected(tmp_path, capsys, value, message):
     status = harness.main("advls", ce_loss, {"eps": 0.01}, lambda cfg: "adv",
-                          argv=["--result_dir", str(tmp_path), "--eps", value])
+                          argv=["--result_dir", str(tmp_path), "--eps", value], training=PAPER_TRAINING)
     assert status == 2 and message in capsys.readouterr().err
 
 
@@ -236,7 +239,8 @@ def test_unwritable_result_folder_is_named(tiny_cache, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
     status = harness.main("CE", ce_loss, {}, lambda cfg: "CE",
-                          argv=["--data_dir", str(tiny_cache), "--result_dir", str(blocker)])
+                          argv=["--data_dir", str(tiny_cache), "--result_dir", str(blocker)],
+                          training=PAPER_TRAINING)
     assert status == 2 and f"cannot write to {blocker / 'CE'}" in capsys.readouterr().err
 
 
@@ -298,7 +302,7 @@ def test_a_run_name_outside_the_result_folder_is_refused_and_nothing_is_touched(
     name = str(tmp_path / "abs") if name == "ABSOLUTE" else name
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     flags = ["--result_dir", str(result_dir), "--run_name", name, "--overwrite", "--epochs", "1"]
-    assert harness.main("CE", ce_loss, {}, lambda cfg: name, argv=flags) == 2
+    assert harness.main("CE", ce_loss, {}, lambda cfg: name, argv=flags, training=PAPER_TRAINING) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --run_name {name!r}: a run name is one folder name") and "\n" not in err
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
@@ -312,7 +316,7 @@ def test_overwrite_leaves_a_folder_that_is_not_a_run_alone(tiny_cache, tmp_path,
     (tmp_path / "other" / "config.json").write_text(json.dumps({"run_name": "CE", "method": "CE"}))
     for name in ("notes", "other"):  # other: a run's config.json, but not of a run of that name
         flags = ["--data_dir", str(tiny_cache), "--result_dir", str(tmp_path), "--run_name", name, "--overwrite"]
-        assert harness.main("CE", ce_loss, {}, lambda cfg: name, argv=flags) == 2
+        assert harness.main("CE", ce_loss, {}, lambda cfg: name, argv=flags, training=PAPER_TRAINING) == 2
         assert f"--overwrite: {tmp_path / name} is not a run folder of this project" in capsys.readouterr().err
     assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
     assert (tmp_path / "other" / "config.json").is_file()
@@ -323,6 +327,7 @@ PAUSED_TRAINING = """
 import sys, time
 from pathlib import Path
 import torch.nn.functional as F
+import CPSC2018_CNN_CE
 import harness
 started, go = Path(sys.argv[1]), Path(sys.argv[2])
 def loss(model, x, y, mask, epoch, cfg):
@@ -331,7 +336,7 @@ def loss(model, x, y, mask, epoch, cfg):
         while not go.exists():
             time.sleep(0.05)
     return F.cross_entropy(model(x, mask), y), {}
-sys.exit(harness.main("CE", loss, {}, lambda cfg: "CE", argv=sys.argv[3:]))
+sys.exit(harness.main("CE", loss, {}, lambda cfg: "CE", argv=sys.argv[3:], training=CPSC2018_CNN_CE.TRAINING))
 """
 
 

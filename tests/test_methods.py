@@ -44,16 +44,19 @@ def test_extra_terms_are_logged_when_they_apply(smoke_chain, method, keys):
 
 def test_run_names_carry_the_key_settings():
     adv = SCRIPTS["advls"]
-    cfg = harness.parse_config("advls", adv.HYPERPARAMETERS, argv=["--eps", "0.05", "--label_smoothing", "0.1"])
+    cfg = harness.parse_config("advls", adv.HYPERPARAMETERS, argv=["--eps", "0.05", "--label_smoothing", "0.1"],
+                               training=adv.TRAINING)
     assert adv.run_name(cfg) == "advls_eps_0.05_beta_0.5_ls_0.1"
     jacob = SCRIPTS["jacob"]
-    cfg = harness.parse_config("jacob", jacob.HYPERPARAMETERS, argv=["--jacobian_projections", "1"])
+    cfg = harness.parse_config("jacob", jacob.HYPERPARAMETERS, argv=["--jacobian_projections", "1"],
+                               training=jacob.TRAINING)
     assert jacob.run_name(cfg) == "jacob_beta_44_proj_1"
 
 
 def test_jacobian_term_starts_at_its_epoch():
     jacob = SCRIPTS["jacob"]
-    cfg = harness.parse_config("jacob", jacob.HYPERPARAMETERS, ["--reg_start_epoch", "2", "--beta", "3"])
+    cfg = harness.parse_config("jacob", jacob.HYPERPARAMETERS, ["--reg_start_epoch", "2", "--beta", "3"],
+                               training=jacob.TRAINING)
     torch.manual_seed(0)
     model = TinyCNN(leads=2, classes=9)
     x, y, mask = torch.randn(2, 2, 64), torch.tensor([0, 5]), torch.ones(2, 1, 64)
@@ -83,7 +86,8 @@ def test_method_defaults_follow_the_paper():
 def test_adversarial_hyperparameters_that_cannot_train_are_refused(tmp_path, capsys, flags, message):
     adv = SCRIPTS["advls"]
     status = harness.main("advls", adv.loss_fn, adv.HYPERPARAMETERS, adv.run_name,
-                          argv=["--result_dir", str(tmp_path), *flags], check=adv.check_hyperparameters)
+                          argv=["--result_dir", str(tmp_path), *flags], check=adv.check_hyperparameters,
+                          training=adv.TRAINING)
     assert status == 2 and capsys.readouterr().err == f"error: {message}\n"
     assert not any(tmp_path.iterdir())
 

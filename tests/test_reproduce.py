@@ -14,7 +14,7 @@ import config
 import evaluate
 import harness
 import reproduce
-from helpers import REPO, SMOKE_RUNS
+from helpers import PAPER_TRAINING, REPO, SMOKE_RUNS
 
 RUNS = list(SMOKE_RUNS.values())
 
@@ -179,7 +179,8 @@ def test_a_failing_stage_is_named_and_stops_without_a_traceback(tmp_path, monkey
 
 
 def test_a_run_trained_on_another_data_folder_is_not_this_presets_run(tmp_path):
-    cfg = harness.parse_config("CE", {}, argv=["--preset", "smoke", "--data_dir", str(tmp_path / "data")])
+    cfg = harness.parse_config("CE", {}, argv=["--preset", "smoke", "--data_dir", str(tmp_path / "data")],
+                               training=PAPER_TRAINING)
     job = reproduce.Job("CE", REPO / "CPSC2018_CNN_CE.py", [], cfg, {}, tmp_path / "CE")
     (job.run_dir / "checkpoints").mkdir(parents=True)
     (job.run_dir / "checkpoints" / "last.pt").write_bytes(b"")
