@@ -403,13 +403,19 @@ def print_costs(jobs: list[Job]) -> None:
     """Each run's estimated cost (selection.estimate_seconds) and the total."""
     rows = [selection.benchmark_row(job.method, job.cfg) for job in jobs]
     print(f"\n=== estimated cost per run ({selection.cost_source(rows)})")
-    total = 0.0
+    total, unknown = 0.0, 0
     for job in jobs:
-        parts = selection.estimate_seconds(job.method, job.cfg, SELECTION_SWEEP)
+        try:
+            parts = selection.estimate_seconds(job.method, job.cfg, SELECTION_SWEEP)
+        except KeyError as missing:  # a setting the benchmark did not time: the rest still print
+            print(f"{job.run_dir.name}: no estimate ({missing.args[0]})")
+            unknown += 1
+            continue
         total += sum(parts.values())
         print(f"{job.run_dir.name}: {_duration(sum(parts.values()))} ("
               + ", ".join(f"{name} {_duration(seconds)}" for name, seconds in parts.items()) + ")")
-    print(f"total: {_duration(total)} of single-thread CPU time for {len(jobs)} runs (a GPU is much faster)")
+    without = f", {unknown} of them without an estimate" if unknown else ""
+    print(f"total: {_duration(total)} of single-thread CPU time for {len(jobs)} runs{without} (a GPU is much faster)")
 
 
 def write_selection_report(preset: str, plan: Plan, jobs: list[Job], result_dir: Path, timings: Timings) -> Path:

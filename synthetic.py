@@ -530,9 +530,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         args = parser.parse_args(argv)
+        _check_settings(args.records_per_class, args.min_seconds, args.max_seconds, args.multilabel_fraction)
+    except (ConfigError, ValueError) as error:  # a bad flag
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
         table = generate_dataset(args.out_dir, args.records_per_class, args.seed, args.min_seconds,
                                  args.max_seconds, args.multilabel_fraction)
-    except (ConfigError, ValueError, FileExistsError) as error:  # refused before writing: flags, --out_dir
+    except FileExistsError as error:  # --out_dir holds files of its own: refused before writing
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a record or REFERENCE.csv that could not be written

@@ -62,6 +62,16 @@ def test_dry_run_lists_every_run_of_the_grids_with_its_cost(tmp_path, monkeypatc
     assert not any(tmp_path.iterdir())
 
 
+def test_a_run_the_benchmark_did_not_time_has_no_estimate_and_the_others_still_print(capsys):
+    jobs = reproduce.plan_jobs("paper-selection", ["jacob"])
+    jobs[0].cfg.jacobian_projections = 3  # a setting methods_cpu.json has no row for
+    reproduce.print_costs(jobs)
+    out = capsys.readouterr().out
+    assert f"{jobs[0].run_dir.name}: no estimate (methods_cpu.json has no row 'jacob (3 projection)')" in out
+    assert sum(line.startswith("jacob_beta_") and " h " in line for line in out.splitlines()) == len(jobs) - 1
+    assert re.search(rf"^total: .* for {len(jobs)} runs, 1 of them without an estimate ", out, re.M)
+
+
 class InProcessStage:
     """subprocess.Popen for reproduce's stages (``python script flags``), each run in this
     process by run_script: the stages' own processes are tested by the smoke chain
