@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, default_collate
 
 from ECG_CNN import DOWNSAMPLE, MIN_LENGTH
-from preprocess import CLASSES, LEADS, Cache, load_cache
+from preprocess import LEADS, Cache, load_cache
 
 MAX_LENGTH = 30720
 RANDOM_PAD = 3072

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
-import harness
+from config import parse_config
 from ECG_CNN import build_model
 from helpers import PAPER_TRAINING, TINY_MAX_LENGTH, TINY_RANDOM_PAD, TinyCNN, run_reproduce, sinusoid_task
 from preprocess import OFFICIAL_REFERENCE, preprocess
@@ -130,7 +130,7 @@ def untrained_run(tiny_cache):
         argv = ["--data_dir", str(tiny_cache), "--result_dir", str(folder.parent), "--run_name", folder.name,
                 "--max_length", str(TINY_MAX_LENGTH), "--random_pad", str(TINY_RANDOM_PAD), "--batch_size", "8",
                 "--eval_batch_size", "18", "--epochs", "1", "--seed", str(seed), *flags]
-        config = vars(harness.parse_config("CE", {}, argv=argv, training=PAPER_TRAINING))
+        config = vars(parse_config("CE", {}, argv=argv, training=PAPER_TRAINING))
         torch.manual_seed(seed)
         folder.mkdir(parents=True, exist_ok=True)
         torch.save({"model_name": config["model"], "model": build_model(config["model"]).state_dict(),

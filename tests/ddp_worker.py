@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import distributed  # noqa: E402
 import harness  # noqa: E402
+from config import parse_config  # noqa: E402
 from ECG_CNN import build_model  # noqa: E402
 from flags import ConfigError, OneLineParser  # noqa: E402
 from reproduce import SCRIPTS  # noqa: E402
@@ -70,7 +71,7 @@ def labels_for(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, patt
 def case_config(case: str):
     method, _, extra = CASES[case]
     module = SCRIPTS[method]
-    cfg = harness.parse_config(method, module.HYPERPARAMETERS, argv=["--device", "cpu"], training=module.TRAINING)
+    cfg = parse_config(method, module.HYPERPARAMETERS, argv=["--device", "cpu"], training=module.TRAINING)
     cfg.reg_start_epoch = 0  # NSR's extra terms from the first epoch
     for key, value in extra.items():
         setattr(cfg, key, value)

@@ -21,6 +21,7 @@ from torch.utils.data import BatchSampler
 
 import distributed
 import harness
+from config import parse_config
 import reproduce
 from ECG_Dataset import ClassBalancedSampler, get_dataloaders
 import ddp_worker
@@ -100,8 +101,8 @@ def test_batch_size_must_split_evenly_over_the_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError, match="--batch_size 64 must be a multiple of the number "
                                          r"of processes \(3\)"):
-        harness.parse_config("CE", {}, argv=[], training=PAPER_TRAINING)
-    assert harness.parse_config("CE", {}, argv=["--batch_size", "63"], training=PAPER_TRAINING).batch_size == 63
+        parse_config("CE", {}, argv=[], training=PAPER_TRAINING)
+    assert parse_config("CE", {}, argv=["--batch_size", "63"], training=PAPER_TRAINING).batch_size == 63
 
 
 def test_reproduce_launches_each_run_with_torchrun_when_asked():

@@ -77,14 +77,14 @@ def test_one_epoch_tiny_run_writes_every_artifact(ce_run):
 
 
 def test_defaults_follow_the_paper():
-    cfg = harness.parse_config("CE", {}, argv=[], training=PAPER_TRAINING)
+    cfg = config.parse_config("CE", {}, argv=[], training=PAPER_TRAINING)
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed, cfg.model) == (70, 64, 1e-3, 0, "resnet18a")
     assert (cfg.max_length, cfg.random_pad, cfg.checkpoint_every) == (30720, 3072, 10)
     assert (cfg.sweep_steps, cfg.sweep_restarts) == (100, 2)
 
 
 def test_preset_then_method_override_then_flag():
-    cfg = harness.parse_config("X", {"adv_start_epoch": 10}, ["--preset", "demo", "--epochs", "3"],
+    cfg = config.parse_config("X", {"adv_start_epoch": 10}, ["--preset", "demo", "--epochs", "3"],
                                training=PAPER_TRAINING)
     assert cfg.preset == "demo" and cfg.adv_start_epoch == 2 and cfg.epochs == 3
     assert cfg.max_length == config.PRESETS["demo"]["max_length"]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import harness
+from config import parse_config
 from helpers import REPO, SMOKE_RUNS, LinearModel, TinyCNN, run_script
 from losses import jacobian_loss
 from reproduce import SCRIPTS
@@ -44,18 +45,18 @@ def test_extra_terms_are_logged_when_they_apply(smoke_chain, method, keys):
 
 def test_run_names_carry_the_key_settings():
     adv = SCRIPTS["advls"]
-    cfg = harness.parse_config("advls", adv.HYPERPARAMETERS, argv=["--eps", "0.05", "--label_smoothing", "0.1"],
+    cfg = parse_config("advls", adv.HYPERPARAMETERS, argv=["--eps", "0.05", "--label_smoothing", "0.1"],
                                training=adv.TRAINING)
     assert adv.run_name(cfg) == "advls_eps_0.05_beta_0.5_ls_0.1"
     jacob = SCRIPTS["jacob"]
-    cfg = harness.parse_config("jacob", jacob.HYPERPARAMETERS, argv=["--jacobian_projections", "1"],
+    cfg = parse_config("jacob", jacob.HYPERPARAMETERS, argv=["--jacobian_projections", "1"],
                                training=jacob.TRAINING)
     assert jacob.run_name(cfg) == "jacob_beta_44_proj_1"
 
 
 def test_jacobian_term_starts_at_its_epoch():
     jacob = SCRIPTS["jacob"]
-    cfg = harness.parse_config("jacob", jacob.HYPERPARAMETERS, ["--reg_start_epoch", "2", "--beta", "3"],
+    cfg = parse_config("jacob", jacob.HYPERPARAMETERS, ["--reg_start_epoch", "2", "--beta", "3"],
                                training=jacob.TRAINING)
     torch.manual_seed(0)
     model = TinyCNN(leads=2, classes=9)

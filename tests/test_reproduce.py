@@ -12,7 +12,6 @@ import pytest
 
 import config
 import evaluate
-import harness
 import reproduce
 from helpers import PAPER_TRAINING, REPO, SMOKE_RUNS
 
@@ -179,16 +178,16 @@ def test_a_failing_stage_is_named_and_stops_without_a_traceback(tmp_path, monkey
 
 
 def test_a_run_trained_on_another_data_folder_is_not_this_presets_run(tmp_path):
-    cfg = harness.parse_config("CE", {}, argv=["--preset", "smoke", "--data_dir", str(tmp_path / "data")],
+    cfg = config.parse_config("CE", {}, argv=["--preset", "smoke", "--data_dir", str(tmp_path / "data")],
                                training=PAPER_TRAINING)
     job = reproduce.Job("CE", REPO / "CPSC2018_CNN_CE.py", [], cfg, {}, tmp_path / "CE")
     (job.run_dir / "checkpoints").mkdir(parents=True)
     (job.run_dir / "checkpoints" / "last.pt").write_bytes(b"")
-    config = {**vars(cfg), "data_dir": str(tmp_path / "other")}
-    (job.run_dir / "config.json").write_text(json.dumps(config))
+    saved = {**vars(cfg), "data_dir": str(tmp_path / "other")}
+    (job.run_dir / "config.json").write_text(json.dumps(saved))
     with pytest.raises(reproduce.ReproduceError, match=f"trained with data_dir='{tmp_path / 'other'}'"):
         reproduce.run_state(job)
-    (job.run_dir / "config.json").write_text(json.dumps({**config, "data_dir": str(tmp_path / "data")}))
+    (job.run_dir / "config.json").write_text(json.dumps({**saved, "data_dir": str(tmp_path / "data")}))
     assert reproduce.run_state(job) == "resume"
 
 
