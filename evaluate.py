@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         parser = OneLineParser(description="Evaluate a trained run (PROTOCOL sections 6-7).")
         parser.add_argument("run", help="a run folder under result/ (its model.pt), or a checkpoint file "
-                                        "(for example checkpoints/epoch_010.pt; results written beside it)")
+                                        "(for example checkpoints/epoch_010.pt: results in checkpoints/epoch_010/)")
         parser.add_flag("--split", default="test", choices=("test", "val"))
         parser.add_flag("--data_dir", help="override the run's data cache folder")
         parser.add_flag("--device", default="auto")
@@ -590,11 +590,14 @@ def main(argv: list[str] | None = None) -> int:
         check_sweep_settings(vars(cfg))
         check_device(cfg.device)
         checkpoint = Path(args.run) / "model.pt" if Path(args.run).is_dir() else Path(args.run)
+        # A run's model.pt is evaluated into its run folder; any other checkpoint into a folder
+        # of its own beside it, so that evaluations of several checkpoints never overwrite each other.
+        out_dir = checkpoint.parent if checkpoint.name == "model.pt" else checkpoint.with_suffix("")
         # Under torchrun the processes share the records (evaluate_run); alone, this is the device.
         device = init_distributed(cfg.device)
         # One process per folder written (rank 0 locks it): refused while a training or evaluation holds it.
-        on_main_process(lambda: locks.enter_context(lock_folder(checkpoint.parent, "run folder")))
-        evaluate_run(checkpoint.parent, model.to(device), cfg, args.split, args.eval_max_batches, checkpoint)
+        on_main_process(lambda: locks.enter_context(lock_folder(out_dir, "run folder")))
+        evaluate_run(out_dir, model.to(device), cfg, args.split, args.eval_max_batches, checkpoint)
     except (EvaluationError, DataError, ConfigError, FolderInUseError) as error:
         if is_main_process():
             print(f"error: {error}", file=sys.stderr)

@@ -25,8 +25,8 @@ class OneLineParser(argparse.ArgumentParser):
     def add_switch(self, name: str, **kwargs):
         """An on/off flag: ``--name`` and ``--no_name``, each also hyphenated."""
         off = f"--no_{name[2:]}"
-        return self.add_argument(*dict.fromkeys([name, name.replace("_", "-"), off, off.replace("_", "-")]),
-                                 action=_Switch, **kwargs)
+        spellings = [name, name.replace("_", "-"), off, off.replace("_", "-"), f"--no-{name[2:]}"]
+        return self.add_argument(*dict.fromkeys(spellings), action=_Switch, **kwargs)
 
 
 class _Switch(argparse.Action):

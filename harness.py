@@ -90,6 +90,10 @@ class _StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+# --- training ----------------------------------------------------------------------------
+
 def validation_accuracy(model: torch.nn.Module, loader, device: torch.device) -> float:
     """Each rank predicts its share of the records; the confusion counts are summed."""
     counts = evaluate.confusion_matrix(*evaluate.predict(unwrap(model), loader, device))

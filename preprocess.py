@@ -721,8 +721,8 @@ class Cache:
 def load_cache(out_dir: str | Path) -> Cache:
     """Load and check a cache written by ``preprocess``; DataError if missing, stale or inconsistent."""
     out_dir = Path(out_dir)
-    rerun = (f"build it with `python preprocess.py --raw_dir RECORDS --out_dir {out_dir}` "
-             "(the demo and smoke presets' data: `python reproduce.py --preset demo|smoke`)")
+    rerun = (f"build it with `python preprocess.py --raw_dir RECORDS --out_dir {out_dir}` (`--download` "
+             "fetches CPSC2018 first; the demo, smoke and mini presets' data: `python reproduce.py --preset NAME`)")
     meta_path = out_dir / "meta.json"
     if not meta_path.is_file():
         raise DataError(f"no preprocessed CPSC2018 cache in {out_dir} (meta.json missing): {rerun}")

@@ -107,10 +107,11 @@ def estimate_seconds(method: str, cfg, sweep: str) -> dict[str, float]:
 def cost_source(method_rows: list[str]) -> str:
     """Where the figures come from, for the dry run's output."""
     benchmark = read_json(BENCHMARK)
+    timed = {row["row"] for row in benchmark["rows"]}
     return (f"figures: {BENCHMARK.relative_to(BENCHMARK.parents[2]).as_posix()} (`{benchmark['command']}`; "
             f"{benchmark['settings']['device']}, {benchmark['settings']['threads']} thread, input length "
             f"{benchmark['settings']['length']}), seconds_per_sample of the rows "
-            + ", ".join(f"'{row}'" for row in dict.fromkeys(method_rows))
+            + ", ".join(f"'{row}'" for row in dict.fromkeys(method_rows) if row in timed)
             + f", '{CLEAN_ROW}' and '{PGD_ROW}'; at the paper's size: "
             f"{PAPER_EPOCH_SAMPLES} training samples per epoch (PROTOCOL section 3), {PAPER_VAL_RECORDS} validation "
             f"and {PAPER_TEST_RECORDS} test records")

@@ -391,10 +391,12 @@ def _quantize(signal: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- dataset
 
 
-def _check_settings(records_per_class: int, min_seconds: float, max_seconds: float,
+def _check_settings(records_per_class: int, seed: int, min_seconds: float, max_seconds: float,
                     multilabel_fraction: float) -> None:
     if not _is_positive_integer(records_per_class):
         raise ValueError(f"records_per_class must be a positive integer, got {records_per_class!r}")
+    if not (_is_positive_integer(seed) or seed == 0):
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not 1.0 <= min_seconds <= max_seconds:
         raise ValueError(f"need 1 <= min_seconds <= max_seconds, got min_seconds={min_seconds}, "
                          f"max_seconds={max_seconds}")
@@ -476,7 +478,7 @@ def generate_dataset(out_dir: str | Path, records_per_class: int = 30, seed: int
     a folder holding other ECG files raises FileExistsError. Returns the REFERENCE table
     (Recording str, labels as pandas "Int64").
     """
-    _check_settings(records_per_class, min_seconds, max_seconds, multilabel_fraction)
+    _check_settings(records_per_class, seed, min_seconds, max_seconds, multilabel_fraction)
     out_dir = Path(out_dir)
     table_seed, *record_seeds = np.random.SeedSequence(seed).spawn(9 * int(records_per_class) + 1)
     table_rng = np.random.default_rng(table_seed)
@@ -530,7 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         args = parser.parse_args(argv)
-        _check_settings(args.records_per_class, args.min_seconds, args.max_seconds, args.multilabel_fraction)
+        _check_settings(args.records_per_class, args.seed, args.min_seconds, args.max_seconds,
+                        args.multilabel_fraction)
     except (ConfigError, ValueError) as error:  # a bad flag
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -15,7 +15,9 @@ def test_editing_a_default_does_not_change_what_its_flag_accepts():
 
 
 @pytest.mark.parametrize("flag, value", [("--resume", True), ("--no_resume", False), ("--no-resume", False),
-                                         ("--overwrite", True), ("--no_overwrite", False), ("--no-overwrite", False)])
+                                         ("--overwrite", True), ("--no_overwrite", False), ("--no-overwrite", False),
+                                         ("--no_cudnn_benchmark", False), ("--no-cudnn-benchmark", False),
+                                         ("--no-cudnn_benchmark", False)])
 def test_an_on_off_setting_takes_every_spelling(flag, value):
     name = flag.removeprefix("--").removeprefix("no").lstrip("_-").replace("-", "_")
     cfg = config.parse_config("CE", {name: not value}, argv=[flag], training=PAPER_TRAINING)

@@ -242,14 +242,18 @@ def test_an_unavailable_device_is_refused_in_one_line(tmp_path, untrained_run, o
     assert one_error_line() == "error: --device mps: MPS is not available on this machine"
 
 
-def test_a_checkpoint_file_is_evaluated_beside_it_and_named_in_its_results(tmp_path, untrained_run, capsys):
+def test_each_checkpoint_file_is_evaluated_into_its_own_folder_and_named_in_its_results(tmp_path, untrained_run):
     run = untrained_run(tmp_path / "CE")
     (run / "checkpoints").mkdir()
-    shutil.move(run / "model.pt", run / "checkpoints" / "epoch_001.pt")
-    assert evaluate.main([str(run / "checkpoints" / "epoch_001.pt"), "--sweeps", "", "--device", "cpu"]) == 0
-    result = json.loads((run / "checkpoints" / "eval_test.json").read_text())
-    assert result["checkpoint"] == str(run / "checkpoints" / "epoch_001.pt")
-    assert not (run / "eval_test.json").exists()  # the run's own results stay those of its model.pt
+    for epoch in (1, 2):
+        shutil.copy(run / "model.pt", run / "checkpoints" / f"epoch_00{epoch}.pt")
+        assert evaluate.main([str(run / "checkpoints" / f"epoch_00{epoch}.pt"), "--sweeps", "", "--device", "cpu"]) == 0
+    for epoch in (1, 2):
+        result = json.loads((run / "checkpoints" / f"epoch_00{epoch}" / "eval_test.json").read_text())
+        assert result["checkpoint"] == str(run / "checkpoints" / f"epoch_00{epoch}.pt")
+    assert not (run / "eval_test.json").exists()  # the run's own results are those of its model.pt
+    assert evaluate.main([str(run / "model.pt"), "--sweeps", "", "--device", "cpu"]) == 0
+    assert json.loads((run / "eval_test.json").read_text())["checkpoint"] == str(run / "model.pt")
 
 
 def test_a_run_folder_in_use_is_not_evaluated(tmp_path, untrained_run, one_error_line):

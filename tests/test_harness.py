@@ -19,6 +19,7 @@ from checkpoints import newest_checkpoint
 from evaluate import load_model
 from helpers import PAPER_TRAINING, REPO, run_script, weights
 from preprocess import load_cache
+from reproduce import SCRIPTS
 
 
 
@@ -77,7 +78,7 @@ def test_one_epoch_tiny_run_writes_every_artifact(ce_run):
 
 
 def test_defaults_follow_the_paper():
-    cfg = config.parse_config("CE", {}, argv=[], training=PAPER_TRAINING)
+    cfg = config.parse_config("CE", {}, argv=[], training=SCRIPTS["CE"].TRAINING)
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed, cfg.model) == (70, 64, 1e-3, 0, "resnet18a")
     assert (cfg.max_length, cfg.random_pad, cfg.checkpoint_every) == (30720, 3072, 10)
     assert (cfg.sweep_steps, cfg.sweep_restarts) == (100, 2)

@@ -1,9 +1,12 @@
 """The project's modules import each other without a cycle, and every import is at the top of
 its file, so that the dependency graph reads from the tops of the files.
 
-An import is an ``import`` statement or a call to ``importlib.import_module``; both count,
-wherever they are. ``python tests/test_imports.py`` prints the graph and runs these checks
-(exit status 1 on a violation).
+An import is an ``import`` statement or a call to ``importlib.import_module``: both are edges
+of the graph and neither may sit inside a function. Import statements come before any other
+module-level code; a module-level ``import_module`` call may follow the names it reads (the
+one there is, ``reproduce.SCRIPTS``, imports the method scripts that ``config.METHODS`` names).
+``python tests/test_imports.py`` prints the graph and runs these checks (exit status 1 on a
+violation).
 """
 import ast
 import sys

@@ -68,6 +68,7 @@ def test_a_run_the_benchmark_did_not_time_has_no_estimate_and_the_others_still_p
     reproduce.print_costs(jobs)
     out = capsys.readouterr().out
     assert f"{jobs[0].run_dir.name}: no estimate (methods_cpu.json has no row 'jacob (3 projection)')" in out
+    assert out.count("'jacob (3 projection)'") == 1  # not among the rows the figures come from
     assert sum(line.startswith("jacob_beta_") and " h " in line for line in out.splitlines()) == len(jobs) - 1
     assert re.search(rf"^total: .* for {len(jobs)} runs, 1 of them without an estimate ", out, re.M)
 

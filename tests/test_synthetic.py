@@ -270,7 +270,8 @@ def test_cli_takes_no_abbreviated_flag(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("flags", [["--records_per_class", "many"], ["--seed", "1.5"], ["--max-seconds"]])
+@pytest.mark.parametrize("flags", [["--records_per_class", "many"], ["--seed", "1.5"], ["--seed", "-1"],
+                                   ["--records_per_class", "0"], ["--max-seconds"]])
 def test_cli_bad_flag_value_is_one_error_line_and_status_2(tmp_path, capsys, flags):
     assert synthetic.main(["--out_dir", str(tmp_path / "d"), *flags]) == 2
     captured = capsys.readouterr()
