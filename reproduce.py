@@ -41,7 +41,7 @@ from checkpoints import RESUME_KEYS, changed_settings
 from config import METHODS, PRESETS, SWEEPS, TRAIN_DEFAULTS, parse_config, parse_sweeps, preset_setting, preset_settings
 from flags import ConfigError, OneLineParser
 from preprocess import CLASSES, DEFAULT_RAW_DIR, DataError, load_cache
-from safe_writes import read_json, write_json
+from safe_writes import read_json, write_json, write_text_atomic
 from synthetic import DEMO_RAW_DIR, MARKER_NAME
 
 REPO = Path(__file__).resolve().parent
@@ -426,7 +426,7 @@ def write_selection_report(preset: str, plan: Plan, jobs: list[Job], result_dir:
     body = selection.selection_report({m: study for m, study in studies.items() if study[1]}, SELECTION_SWEEP,
                                       result_dir / "selection")
     path = result_dir / "selection.md"
-    path.write_text("\n".join([
+    write_text_atomic(path, "\n".join([
         "# Coefficient selection", "", plan.data_note, "",
         f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} by "
         f"`python {shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`.",
@@ -727,8 +727,8 @@ def reproduce(args: argparse.Namespace) -> int:
     ready, tables = compare(all_jobs, result_dir / "compare", timings)
     started = time.perf_counter()
     report_path = result_dir / "report.md"
-    report_path.write_text(build_report(args.preset, plan, raw_dir, data_dir, result_dir, all_jobs, ready,
-                                        tables, timings))
+    write_text_atomic(report_path, build_report(args.preset, plan, raw_dir, data_dir, result_dir, all_jobs, ready,
+                                                tables, timings))
     timings.record("report", "ran", time.perf_counter() - started)
     print(f"\nreport written to {report_path} (this invocation: {_duration(time.time() - timings.started)})")
     return 0

@@ -15,7 +15,7 @@ import figures
 from config import noise_levels
 from metrics import SWEEP_METRICS, to_markdown
 from preprocess import CLASSES
-from safe_writes import read_json, write_json
+from safe_writes import read_json, write_json, write_text_atomic
 
 # criterion: its score in one PGD sweep result (robustness_sweep) on the validation split
 CRITERIA = {
@@ -61,9 +61,9 @@ def selection_report(studies: dict[str, tuple[str, dict[float, Path]]], sweep: s
         for metric, name in (("accuracy", "accuracy"), ("mean_f1", "f1")):
             table = evaluate.sweep_table(curves, sweep, metric, split="val")
             stem = out_dir / f"{method}_{name}"
-            table.to_csv(stem.with_suffix(".csv"), float_format="%.4f")
+            write_text_atomic(stem.with_suffix(".csv"), table.to_csv(float_format="%.4f"))
             markdown = to_markdown(table)
-            stem.with_suffix(".md").write_text(markdown + "\n")
+            write_text_atomic(stem.with_suffix(".md"), markdown + "\n")
             label = SWEEP_METRICS[metric][1]
             figures.sweep_curves_figure(curves, stem.with_suffix(".png"), f"{method}, validation split: {label}",
                                         metric)
