@@ -15,6 +15,7 @@ padding (with the paper's random_pad of 3072, a mean shift of 511.5 samples inst
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -242,14 +243,15 @@ def _ignore_interrupts(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def get_dataloaders(data_dir: str, batch_size: int = 64, eval_batch_size: int = 64,
+def get_dataloaders(data: str | Path | Cache, batch_size: int = 64, eval_batch_size: int = 64,
                     max_length: int = MAX_LENGTH, random_pad: int = RANDOM_PAD,
                     seed: int = 0, num_workers: int = 0, pin_memory: bool = False,
                     splits: Sequence[str] = ("train", "val", "test"),
                     num_replicas: int = 1, rank: int = 0,
                     bucket: bool = False) -> dict[str, DataLoader]:
-    """Loaders for the cached splits: the training one class-balanced with random padding,
-    the others in file order, right-aligned. Every split uses T = max_length + random_pad.
+    """Loaders for the splits of ``data`` (a cache folder, or the Cache loaded from one): the
+    training one class-balanced with random padding, the others in file order, right-aligned.
+    Every split uses T = max_length + random_pad.
 
     ``bucket`` (variable-length mode, for resnet18a_vl) batches every split by length with
     BucketBatchSampler (training: the class-balanced epoch sorted in chunks of 50 batches,
@@ -258,7 +260,7 @@ def get_dataloaders(data_dir: str, batch_size: int = 64, eval_batch_size: int = 
     augmentation for resnet18a_vl, less padding). Select a bucketed training loader's epoch
     with ``set_loader_epoch`` (its ``sampler`` attribute is not the class-balanced sampler).
     """
-    cache = load_cache(data_dir)
+    cache = data if isinstance(data, Cache) else load_cache(data)
     padded_length = max_length + random_pad
     if bucket and padded_length % DOWNSAMPLE:
         raise ValueError(f"bucket=True needs max_length + random_pad ({padded_length}) to be a "

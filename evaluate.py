@@ -315,12 +315,15 @@ RUN_SETTINGS = ("run_name", "device", "data_dir", "max_length", "random_pad", "b
                 "bucket", "seed", "sweeps", "sweep_steps", "sweep_restarts", "sweep_max_batches")
 
 
+def checkpoint_file(run: str | Path) -> Path:
+    """The checkpoint a run folder stands for (its model.pt), or ``run`` itself when it is a file."""
+    return Path(run) / "model.pt" if Path(run).is_dir() else Path(run)
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
     """The model of a run folder (its model.pt) or of a checkpoint file, with its settings."""
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.pt"
+    path = checkpoint_file(path)
     if not path.is_file():
         raise EvaluationError(f"{path}: no such checkpoint (train the run first)")
     try:
@@ -577,7 +580,8 @@ def main(argv: list[str] | None = None) -> int:
                             help="attack sweeps: a fixed class-balanced subset of this many records "
                                  "(0: all; the records are listed in the results)")
         args = parser.parse_args(argv)
-        model, config = load_model(args.run)
+        checkpoint = checkpoint_file(args.run)
+        model, config = load_model(checkpoint)
         cfg = SimpleNamespace(**config)
         cfg.levels = config.get("levels", "paper")  # a config.json naming no level list: the paper's
         for key in ("device", "data_dir", "sweeps", "levels", "sweep_steps", "sweep_restarts", "sweep_max_batches",
@@ -589,7 +593,6 @@ def main(argv: list[str] | None = None) -> int:
                 raise EvaluationError(f"--{key} must be >= 0, got {getattr(args, key)}")
         check_sweep_settings(vars(cfg))
         check_device(cfg.device)
-        checkpoint = Path(args.run) / "model.pt" if Path(args.run).is_dir() else Path(args.run)
         # A run's model.pt is evaluated into its run folder; any other checkpoint into a folder
         # of its own beside it, so that evaluations of several checkpoints never overwrite each other.
         out_dir = checkpoint.parent if checkpoint.name == "model.pt" else checkpoint.with_suffix("")

@@ -35,7 +35,7 @@ from distributed import (all_reduce, average_logged, distributed_model, in_proce
 from ECG_CNN import build_model
 from ECG_Dataset import batch_records, get_dataloaders, set_loader_epoch
 from flags import ConfigError
-from preprocess import DataError, load_cache
+from preprocess import Cache, DataError, load_cache
 from run_folder import start_run
 from safe_writes import FolderInUseError, write_json
 
@@ -109,9 +109,10 @@ def non_finite_loss(loss: float, epoch: int, progress: Progress, loader, run_dir
                          f"records{share} {', '.join(records)}: check their signals, or lower --lr; {kept}")
 
 
-def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path,
+def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path, cache: Cache,
           hyperparameters: tuple[str, ...] = ()) -> tuple[torch.nn.Module, int]:
-    """Train per ``cfg``; returns (model, exit status): 0 when done, 128+signal when stopped.
+    """Train per ``cfg`` on ``cache`` (cfg.data_dir, loaded); returns (model, exit status): 0
+    when done, 128+signal when stopped.
 
     Under torchrun every process runs this together: each takes its share of every batch,
     DistributedDataParallel averages the gradients, and rank 0 alone writes checkpoints,
@@ -123,7 +124,7 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path,
     seed_everything(cfg.seed, cfg.cudnn_benchmark)
     workers = cfg.num_workers if cfg.num_workers >= 0 else (4 if device.type == "cuda" else 0)
     batch_size = cfg.batch_size // world  # this process's share; config checks that it divides
-    loaders = get_dataloaders(cfg.data_dir, batch_size, cfg.eval_batch_size, cfg.max_length,
+    loaders = get_dataloaders(cache, batch_size, cfg.eval_batch_size, cfg.max_length,
                               cfg.random_pad, cfg.seed, workers,
                               pin_memory=device.type == "cuda", splits=("train", "val"),
                               num_replicas=world, rank=this_rank, bucket=cfg.bucket)
@@ -215,10 +216,10 @@ def main(method: str, loss_fn: LossFn, hyperparameters: dict, run_name: Callable
         cfg = parse_config(method, hyperparameters, argv, check, training=training)
         cfg.run_name = cfg.run_name or run_name(cfg)
         check_run_name(cfg.run_name)
-        load_cache(cfg.data_dir)  # missing or bad data is refused before the run folder is made
+        cache = load_cache(cfg.data_dir)  # missing or bad data is refused before the run folder is made
         device = init_distributed(cfg.device)
         run_dir = on_main_process(lambda: start_run(cfg, device, locks))
-        model, status = train(cfg, loss_fn, run_dir, tuple(hyperparameters))
+        model, status = train(cfg, loss_fn, run_dir, cache, tuple(hyperparameters))
         if status:
             return status
         if is_main_process():
