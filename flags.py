@@ -37,3 +37,10 @@ class _Switch(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, not option_string.startswith(("--no_", "--no-")))
+
+
+def folder(text: str) -> str:
+    """The type of a folder flag: an empty value would silently mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path names no folder")
+    return text
