@@ -18,6 +18,7 @@ fetches the records into --raw_dir (download.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,7 +26,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,8 +34,8 @@ import scipy.io
 from tqdm import tqdm
 
 from download import CPSC2018_ARCHIVE_URL, DownloadError, fetch_cpsc2018
-from flags import ConfigError, OneLineParser
-from safe_writes import FolderInUseError, lock_folder, temporary_path, write_json
+from flags import ConfigError, OneLineParser, folder
+from safe_writes import FolderInUseError, lock_folder, remove_temporaries, temporary_path, write_json
 
 CLASSES = ("Normal", "AF", "I-AVB", "LBBB", "RBBB", "PAC", "PVC", "STD", "STE")
 # SNOMED CT codes of the nine classes in the PhysioNet/CinC 2020 headers; label k = CLASSES[k-1].
@@ -69,6 +70,12 @@ LEAD_NAMES = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5
 LEADS = (0, 1, 6, 7, 8, 9, 10, 11)
 FS = 500
 CACHE_VERSION = 1
+# The shortest record the models classify: 2049 samples (4.1 s; CPSC2018's shortest is 6 s) always
+# cover three of the trunk's 1024-sample cells, the window of one final position of resnet18a_vl
+# (ECG_CNN.py: POOL_KERNEL - DOWNSAMPLE + 1; it imports this module, so the number is repeated
+# here and tests/test_preprocess.py checks it against the model). A shorter record may have no
+# valid final position, or only one position per channel where GroupNorm needs two.
+MIN_RECORD_LENGTH = 2049
 
 REFERENCE_COLUMNS = ("Recording", "First_label", "Second_label", "Third_label")
 LABEL_COLUMNS = REFERENCE_COLUMNS[1:]
@@ -98,13 +105,13 @@ class RecordError(Exception):
 # --------------------------------------------------------------------------- REFERENCE.csv
 
 
-def read_reference(path: str | Path) -> pd.DataFrame:
-    """Read a CPSC2018 label file (also used for the split CSVs of the cache).
+def read_reference(path: str | Path, columns: Sequence[str] = REFERENCE_COLUMNS) -> pd.DataFrame:
+    """Read a CPSC2018 label file (also used for the CSV files of the cache, with their ``columns``).
 
-    Returns a DataFrame with columns Recording (str) and First_label, Second_label,
-    Third_label (pandas nullable "Int64", <NA> where empty), rows in file order. Labels are
-    not range-checked here (``preprocess`` skips records with labels outside 1..9); a label
-    that is not an integer makes the file unusable and raises DataError.
+    Returns a DataFrame with ``columns``: Recording and any other column as stripped text, and
+    First_label, Second_label, Third_label (pandas nullable "Int64", <NA> where empty), rows
+    in file order. Labels are not range-checked here (``preprocess`` skips records with labels
+    outside 1..9); a label that is not an integer makes the file unusable and raises DataError.
     """
     path = Path(path)
     if not path.is_file():
@@ -113,10 +120,10 @@ def read_reference(path: str | Path) -> pd.DataFrame:
         table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: not a readable CSV file ({error})") from None
-    missing = [column for column in REFERENCE_COLUMNS if column not in table.columns]
+    missing = [column for column in columns if column not in table.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
-    table = table.loc[:, list(REFERENCE_COLUMNS)].apply(lambda column: column.str.strip())
+    table = table.loc[:, list(columns)].apply(lambda column: column.str.strip())
     for column in LABEL_COLUMNS:
         text = table[column]
         numbers = pd.to_numeric(text.where(text != ""), errors="coerce")
@@ -238,6 +245,8 @@ def read_original_record(mat_path: str | Path) -> tuple[np.ndarray, str, float]:
     if "data" not in fields or ecg.size != 1:
         raise RecordError(f"'ECG' in {mat_path.name} is not a 1x1 struct with a 'data' field")
     ecg = ecg.reshape(-1)[0]
+    if np.iscomplexobj(ecg["data"]):  # converting would drop the imaginary part
+        raise RecordError(f"ECG.data in {mat_path.name} is complex-valued")
     try:
         signal = np.asarray(ecg["data"], dtype=np.float64)
     except (TypeError, ValueError):
@@ -383,6 +392,8 @@ def _read_wfdb_signal(header: _WfdbHeader) -> np.ndarray:
     values = contents["val"]
     if not np.issubdtype(values.dtype, np.number) or values.ndim != 2:
         raise RecordError(f"'val' in {header.mat_path.name} is not a numeric 2-D array")
+    if np.iscomplexobj(values):  # converting would drop the imaginary part
+        raise RecordError(f"'val' in {header.mat_path.name} is complex-valued")
     if values.shape[0] != header.n_signals or header.n_samples not in (None, values.shape[1]):
         raise RecordError(
             f"header says {header.n_signals} x {header.n_samples or '?'} samples but "
@@ -426,6 +437,11 @@ def _issue(record: str, reason: str) -> dict:
     return {"record": record, "reason": reason}
 
 
+def _is_plain_name(name: str) -> bool:
+    """Whether ``name`` names a file in the records folder itself (no folder part, no '..')."""
+    return name not in (".", "..") and not any(separator in name for separator in "/\\\0")
+
+
 def _validate_reference(reference: pd.DataFrame, skipped: list[dict]) -> pd.DataFrame:
     """Rows of REFERENCE.csv that name a usable record once; the others go to ``skipped``."""
     occurrences = reference["Recording"].value_counts()
@@ -437,6 +453,8 @@ def _validate_reference(reference: pd.DataFrame, skipped: list[dict]) -> pd.Data
         reason = None
         if record == "":
             reason = f"REFERENCE.csv data row {position + 1} has no Recording name"
+        elif not _is_plain_name(record):  # a path would read a file outside the records folder
+            reason = f"Recording {record!r} in REFERENCE.csv is a path, not a record name"
         elif occurrences[record] > 1:
             reason = f"listed {occurrences[record]} times in REFERENCE.csv"
         elif pd.isna(row.First_label):
@@ -564,15 +582,36 @@ def _class_counts(table: pd.DataFrame) -> dict[str, int]:
     return {name: int(counts.get(label, 0)) for label, name in enumerate(CLASSES, start=1)}
 
 
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Name ``path`` in an OSError raised while writing it (a full disk, a file size limit)."""
+    try:
+        yield
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(path)) from None
+
+
+def _open_signals(path: Path, shape: tuple[int, int]) -> np.memmap:
+    """A new float32 .npy file of ``shape`` at ``path``, memory-mapped for writing. Its blocks are
+    allocated first: a write through a memory map to a full disk kills the process with SIGBUS,
+    while a failed allocation is an OSError."""
+    signals = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    with open(path, "r+b") as file:
+        os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+    return signals
+
+
 def _write_csv(table: pd.DataFrame, path: Path) -> Path:
     temporary = temporary_path(path)
-    table.to_csv(temporary, index=False)
+    with _naming(path):
+        table.to_csv(temporary, index=False)
     return temporary
 
 
 def _write_meta(meta: dict, out_dir: Path) -> None:
     """Write meta.json last: its presence is what makes the cache loadable."""
-    write_json(meta, out_dir / "meta.json")
+    with _naming(out_dir / "meta.json"):
+        write_json(meta, out_dir / "meta.json")
 
 
 def preprocess(
@@ -608,6 +647,10 @@ def _preprocess_into(raw_dir: Path, out_dir: Path, inventory: _Inventory, val_pe
                      test_per_class: int) -> dict:
     """``preprocess`` once this process holds ``out_dir``."""
     skipped, warnings = inventory.skipped, inventory.warnings
+    # Temporaries of an earlier run killed before renaming them: this process holds the folder,
+    # and every writer of a cache file holds it while its temporary exists, so none is live.
+    for name in (*CACHE_FILES, "meta.json"):
+        remove_temporaries(out_dir / name)
 
     lengths: dict[str, int] = {}
     for record, source in tqdm(
@@ -617,6 +660,10 @@ def _preprocess_into(raw_dir: Path, out_dir: Path, inventory: _Inventory, val_pe
             signal = _read_signal(source)
         except RecordError as error:
             skipped.append(_issue(record, str(error)))
+            continue
+        if signal.shape[1] < MIN_RECORD_LENGTH:
+            skipped.append(_issue(record, f"length {signal.shape[1]}, shorter than the models' minimum of "
+                                          f"{MIN_RECORD_LENGTH} samples ({MIN_RECORD_LENGTH / FS:.1f} s)"))
             continue
         lengths[record] = signal.shape[1]
         zero_leads = [LEAD_NAMES[i] for i in np.flatnonzero(~signal.any(axis=1))]
@@ -628,6 +675,12 @@ def _preprocess_into(raw_dir: Path, out_dir: Path, inventory: _Inventory, val_pe
 
     split_tables = reference_split(inventory.table, val_per_class, test_per_class)
     splits = {name: table[table["Recording"].isin(lengths)] for name, table in zip(SPLIT_NAMES, split_tables)}
+    if splits["train"].empty:
+        taken = len(splits["val"]) + len(splits["test"])
+        why = (f"the validation and test splits take all {taken} usable single-label records; lower "
+               f"--val_per_class ({val_per_class}) or --test_per_class ({test_per_class}) to leave records "
+               "for training") if taken else "no usable single-label record (a multi-label one joins no split)"
+        raise DataError(f"{raw_dir}/: the training split would be empty: {why}")
     split_counts = {name: _class_counts(table) for name, table in splits.items()}
     requested = {"val": val_per_class, "test": test_per_class}
     shortfalls = [
@@ -649,9 +702,8 @@ def _preprocess_into(raw_dir: Path, out_dir: Path, inventory: _Inventory, val_pe
     temporaries: dict[str, Path] = {}
     try:
         temporaries["signals.npy"] = temporary_path(out_dir / "signals.npy")
-        signals = np.lib.format.open_memmap(
-            temporaries["signals.npy"], mode="w+", dtype=np.float32, shape=(len(LEAD_NAMES), total)
-        )
+        with _naming(out_dir / "signals.npy"):
+            signals = _open_signals(temporaries["signals.npy"], (len(LEAD_NAMES), total))
         for row in tqdm(
             records.itertuples(index=False),
             total=len(records),
@@ -668,7 +720,8 @@ def _preprocess_into(raw_dir: Path, out_dir: Path, inventory: _Inventory, val_pe
                     f"{row.Recording} changed while preprocessing (length {signal.shape[1]}, was {row.length})"
                 )
             signals[:, row.offset : row.offset + row.length] = signal
-        signals.flush()
+        with _naming(out_dir / "signals.npy"):
+            signals.flush()
         del signals
         temporaries["records.csv"] = _write_csv(records, out_dir / "records.csv")
         for name, table in splits.items():
@@ -718,8 +771,62 @@ class Cache:
         return self.signals[:, row["offset"] : row["offset"] + row["length"]]
 
 
+def _labels_problem(table: pd.DataFrame) -> str | None:
+    """Why the labels of a cache table are not those preprocess writes (a First_label, each
+    label in 1..9), or None."""
+    labels = table[list(LABEL_COLUMNS)]
+    missing = table["First_label"].isna()
+    outside = (labels.notna() & ~labels.apply(lambda column: column.between(1, len(CLASSES)))).any(axis=1)
+    if missing.any():
+        return f"{table['Recording'][missing].iloc[0]!r} has no First_label"
+    if outside.any():
+        return f"{table['Recording'][outside].iloc[0]!r} has a label outside 1..{len(CLASSES)}"
+    return None
+
+
+def _records_problem(records: pd.DataFrame, total_samples: int) -> str | None:
+    """Why records.csv does not describe the cache preprocess writes, or None: one row per
+    record, labels in range, integer offsets and lengths that tile signals.npy in order."""
+    names = records["Recording"]
+    twice = names[names.duplicated()]
+    if len(twice):
+        return f"record {twice.iloc[0]!r} listed twice"
+    if (names == "").any():
+        return "a row without a Recording name"
+    for column in ("offset", "length"):
+        bad = ~records[column].str.fullmatch(r"\d{1,18}")  # non-negative integers that int64 holds
+        if bad.any():
+            return f"{column} {records[column][bad].iloc[0]!r} of {names[bad].iloc[0]!r} is not a non-negative integer"
+    offsets, lengths = (records[column].astype(np.int64).to_numpy() for column in ("offset", "length"))
+    tiling = np.concatenate([[0], np.cumsum(lengths)])
+    if (lengths == 0).any() or (offsets != tiling[:-1]).any() or tiling[-1] != total_samples:
+        return f"offsets and lengths do not tile signals.npy ({total_samples} samples) record after record"
+    return _labels_problem(records)
+
+
+def _split_problem(split: pd.DataFrame, records: pd.DataFrame) -> str | None:
+    """Why a split file is not one preprocess writes for ``records`` (indexed by Recording), or None."""
+    names = split["Recording"]
+    unknown = ~names.isin(records.index)
+    if unknown.any():
+        return f"{unknown.sum()} record(s) not in records.csv, e.g. {names[unknown].iloc[0]!r}"
+    twice = names[names.duplicated()]
+    if len(twice):
+        return f"record {twice.iloc[0]!r} listed twice"
+    if _labels_problem(split):
+        return _labels_problem(split)
+    differ = (split[list(LABEL_COLUMNS)].fillna(0).to_numpy()
+              != records.loc[names, list(LABEL_COLUMNS)].fillna(0).to_numpy()).any(axis=1)
+    if differ.any():
+        return f"the labels of {names[differ].iloc[0]!r} differ from records.csv"
+    return None
+
+
 def load_cache(out_dir: str | Path) -> Cache:
-    """Load and check a cache written by ``preprocess``; DataError if missing, stale or inconsistent."""
+    """Load and check a cache written by ``preprocess``; DataError if missing, stale or inconsistent
+    (a file that is not what preprocess writes: duplicated records, offsets and lengths that do
+    not tile signals.npy, labels outside 1..9, splits naming unknown records or overlapping, an
+    empty training split)."""
     out_dir = Path(out_dir)
     rerun = (f"build it with `python preprocess.py --raw_dir RECORDS --out_dir {out_dir}` (`--download` "
              "fetches CPSC2018 first; the demo, smoke and mini presets' data: `python reproduce.py --preset NAME`)")
@@ -738,8 +845,7 @@ def load_cache(out_dir: str | Path) -> Cache:
             raise DataError(f"{out_dir}: {name} missing: {rerun}")
     try:
         signals = np.load(out_dir / "signals.npy", mmap_mode="r")
-        records = pd.read_csv(out_dir / "records.csv", dtype={"Recording": str})
-    except (ValueError, OSError, EOFError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+    except (ValueError, OSError, EOFError) as error:
         raise DataError(f"{out_dir}: unreadable cache file ({type(error).__name__}: {error}): {rerun}") from None
     if (
         signals.dtype != np.float32
@@ -750,23 +856,23 @@ def load_cache(out_dir: str | Path) -> Cache:
             f"{out_dir}/signals.npy: {signals.dtype} {signals.shape}, meta.json expects float32 "
             f"(12, {meta.get('total_samples')}): {rerun}"
         )
-    if list(records.columns) != list(RECORDS_COLUMNS) or len(records) != meta.get("n_records"):
-        raise DataError(f"{out_dir}/records.csv: columns or row count disagree with meta.json: {rerun}")
-    records[list(LABEL_COLUMNS)] = records[list(LABEL_COLUMNS)].astype("Int64")
-    offsets, lengths = records["offset"].to_numpy(), records["length"].to_numpy()
-    if (offsets < 0).any() or (lengths <= 0).any() or (offsets + lengths > signals.shape[1]).any():
-        raise DataError(
-            f"{out_dir}/records.csv: offsets/lengths outside signals.npy ({signals.shape[1]} samples): {rerun}"
-        )
-    records = records.set_index("Recording")
-    splits = {}
+    records = read_reference(out_dir / "records.csv", RECORDS_COLUMNS)
+    if len(records) != meta.get("n_records"):
+        raise DataError(f"{out_dir}/records.csv: {len(records)} rows, meta.json says {meta.get('n_records')}: {rerun}")
+    problem = _records_problem(records, signals.shape[1])
+    if problem:
+        raise DataError(f"{out_dir}/records.csv: {problem}: {rerun}")
+    records = records.astype({"offset": np.int64, "length": np.int64}).set_index("Recording")
+    splits: dict[str, pd.DataFrame] = {}
     for name in SPLIT_NAMES:
         split = read_reference(out_dir / f"{name}.csv")
-        unknown = set(split["Recording"]) - set(records.index)
-        if unknown:
-            raise DataError(
-                f"{out_dir}/{name}.csv: {len(unknown)} record(s) not in records.csv, e.g. {sorted(unknown)[0]}: {rerun}"
-            )
+        problem = _split_problem(split, records)
+        if problem is None and name == "train" and split.empty:
+            problem = "no record (the training split is empty)"
+        if problem is None and any(split["Recording"].isin(other["Recording"]).any() for other in splits.values()):
+            problem = "a record that is also in another split"
+        if problem:
+            raise DataError(f"{out_dir}/{name}.csv: {problem}: {rerun}")
         splits[name] = split
     return Cache(signals=signals, records=records, splits=splits, meta=meta)
 
@@ -804,8 +910,8 @@ def _format_summary(summary: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
-    parser.add_flag("--raw_dir", default=DEFAULT_RAW_DIR, help="folder with the CPSC2018 records (default: %(default)s)")
-    parser.add_flag("--out_dir", default=DEFAULT_OUT_DIR, help="cache folder to write (default: %(default)s)")
+    parser.add_flag("--raw_dir", type=folder, default=DEFAULT_RAW_DIR, help="folder with the CPSC2018 records (default: %(default)s)")
+    parser.add_flag("--out_dir", type=folder, default=DEFAULT_OUT_DIR, help="cache folder to write (default: %(default)s)")
     parser.add_flag("--val_per_class", type=int, default=5,
                     help="validation records per class (default: %(default)s)")
     parser.add_flag("--test_per_class", type=int, default=50, help="test records per class (default: %(default)s)")

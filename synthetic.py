@@ -40,7 +40,7 @@ import scipy.io
 import scipy.signal
 import scipy.stats
 
-from flags import ConfigError, OneLineParser
+from flags import ConfigError, OneLineParser, folder
 from preprocess import CLASSES, FS, REFERENCE_COLUMNS
 
 NORMAL, AF, IAVB, LBBB, RBBB, PAC, PVC, STD, STE = range(1, 10)  # label k is CLASSES[k - 1]
@@ -521,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Write a SYNTHETIC 12-lead ECG dataset in the original CPSC2018 format (A0001.mat ... + "
                     "REFERENCE.csv). The signals are simulated for the demo and tests; they are not CPSC2018 "
                     "recordings and not clinical data.")
-    parser.add_flag("--out_dir", default=DEMO_RAW_DIR, help="output folder (default: %(default)s)")
+    parser.add_flag("--out_dir", type=folder, default=DEMO_RAW_DIR, help="output folder (default: %(default)s)")
     parser.add_flag("--records_per_class", type=int, default=30, help="records per First_label (default: 30)")
     parser.add_flag("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_flag("--min_seconds", type=float, default=6.0, help="shortest record in s (default: 6)")

@@ -3,7 +3,10 @@
 import errno
 import hashlib
 import json
+import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -14,12 +17,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.io
+import torch
 
 with warnings.catch_warnings():  # wfdb's import warns about pandas deprecations
     warnings.simplefilter("ignore")
     import wfdb
 
 import preprocess
+from ECG_CNN import DOWNSAMPLE, POOL_KERNEL, build_model
+from helpers import REPO, run_script
 from preprocess import (
     CLASSES,
     LEAD_NAMES,
@@ -88,7 +94,7 @@ def make_original_dataset(directory: Path) -> dict[str, np.ndarray]:
     rows, data = [], {}
     for i in range(28):
         name = f"A{i + 1:04d}"
-        data[name] = rng.normal(0.0, 0.5, size=(12, 500 + 7 * i))
+        data[name] = rng.normal(0.0, 0.5, size=(12, preprocess.MIN_RECORD_LENGTH + 7 * i))
         write_original_record(directory, name, data[name], sex=("Male", "Female")[i % 2], age=30.0 + i)
         rows.append((name, i % 9 + 1) if i < 27 else (name, 2, 5))
     write_reference(directory, rows)
@@ -127,7 +133,7 @@ def make_wfdb_dataset(directory: Path, with_reference: bool = True) -> dict[str,
     values = {}
     for i in range(18):
         name, label = f"A{i + 1:04d}", i % 9 + 1
-        values[name] = rng.integers(-3000, 3000, size=(12, 600 + 11 * i)).astype(np.int16)
+        values[name] = rng.integers(-3000, 3000, size=(12, preprocess.MIN_RECORD_LENGTH + 11 * i)).astype(np.int16)
         write_wfdb_record(directory, name, values[name], CLASSES[label - 1] if i % 2 else CLASS_CODES[label])
     if with_reference:
         write_reference(directory, [(f"A{i + 1:04d}", i % 9 + 1) for i in range(18)])
@@ -274,7 +280,7 @@ def test_preprocess_wfdb_without_reference_takes_labels_from_the_headers(sample_
     raw.mkdir()
     for path in sample_dir.glob("A*"):
         (raw / path.name).symlink_to(path)
-    summary = preprocess.preprocess(raw, tmp_path / "cache", val_per_class=1, test_per_class=1)
+    summary = preprocess.preprocess(raw, tmp_path / "cache", val_per_class=1, test_per_class=0)
     assert summary["n_records"] == 18 and summary["skipped"] == []
     cache = load_cache(tmp_path / "cache")
     reference = read_reference(sample_dir / "REFERENCE.csv").set_index("Recording")
@@ -318,12 +324,26 @@ def test_preprocess_original_form_round_trip(tmp_path):
 
 
 def test_preprocess_reports_classes_with_too_few_records(tmp_path):
-    make_original_dataset(tmp_path / "raw")
+    data = make_original_dataset(tmp_path / "raw")
+    for name in ("A0029", "A0030"):  # Normal gets 5 records, the other classes keep 3
+        write_original_record(tmp_path / "raw", name, data["A0001"])
+        append_reference_line(tmp_path / "raw", f"{name},1,,")
     summary = preprocess.preprocess(tmp_path / "raw", tmp_path / "cache", val_per_class=2, test_per_class=2)
-    # 3 single-label records per class: 2 to val, 1 of the 2 requested to test, none left to train.
-    assert summary["class_counts"]["test"] == dict.fromkeys(CLASSES, 1)
+    # 2 to val, then 1 of the 2 requested to test (Normal: 2), then none left to train (Normal: 1).
+    assert summary["class_counts"]["test"] == dict.fromkeys(CLASSES, 1) | {"Normal": 2}
+    assert summary["class_counts"]["train"] == dict.fromkeys(CLASSES, 0) | {"Normal": 1}
     assert "test: STE has 1 of 2 requested" in summary["split_shortfalls"]
-    assert "train: no Normal record" in summary["split_shortfalls"]
+    assert "train: no AF record" in summary["split_shortfalls"]
+
+
+def test_cli_refuses_an_empty_training_split_and_names_the_flags(sample_dir, tmp_path, one_error_line):
+    """data/sample holds 2 records per class: the default 5 validation records per class take them all."""
+    assert main(["--raw_dir", str(sample_dir), "--out_dir", str(tmp_path / "cache")]) == 2
+    assert one_error_line() == (
+        f"error: {sample_dir}/: the training split would be empty: the validation and test splits take all 18 "
+        "usable single-label records; lower --val_per_class (5) or --test_per_class (50) to leave records for "
+        "training")
+    assert not (tmp_path / "cache" / "meta.json").exists()
 
 
 def test_an_all_zero_lead_is_kept_with_a_warning(tmp_path):
@@ -378,6 +398,16 @@ ORIGINAL_BAD_CASES = {
         "A0003",
         "zero-length record",
         lambda d: write_original_record(d, "A0003", np.ones((12, 0))),
+    ),
+    "1 sample": (
+        "A0003",
+        "length 1, shorter than the models' minimum of 2049 samples (4.1 s)",
+        lambda d: write_original_record(d, "A0003", np.ones((12, 1))),
+    ),
+    "complex": (
+        "A0003",
+        "ECG.data in A0003.mat is complex-valued",
+        lambda d: write_original_record(d, "A0003", np.ones((12, 3000)) * (1 + 1j)),
     ),
     "label 10": (
         "A0003",
@@ -440,7 +470,7 @@ def _eleven_leads(directory: Path, values: dict) -> None:
 WFDB_BAD_CASES = {
     "header disagrees with .mat": (
         "A0003",
-        "header says 12 x 7500 samples but A0003.mat holds 12 x 622",
+        f"header says 12 x 7500 samples but A0003.mat holds 12 x {preprocess.MIN_RECORD_LENGTH + 22}",
         _longer_header,
     ),
     "11 leads": ("A0003", "11 leads in header A0003.hea", _eleven_leads),
@@ -454,6 +484,16 @@ WFDB_BAD_CASES = {
     "no val variable": ("A0003", "no variable 'val'", lambda d, v: _replace_val(d)),
     "missing .mat": ("A0003", "file A0003.mat not found", lambda d, v: (d / "A0003.mat").unlink()),
     "missing header": ("A0003", "no header A0003.hea", lambda d, v: (d / "A0003.hea").unlink()),
+    "1 sample": (
+        "A0003",
+        "length 1, shorter than the models' minimum of 2049 samples (4.1 s)",
+        lambda d, v: write_wfdb_record(d, "A0003", v["A0003"][:, :1], "I-AVB"),
+    ),
+    "complex": (
+        "A0003",
+        "'val' in A0003.mat is complex-valued",
+        lambda d, v: scipy.io.savemat(d / "A0003.mat", {"val": v["A0003"] * (1 + 1j)}, format="4"),
+    ),
     "empty header": ("A0003", "empty file A0003.hea", lambda d, v: (d / "A0003.hea").write_text("")),
     "malformed header": (
         "A0003",
@@ -487,6 +527,38 @@ def test_a_bad_wfdb_record_is_skipped_and_the_rest_processed(tmp_path, case):
     assert set(cache.records.index) == good
     for name in good:
         np.testing.assert_array_equal(cache.signal(name), (values[name] / 1000.0).astype(np.float32))
+
+
+def test_a_path_in_reference_reads_nothing_outside_the_records_folder(tmp_path):
+    data = make_original_dataset(tmp_path / "raw")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in ("A0003", "A0004"):
+        (tmp_path / "raw" / f"{name}.mat").rename(outside / f"{name}.mat")
+    replace_reference_line(tmp_path / "raw", "A0003,3,,", "../outside/A0003,3,,")
+    replace_reference_line(tmp_path / "raw", "A0004,4,,", f"{outside}/A0004,4,,")
+    summary = preprocess.preprocess(tmp_path / "raw", tmp_path / "cache", val_per_class=1, test_per_class=0)
+    assert summary["skipped"] == [
+        {"record": name, "reason": f"Recording {name!r} in REFERENCE.csv is a path, not a record name"}
+        for name in ("../outside/A0003", f"{outside}/A0004")]
+    assert set(load_cache(tmp_path / "cache").records.index) == set(data) - {"A0003", "A0004"}
+
+
+def test_the_shortest_record_kept_is_the_shortest_that_resnet18a_vl_classifies():
+    """At every alignment, a record of MIN_RECORD_LENGTH samples keeps a final position of
+    resnet18a_vl (ECG_CNN.py: three 1024-sample cells); one sample less loses it at some."""
+    assert preprocess.MIN_RECORD_LENGTH == POOL_KERNEL - DOWNSAMPLE + 1
+    model, total = build_model("resnet18a_vl").eval(), 4 * DOWNSAMPLE
+
+    def final_positions(length: int, shift: int) -> int:
+        mask = torch.zeros(1, 1, total)
+        mask[..., total - shift - length:total - shift] = 1
+        with torch.no_grad():
+            return int(model.trunk(torch.randn(1, 8, total) * mask, mask)[1].sum())
+
+    shifts = range(0, DOWNSAMPLE, 128)
+    assert min(final_positions(preprocess.MIN_RECORD_LENGTH, shift) for shift in shifts) >= 1
+    assert min(final_positions(preprocess.MIN_RECORD_LENGTH - 1, shift) for shift in shifts) == 0
 
 
 def test_wfdb_records_of_other_databases_are_counted_not_reported(tmp_path):
@@ -579,7 +651,7 @@ def test_load_cache_rejects_offsets_beyond_the_signals(small_cache):
     records = pd.read_csv(small_cache / "records.csv")
     records.loc[len(records) - 1, "length"] += 1
     records.to_csv(small_cache / "records.csv", index=False)
-    with pytest.raises(DataError, match="outside signals.npy"):
+    with pytest.raises(DataError, match="do not tile signals.npy"):
         load_cache(small_cache)
 
 
@@ -593,6 +665,77 @@ def test_load_cache_rejects_an_empty_signals_file(small_cache):
     (small_cache / "signals.npy").write_bytes(b"")
     with pytest.raises(DataError, match=r"unreadable cache file \(EOFError"):
         load_cache(small_cache)
+
+
+def set_cell(path: Path, row: int, column: str, value: str) -> None:
+    """Write ``value`` into one cell of a cache CSV file (data row ``row``, from 0)."""
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    table.loc[row, column] = value
+    table.to_csv(path, index=False)
+
+
+def copy_row(path: Path, source: int, target: int) -> None:
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    table.iloc[target] = table.iloc[source]
+    table.to_csv(path, index=False)
+
+
+def first_train_record(cache: Path) -> str:
+    return pd.read_csv(cache / "train.csv", dtype=str)["Recording"][0]
+
+
+# name: (file, tampering, the problem named after the file's path)
+TAMPERED_CACHES = {
+    "duplicated row": ("records.csv", lambda c: copy_row(c / "records.csv", 0, 1), "record 'A0001' listed twice"),
+    "length 1.5": ("records.csv", lambda c: set_cell(c / "records.csv", 1, "length", "1.5"),
+                   "length '1.5' of 'A0002' is not a non-negative integer"),
+    "offset abc": ("records.csv", lambda c: set_cell(c / "records.csv", 1, "offset", "abc"),
+                   "offset 'abc' of 'A0002' is not a non-negative integer"),
+    "offset -5": ("records.csv", lambda c: set_cell(c / "records.csv", 1, "offset", "-5"),
+                  "offset '-5' of 'A0002' is not a non-negative integer"),
+    "overlapping records": ("records.csv", lambda c: set_cell(c / "records.csv", 1, "offset", "0"),
+                            "offsets and lengths do not tile signals.npy (60018 samples) record after record"),
+    "record label 10": ("records.csv", lambda c: set_cell(c / "records.csv", 0, "First_label", "10"),
+                        "'A0001' has a label outside 1..9"),
+    **{f"split label {label}": (
+        "train.csv", lambda c, label=label: set_cell(c / "train.csv", 0, "First_label", label),
+        "has a label outside 1..9") for label in ("0", "10", "-3")},
+    "split label of another class": ("train.csv", lambda c: set_cell(c / "train.csv", 0, "First_label", "9"
+                                     if first_train_record(c) != "A0009" else "8"), "differ from records.csv"),
+    "split without rows": ("train.csv", lambda c: (c / "train.csv").write_text(",".join(preprocess.REFERENCE_COLUMNS)
+                                                                              + "\n"),
+                           "no record (the training split is empty)"),
+    "empty split file": ("train.csv", lambda c: (c / "train.csv").write_text(""), "not a readable CSV file"),
+    "unknown record": ("test.csv", lambda c: set_cell(c / "test.csv", 0, "Recording", "A9999"),
+                       "1 record(s) not in records.csv, e.g. 'A9999'"),
+    "record in two splits": ("val.csv", lambda c: (c / "val.csv").write_text(
+        (c / "val.csv").read_text() + (c / "train.csv").read_text().splitlines()[1] + "\n"),
+        "a record that is also in another split"),
+}
+
+
+@pytest.mark.parametrize("case", TAMPERED_CACHES)
+def test_load_cache_refuses_a_tampered_file_naming_it(small_cache, case):
+    name, tamper, problem = TAMPERED_CACHES[case]
+    tamper(small_cache)
+    with pytest.raises(DataError) as refused:
+        load_cache(small_cache)
+    assert str(refused.value).startswith(f"{small_cache / name}: ") and problem in str(refused.value)
+
+
+@pytest.mark.parametrize("script", ["CPSC2018_CNN_CE.py", "evaluate.py"])
+def test_training_and_evaluation_refuse_a_tampered_cache_in_one_line(tiny_cache, untrained_run, tmp_path, script):
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)
+    copy_row(cache / "records.csv", 0, 1)  # every later signal would be shifted against its labels
+    if script == "evaluate.py":
+        flags = [str(untrained_run(tmp_path / "result" / "run")), "--data_dir", str(cache)]
+    else:
+        flags = ["--data_dir", str(cache), "--result_dir", str(tmp_path / "result"), "--epochs", "1"]
+    status, out, err = run_script(REPO / script, *flags)
+    assert status == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {cache / 'records.csv'}: record 'A0001' listed twice: ")
+    assert (tmp_path / "result").exists() == (script == "evaluate.py")
 
 
 # Preprocesses in a process of its own; its first signal read (with the cache folder locked)
@@ -680,6 +823,56 @@ def test_a_crash_while_writing_signals_keeps_the_old_cache(small_cache, monkeypa
     assert not list(small_cache.glob(".*tmp"))
 
 
+def cache_state(cache: Path) -> dict[str, bytes]:
+    """Every file of a cache folder (temporaries included) and its content; the lock file names
+    the last process that held the folder."""
+    return {path.name: path.read_bytes() for path in sorted(cache.iterdir()) if path.name != ".lock"}
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_old_cache(small_cache, monkeypatch, one_error_line):
+    """A full disk used to kill preprocess with SIGBUS through its memory map of signals.npy."""
+    before = cache_state(small_cache)
+
+    def disk_full(descriptor, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", disk_full)
+    assert main(["--raw_dir", str(small_cache.parent / "raw"), "--out_dir", str(small_cache),
+                 "--val_per_class", "2", "--test_per_class", "0"]) == 1
+    assert one_error_line() == f"error: [Errno 28] No space left on device: '{small_cache / 'signals.npy'}'"
+    assert cache_state(small_cache) == before
+
+
+# Runs preprocess.main under a file size limit that signals.npy exceeds (SIGXFSZ ignored, as a
+# shell's `ulimit -f` leaves it to the write to fail with EFBIG).
+SIZE_LIMITED_PREPROCESS = """
+import resource, signal, sys
+import preprocess
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+sys.exit(preprocess.main(sys.argv[1:]))
+"""
+
+
+def test_a_file_size_limit_is_one_line_naming_the_file_and_keeps_the_old_cache(small_cache):
+    before = cache_state(small_cache)
+    done = subprocess.run([sys.executable, "-c", SIZE_LIMITED_PREPROCESS, "--raw_dir", str(small_cache.parent / "raw"),
+                           "--out_dir", str(small_cache), "--val_per_class", "2", "--test_per_class", "0"],
+                          cwd=REPOSITORY, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.splitlines()[-1] == f"error: [Errno 27] File too large: '{small_cache / 'signals.npy'}'"
+    assert cache_state(small_cache) == before
+
+
+def test_temporaries_of_a_killed_run_are_removed_by_the_next(small_cache, tmp_path):
+    stale = [small_cache / f".{name}.{os.getpid()}.0badf00d.tmp" for name in ("signals.npy", "train.csv", "meta.json")]
+    others = [small_cache / ".notes.txt.1.0badf00d.tmp", small_cache / "notes.txt"]
+    for path in stale + others:
+        path.write_text("left behind")
+    preprocess.preprocess(small_cache.parent / "raw", small_cache, 2, 0)
+    assert not any(path.exists() for path in stale) and all(path.exists() for path in others)
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -754,6 +947,17 @@ def test_cli_refuses_an_out_dir_that_is_a_file(tmp_path, capsys):
     assert main(["--raw-dir", str(tmp_path / "raw"), "--out-dir", str(tmp_path / "cache")]) == 2
     assert capsys.readouterr().err == f"error: --out_dir {tmp_path / 'cache'}: a file is in the way of the cache folder\n"
     assert (tmp_path / "cache").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("flag", ["--raw_dir", "--out_dir"])
+def test_cli_refuses_an_empty_folder_rather_than_use_the_current_one(sample_dir, tmp_path, monkeypatch, one_error_line,
+                                                                      flag):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(sample_dir, tmp_path, dirs_exist_ok=True)  # records in the current folder
+    flags = {"--raw_dir": str(tmp_path), "--out_dir": str(tmp_path / "cache"), flag: ""}
+    assert main([item for pair in flags.items() for item in pair] + ["--val_per_class", "1"]) == 2
+    assert one_error_line() == f"error: argument {flag}/{flag.replace('_', '-')}: an empty path names no folder"
+    assert not (tmp_path / "meta.json").exists() and not (tmp_path / "cache").exists()
 
 
 def test_cli_takes_no_abbreviated_flag(tmp_path, capsys):

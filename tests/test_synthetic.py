@@ -279,6 +279,13 @@ def test_cli_bad_flag_value_is_one_error_line_and_status_2(tmp_path, capsys, fla
     assert not (tmp_path / "d").exists()
 
 
+def test_cli_refuses_an_empty_out_dir_rather_than_write_into_the_current_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert synthetic.main(["--out_dir", "", "--records_per_class", "1", "--max_seconds", "7"]) == 2
+    assert capsys.readouterr().err == "error: argument --out_dir/--out-dir: an empty path names no folder\n"
+    assert not any(tmp_path.iterdir())
+
+
 def test_cli_refuses_a_folder_of_other_ecg_files_with_status_2(tmp_path, capsys):
     (tmp_path / "A0001.mat").write_bytes(b"not ours")
     assert synthetic.main(["--out_dir", str(tmp_path), "--records_per_class", "1", "--max_seconds", "7"]) == 2
