@@ -4,8 +4,10 @@
 streamed to ``<name>.part`` beside the records folder (a partial file is resumed with an HTTP
 Range request, here and on the next run), renamed when complete, then its records are
 unpacked into the records folder. The archive is checked before anything is unpacked: a
-member that is a link or a device, or whose path is absolute or climbs out with ``..``,
-refuses the whole archive.
+member that is a link or a device, whose path is absolute or climbs out with ``..``, or whose
+size is far beyond any CPSC2018 record's, refuses the whole archive, and a refused archive is
+removed. Each file is unpacked under a temporary name and renamed over its target, so a link
+already in the records folder is replaced, never written through.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import http.client
 import os
 import shutil
 import tarfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,6 +25,8 @@ from collections import Counter
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from tqdm import tqdm
+
+from safe_writes import atomic_path
 
 # WFDB_CPSC2018.tar.gz of the PhysioNet/CinC Challenge 2021's public training data (listed under
 # "Data access" on https://moody-challenge.physionet.org/2021/): the 6877 CPSC2018 records as
@@ -33,8 +38,18 @@ ARCHIVE_NAME = "WFDB_CPSC2018.tar.gz"
 RECORD_SUFFIXES = (".hea", ".mat")
 LABEL_FILE = "REFERENCE.csv"
 CHUNK_BYTES = 1 << 20
-TIMEOUT_SECONDS = 60
+TIMEOUT_SECONDS = 60  # a connection, or a read, that brings nothing for this long fails
+# A transfer that brings less than STALL_BYTES in STALL_SECONDS is given up (and resumed like a
+# broken one): a server that drips bytes resets the socket timeout with each of them.
+STALL_SECONDS = 60
+STALL_BYTES = 64 << 10
 ATTEMPTS = 3  # a connection that breaks off is resumed this many times per run
+# The longest CPSC2018 record, 144 s at 500 Hz, is 12 x 72000 int16 samples, 1.7 MB as a WFDB
+# .mat: a member of 16 MiB is no record (nor REFERENCE.csv, 0.1 MB) but a bomb or another file.
+MAX_MEMBER_BYTES = 16 << 20
+# The 6877 records average about 16 s: about 6877 x 8000 samples x 12 leads x 2 bytes = 1.3 GB
+# unpacked. Three times that leaves room for a larger archive of the same kind, not a bomb.
+MAX_TOTAL_BYTES = 4 << 30
 
 
 class DownloadError(Exception):
@@ -69,9 +84,15 @@ def _fetch_once(url: str, partial: Path) -> None:
             total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
             desc=partial.name.removesuffix(".part"), disable=None,
         ) as bar:
-            while chunk := response.read(CHUNK_BYTES):
+            checked, bytes_since = time.monotonic(), 0
+            while chunk := response.read1(CHUNK_BYTES):  # what has arrived, so that the bar moves
                 out.write(chunk)
                 bar.update(len(chunk))
+                bytes_since += len(chunk)
+                if bytes_since >= STALL_BYTES:
+                    checked, bytes_since = time.monotonic(), 0
+                elif time.monotonic() - checked > STALL_SECONDS:
+                    raise TimeoutError(f"stalled: less than {STALL_BYTES >> 10} KiB in {STALL_SECONDS} s")
     if total is not None and partial.stat().st_size < total:
         raise http.client.IncompleteRead(b"", total - partial.stat().st_size)
 
@@ -91,7 +112,8 @@ def download(url: str, destination: Path) -> Path:
             _fetch_once(url, partial)
             break
         except urllib.error.HTTPError as error:
-            raise DownloadError(f"{url}: HTTP {error.code} {error.reason}; pass the archive's address "
+            reason = " ".join(str(error.reason).split())  # a redirect loop's reason spans lines
+            raise DownloadError(f"{url}: HTTP {error.code} {reason}; pass the archive's address "
                                 "with --url, or unpack it by hand (see the README)") from None
         except ValueError as error:  # urllib's word for an address it cannot use
             raise DownloadError(f"{url}: not a usable address ({error})") from None
@@ -114,7 +136,25 @@ def _member_problem(member: tarfile.TarInfo) -> str | None:
         return f"{member.name!r} has an absolute path"
     if ".." in path.parts:
         return f"{member.name!r} climbs out of the target folder with '..'"
+    if member.size > MAX_MEMBER_BYTES:
+        return f"{member.name!r} holds {member.size} bytes, more than the {MAX_MEMBER_BYTES} of any CPSC2018 file"
     return None
+
+
+def _refused(archive: Path, problem: str) -> DownloadError:
+    """Remove ``archive``, so that no later run reuses it (whatever --url it is given), and say why."""
+    archive.unlink(missing_ok=True)
+    return DownloadError(f"{archive}: refused, nothing unpacked: {problem}; the archive was removed")
+
+
+def _copy_member(source, target, size: int) -> None:
+    """Copy a member's ``size`` bytes, refusing any beyond them (a header that understates its data)."""
+    copied = 0
+    while chunk := source.read(CHUNK_BYTES):
+        copied += len(chunk)
+        if copied > size:
+            raise tarfile.ReadError(f"more data than the {size} bytes its header gives")
+        target.write(chunk)
 
 
 def unpack_records(archive: Path, records_dir: Path) -> int:
@@ -122,7 +162,8 @@ def unpack_records(archive: Path, records_dir: Path) -> int:
 
     The records may sit under any subfolder of the archive (WFDB_CPSC2018/, training/...):
     they are written by file name alone, as preprocess reads them. Every member is checked
-    before anything is written. Returns the number of files written; raises DownloadError.
+    before anything is written; a refused or damaged archive is removed. Returns the number of
+    files written; raises DownloadError.
     """
     try:
         tar = tarfile.open(archive, "r:gz")
@@ -135,23 +176,30 @@ def unpack_records(archive: Path, records_dir: Path) -> int:
         problems = [problem for problem in map(_member_problem, members) if problem]
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise DownloadError(f"{archive}: refused, nothing unpacked: {problems[0]}{more}")
+            raise _refused(archive, f"{problems[0]}{more}")
         wanted = [member for member in members if member.isfile() and (
             member.name.endswith(RECORD_SUFFIXES) or PurePosixPath(member.name).name == LABEL_FILE)]
         names = [PurePosixPath(member.name).name for member in wanted]
         twice = sorted(name for name, count in Counter(names).items() if count > 1)
         if twice:
-            raise DownloadError(f"{archive}: refused, nothing unpacked: two members named {twice[0]!r}")
+            raise _refused(archive, f"two members named {twice[0]!r}")
         if not wanted:
-            raise DownloadError(f"{archive}: no .hea, .mat or {LABEL_FILE} file in the archive")
+            raise _refused(archive, f"no .hea, .mat or {LABEL_FILE} file in the archive")
+        total = sum(member.size for member in wanted)
+        if total > MAX_TOTAL_BYTES:
+            raise _refused(archive, f"its files hold {total} bytes, more than the {MAX_TOTAL_BYTES} that "
+                                    "CPSC2018 could take")
         records_dir.mkdir(parents=True, exist_ok=True)
         try:
             for member, name in tqdm(zip(wanted, names), total=len(wanted), desc="unpacking",
                                      unit="file", disable=None):
-                with tar.extractfile(member) as source, open(records_dir / name, "wb") as target:
-                    shutil.copyfileobj(source, target, CHUNK_BYTES)
+                with tar.extractfile(member) as source, atomic_path(records_dir / name) as temporary, \
+                        open(temporary, "wb") as target:
+                    _copy_member(source, target, member.size)
         except (tarfile.TarError, EOFError, zlib.error) as error:
-            raise DownloadError(f"{archive}: damaged archive ({error}); delete it and run again") from None
+            archive.unlink(missing_ok=True)
+            raise DownloadError(f"{archive}: damaged archive ({error}); it was removed: run again to fetch "
+                                "it anew") from None
         except OSError as error:
             raise DownloadError(f"{records_dir}: cannot write the records ({error.strerror})") from None
     return len(wanted)
@@ -172,6 +220,7 @@ def fetch_cpsc2018(records_dir: Path, url: str = CPSC2018_ARCHIVE_URL, reference
         with open(reference, newline="", encoding="utf-8-sig") as file:
             listed = [row["Recording"] for row in csv.DictReader(file)]
         if all((records_dir / f"{name}.hea").is_file() for name in listed):
-            shutil.copyfile(reference, records_dir / LABEL_FILE)
+            with atomic_path(records_dir / LABEL_FILE) as temporary:
+                shutil.copyfile(reference, temporary)
             note = f", with {LABEL_FILE} from {reference}"
     return f"unpacked {count} files from {archive} into {records_dir}/{note}"

@@ -7,6 +7,7 @@ import io
 import socket
 import tarfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -19,16 +20,25 @@ from preprocess import OFFICIAL_REFERENCE, load_cache, main, read_reference
 
 class ArchiveServer:
     """Serves ``files`` (URL path -> bytes) with HTTP Range support. ``cut_responses``: how many
-    responses (from the first) send only half of what they announce, then close."""
+    responses (from the first) send only half of what they announce, then close; ``redirects``:
+    URL path -> the path it redirects to; ``drip_seconds``: when set, the body is sent one byte
+    at a time, this long apart."""
 
     def __init__(self, files: dict[str, bytes]):
         self.files, self.cut_responses, self.requests = files, 0, []
+        self.redirects: dict[str, str] = {}
+        self.drip_seconds: float | None = None
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 range_header = self.headers.get("Range")
                 server.requests.append((self.path, range_header))
+                if self.path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[self.path])
+                    self.end_headers()
+                    return
                 if self.path not in server.files:
                     self.send_error(404)
                     return
@@ -46,7 +56,16 @@ class ArchiveServer:
                 if server.cut_responses > 0:
                     server.cut_responses -= 1
                     rest = rest[: len(rest) // 2]
-                self.wfile.write(rest)
+                if server.drip_seconds is None:
+                    self.wfile.write(rest)
+                    return
+                try:
+                    for byte in rest:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(server.drip_seconds)
+                except OSError:  # the client gave up
+                    pass
 
             def log_message(self, *args):
                 pass
@@ -201,7 +220,94 @@ def test_a_malicious_archive_is_refused_and_nothing_is_written(sample_dir, tmp_p
     work = tmp_path / "work"
     assert run_download(work, server.url + "/a.tar.gz") == 1
     error = one_error_line()
-    assert "refused, nothing unpacked" in error and reason in error
-    assert sorted(path.name for path in work.rglob("*")) == ["CPSC2018", "a.tar.gz"]
+    assert "refused, nothing unpacked" in error and reason in error and error.endswith("the archive was removed")
+    assert sorted(path.name for path in work.rglob("*")) == ["CPSC2018"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["work"]
     assert not Path("/tmp/absolute_member_written.hea").exists()
+
+
+def test_unpacking_replaces_links_in_the_records_folder_and_never_writes_through_them(sample_dir, tmp_path, server):
+    """As in the README's mini-study recipe, the records folder holds links to records elsewhere."""
+    server.files["/a.tar.gz"] = sample_archive(sample_dir)
+    elsewhere, train = tmp_path / "elsewhere", tmp_path / "CPSC2018" / "train"
+    elsewhere.mkdir()
+    train.mkdir(parents=True)
+    for name in ("A0001.hea", "A0001.mat", "REFERENCE.csv"):
+        (elsewhere / name).write_text("not to be overwritten")
+        (train / name).symlink_to(elsewhere / name)
+    (train / "A0004.mat").symlink_to(elsewhere / "dangling.mat")
+    download.fetch_cpsc2018(train, server.url + "/a.tar.gz", sample_dir / "REFERENCE.csv")
+    assert all(path.read_text() == "not to be overwritten" for path in elsewhere.iterdir())
+    assert sorted(path.name for path in elsewhere.iterdir()) == ["A0001.hea", "A0001.mat", "REFERENCE.csv"]
+    for name in ("A0001.hea", "A0001.mat", "A0004.mat"):
+        assert not (train / name).is_symlink() and (train / name).read_bytes() == (sample_dir / name).read_bytes()
+
+
+def _archive_with(sample_dir: Path, name: str, size: int) -> bytes:
+    """A tar.gz of data/sample's A0001 and a member ``name`` of ``size`` zero bytes."""
+    member = tarfile.TarInfo(name)
+    member.size = size
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=1) as tar:
+        for path in sorted(sample_dir.glob("A0001.*")):
+            tar.add(path, arcname=f"WFDB_CPSC2018/{path.name}")
+        tar.addfile(member, io.BytesIO(bytes(size)))
+    return buffer.getvalue()
+
+
+def test_a_member_far_larger_than_any_record_is_refused_before_unpacking(sample_dir, tmp_path, server,
+                                                                         one_error_line):
+    server.files["/a.tar.gz"] = _archive_with(sample_dir, "WFDB_CPSC2018/A0002.mat", download.MAX_MEMBER_BYTES + 1)
+    assert run_download(tmp_path, server.url + "/a.tar.gz") == 1
+    assert one_error_line() == (
+        f"error: {tmp_path / 'CPSC2018' / 'a.tar.gz'}: refused, nothing unpacked: 'WFDB_CPSC2018/A0002.mat' holds "
+        f"{download.MAX_MEMBER_BYTES + 1} bytes, more than the {download.MAX_MEMBER_BYTES} of any CPSC2018 file; "
+        "the archive was removed")
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["CPSC2018"]
+
+
+def test_files_larger_together_than_cpsc2018_are_refused_before_unpacking(sample_dir, tmp_path, monkeypatch):
+    archive = tmp_path / "a.tar.gz"
+    archive.write_bytes(sample_archive(sample_dir))
+    monkeypatch.setattr(download, "MAX_TOTAL_BYTES", sum(path.stat().st_size for path in sample_dir.glob("A*")) - 1)
+    with pytest.raises(download.DownloadError, match="refused, nothing unpacked: its files hold .* bytes, more than"):
+        download.unpack_records(archive, tmp_path / "train")
+    assert not archive.exists() and not (tmp_path / "train").exists()
+
+
+def test_a_member_with_more_data_than_its_header_says_is_cut_off(sample_dir, tmp_path, monkeypatch):
+    archive = tmp_path / "a.tar.gz"
+    archive.write_bytes(sample_archive(sample_dir))
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda tar, member: io.BytesIO(bytes(member.size + 1)))
+    with pytest.raises(download.DownloadError, match=r"damaged archive \(more data than the \d+ bytes its header"):
+        download.unpack_records(archive, tmp_path / "train")
+    assert not archive.exists() and not any((tmp_path / "train").iterdir())
+
+
+def test_a_refused_archive_is_not_reused_by_a_download_from_another_address(sample_dir, tmp_path, server):
+    server.files["/old/a.tar.gz"] = malicious_archive(sample_dir, _member("WFDB_CPSC2018/../x.hea"))
+    server.files["/new/a.tar.gz"] = sample_archive(sample_dir)
+    assert run_download(tmp_path, server.url + "/old/a.tar.gz") == 1
+    assert run_download(tmp_path, server.url + "/new/a.tar.gz") == 0
+    assert server.requests == [("/old/a.tar.gz", None), ("/new/a.tar.gz", None)]
+    assert (tmp_path / "CPSC2018" / "a.tar.gz").read_bytes() == server.files["/new/a.tar.gz"]
+
+
+def test_a_server_that_drips_bytes_is_given_up_in_one_line(sample_dir, tmp_path, server, monkeypatch,
+                                                           one_error_line):
+    server.files["/a.tar.gz"], server.drip_seconds = sample_archive(sample_dir), 0.01
+    monkeypatch.setattr(download, "STALL_SECONDS", 0.2)
+    started = time.monotonic()
+    assert run_download(tmp_path, server.url + "/a.tar.gz") == 1
+    assert time.monotonic() - started < 5
+    partial = tmp_path / "CPSC2018" / "a.tar.gz.part"
+    assert one_error_line() == (f"error: {server.url}/a.tar.gz: download failed (stalled: less than 64 KiB in "
+                                f"0.2 s); {partial} is kept and the next run resumes it")
+    assert 0 < partial.stat().st_size < len(server.files["/a.tar.gz"])  # the bytes that arrived are kept
+    assert len(server.requests) == download.ATTEMPTS
+
+
+def test_a_redirect_loop_is_one_line(tmp_path, server, one_error_line):
+    server.redirects["/a.tar.gz"] = "/a.tar.gz"
+    assert run_download(tmp_path, server.url + "/a.tar.gz") == 1
+    assert "HTTP 302 The HTTP server returned a redirect error that would lead to an infinite loop" in one_error_line()
