@@ -628,8 +628,9 @@ def preprocess(
     leaves either the previous cache or none that loads.
 
     Returns the summary that is also stored as meta.json (plus ``out_dir``). Raises
-    DataError for a missing/empty folder or when no record is usable, FolderInUseError when
-    another process is writing ``out_dir`` (it is locked from before the first write).
+    DataError for a missing/empty folder, when no record is usable or the training split would
+    be empty, FolderInUseError when another process is writing ``out_dir`` (it is locked from
+    before the first write).
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -804,8 +805,9 @@ def _records_problem(records: pd.DataFrame, total_samples: int) -> str | None:
     return _labels_problem(records)
 
 
-def _split_problem(split: pd.DataFrame, records: pd.DataFrame) -> str | None:
-    """Why a split file is not one preprocess writes for ``records`` (indexed by Recording), or None."""
+def _split_problem(name: str, split: pd.DataFrame, records: pd.DataFrame, others: Sequence[pd.DataFrame]) -> str | None:
+    """Why split ``name`` is not one preprocess writes for ``records`` (indexed by Recording)
+    beside the splits ``others``, or None."""
     names = split["Recording"]
     unknown = ~names.isin(records.index)
     if unknown.any():
@@ -813,12 +815,16 @@ def _split_problem(split: pd.DataFrame, records: pd.DataFrame) -> str | None:
     twice = names[names.duplicated()]
     if len(twice):
         return f"record {twice.iloc[0]!r} listed twice"
-    if _labels_problem(split):
-        return _labels_problem(split)
+    if problem := _labels_problem(split):
+        return problem
     differ = (split[list(LABEL_COLUMNS)].fillna(0).to_numpy()
               != records.loc[names, list(LABEL_COLUMNS)].fillna(0).to_numpy()).any(axis=1)
     if differ.any():
         return f"the labels of {names[differ].iloc[0]!r} differ from records.csv"
+    if any(names.isin(other["Recording"]).any() for other in others):
+        return "a record that is also in another split"
+    if name == "train" and split.empty:
+        return "no record (the training split is empty)"
     return None
 
 
@@ -866,11 +872,7 @@ def load_cache(out_dir: str | Path) -> Cache:
     splits: dict[str, pd.DataFrame] = {}
     for name in SPLIT_NAMES:
         split = read_reference(out_dir / f"{name}.csv")
-        problem = _split_problem(split, records)
-        if problem is None and name == "train" and split.empty:
-            problem = "no record (the training split is empty)"
-        if problem is None and any(split["Recording"].isin(other["Recording"]).any() for other in splits.values()):
-            problem = "a record that is also in another split"
+        problem = _split_problem(name, split, records, list(splits.values()))
         if problem:
             raise DataError(f"{out_dir}/{name}.csv: {problem}: {rerun}")
         splits[name] = split
