@@ -723,19 +723,21 @@ def test_load_cache_refuses_a_tampered_file_naming_it(small_cache, case):
     assert str(refused.value).startswith(f"{small_cache / name}: ") and problem in str(refused.value)
 
 
-@pytest.mark.parametrize("script", ["CPSC2018_CNN_CE.py", "evaluate.py"])
-def test_training_and_evaluation_refuse_a_tampered_cache_in_one_line(tiny_cache, untrained_run, tmp_path, script):
+@pytest.mark.parametrize("script, case", [("CPSC2018_CNN_CE.py", "duplicated row"), ("evaluate.py", "duplicated row"),
+                                          ("CPSC2018_CNN_CE.py", "split without rows")])
+def test_training_and_evaluation_refuse_a_tampered_cache_in_one_line(tiny_cache, untrained_run, tmp_path, script, case):
+    name, tamper, problem = TAMPERED_CACHES[case]
     cache = tmp_path / "cache"
     shutil.copytree(tiny_cache, cache)
-    copy_row(cache / "records.csv", 0, 1)  # every later signal would be shifted against its labels
+    tamper(cache)
     if script == "evaluate.py":
         flags = [str(untrained_run(tmp_path / "result" / "run")), "--data_dir", str(cache)]
     else:
         flags = ["--data_dir", str(cache), "--result_dir", str(tmp_path / "result"), "--epochs", "1"]
     status, out, err = run_script(REPO / script, *flags)
     assert status == 2 and err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith(f"error: {cache / 'records.csv'}: record 'A0001' listed twice: ")
-    assert (tmp_path / "result").exists() == (script == "evaluate.py")
+    assert err.startswith(f"error: {cache / name}: {problem}: ")
+    assert (tmp_path / "result").exists() == (script == "evaluate.py")  # no run folder made for training
 
 
 # Preprocesses in a process of its own; its first signal read (with the cache folder locked)
