@@ -62,6 +62,17 @@ def archive_path(url: str, folder: Path) -> Path:
     return folder / (name if name.endswith((".tar.gz", ".tgz")) else ARCHIVE_NAME)
 
 
+def _append(out, chunk: bytes, partial: Path) -> None:
+    """Write ``chunk`` through to ``partial``: a full disk or a file size limit is no network
+    failure to retry, and its message names the file."""
+    try:
+        out.write(chunk)
+        out.flush()
+    except OSError as error:
+        raise DownloadError(f"{partial}: cannot write the archive ({error.strerror}); what arrived is kept "
+                            "and the next run resumes it") from None
+
+
 def _fetch_once(url: str, partial: Path) -> None:
     """Append the rest of ``url`` to ``partial``, resuming from its size; raises on any failure."""
     offset = partial.stat().st_size if partial.exists() else 0
@@ -86,7 +97,7 @@ def _fetch_once(url: str, partial: Path) -> None:
         ) as bar:
             checked, bytes_since = time.monotonic(), 0
             while chunk := response.read1(CHUNK_BYTES):  # what has arrived, so that the bar moves
-                out.write(chunk)
+                _append(out, chunk, partial)
                 bar.update(len(chunk))
                 bytes_since += len(chunk)
                 if bytes_since >= STALL_BYTES:
@@ -201,7 +212,7 @@ def unpack_records(archive: Path, records_dir: Path) -> int:
             raise DownloadError(f"{archive}: damaged archive ({error}); it was removed: run again to fetch "
                                 "it anew") from None
         except OSError as error:
-            raise DownloadError(f"{records_dir}: cannot write the records ({error.strerror})") from None
+            raise DownloadError(f"{records_dir / name}: cannot write ({error.strerror})") from None
     return len(wanted)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -15,6 +17,7 @@ import pandas as pd
 import pytest
 
 import download
+from helpers import REPO
 from preprocess import OFFICIAL_REFERENCE, load_cache, main, read_reference
 
 
@@ -311,3 +314,36 @@ def test_a_redirect_loop_is_one_line(tmp_path, server, one_error_line):
     server.redirects["/a.tar.gz"] = "/a.tar.gz"
     assert run_download(tmp_path, server.url + "/a.tar.gz") == 1
     assert "HTTP 302 The HTTP server returned a redirect error that would lead to an infinite loop" in one_error_line()
+
+
+# preprocess.main under a file size limit (SIGXFSZ ignored, as Python does: the write fails with EFBIG).
+SIZE_LIMITED_MAIN = """
+import resource, sys
+import preprocess
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+sys.exit(preprocess.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("fetched", [False, True], ids=["archive", "record"])
+def test_a_file_that_cannot_be_written_is_one_line_naming_it(sample_dir, tmp_path, server, fetched):
+    """Under a file size limit of 200 kB the archive (about 1.9 MB) cannot be fetched, nor can the
+    largest records (up to 216 kB) be unpacked from an archive fetched before."""
+    archive = sample_archive(sample_dir)
+    server.files["/a.tar.gz"] = archive
+    root = tmp_path / "CPSC2018"
+    if fetched:
+        root.mkdir()
+        (root / "a.tar.gz").write_bytes(archive)
+    done = subprocess.run([sys.executable, "-c", SIZE_LIMITED_MAIN, "200000", "--download", "--url",
+                           server.url + "/a.tar.gz", "--raw_dir", str(root / "train"), "--out_dir",
+                           str(root / "processed")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    if fetched:
+        assert done.stderr.startswith(f"error: {root / 'train'}/A") and done.stderr.endswith(
+            ".mat: cannot write (File too large)\n")
+        assert not list((root / "train").glob(".*.tmp"))
+    else:
+        assert done.stderr == (f"error: {root / 'a.tar.gz.part'}: cannot write the archive (File too large); what "
+                               "arrived is kept and the next run resumes it\n")
+        assert len(server.requests) == 1  # a local failure is not retried
