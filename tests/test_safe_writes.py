@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO
-from safe_writes import LOCK_NAME, FolderInUseError, atomic_path, lock_folder, write_text_atomic
+from safe_writes import (LOCK_NAME, FolderInUseError, atomic_path, lock_folder, remove_stale_temporaries,
+                         temporary_path, write_text_atomic)
 
 HOLD = ("import sys, time\nfrom safe_writes import lock_folder\n"
         "with lock_folder(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n")
@@ -62,3 +63,15 @@ def test_atomic_path_replaces_on_success_and_leaves_nothing_on_failure(tmp_path)
         first.write_text("first")
         second.write_text("second")
     assert target.read_text() == "first"  # the outer block finishes last
+
+
+def test_the_temporary_files_of_killed_writers_are_removed_and_nothing_else(tmp_path):
+    left = [temporary_path(tmp_path / name) for name in ("last.pt", "config.json")]  # as kill -9 leaves them
+    kept = [".last.pt.tmp", "notes.tmp", ".last.pt.12.nothex!.tmp", "last.pt"]
+    for name in kept:
+        (tmp_path / name).write_text("")
+    (tmp_path / "sub").mkdir()
+    nested = temporary_path(tmp_path / "sub" / "x.json")  # another folder, maybe another lock's
+    assert remove_stale_temporaries(tmp_path) == 2
+    assert not any(path.exists() for path in left) and nested.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "sub"])
