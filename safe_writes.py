@@ -9,6 +9,7 @@ it over the target only when the write succeeded, so a reader never sees half a 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -34,7 +35,13 @@ def lock_folder(folder: Path, what: str = "folder") -> Iterator[None]:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / LOCK_NAME, "a+")  # "a+": the loser must not erase the holder's id
+    try:  # appending: the loser must not erase the holder's id; never through a link (its target is not ours)
+        descriptor = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        raise OSError(errno.ELOOP, "the lock file is a link, never written through", str(folder / LOCK_NAME)) from None
+    handle = open(descriptor, "a+")
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -50,6 +50,17 @@ def test_the_lock_is_released_when_the_block_ends(tmp_path):
         pass
 
 
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_left_alone(tmp_path):
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("not a lock")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_NAME).symlink_to(target)
+    with pytest.raises(OSError, match="the lock file is a link, never written through"):
+        with lock_folder(tmp_path / "run"):
+            pass
+    assert target.read_text() == "not a lock"
+
+
 def test_atomic_path_replaces_on_success_and_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "result.json"
     write_text_atomic(target, "old")
