@@ -89,11 +89,9 @@ def _shape(value) -> str:
 
 
 def checkpoint_problem(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
-    """What makes ``state`` (a checkpoint that loaded) unusable for ``model`` and ``optimizer``,
-    or None. Checked before anything is loaded: a wrong shape in the optimizer's state would
+    """What makes ``state`` (a checkpoint that loaded, of ``model``'s kind) unusable for ``model``
+    and ``optimizer``, or None. Checked before anything is loaded: a wrong shape in the optimizer's state would
     otherwise crash the fused Adam step rather than raise."""
-    if not isinstance(state["model_name"], str):
-        return f"its model_name is {state['model_name']!r}, not a model's name"
     for key, kind in (("config", dict), ("running", dict), ("history", list), ("rng", dict), ("model", dict),
                       ("optimizer", dict)):
         if not isinstance(state[key], kind):
@@ -105,7 +103,7 @@ def checkpoint_problem(state: dict, model: torch.nn.Module, optimizer: torch.opt
         return "its running sums are not all numbers"
     expected = model.state_dict()
     if state["model"].keys() != expected.keys():
-        return f"its model weights are not those of a {state['model_name']} (other parameter names)"
+        return f"its model weights are not a {state['model_name']}'s (other parameter names)"
     for key, value in state["model"].items():
         if not isinstance(value, torch.Tensor) or value.shape != expected[key].shape:
             return f"its model weight {key} is {_shape(value)}, the model's is {list(expected[key].shape)}"
@@ -204,11 +202,11 @@ def resume(cfg: SimpleNamespace, run_dir: Path, model: torch.nn.Module, optimize
             print(f"--resume: no checkpoint in {run_dir}; starting from scratch")
         return Progress()
     path, state = newest
+    if state["model_name"] != cfg.model:
+        raise ConfigError(f"--resume: the checkpoint {path} is a {state['model_name']}, not a {cfg.model}")
     problem = checkpoint_problem(state, model, optimizer)
     if problem:
         raise ConfigError(f"--resume: {path}: {problem}")
-    if state["model_name"] != cfg.model:
-        raise ConfigError(f"--resume: the checkpoint in {run_dir} is a {state['model_name']}, not a {cfg.model}")
     saved = state["config"]
     changed = changed_settings(saved, cfg, (*RESUME_KEYS, *hyperparameters))
     if changed:
