@@ -481,7 +481,7 @@ def other_data(state, **fingerprint):
     (lambda state: state["config"].pop("data_fingerprint"),
      "its checkpoint does not record the data it was trained on (it predates data fingerprints), so nothing "
      "shows that --data_dir {cache} still holds that data"),
-])
+], ids=["other_count", "other_records", "no_fingerprint"])
 def test_resume_refuses_a_run_trained_on_other_data(tiny_cache, ce_run_copy, one_error_line, edit, problem):
     edit_checkpoint(ce_run_copy / "CE", edit)
     assert train_ce(tiny_cache, ce_run_copy, "--epochs", "2", "--resume") == 2
@@ -503,7 +503,7 @@ def adam_state_of_another_shape(state):
     (lambda state: state["optimizer"].__setitem__("param_groups", []),
      "its optimizer state holds other parameter groups than the model's"),
     (lambda state: state["rng"].pop("loader"), "does not load (KeyError: 'loader')"),
-])
+], ids=["weight_shape", "config_list", "epoch_text", "adam_state_shape", "param_groups", "rng_state"])
 def test_resume_refuses_a_malformed_checkpoint_in_one_line_naming_it(tiny_cache, ce_run_copy, one_error_line,
                                                                      edit, problem):
     path = edit_checkpoint(ce_run_copy / "CE", edit)
