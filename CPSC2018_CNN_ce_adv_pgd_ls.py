@@ -38,7 +38,9 @@ def check_hyperparameters(cfg):
     non_negative(cfg, *HYPERPARAMETERS)
     if cfg.pgd_steps < 1:
         raise ConfigError(f"--pgd_steps must be at least 1, got {cfg.pgd_steps}")
-    for key in ("beta", "label_smoothing"):  # beta > 1 would give the clean term a negative weight
+    # beta > 1 would give the clean term a negative weight; the inputs are scaled to [-1, 1], so an
+    # eps beyond 1 perturbs by more than half their range (the paper's largest is 0.1).
+    for key in ("eps", "beta", "label_smoothing"):
         if getattr(cfg, key) > 1:
             raise ConfigError(f"--{key} must be between 0 and 1, got {getattr(cfg, key):g}")
 

@@ -19,7 +19,7 @@ import torch
 from distributed import choose_device, world_size
 from ECG_CNN import MODELS, check_length
 from ECG_Dataset import MAX_LENGTH, RANDOM_PAD
-from flags import ConfigError, OneLineParser
+from flags import ConfigError, OneLineParser, folder
 
 # PROTOCOL section 5: the settings shared by all four methods; each is a command-line flag.
 # These each method script sets at its top (TRAINING), where a researcher edits them:
@@ -50,22 +50,26 @@ TRAIN_DEFAULTS = dict(
     sweep_max_batches=0,
 )
 
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding (np.random.seed) takes 0 .. 2**32 - 1
+
 # The four methods in the paper's order: the name each script passes to harness.main (and
 # presets' sections use) -> the script's module name.
 METHODS = {"CE": "CPSC2018_CNN_CE", "NSR": "CPSC2018_CNN_NSR", "jacob": "CPSC2018_CNN_jacob",
            "advls": "CPSC2018_CNN_ce_adv_pgd_ls"}
 
-# Whole-number settings (shared and of the methods); SWITCHES are on/off flags, TEXTS strings;
-# every other setting is a float.
+# Whole-number settings (shared and of the methods); SWITCHES are on/off flags, FOLDERS paths
+# (never empty), TEXTS strings; every other setting is a float.
 COUNTS = {"epochs", "batch_size", "eval_batch_size", "seed", "max_length", "random_pad", "num_workers",
           "checkpoint_every", "max_batches", "sweep_steps", "sweep_restarts", "sweep_max_batches",
           "reg_start_epoch", "adv_start_epoch", "pgd_steps", "jacobian_projections"}
 SWITCHES = {"bucket", "amp", "cudnn_benchmark", "resume", "overwrite"}
-TEXTS = {"data_dir", "result_dir", "run_name", "model", "device", "sweeps", "levels"}
+FOLDERS = {"data_dir", "result_dir"}
+TEXTS = {"run_name", "model", "device", "sweeps", "levels"}
 
 
-def flag_type(key: str) -> type:
-    return bool if key in SWITCHES else str if key in TEXTS else int if key in COUNTS else float
+def flag_type(key: str) -> Callable:
+    return (bool if key in SWITCHES else folder if key in FOLDERS else str if key in TEXTS
+            else int if key in COUNTS else float)
 
 
 def as_flag_type(key: str, value):
@@ -262,6 +266,8 @@ def validate_config(cfg: SimpleNamespace) -> None:
     for key in ("max_batches", "random_pad"):
         if config[key] < 0:
             raise ConfigError(f"--{key} must be >= 0, got {config[key]}")
+    if not 0 <= config["seed"] <= MAX_SEED:
+        raise ConfigError(f"--seed must be between 0 and {MAX_SEED} (numpy's seeds), got {config['seed']}")
     if not 0 < config["lr"] < math.inf:
         raise ConfigError(f"--lr must be positive and finite, got {config['lr']}")
     if config["model"] not in MODELS:
@@ -303,11 +309,16 @@ def check_device(name: str) -> None:
                           "(cuda:LOCAL_RANK); pass --device cuda or auto")
 
 
-# A run folder is one folder inside --result_dir: no separators, never "." or "..".
-RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
+# A run folder is one folder inside --result_dir: no separators, never "." or ".."; "+" for the
+# exponents of the run names the scripts build from large settings (f"{1e20:g}" is "1e+20").
+RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9._+-]+")
+MAX_NAME_BYTES = 255  # the longest file name of Linux's and macOS's file systems
 
 
 def check_run_name(name: str) -> None:
     if not RUN_NAME_PATTERN.fullmatch(name) or name in (".", ".."):
         raise ConfigError(f"--run_name {name!r}: a run name is one folder name of letters, digits "
-                          "and . _ - (not . or ..)")
+                          "and . _ + - (not . or ..)")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise ConfigError(f"--run_name {name[:20]}...: {len(name.encode())} characters, a folder name has at "
+                          f"most {MAX_NAME_BYTES}")

@@ -28,7 +28,7 @@ from distributed import choose_device
 from ECG_Dataset import get_dataloaders
 from metrics import SWEEP_METRICS
 from preprocess import CLASSES, FS, LEAD_NAMES, LEADS
-from safe_writes import write_text_atomic
+from safe_writes import atomic_path, write_text_atomic
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
@@ -48,6 +48,17 @@ class ExampleUnavailable(Exception):
     """The runs cannot share one adversarial example; the message says why."""
 
 
+def save_figure(fig: plt.Figure, path: Path) -> None:
+    """Write ``fig`` to ``path`` as the results are written (safe_writes.atomic_path: a link at
+    ``path`` is replaced, never written through; a failed write leaves the previous figure) and
+    close it. The format is the suffix's: the temporary file's name ends in .tmp."""
+    try:
+        with atomic_path(path) as temporary:
+            fig.savefig(temporary, format=Path(path).suffix.lstrip("."), dpi=100)
+    finally:
+        plt.close(fig)
+
+
 def training_curves_figure(history: list[dict], path: Path, title: str) -> None:
     """Training loss terms (epoch means) and validation accuracy per epoch: a run's curves.png."""
     epochs = [h["epoch"] for h in history]
@@ -62,8 +73,7 @@ def training_curves_figure(history: list[dict], path: Path, title: str) -> None:
     ax_acc.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def sweep_curves_figure(curves: dict[str, dict[str, dict]], path: Path, title: str,
@@ -87,8 +97,7 @@ def sweep_curves_figure(curves: dict[str, dict[str, dict]], path: Path, title: s
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def confusion_matrix_figure(cm: np.ndarray, path: Path, title: str) -> None:
@@ -106,8 +115,7 @@ def confusion_matrix_figure(cm: np.ndarray, path: Path, title: str) -> None:
         ax.text(column, row, str(count), ha="center", va="center", fontsize=8,
                 color="white" if count > dark else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _shared_input(configs: dict[str, dict]) -> dict:
@@ -228,8 +236,7 @@ def adversarial_example_figure(runs: dict[str, tuple[torch.nn.Module, dict]], pa
     fig.suptitle(f"Record {name} (true class {true_class}, {split} split, {strip}): "
                  f"L-inf PGD at eps {eps:g}; {selection}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     write_text_atomic(Path(path).with_suffix(".json"), json.dumps(content))
     return content
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import evaluate
 import figures
-from checkpoints import Progress, resume, save_atomic, save_checkpoint
+from checkpoints import Progress, data_fingerprint, resume, save_atomic, save_checkpoint
 from config import check_run_name, parse_config
 from distributed import (all_reduce, average_logged, distributed_model, in_process_group, init_distributed,
                          is_main_process, on_main_process, rank, shutdown_distributed, unwrap, world_size)
@@ -217,6 +217,7 @@ def main(method: str, loss_fn: LossFn, hyperparameters: dict, run_name: Callable
         cfg.run_name = cfg.run_name or run_name(cfg)
         check_run_name(cfg.run_name)
         cache = load_cache(cfg.data_dir)  # missing or bad data is refused before the run folder is made
+        cfg.data_fingerprint = data_fingerprint(cache)  # recorded with the run; a resume on other data is refused
         device = init_distributed(cfg.device)
         run_dir = on_main_process(lambda: start_run(cfg, device, locks))
         model, status = train(cfg, loss_fn, run_dir, cache, tuple(hyperparameters))

@@ -1,8 +1,10 @@
-"""A run's folder, ``<result_dir>/<run_name>/``: created and locked for one process, emptied
-by --overwrite only when it is a run folder of this project, and given the run's config.json."""
+"""A run's folder, ``<result_dir>/<run_name>/``: a real folder (never a link), created and locked
+for one process, cleared of the temporary files of killed writers, emptied by --overwrite only
+when it is a run folder of this project, and given the run's config.json."""
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import shutil
 import subprocess
@@ -15,7 +17,7 @@ import torch
 
 from distributed import world_size
 from flags import ConfigError
-from safe_writes import LOCK_NAME, lock_folder, read_json, write_json
+from safe_writes import LOCK_NAME, lock_folder, read_json, remove_stale_temporaries, write_json
 
 
 def _git_commit() -> str:
@@ -35,6 +37,12 @@ def is_run_folder(run_dir: Path) -> bool:
 def prepare_run_dir(cfg: SimpleNamespace, locks: contextlib.ExitStack) -> Path:
     """Create and lock the run folder (the lock joins ``locks``); with --overwrite, empty it."""
     run_dir = Path(cfg.result_dir) / cfg.run_name
+    # Every file of a run is written inside --result_dir: a link (planted, or left by a copy) would
+    # send the writes, and --overwrite's deletions, to its target.
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if folder.is_symlink():
+            raise ConfigError(f"{folder} is a link to {os.readlink(folder)}: training never writes through a "
+                              "link; replace it by a real folder, or choose another --run_name")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         locks.enter_context(lock_folder(run_dir, "run folder"))
@@ -51,8 +59,10 @@ def prepare_run_dir(cfg: SimpleNamespace, locks: contextlib.ExitStack) -> Path:
                               "another --run_name")
         for path in contents:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    for folder in (run_dir, run_dir / "checkpoints"):  # the folders training writes (evaluate.py locks its own)
+        if folder.is_dir() and remove_stale_temporaries(folder):
+            print(f"removed the temporary files an interrupted write left in {folder}")
     return run_dir
-
 
 
 def start_run(cfg: SimpleNamespace, device: torch.device, locks: contextlib.ExitStack) -> Path:

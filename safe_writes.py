@@ -9,15 +9,19 @@ it over the target only when the write succeeded, so a reader never sees half a 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Iterator
 
 LOCK_NAME = ".lock"
+# temporary_path's names: ".{target's name}.{writer's pid}.{8 hex digits}.tmp".
+TEMPORARY_NAME = re.compile(r"\..+\.[0-9]+\.[0-9a-f]{8}\.tmp")
 
 
 class FolderInUseError(Exception):
@@ -32,7 +36,13 @@ def lock_folder(folder: Path, what: str = "folder") -> Iterator[None]:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / LOCK_NAME, "a+")  # "a+": the loser must not erase the holder's id
+    try:  # appending: the loser must not erase the holder's id; never through a link (its target is not ours)
+        descriptor = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        raise OSError(errno.ELOOP, "the lock file is a link, never written through", str(folder / LOCK_NAME)) from None
+    handle = open(descriptor, "a+")
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -48,6 +58,17 @@ def lock_folder(folder: Path, what: str = "folder") -> Iterator[None]:
         yield
     finally:
         handle.close()  # releases the lock
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Remove the temporary files (temporary_path's names) that a writer killed before it could
+    rename or remove them left directly in ``folder``; returns how many. Call it only while this
+    process holds ``folder``'s lock: every writer in the folder holds that lock, so no other
+    process is writing there and each such file is a leftover, never a write in progress."""
+    stale = [path for path in Path(folder).iterdir() if TEMPORARY_NAME.fullmatch(path.name) and path.is_file()]
+    for path in stale:
+        path.unlink()
+    return len(stale)
 
 
 def temporary_path(path: Path) -> Path:
@@ -73,13 +94,19 @@ def remove_temporaries(path: Path) -> None:
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path to write ``path``'s new content to; renamed onto ``path`` when the block
-    succeeds, removed when it fails."""
+    succeeds (a link at ``path`` is replaced, its target left alone), removed when it fails,
+    leaving ``path`` as it was. An OSError of the block (a full disk, ``ulimit -f``) is raised
+    naming ``path``: a failed write alone does not say which file it was writing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = temporary_path(path)
     try:
         yield temporary
         os.replace(temporary, path)
+    except OSError as error:
+        if error.errno is None:  # not a system error: raised as it is
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from error
     finally:
         temporary.unlink(missing_ok=True)
 

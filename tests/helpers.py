@@ -4,7 +4,9 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import resource
 import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +107,18 @@ def run_reproduce(cwd: Path, *flags: str) -> subprocess.CompletedProcess:
     """``python reproduce.py flags`` in the folder ``cwd``, its output captured."""
     return subprocess.run([sys.executable, str(REPO / "reproduce.py"), *flags], cwd=cwd,
                           capture_output=True, text=True, timeout=600)
+
+
+@contextlib.contextmanager
+def file_size_limit(size: int):
+    """Within the block, a write that would make a file larger than ``size`` bytes fails with
+    EFBIG, as on a full disk (``ulimit -f``, with SIGXFSZ ignored so that the write fails
+    instead of killing the process)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)

@@ -1,5 +1,6 @@
 """figures.py through evaluate.py's entry points: the figures are written, and the data they
 plot is checked against the cache, scikit-learn and the models themselves."""
+import errno
 import json
 
 import numpy as np
@@ -12,7 +13,7 @@ import evaluate
 import figures
 from distributed import choose_device
 from ECG_Dataset import get_dataloaders
-from helpers import TINY_MAX_LENGTH, TINY_RANDOM_PAD
+from helpers import TINY_MAX_LENGTH, TINY_RANDOM_PAD, file_size_limit
 from preprocess import CLASSES, LEAD_NAMES, load_cache
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -150,3 +151,26 @@ def test_compare_notes_runs_without_checkpoints_and_draws_nothing_at_eps_0(runs,
 def test_a_bad_example_eps_is_refused_in_one_line(runs, tmp_path, eps, one_error_line):
     assert evaluate.main(["compare", str(runs / "A"), "--out", str(tmp_path), "--example_eps", eps]) == 2
     assert one_error_line() == f"error: --example_eps must be a finite number >= 0, got {float(eps)}"
+
+
+HISTORY = [{"epoch": 0, "loss": 2.0, "val_accuracy": 0.2}, {"epoch": 1, "loss": 1.5, "val_accuracy": 0.4}]
+
+
+def test_a_figure_replaces_a_link_in_its_place_and_leaves_the_target_alone(tmp_path):
+    target, figure = tmp_path / "elsewhere.txt", tmp_path / "run" / "curves.png"
+    target.write_text("not the run's")
+    figure.parent.mkdir()
+    figure.symlink_to(target)
+    figures.training_curves_figure(HISTORY, figure, "CE")
+    assert not figure.is_symlink() and target.read_text() == "not the run's"
+    assert_png(figure)
+
+
+def test_a_failed_figure_write_names_the_file_and_keeps_the_previous_figure(tmp_path):
+    figure = tmp_path / "curves.png"
+    figures.training_curves_figure(HISTORY[:1], figure, "CE")
+    previous = figure.read_bytes()
+    with file_size_limit(1000), pytest.raises(OSError, match=str(figure)) as error:
+        figures.training_curves_figure(HISTORY, figure, "CE")
+    assert error.value.errno == errno.EFBIG
+    assert figure.read_bytes() == previous and [p.name for p in tmp_path.iterdir()] == ["curves.png"]

@@ -1,4 +1,5 @@
 """The shared training harness: a tiny run end to end, resume, signals, bad flags."""
+import contextlib
 import errno
 import json
 import os
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,8 +20,10 @@ import harness
 from checkpoints import newest_checkpoint
 from evaluate import load_model
 from helpers import PAPER_TRAINING, REPO, run_script, weights
-from preprocess import load_cache
+from preprocess import DataError, load_cache
 from reproduce import SCRIPTS
+from run_folder import prepare_run_dir
+from safe_writes import temporary_path
 
 
 
@@ -156,8 +160,8 @@ def test_resume_ignores_a_truncated_checkpoint(ce_run_copy):
     checkpoints = tmp_path / "CE" / "checkpoints"
     (checkpoints / "epoch_999.pt").write_bytes((checkpoints / "last.pt").read_bytes()[:1000])
     with pytest.warns(UserWarning, match="ignoring unreadable checkpoint .*epoch_999.pt"):
-        state = newest_checkpoint(tmp_path / "CE")
-    assert state["epoch"] == 1
+        path, state = newest_checkpoint(tmp_path / "CE")
+    assert state["epoch"] == 1 and path.name in ("epoch_001.pt", "last.pt")
 
 
 def test_non_finite_loss_stops_naming_epoch_and_batch(tiny_cache, tmp_path, capsys):
@@ -218,12 +222,19 @@ def test_resume_refuses_a_checkpoint_of_another_model(tiny_cache, ce_run_copy, c
     (["--sweeps", "pgd_inf"], "unknown sweep 'pgd_inf'"),
     (["--sweep_restarts", "0"], "--sweep_restarts must be at least 1"),
     (["--bucket"], "--bucket needs --model resnet18a_vl"),
+    (["--seed", "-1"], "--seed must be between 0 and 4294967295 (numpy's seeds), got -1"),
+    (["--seed", "99999999999"], "--seed must be between 0 and 4294967295 (numpy's seeds), got 99999999999"),
+    (["--data_dir", ""], "argument --data_dir/--data-dir: an empty path names no folder"),
+    (["--result_dir", ""], "argument --result_dir/--result-dir: an empty path names no folder"),
+    (["--run_name", "a" * 300], "--run_name aaaaaaaaaaaaaaaaaaaa...: 300 characters, a folder name has at most 255"),
 ])
-def test_bad_flags_give_one_line_and_exit_status_2(tmp_path, capsys, flags, message):
-    assert harness.main("CE", ce_loss, {}, lambda cfg: "CE", argv=["--result_dir", str(tmp_path), *flags],
+def test_bad_flags_give_one_line_and_exit_status_2(tmp_path, capsys, flags, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where an empty folder flag would write
+    assert harness.main("CE", ce_loss, {}, lambda cfg: "CE", argv=["--result_dir", str(tmp_path / "R"), *flags],
                         training=PAPER_TRAINING) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not any(tmp_path.iterdir())  # refused before the run folder is made
 
 
 @pytest.mark.parametrize("value,message", [("-0.1", "--eps must be a finite non-negative number, got -0.1"),
@@ -421,3 +432,100 @@ def test_the_optimizer_is_fused_adam_with_the_reference_update():
     for fused_parameter, loop_parameter in zip(fused_model.parameters(), loop_model.parameters()):
         torch.testing.assert_close(fused_parameter, loop_parameter, rtol=1e-6, atol=1e-7)
     assert (fused_model.weight - initial).abs().min() > 1e-3  # five steps of about lr each
+
+
+@pytest.mark.parametrize("linked,flags", [("CE", ["--overwrite"]), ("CE", ["--resume"]), ("CE", []),
+                                          ("CE/checkpoints", ["--resume"])])
+def test_a_linked_run_folder_is_refused_and_its_target_left_alone(tiny_cache, ce_run_copy, one_error_line,
+                                                                  linked, flags):
+    elsewhere = ce_run_copy / "elsewhere"
+    shutil.move(ce_run_copy / linked, elsewhere)
+    (ce_run_copy / linked).symlink_to(elsewhere)
+    before = {path: path.stat().st_mtime_ns for path in elsewhere.rglob("*")}
+    assert train_ce(tiny_cache, ce_run_copy, "--epochs", "2", *flags) == 2
+    assert one_error_line() == (f"error: {ce_run_copy / linked} is a link to {elsewhere}: training never writes "
+                                "through a link; replace it by a real folder, or choose another --run_name")
+    assert {path: path.stat().st_mtime_ns for path in elsewhere.rglob("*")} == before
+
+
+def test_the_next_run_removes_the_temporary_files_a_killed_one_left(ce_run_copy, capsys):
+    run = ce_run_copy / "CE"
+    left = [temporary_path(run / "checkpoints" / "last.pt"), temporary_path(run / "history.json")]
+    cfg = SimpleNamespace(result_dir=str(ce_run_copy), run_name="CE", resume=True, overwrite=False)
+    with contextlib.ExitStack() as locks:
+        assert prepare_run_dir(cfg, locks) == run
+    assert not any(path.exists() for path in left) and (run / "checkpoints" / "last.pt").is_file()
+    assert f"removed the temporary files an interrupted write left in {run / 'checkpoints'}" in capsys.readouterr().out
+
+
+def edit_checkpoint(run: Path, edit) -> Path:
+    """Leave ``run`` one checkpoint, last.pt, changed by ``edit`` as if it had been saved so."""
+    (run / "checkpoints" / "epoch_001.pt").unlink()
+    path = run / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+    return path
+
+
+def other_data(state, **fingerprint):
+    state["config"]["data_fingerprint"].update(fingerprint)
+
+
+@pytest.mark.parametrize("edit,problem", [
+    (lambda state: other_data(state, records=180, samples=5_000_000),
+     "it was trained on 180 records (5000000 samples), --data_dir {cache} now holds 54 ({samples})"),
+    (lambda state: other_data(state, records_sha256="0" * 16),
+     "it was trained on other record names, labels or lengths than --data_dir {cache} now holds (as many "
+     "records and samples)"),
+    (lambda state: state["config"].pop("data_fingerprint"),
+     "its checkpoint does not record the data it was trained on (it predates data fingerprints), so nothing "
+     "shows that --data_dir {cache} still holds that data"),
+], ids=["other_count", "other_records", "no_fingerprint"])
+def test_resume_refuses_a_run_trained_on_other_data(tiny_cache, ce_run_copy, one_error_line, edit, problem):
+    edit_checkpoint(ce_run_copy / "CE", edit)
+    assert train_ce(tiny_cache, ce_run_copy, "--epochs", "2", "--resume") == 2
+    samples = int(load_cache(tiny_cache).records["length"].sum())
+    assert one_error_line() == (f"error: --resume: {ce_run_copy / 'CE'}: {problem.format(cache=tiny_cache, samples=samples)}; "
+                                "start it again with --overwrite, or under another --run_name")
+
+
+def adam_state_of_another_shape(state):
+    state["optimizer"]["state"][0]["exp_avg"] = torch.zeros(5)
+
+
+@pytest.mark.parametrize("edit,problem", [
+    (lambda state: state["model"].__setitem__("trunk.stem.0.weight", torch.zeros(3, 3)),
+     "its model weight trunk.stem.0.weight is [3, 3], the model's is [64, 8, 11]"),
+    (lambda state: state.__setitem__("config", [1, 2]), "its config is of type list, not dict"),
+    (lambda state: state.__setitem__("epoch", "1"), "its epoch is '1', not a whole number >= 0"),
+    (adam_state_of_another_shape, "its optimizer's exp_avg of parameter 0 is [5], the parameter is [64, 8, 11]"),
+    (lambda state: state["optimizer"].__setitem__("param_groups", []),
+     "its optimizer state holds other parameter groups than the model's"),
+    (lambda state: state["rng"].pop("loader"), "does not load (KeyError: 'loader')"),
+], ids=["weight_shape", "config_list", "epoch_text", "adam_state_shape", "param_groups", "rng_state"])
+def test_resume_refuses_a_malformed_checkpoint_in_one_line_naming_it(tiny_cache, ce_run_copy, one_error_line,
+                                                                     edit, problem):
+    path = edit_checkpoint(ce_run_copy / "CE", edit)
+    assert train_ce(tiny_cache, ce_run_copy, "--epochs", "2", "--resume") == 2
+    assert one_error_line() == f"error: --resume: {path}: {problem}"
+
+
+def test_resume_refuses_fewer_epochs_than_the_run_was_started_for(tiny_cache, ce_run_copy, one_error_line):
+    def at_epoch_9_of_10(state):
+        state["epoch"], state["config"]["epochs"] = 9, 10
+
+    edit_checkpoint(ce_run_copy / "CE", at_epoch_9_of_10)
+    assert train_ce(tiny_cache, ce_run_copy, "--epochs", "3", "--resume") == 2
+    assert one_error_line() == (f"error: --resume: {ce_run_copy / 'CE'} is at epoch 9 of --epochs 10: --epochs 3 "
+                                "would shorten it (only --epochs may grow)")
+    assert not (ce_run_copy / "CE" / "checkpoints" / "epoch_003.pt").exists()
+
+
+def test_data_the_loaders_refuse_ends_the_training_in_one_line(tiny_cache, tmp_path, monkeypatch, one_error_line):
+    def empty_training_split(*args, **kwargs):  # as get_dataloaders refuses a cache with an empty split
+        raise DataError(f"{tiny_cache}/train.csv: the training split is empty")
+
+    monkeypatch.setattr(harness, "get_dataloaders", empty_training_split)
+    assert train_ce(tiny_cache, tmp_path, "--epochs", "1") == 2
+    assert one_error_line() == f"error: {tiny_cache}/train.csv: the training split is empty"

@@ -54,6 +54,15 @@ def test_run_names_carry_the_key_settings():
     assert jacob.run_name(cfg) == "jacob_beta_44_proj_1"
 
 
+def test_a_large_weight_makes_a_valid_run_name(tmp_path, capsys):
+    """NSR's weights have no upper bound: 1e20 gives the run name NSR_beta1_1_beta2_1e+20, which
+    passes the run-name check; what stops this run is its missing data."""
+    nsr = SCRIPTS["NSR"]
+    status = harness.main("NSR", nsr.loss_fn, nsr.HYPERPARAMETERS, nsr.run_name, training=nsr.TRAINING,
+                          argv=["--result_dir", str(tmp_path), "--data_dir", str(tmp_path / "none"), "--beta2", "1e20"])
+    assert status == 2 and capsys.readouterr().err.startswith(f"error: no preprocessed CPSC2018 cache in {tmp_path / 'none'}")
+
+
 def test_jacobian_term_starts_at_its_epoch():
     jacob = SCRIPTS["jacob"]
     cfg = parse_config("jacob", jacob.HYPERPARAMETERS, ["--reg_start_epoch", "2", "--beta", "3"],
@@ -83,6 +92,7 @@ def test_method_defaults_follow_the_paper():
     (["--pgd_steps", "0"], "--pgd_steps must be at least 1, got 0"),
     (["--label_smoothing", "2"], "--label_smoothing must be between 0 and 1, got 2"),
     (["--beta", "1.5"], "--beta must be between 0 and 1, got 1.5"),
+    (["--eps", "1e30"], "--eps must be between 0 and 1, got 1e+30"),
 ])
 def test_adversarial_hyperparameters_that_cannot_train_are_refused(tmp_path, capsys, flags, message):
     adv = SCRIPTS["advls"]

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO
-from safe_writes import LOCK_NAME, FolderInUseError, atomic_path, lock_folder, write_text_atomic
+from safe_writes import (LOCK_NAME, FolderInUseError, atomic_path, lock_folder, remove_stale_temporaries,
+                         temporary_path, write_text_atomic)
 
 HOLD = ("import sys, time\nfrom safe_writes import lock_folder\n"
         "with lock_folder(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n")
@@ -49,6 +50,17 @@ def test_the_lock_is_released_when_the_block_ends(tmp_path):
         pass
 
 
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_left_alone(tmp_path):
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("not a lock")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_NAME).symlink_to(target)
+    with pytest.raises(OSError, match="the lock file is a link, never written through"):
+        with lock_folder(tmp_path / "run"):
+            pass
+    assert target.read_text() == "not a lock"
+
+
 def test_atomic_path_replaces_on_success_and_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "result.json"
     write_text_atomic(target, "old")
@@ -62,3 +74,15 @@ def test_atomic_path_replaces_on_success_and_leaves_nothing_on_failure(tmp_path)
         first.write_text("first")
         second.write_text("second")
     assert target.read_text() == "first"  # the outer block finishes last
+
+
+def test_the_temporary_files_of_killed_writers_are_removed_and_nothing_else(tmp_path):
+    left = [temporary_path(tmp_path / name) for name in ("last.pt", "config.json")]  # as kill -9 leaves them
+    kept = [".last.pt.tmp", "notes.tmp", ".last.pt.12.nothex!.tmp", "last.pt"]
+    for name in kept:
+        (tmp_path / name).write_text("")
+    (tmp_path / "sub").mkdir()
+    nested = temporary_path(tmp_path / "sub" / "x.json")  # another folder, maybe another lock's
+    assert remove_stale_temporaries(tmp_path) == 2
+    assert not any(path.exists() for path in left) and nested.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "sub"])
