@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from download import CPSC2018_ARCHIVE_URL, DownloadError, fetch_cpsc2018
 from flags import ConfigError, OneLineParser, folder
-from safe_writes import FolderInUseError, lock_folder, remove_temporaries, temporary_path, write_json
+from safe_writes import FolderInUseError, lock_folder, remove_stale_temporaries, temporary_path, write_json
 
 CLASSES = ("Normal", "AF", "I-AVB", "LBBB", "RBBB", "PAC", "PVC", "STD", "STE")
 # SNOMED CT codes of the nine classes in the PhysioNet/CinC 2020 headers; label k = CLASSES[k-1].
@@ -650,8 +650,7 @@ def _preprocess_into(raw_dir: Path, out_dir: Path, inventory: _Inventory, val_pe
     skipped, warnings = inventory.skipped, inventory.warnings
     # Temporaries of an earlier run killed before renaming them: this process holds the folder,
     # and every writer of a cache file holds it while its temporary exists, so none is live.
-    for name in (*CACHE_FILES, "meta.json"):
-        remove_temporaries(out_dir / name)
+    remove_stale_temporaries(out_dir)
 
     lengths: dict[str, int] = {}
     for record, source in tqdm(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import glob
 import json
 import os
 import re
@@ -81,14 +80,6 @@ def temporary_path(path: Path) -> Path:
             return candidate
         except FileExistsError:
             continue
-
-
-def remove_temporaries(path: Path) -> None:
-    """Remove the files that ``temporary_path(path)`` made and no rename or cleanup took away (a
-    writer killed with SIGKILL). Only for a process that holds ``path``'s folder (lock_folder)
-    where every writer of ``path`` holds it too, so that no live writer's file is among them."""
-    for temporary in Path(path).parent.glob(f".{glob.escape(Path(path).name)}.*.tmp"):
-        temporary.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -868,7 +868,7 @@ def test_a_file_size_limit_is_one_line_naming_the_file_and_keeps_the_old_cache(s
 
 def test_temporaries_of_a_killed_run_are_removed_by_the_next(small_cache, tmp_path):
     stale = [small_cache / f".{name}.{os.getpid()}.0badf00d.tmp" for name in ("signals.npy", "train.csv", "meta.json")]
-    others = [small_cache / ".notes.txt.1.0badf00d.tmp", small_cache / "notes.txt"]
+    others = [small_cache / "notes.tmp", small_cache / "notes.txt"]
     for path in stale + others:
         path.write_text("left behind")
     preprocess.preprocess(small_cache.parent / "raw", small_cache, 2, 0)
