@@ -201,9 +201,12 @@ def test_script_under_torchrun_matches_one_process_and_writes_each_file_once(
     single = tmp_path / "single" / run
     history, expected = (json.loads((d / "history.json").read_text())[0] for d in (ddp, single))
     assert history.keys() == expected.keys()
+    # Adam's first step moves every weight by about lr whatever its gradient's size, so a gradient
+    # within rounding of zero can move a weight either way in the two runs (by 2 lr at most, the
+    # bound below): the second batch's loss, and so the epoch's mean, agree only to that.
     for key in expected:
         if key.startswith("loss"):
-            assert history[key] == pytest.approx(expected[key], rel=1e-4), key
+            assert history[key] == pytest.approx(expected[key], rel=5e-3), key
     assert (flat(final) - flat(weights(single / "model.pt"))).abs().max() <= 2 * 2 * LR
     if "white" in extra:
         sweep = json.loads((ddp / "robustness_test.json").read_text())["sweeps"]["white"]
