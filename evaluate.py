@@ -316,7 +316,7 @@ RUN_SETTINGS = ("run_name", "device", "data_dir", "max_length", "random_pad", "b
 # The least value of each whole-number setting that a training saves (config.validate_config).
 SAVED_MINIMUM = {"batch_size": 1, "eval_batch_size": 1, "max_length": 1, "random_pad": 0, "seed": 0,
                  "sweep_steps": 0, "sweep_restarts": 1, "sweep_max_batches": 0}
-TYPE_NAMES = {int: "a whole number", bool: "true or false", str: "a string"}
+TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
 
 
 def checkpoint_file(run: str | Path) -> Path:
@@ -351,14 +351,21 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[to
     return model.to(device), config
 
 
+def wrong_setting_type(key: str, value) -> str | None:
+    """What is wrong with a saved ``value`` of the setting ``key`` ("<value>, not <type>") when it
+    is not of its flag's type (config.flag_type; a whole number is a number too); None when it is."""
+    kind = flag_type(key)
+    fits = isinstance(value, (int, float) if kind is float else kind) and (kind is bool) == isinstance(value, bool)
+    return None if fits else f"{value!r}, not {TYPE_NAMES[kind]}"
+
+
 def check_saved_settings(path: Path, config: dict) -> None:
     """Refuse settings in a checkpoint's config that no training of this project saves (a damaged
     or altered file), naming the file and the setting, before the evaluation fails on them."""
     saved = {**{key: config[key] for key in RUN_SETTINGS}, "levels": config.get("levels", "paper")}
     for key, value in saved.items():
-        kind = flag_type(key)
-        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            raise EvaluationError(f"{path}: its saved {key} is {value!r}, not {TYPE_NAMES[kind]}")
+        if wrong := wrong_setting_type(key, value):
+            raise EvaluationError(f"{path}: its saved {key} is {wrong}")
         if key in SAVED_MINIMUM and value < SAVED_MINIMUM[key]:
             raise EvaluationError(f"{path}: its saved {key} is {value}, below the least a training saves "
                                   f"({SAVED_MINIMUM[key]})")
@@ -479,29 +486,30 @@ def read_result(path: Path, key: str) -> dict:
     return content[key]
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _are_numbers(values, count: int) -> bool:
-    return isinstance(values, list) and len(values) == count and all(map(_is_number, values))
+    return isinstance(values, list) and len(values) == count and all(map(is_number, values))
 
 
-def _first_wrong(content: dict, checks: dict) -> str | None:
-    """"'key' is value" for the first key of ``checks`` ({key: test of its value}) whose value fails."""
+def first_wrong(content: dict, checks: dict) -> str | None:
+    """What is wrong with ``content`` ("'key' is value") for the first key of ``checks`` ({key: test
+    of its value}) whose value fails its test; None when none does."""
     wrong = next((key for key, test in checks.items() if not test(content.get(key))), None)
     return None if wrong is None else f"'{wrong}' is {content.get(wrong)!r}"
 
 
 CLEAN_CHECKS = {"f1": lambda v: _are_numbers(v, NUM_CLASSES), "n": lambda v: type(v) is int,
-                **{key: _is_number for key in ("accuracy", "mean_f1", "Faf", "Fblock", "Fpc", "Fst")}}
+                **{key: is_number for key in ("accuracy", "mean_f1", "Faf", "Fblock", "Fpc", "Fst")}}
 SWEEP_SETTING_KEYS = ("steps", "restarts", "max_batches", "seed")
 
 
 def read_clean(path: Path) -> dict:
     """The clean metrics of an eval_<split>.json, checked to hold every number the tables show."""
     clean = read_result(path, "clean")
-    wrong = _first_wrong(clean, CLEAN_CHECKS)
+    wrong = first_wrong(clean, CLEAN_CHECKS)
     if wrong:
         raise EvaluationError(f"{path}: malformed clean metrics ({wrong}): evaluate the run again")
     return clean
@@ -511,7 +519,7 @@ def _sweep_checks(levels: int) -> dict:
     """What a sweep result of ``levels`` levels holds (robustness_sweep), as _first_wrong's checks."""
     return {"level_list": lambda v: isinstance(v, str), "axis_levels": lambda v: _are_numbers(v, levels),
             "accuracy": lambda v: _are_numbers(v, levels), "mean_f1": lambda v: _are_numbers(v, levels),
-            "auc": _is_number, "auc_f1": _is_number, "n": lambda v: type(v) is int,
+            "auc": is_number, "auc_f1": is_number, "n": lambda v: type(v) is int,
             "settings": lambda v: isinstance(v, dict) and all(type(v.get(k)) is int for k in SWEEP_SETTING_KEYS)}
 
 
@@ -525,7 +533,7 @@ def read_sweeps(path: Path) -> dict[str, dict]:
         elif not isinstance(result.get("levels"), list) or len(result["levels"]) < 2:
             wrong = f"'levels' is {result.get('levels')!r}"
         else:
-            wrong = _first_wrong(result, _sweep_checks(len(result["levels"])))
+            wrong = first_wrong(result, _sweep_checks(len(result["levels"])))
         if wrong:
             raise EvaluationError(f"{path}: malformed '{name}' results ({wrong}): evaluate the run again")
     return sweeps
