@@ -16,7 +16,9 @@ evaluates its final model and runs the sweeps at the end), `evaluate.compare_run
 <result dir>/compare/, then <result dir>/report.md and timings.json. A finished run
 (model.pt and its evaluation files) is skipped, an interrupted one resumed from its
 checkpoints, so rerunning the same command continues where it stopped. A stage that fails
-stops the chain: its name and exit status are printed and reproduce exits non-zero.
+stops the chain: its name and exit status are printed and reproduce exits non-zero. Ctrl-C or
+SIGTERM stops the running stage (a training saves a checkpoint first, see run_stage), then
+reproduce, with status 128 + N.
 """
 from __future__ import annotations
 
