@@ -191,12 +191,17 @@ def test_a_run_trained_on_another_data_folder_is_not_this_presets_run(tmp_path):
     assert reproduce.run_state(job) == "resume"
 
 
+def chain_of_one_stage(monkeypatch, tmp_path: Path, stage: str, command: list[str]) -> None:
+    """reproduce.main runs only the stage ``stage`` of ``command``, its times in tmp_path/timings.json."""
+    timings = reproduce.Timings(tmp_path / "timings.json", "smoke", dry_run=False)
+    monkeypatch.setattr(reproduce, "reproduce", lambda args: reproduce.run_stage(stage, command, timings, False))
+
+
 def test_sigterm_during_a_stage_is_forwarded_and_ends_with_status_143(tmp_path, monkeypatch, capsys):
     """The stage's process sends SIGTERM to reproduce, which forwards it and exits 128 + 15."""
     stage = [sys.executable, "-c", "import os, signal, time; time.sleep(0.2); "
              "os.kill(os.getppid(), signal.SIGTERM); time.sleep(60)"]
-    timings = reproduce.Timings(tmp_path / "timings.json", "smoke", dry_run=False)
-    monkeypatch.setattr(reproduce, "reproduce", lambda args: reproduce.run_stage("train CE", stage, timings, False))
+    chain_of_one_stage(monkeypatch, tmp_path, "train CE", stage)
     started = time.perf_counter()
     assert reproduce.main(["--preset", "smoke"]) == 128 + signal.SIGTERM == 143
     assert time.perf_counter() - started < 30  # the stage was stopped, not waited for
@@ -228,9 +233,8 @@ def test_a_stage_that_does_not_stop_after_sigint_is_killed_with_its_children(tmp
              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(20)']); "
              f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}'); "
              "os.kill(os.getppid(), signal.SIGINT); time.sleep(20)"]
-    timings = reproduce.Timings(tmp_path / "timings.json", "smoke", dry_run=False)
     monkeypatch.setattr(reproduce, "STOP_GRACE_SECONDS", 0.5)
-    monkeypatch.setattr(reproduce, "reproduce", lambda args: reproduce.run_stage("train CE", stage, timings, False))
+    chain_of_one_stage(monkeypatch, tmp_path, "train CE", stage)
     started = time.perf_counter()
     assert reproduce.main(["--preset", "smoke"]) == 128 + signal.SIGINT
     assert time.perf_counter() - started < 15  # not the 20 s the stage would take
@@ -248,9 +252,7 @@ def test_sigint_reaches_the_stage_as_sigterm(tmp_path, monkeypatch, capsys):
              f"signal.signal(signal.SIGTERM, lambda *a: (open({str(received)!r}, 'a').write('TERM'), os._exit(0))); "
              f"signal.signal(signal.SIGINT, lambda *a: (open({str(received)!r}, 'a').write('INT'), os._exit(0))); "
              "os.kill(os.getppid(), signal.SIGINT); time.sleep(20)"]
-    timings = reproduce.Timings(tmp_path / "timings.json", "smoke", dry_run=False)
-    monkeypatch.setattr(reproduce, "reproduce", lambda args: reproduce.run_stage("data: preprocess", stage, timings,
-                                                                                 False))
+    chain_of_one_stage(monkeypatch, tmp_path, "data: preprocess", stage)
     assert reproduce.main(["--preset", "smoke"]) == 128 + signal.SIGINT
     assert received.read_text() == "TERM"
     assert "error: interrupted during stage 'data: preprocess';" in capsys.readouterr().err
