@@ -24,13 +24,13 @@ from tqdm import tqdm
 
 import attacks
 import figures
-from config import (ATTACK_KINDS, GRADIENT_SWEEPS, LEVEL_LISTS, SWEEPS, check_device, check_sweep_settings,
-                    noise_levels, parse_sweeps)
+from config import (ATTACK_KINDS, GRADIENT_SWEEPS, LEVEL_LISTS, SWEEPS, check_device, check_levels,
+                    check_sweep_settings, flag_type, noise_levels, parse_sweeps)
 from distributed import (all_reduce, distributed, init_distributed, is_main_process, on_main_process, process_device,
                          rank, shutdown_distributed, world_size)
-from ECG_CNN import build_model
+from ECG_CNN import build_model, check_length
 from ECG_Dataset import BucketBatchSampler, crop_collate, get_dataloaders
-from flags import ConfigError, OneLineParser
+from flags import ConfigError, OneLineParser, folder
 from metrics import (NUM_CLASSES, class_balanced_accuracy, classification_scores, confusion_matrix,
                      SWEEP_METRICS, mean_f1, ratio, robustness_auc, scores_table, to_markdown)
 from preprocess import CLASSES, DataError
@@ -313,6 +313,10 @@ def masking_check_markdown(checks: dict[str, dict]) -> str:
 # The settings of a run that its evaluation reads (a run saved without "levels" swept the paper's).
 RUN_SETTINGS = ("run_name", "device", "data_dir", "max_length", "random_pad", "batch_size", "eval_batch_size",
                 "bucket", "seed", "sweeps", "sweep_steps", "sweep_restarts", "sweep_max_batches")
+# The least value of each whole-number setting that a training saves (config.validate_config).
+SAVED_MINIMUM = {"batch_size": 1, "eval_batch_size": 1, "max_length": 1, "random_pad": 0, "seed": 0,
+                 "sweep_steps": 0, "sweep_restarts": 1, "sweep_max_batches": 0}
+TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
 
 
 def checkpoint_file(run: str | Path) -> Path:
@@ -332,8 +336,10 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[to
         model.load_state_dict(state["model"])
         config = state["config"]
     except Exception as error:  # truncated, foreign or mismatched file: one clear line
+        # load_state_dict's message is a header line, then one line per mismatch: the first says which
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         raise EvaluationError(f"{path}: not a checkpoint of this project "
-                              f"({type(error).__name__}: {str(error).splitlines()[0]})") from None
+                              f"({type(error).__name__}: {' '.join(lines[:2])})") from None
     if not isinstance(config, dict):
         raise EvaluationError(f"{path}: not a checkpoint of this project (its config is not a dict)")
     missing = [key for key in RUN_SETTINGS if key not in config]
@@ -341,7 +347,51 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[to
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise EvaluationError(f"{path}: not a checkpoint of this project (its config lacks "
                               f"{', '.join(missing[:3])}{more})")
+    check_saved_settings(path, config)
     return model.to(device), config
+
+
+def wrong_setting_type(key: str, value) -> str | None:
+    """What is wrong with a saved ``value`` of the setting ``key`` ("<value>, not <type>") when it
+    is not of its flag's type (config.flag_type; a whole number is a number too); None when it is."""
+    kind = flag_type(key)
+    fits = isinstance(value, (int, float) if kind is float else kind) and (kind is bool) == isinstance(value, bool)
+    return None if fits else f"{value!r}, not {TYPE_NAMES[kind]}"
+
+
+def check_saved_settings(path: Path, config: dict) -> None:
+    """Refuse settings in a checkpoint's config that no training of this project saves (a damaged
+    or altered file), naming the file and the setting, before the evaluation fails on them."""
+    saved = {**{key: config[key] for key in RUN_SETTINGS}, "levels": config.get("levels", "paper")}
+    for key, value in saved.items():
+        if wrong := wrong_setting_type(key, value):
+            raise EvaluationError(f"{path}: its saved {key} is {wrong}")
+        if key in SAVED_MINIMUM and value < SAVED_MINIMUM[key]:
+            raise EvaluationError(f"{path}: its saved {key} is {value}, below the least a training saves "
+                                  f"({SAVED_MINIMUM[key]})")
+    try:
+        check_length(saved["max_length"] + saved["random_pad"])
+        parse_sweeps(saved["sweeps"])
+        check_levels(saved["levels"])
+    except (ValueError, ConfigError) as error:
+        raise EvaluationError(f"{path}: its saved settings cannot be evaluated ({error})") from None
+
+
+def results_folder(checkpoint: Path) -> Path:
+    """Where the evaluation of ``checkpoint`` goes: a run's model.pt into its run folder; any other
+    checkpoint into a folder of its own beside it, named after it without its suffix
+    (checkpoints/epoch_010.pt: checkpoints/epoch_010/), so that evaluations of several
+    checkpoints never overwrite each other."""
+    if checkpoint.name == "model.pt":
+        return checkpoint.parent
+    if not checkpoint.suffix:
+        raise EvaluationError(f"{checkpoint}: a checkpoint file without a suffix: its results would go into a "
+                              "folder of the same name (the file's name without its suffix); rename it to end in .pt")
+    out_dir = checkpoint.with_suffix("")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EvaluationError(f"{out_dir}: a file, in the way of the folder that the results of {checkpoint.name} "
+                              "go into: move it away")
+    return out_dir
 
 
 def evaluate_clean(model: torch.nn.Module, loader, device: torch.device, max_batches: int = 0,
@@ -436,6 +486,59 @@ def read_result(path: Path, key: str) -> dict:
     return content[key]
 
 
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _are_numbers(values, count: int) -> bool:
+    return isinstance(values, list) and len(values) == count and all(map(is_number, values))
+
+
+def first_wrong(content: dict, checks: dict) -> str | None:
+    """What is wrong with ``content`` ("'key' is value") for the first key of ``checks`` ({key: test
+    of its value}) whose value fails its test; None when none does."""
+    wrong = next((key for key, test in checks.items() if not test(content.get(key))), None)
+    return None if wrong is None else f"'{wrong}' is {content.get(wrong)!r}"
+
+
+CLEAN_CHECKS = {"f1": lambda v: _are_numbers(v, NUM_CLASSES), "n": lambda v: type(v) is int,
+                **{key: is_number for key in ("accuracy", "mean_f1", "Faf", "Fblock", "Fpc", "Fst")}}
+SWEEP_SETTING_KEYS = ("steps", "restarts", "max_batches", "seed")
+
+
+def read_clean(path: Path) -> dict:
+    """The clean metrics of an eval_<split>.json, checked to hold every number the tables show."""
+    clean = read_result(path, "clean")
+    wrong = first_wrong(clean, CLEAN_CHECKS)
+    if wrong:
+        raise EvaluationError(f"{path}: malformed clean metrics ({wrong}): evaluate the run again")
+    return clean
+
+
+def _sweep_checks(levels: int) -> dict:
+    """What a sweep result of ``levels`` levels holds (robustness_sweep), as _first_wrong's checks."""
+    return {"level_list": lambda v: isinstance(v, str), "axis_levels": lambda v: _are_numbers(v, levels),
+            "accuracy": lambda v: _are_numbers(v, levels), "mean_f1": lambda v: _are_numbers(v, levels),
+            "auc": is_number, "auc_f1": is_number, "n": lambda v: type(v) is int,
+            "settings": lambda v: isinstance(v, dict) and all(type(v.get(k)) is int for k in SWEEP_SETTING_KEYS)}
+
+
+def read_sweeps(path: Path) -> dict[str, dict]:
+    """The sweep results of a robustness_<split>.json ({sweep: robustness_sweep result}), each
+    checked to hold what the tables, the report and the masking check read."""
+    sweeps = read_result(path, "sweeps")
+    for name, result in sweeps.items():
+        if not isinstance(result, dict):
+            wrong = "not an object"
+        elif not isinstance(result.get("levels"), list) or len(result["levels"]) < 2:
+            wrong = f"'levels' is {result.get('levels')!r}"
+        else:
+            wrong = first_wrong(result, _sweep_checks(len(result["levels"])))
+        if wrong:
+            raise EvaluationError(f"{path}: malformed '{name}' results ({wrong}): evaluate the run again")
+    return sweeps
+
+
 def _level_labels(sweep: str, levels: list) -> list[str]:
     """Column names of a sweep table: "clean" for the first (noise-free) level, then the levels;
     SNR levels carry "dB" (their 0 dB is the loudest noise, not clean)."""
@@ -443,29 +546,20 @@ def _level_labels(sweep: str, levels: list) -> list[str]:
     return ["clean", *(f"{level:g}{unit}" for level in levels[1:])]
 
 
-def sweep_table(curves: dict[str, dict], sweep: str, metric: str, split: str = "test") -> pd.DataFrame:
-    """One sweep's table of ``metric`` (a key of SWEEP_METRICS): rows runs, columns clean, each
-    level, then the AUC labelled with the level list it was computed over. Runs swept over
-    different level lists are refused: their AUCs are not comparable."""
+def sweep_table(curves: dict[str, dict], sweep: str, metric: str) -> pd.DataFrame:
+    """One sweep's table of ``metric`` (a key of SWEEP_METRICS) over {run: its sweeps, as
+    read_sweeps reads them}: rows runs, columns clean, each level, then the AUC labelled with the
+    level list it was computed over. Runs swept over different level lists are refused: their
+    AUCs are not comparable."""
     results = {name: runs[sweep] for name, runs in curves.items() if sweep in runs}
-    try:
-        lists = {name: r["level_list"] for name, r in results.items()}
-    except (KeyError, TypeError) as error:
-        raise EvaluationError(f"malformed '{sweep}' results in robustness_{split}.json (no {error}: evaluate "
-                              "the run again)") from None
+    lists = {name: r["level_list"] for name, r in results.items()}
     if len(set(lists.values())) > 1:
         raise EvaluationError(f"compare: '{sweep}' was swept over different level lists ("
                               + ", ".join(f"{name}: {lists[name]}" for name in lists)
                               + "): their AUCs cannot share a column; evaluate them with the same --levels")
     auc_key, _ = SWEEP_METRICS[metric]
-    rows = {}
-    for name, r in results.items():
-        try:
-            rows[name] = {**dict(zip(_level_labels(sweep, r["levels"]), r[metric], strict=True)),
-                          f"AUC ({r['level_list']} levels)": r[auc_key]}
-        except (KeyError, TypeError, ValueError) as error:
-            raise EvaluationError(f"{name}: malformed '{sweep}' results in robustness_{split}.json "
-                                  f"({type(error).__name__}: {error})") from None
+    rows = {name: {**dict(zip(_level_labels(sweep, r["levels"]), r[metric], strict=True)),
+                   f"AUC ({r['level_list']} levels)": r[auc_key]} for name, r in results.items()}
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("run")
 
 
@@ -488,16 +582,13 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
     clean_rows, curves = [], {}
     for name, run in zip(names, run_dirs):
         path = Path(run) / f"eval_{split}.json"
-        clean = read_result(path, "clean")
-        try:
-            clean_rows.append({"run": name, **{f"F1 {c}": f for c, f in zip(CLASSES, clean["f1"], strict=True)},
-                               **{k: clean[k] for k in ("mean_f1", "Faf", "Fblock", "Fpc", "Fst", "accuracy")},
-                               "n": clean["n"]})
-        except (KeyError, TypeError, ValueError) as error:
-            raise EvaluationError(f"{path}: malformed clean metrics ({type(error).__name__}: {error})") from None
+        clean = read_clean(path)
+        clean_rows.append({"run": name, **{f"F1 {c}": f for c, f in zip(CLASSES, clean["f1"])},
+                           **{k: clean[k] for k in ("mean_f1", "Faf", "Fblock", "Fpc", "Fst", "accuracy")},
+                           "n": clean["n"]})
         robustness = Path(run) / f"robustness_{split}.json"
         if robustness.is_file():
-            curves[name] = read_result(robustness, "sweeps")
+            curves[name] = read_sweeps(robustness)
         else:
             curves[name] = {}
             print(f"note: {run} has no {robustness.name} (no robustness sweeps run): it is left out of "
@@ -506,7 +597,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
     sweep_plots = {}
     for sweep in dict.fromkeys(s for run in curves.values() for s in run):
         for metric, short in (("accuracy", "accuracy"), ("mean_f1", "f1")):
-            tables[f"{sweep}_{short}"] = sweep_table(curves, sweep, metric, split)
+            tables[f"{sweep}_{short}"] = sweep_table(curves, sweep, metric)
             sweep_plots[f"{sweep}_{short}"] = (sweep, metric)
     # The runs are accepted: the folder is made, and what an earlier compare wrote there goes, so
     # that no file stays that this one would not write.
@@ -552,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
                                    description="Tables and figures for several evaluated runs.")
             parser.add_argument("runs", nargs="+", help="run folders (evaluated)")
             parser.add_flag("--split", default="test", choices=("test", "val"))
-            parser.add_flag("--out", default="result/compare", help="output folder")
+            parser.add_flag("--out", type=folder, default="result/compare", help="output folder")
             parser.add_flag("--example_eps", type=float, default=figures.EXAMPLE_EPS,
                             help="L-inf eps of the adversarial-example figure (0: no figure)")
             args = parser.parse_args(argv[1:])
@@ -566,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("run", help="a run folder under result/ (its model.pt), or a checkpoint file "
                                         "(for example checkpoints/epoch_010.pt: results in checkpoints/epoch_010/)")
         parser.add_flag("--split", default="test", choices=("test", "val"))
-        parser.add_flag("--data_dir", help="override the run's data cache folder")
+        parser.add_flag("--data_dir", type=folder, help="override the run's data cache folder")
         parser.add_flag("--device", default="auto")
         parser.add_flag("--eval_max_batches", type=int, default=0,
                         help="clean evaluation: at most this many batches")
@@ -593,9 +684,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise EvaluationError(f"--{key} must be >= 0, got {getattr(args, key)}")
         check_sweep_settings(vars(cfg))
         check_device(cfg.device)
-        # A run's model.pt is evaluated into its run folder; any other checkpoint into a folder
-        # of its own beside it, so that evaluations of several checkpoints never overwrite each other.
-        out_dir = checkpoint.parent if checkpoint.name == "model.pt" else checkpoint.with_suffix("")
+        out_dir = results_folder(checkpoint)
         # Under torchrun the processes share the records (evaluate_run); alone, this is the device.
         device = init_distributed(cfg.device)
         # One process per folder written (rank 0 locks it): refused while a training or evaluation holds it.

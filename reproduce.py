@@ -16,11 +16,14 @@ evaluates its final model and runs the sweeps at the end), `evaluate.compare_run
 <result dir>/compare/, then <result dir>/report.md and timings.json. A finished run
 (model.pt and its evaluation files) is skipped, an interrupted one resumed from its
 checkpoints, so rerunning the same command continues where it stopped. A stage that fails
-stops the chain: its name and exit status are printed and reproduce exits non-zero.
+stops the chain: its name and exit status are printed and reproduce exits non-zero. Ctrl-C or
+SIGTERM stops the running stage (a training saves a checkpoint first, see run_stage), then
+reproduce, with status 128 + N.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import resource
@@ -39,7 +42,7 @@ import evaluate
 import selection
 from checkpoints import RESUME_KEYS, changed_settings
 from config import METHODS, PRESETS, SWEEPS, TRAIN_DEFAULTS, parse_config, parse_sweeps, preset_setting, preset_settings
-from flags import ConfigError, OneLineParser
+from flags import ConfigError, OneLineParser, folder
 from preprocess import CLASSES, DEFAULT_RAW_DIR, DataError, load_cache
 from safe_writes import read_json, write_json, write_text_atomic
 from synthetic import DEMO_RAW_DIR, MARKER_NAME
@@ -100,6 +103,9 @@ PLANS = {
                             selection=True),
 }
 SELECTION_SWEEP = "pgd_linf"  # at the paper's levels, on the validation split
+# How long a stage may take to stop after SIGINT or SIGTERM (a training finishes its batch and
+# saves a checkpoint) before reproduce kills it.
+STOP_GRACE_SECONDS = 60
 
 
 class ReproduceError(Exception):
@@ -115,11 +121,12 @@ class StageFailed(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM during a stage (the training scripts checkpoint before exiting)."""
+    """Ctrl-C or SIGTERM during a stage (the training scripts checkpoint before exiting); ``killed``:
+    the stage did not stop within STOP_GRACE_SECONDS."""
 
-    def __init__(self, stage: str, signum: int):
-        super().__init__(stage, signum)
-        self.stage, self.signum = stage, signum
+    def __init__(self, stage: str, signum: int, killed: bool = False):
+        super().__init__(stage, signum, killed)
+        self.stage, self.signum, self.killed = stage, signum, killed
 
 
 # --- the runs ------------------------------------------------------------------------------
@@ -140,6 +147,12 @@ class Job:
     def label(self) -> str:
         varied = f" {self.varied} {getattr(self.cfg, self.varied):g}" if self.varied else ""
         return f"{self.method}{varied} ({self.run_dir.name})"
+
+    @property
+    def compared_settings(self) -> tuple[str, ...]:
+        """The settings a run in this job's folder must share with it to be its run (--epochs too:
+        a run trained for another number of epochs is not this preset's run)."""
+        return (*RESUME_KEYS, "epochs", *self.hyperparameters)
 
 
 def plan_jobs(preset: str, methods: list[str], result_dir: str | None = None) -> list[Job]:
@@ -163,13 +176,25 @@ def plan_jobs(preset: str, methods: list[str], result_dir: str | None = None) ->
     return jobs
 
 
+def saved_settings(job: Job) -> dict:
+    """The run folder's config.json (empty when missing: a training stopped before it saved its
+    settings), checked to hold the settings reproduce compares with their flags' types."""
+    path = job.run_dir / "config.json"
+    if not path.is_file():
+        return {}
+    config = read_json(path)
+    wrong = "not a JSON object" if not isinstance(config, dict) else next(
+        (f"its {key} is {wrong}" for key in job.compared_settings
+         if key in config and (wrong := evaluate.wrong_setting_type(key, config[key]))), None)
+    if wrong:
+        raise ReproduceError(f"{path}: {wrong}: not the settings of a run of this project; delete that folder "
+                             "or choose another --result_dir")
+    return config
+
+
 def _check_same_settings(job: Job) -> None:
     """A run folder that holds a run with other training settings is not this preset's run."""
-    config = read_json(job.run_dir / "config.json")
-    if not isinstance(config, dict):
-        return
-    # --epochs too: a run trained for another number of epochs is not this preset's run.
-    changed = changed_settings(config, job.cfg, (*RESUME_KEYS, "epochs", *job.hyperparameters))
+    changed = changed_settings(saved_settings(job), job.cfg, job.compared_settings)
     if changed:
         key, before, now = changed[0]
         raise ReproduceError(f"{job.run_dir} holds a run trained with {key}={before!r}, but this "
@@ -178,17 +203,23 @@ def _check_same_settings(job: Job) -> None:
 
 def evaluation_complete(job: Job, split: str = "test", sweeps: str | None = None) -> bool:
     """eval_<split>.json is there and robustness_<split>.json has every requested sweep (the
-    run's by default) with the requested level list and attack settings."""
+    run's by default) with the requested level list and attack settings. A result file that
+    evaluate.py would not have written (damaged, altered) counts as missing: a note says so, and
+    the evaluation is run again."""
     if not (job.run_dir / f"eval_{split}.json").is_file():
         return False
     sweeps = parse_sweeps(job.cfg.sweeps if sweeps is None else sweeps)
-    if not sweeps:
-        return True
-    done = (read_json(job.run_dir / f"robustness_{split}.json") or {}).get("sweeps", {})
+    robustness = job.run_dir / f"robustness_{split}.json"
+    try:
+        evaluate.read_clean(job.run_dir / f"eval_{split}.json")
+        done = evaluate.read_sweeps(robustness) if sweeps and robustness.is_file() else {}
+    except evaluate.EvaluationError as error:
+        print(f"note: {error} (this invocation does)", flush=True)
+        return False
     wanted = {"steps": job.cfg.sweep_steps, "restarts": job.cfg.sweep_restarts,
               "max_batches": job.cfg.sweep_max_batches}
-    return all(name in done and done[name].get("level_list") == job.cfg.levels
-               and all(done[name].get("settings", {}).get(k) == v for k, v in wanted.items())
+    return all(name in done and done[name]["level_list"] == job.cfg.levels
+               and all(done[name]["settings"][k] == v for k, v in wanted.items())
                for name in sweeps)
 
 
@@ -239,26 +270,74 @@ def synthetic_complete(raw_dir: Path, records_per_class: int) -> bool:
             and all((raw_dir / f"{name}.mat").is_file() for name in reference["Recording"]))
 
 
-def cache_valid(data_dir: Path, raw_dir: Path, val_per_class: int, test_per_class: int) -> bool:
-    """load_cache accepts the cache and it was made from raw_dir with these split settings."""
+# What reproduce reads of a cache's meta.json: {key: test of its value}.
+META_CHECKS = {
+    "settings": lambda v: isinstance(v, dict),
+    "raw_dir": lambda v: isinstance(v, str),
+    "source_format": lambda v: isinstance(v, str),
+    "n_records": lambda v: type(v) is int,
+    "class_counts": lambda v: isinstance(v, dict) and all(
+        isinstance(v.get(split), dict) and all(type(n) is int for n in v[split].values())
+        for split in ("train", "val", "test")),
+}
+
+
+def cache_meta(data_dir: Path) -> dict | None:
+    """The meta.json of the cache in data_dir; None when load_cache refuses the cache, or when a
+    field that reproduce reads has another type (a note names it: the cache is taken as damaged)."""
     try:
         meta = load_cache(data_dir).meta
     except DataError:
+        return None
+    wrong = evaluate.first_wrong(meta, META_CHECKS)
+    if wrong:
+        print(f"note: {Path(data_dir) / 'meta.json'}: {wrong}: the cache is taken as damaged", flush=True)
+        return None
+    return meta
+
+
+def cache_valid(data_dir: Path, raw_dir: Path, val_per_class: int, test_per_class: int) -> bool:
+    """load_cache accepts the cache and it was made from raw_dir with these split settings."""
+    meta = cache_meta(data_dir)
+    if meta is None:
         return False
-    settings = meta.get("settings", {})
+    settings = meta["settings"]
     return (settings.get("val_per_class") == val_per_class and settings.get("test_per_class") == test_per_class
-            and meta.get("raw_dir") == str(raw_dir.resolve()))
+            and meta["raw_dir"] == str(raw_dir.resolve()))
 
 
 # --- stages and timings --------------------------------------------------------------------
 
+# What Timings reads of an earlier invocation's stage: {key: test of its value}.
+STAGE_CHECKS = {"stage": lambda v: isinstance(v, str), "status": lambda v: isinstance(v, str),
+                "seconds": evaluate.is_number, "cpu_seconds": evaluate.is_number,
+                "earlier": lambda v: v is None or not _stage_problem(v)}
+
+
+def _stage_problem(entry) -> str | None:
+    """What is wrong with a stage entry of timings.json (Timings.record writes them); None: nothing."""
+    return evaluate.first_wrong(entry, STAGE_CHECKS) if isinstance(entry, dict) else f"{entry!r} is not an object"
+
+
+def _timings_problem(timings) -> str | None:
+    """What is wrong with the content of a timings.json; None: nothing."""
+    if not isinstance(timings, dict) or not isinstance(timings.get("stages"), list):
+        return "not a JSON object with a list of 'stages'"
+    return next((f"stage {i + 1}: {wrong}" for i, entry in enumerate(timings["stages"])
+                 if (wrong := _stage_problem(entry))), None)
+
+
 class Timings:
     """Per-stage wall and CPU times, kept in <result dir>/timings.json across invocations:
-    a stage skipped now keeps the times of the invocation that ran it."""
+    a stage skipped now keeps the times of the invocation that ran it. A timings.json that this
+    class would not have written is set aside (a note says so) and written anew."""
 
     def __init__(self, path: Path, preset: str, dry_run: bool):
         self.path, self.dry_run = path, dry_run
         previous = read_json(path) if path.is_file() else None
+        if path.is_file() and (wrong := _timings_problem(previous)):
+            print(f"note: {path}: {wrong}: the earlier invocations' stage times are dropped", flush=True)
+            previous = None
         self.previous = {s["stage"]: s for s in (previous or {}).get("stages", [])} \
             if (previous or {}).get("preset") == preset else {}
         self.preset = preset
@@ -308,34 +387,54 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+class _Stop(Exception):
+    """Raised by run_stage's signal handler to end a wait for the stage's process."""
+
+
 def run_stage(stage: str, command: list[str], timings: Timings, dry_run: bool) -> None:
-    """Run one command with inherited stdout/stderr (its output streams live)."""
+    """Run one command with inherited stdout/stderr (its output streams live).
+
+    Each SIGINT or SIGTERM that reproduce gets is passed on to the stage's process as SIGTERM (a
+    training saves a checkpoint at the next batch boundary on the first and stops at once on the
+    second, as for Ctrl-C; any other stage ends without a traceback); a stage still running
+    STOP_GRACE_SECONDS after the first is killed with its whole process group (torchrun's
+    workers, data loaders), so that none of it outlives reproduce and holds its run folder.
+    """
     print(f"\n=== {stage}\n$ {shlex.join(command)}", flush=True)
     if dry_run:
         return
     started, cpu = time.perf_counter(), _children_cpu()
-    process = subprocess.Popen(command, env=_without_torchrun(dict(os.environ)))
-    interrupted_by = None  # the signal that stopped the stage
+    # A session (and process group) of its own: a Ctrl-C in the terminal reaches reproduce alone.
+    process = subprocess.Popen(command, env=_without_torchrun(dict(os.environ)), start_new_session=True)
+    interrupted_by, deadline, killed, waiting = None, None, False, True
 
-    def forward_sigterm(signum, frame):  # let the script checkpoint, as for Ctrl-C
-        nonlocal interrupted_by
-        interrupted_by = signal.SIGTERM
+    def forward(signum, frame):
+        nonlocal interrupted_by, deadline
+        if interrupted_by is None:
+            interrupted_by, deadline = signum, time.monotonic() + STOP_GRACE_SECONDS
         process.send_signal(signal.SIGTERM)
+        if waiting:  # ends the wait below, which goes on with the deadline
+            raise _Stop
 
-    previous_handler = signal.signal(signal.SIGTERM, forward_sigterm)
+    previous_handlers = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while True:
+        while waiting:
             try:
-                status = process.wait()
-                break
-            except KeyboardInterrupt:  # the child got the same SIGINT and stops at a batch boundary
-                interrupted_by = signal.SIGINT
+                status = process.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                waiting = False
+            except _Stop:
+                continue
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                    os.killpg(process.pid, signal.SIGKILL)
+                killed, deadline = True, None
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
     seconds, cpu = time.perf_counter() - started, _children_cpu() - cpu
     if interrupted_by is not None:
-        timings.record(stage, "interrupted", seconds, cpu, command)
-        raise Interrupted(stage, interrupted_by)
+        timings.record(stage, "killed" if killed else "interrupted", seconds, cpu, command)
+        raise Interrupted(stage, interrupted_by, killed)
     timings.record(stage, "ran" if status == 0 else "failed", seconds, cpu, command)
     if status != 0:
         raise StageFailed(stage, status)
@@ -440,7 +539,7 @@ def write_selection_report(preset: str, plan: Plan, jobs: list[Job], result_dir:
 
 
 def _validation_sweeps(jobs: list[Job]) -> dict[str, dict]:
-    return {job.run_dir.name: read_json(job.run_dir / "robustness_val.json")["sweeps"][SELECTION_SWEEP]
+    return {job.run_dir.name: evaluate.read_sweeps(job.run_dir / "robustness_val.json")[SELECTION_SWEEP]
             for job in jobs}
 
 
@@ -510,6 +609,21 @@ def _sweep_settings_line(sweep: str, results: dict[str, dict], split: str = "tes
     return "; ".join(f"{run}: {text}" for run, text in described.items())
 
 
+HISTORY_CHECKS = {"seconds": evaluate.is_number, "val_accuracy": evaluate.is_number}  # what the report reads
+
+
+def _history(path: Path) -> list[dict]:
+    """A run's history.json (an entry per epoch; none when missing), checked to hold what the report reads."""
+    history = read_json(path) if path.is_file() else []
+    wrong = "not a JSON list" if not isinstance(history, list) else next(
+        (f"epoch {i + 1}: {wrong}" for i, entry in enumerate(history)
+         if (wrong := evaluate.first_wrong(entry, HISTORY_CHECKS) if isinstance(entry, dict) else "not an object")),
+        None)
+    if wrong:
+        raise ReproduceError(f"{path}: {wrong}: not a history that training writes")
+    return history
+
+
 def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, result_dir: Path,
                  jobs: list[Job], ready: list[Job], tables: dict[str, str], timings: Timings) -> str:
     def rel(path: Path) -> str:
@@ -520,10 +634,7 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
              f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} by "
              f"`python {shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`.",
              ""]
-    try:
-        meta = load_cache(data_dir).meta
-    except DataError:
-        meta = None
+    meta = cache_meta(data_dir)
     lines += ["## Data", "", f"- records: `{raw_dir}` ({meta['source_format'] if meta else '?'} form, "
               f"{meta['n_records'] if meta else '?'} usable records)",
               f"- cache: `{data_dir}`; split: {plan.val_per_class} validation and {plan.test_per_class} test "
@@ -537,8 +648,8 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
                          + f" | {sum(counts[split].values())} |")
     lines += [""]
 
-    histories = {job: read_json(job.run_dir / "history.json") or [] for job in ready}
-    configs = {job: read_json(job.run_dir / "config.json") or {} for job in ready}
+    histories = {job: _history(job.run_dir / "history.json") for job in ready}
+    configs = {job: saved_settings(job) for job in ready}
     lines += ["## Runs", "",
               f"Preset `{plan_name}` for every run: " +
               ", ".join(f"{k}={getattr(jobs[0].cfg, k)}" for k in
@@ -562,16 +673,15 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
         lines += ["", "Not in the tables (not trained or not evaluated yet): "
                   + ", ".join(f"`{job.run_dir.name}`" for job in missing) + "."]
 
-    evals = {job: read_json(job.run_dir / "eval_test.json") or {} for job in ready}
-    n_test = {evals[job].get("clean", {}).get("n") for job in ready}
+    evals = {job: evaluate.read_clean(job.run_dir / "eval_test.json") for job in ready}
+    n_test = {evals[job]["n"] for job in ready}
     lines += ["", "## Clean metrics", "",
               f"Split: test ({', '.join(map(str, sorted(n for n in n_test if n)))} records), clean inputs, model in "
               "eval mode, signals right-aligned. Checkpoint of each row: that run's `model.pt` (see Runs). "
               "Columns: per-class F1, mean F1 over the 9 classes, the CPSC2018 sub-scores Faf, Fblock, Fpc, "
               "Fst, class-balanced accuracy (mean per-class recall), number of records. Time: part of each "
               "run's training stage (see Stage timings).", "", tables["clean"], ""]
-    near_chance = [job.run_dir.name for job in ready
-                   if evals[job].get("clean", {}).get("accuracy", 1.0) <= CHANCE_NOTE_ACCURACY]
+    near_chance = [job.run_dir.name for job in ready if evals[job]["accuracy"] <= CHANCE_NOTE_ACCURACY]
     if near_chance:
         lines += [f"Note: near chance (class-balanced accuracy of guessing: 1/{len(CLASSES)} = "
                   f"{1 / len(CLASSES):.3f}): "
@@ -579,8 +689,8 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
                   "such a run learned (almost) nothing, so its robustness rows below are no evidence of "
                   "robustness (a constant prediction does not change under any noise).", ""]
 
-    robustness = {job: (read_json(job.run_dir / "robustness_test.json") or {}).get("sweeps", {})
-                  for job in ready}
+    robustness = {job: evaluate.read_sweeps(job.run_dir / "robustness_test.json")
+                  if (job.run_dir / "robustness_test.json").is_file() else {} for job in ready}
     sweep_names = [s for s in SWEEPS if f"{s}_accuracy" in tables]
     if sweep_names:
         lines += ["## Robustness", "",
@@ -609,7 +719,8 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
 
     example = result_dir / "compare" / "adversarial_example.png"
     if example.is_file():
-        eps = (read_json(example.with_suffix(".json")) or {}).get("eps", "?")
+        plotted = read_json(example.with_suffix(".json"))
+        eps = plotted.get("eps", "?") if isinstance(plotted, dict) else "?"
         lines += ["## Adversarial example", "",
                   f"One test record under L-inf PGD at eps {eps} (each run's pgd_linf settings), every run side by "
                   "side: two leads clean and attacked, the perturbation, the predictions before and after; the "
@@ -649,13 +760,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                   "paper-selection (the NSR and Jacobian coefficient study on CPSC2018's validation "
                                   "split; with --dry_run: every run and its estimated cost).")
     parser.add_flag("--preset", default="paper", choices=list(PLANS))
-    parser.add_flag("--raw_dir", help="the records (synthetic presets generate them there); default per "
-                                      "preset: " + ", ".join(f"{k} {p.raw_dir or '(required)'}"
-                                                             for k, p in PLANS.items()))
-    parser.add_flag("--result_dir", help="where the runs, compare/, report.md and timings.json go "
-                                         "(default per preset: "
-                                         + ", ".join(f"{k} {preset_setting(k, 'result_dir')}" for k in PLANS)
-                                         + ")")
+    parser.add_flag("--raw_dir", type=folder,
+                    help="the records (synthetic presets generate them there); default per preset: "
+                         + ", ".join(f"{k} {p.raw_dir or '(required)'}" for k, p in PLANS.items()))
+    parser.add_flag("--result_dir", type=folder,
+                    help="where the runs, compare/, report.md and timings.json go (default per preset: "
+                         + ", ".join(f"{k} {preset_setting(k, 'result_dir')}" for k in PLANS) + ")")
     parser.add_flag("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
                     help=f"a subset of {', '.join(METHODS)} (space- or comma-separated)")
     parser.add_flag("--skip_train", action="store_true",
@@ -685,6 +795,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def check_folder(flag: str, path: Path) -> None:
+    """Refuse a folder, given by ``flag`` or its default, that is a file or lies under one: every
+    stage would fail on it, after the stages before it had run."""
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        raise ReproduceError(f"{flag} {path}: {existing} is a file, not a folder")
+
+
 def _torchrun_world() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
@@ -704,6 +822,8 @@ def reproduce(args: argparse.Namespace) -> int:
     # The runs' own settings name the cache and the result folder (whatever set them).
     data_dir, result_dir = Path(all_jobs[0].cfg.data_dir), Path(all_jobs[0].cfg.result_dir)
     jobs = [job for job in all_jobs if job.method in args.methods]
+    for flag, path in (("--raw_dir", raw_dir), ("--result_dir", result_dir)):
+        check_folder(flag, path)
     timings = Timings(result_dir / "timings.json", args.preset, args.dry_run)
     print(f"reproduce: preset {args.preset}, records {raw_dir}, cache {data_dir}, results {result_dir}, "
           f"{len(jobs)} run(s): {', '.join(job.run_dir.name for job in jobs)}", flush=True)
@@ -746,7 +866,9 @@ def main(argv: list[str] | None = None) -> int:
               "interrupted run resumes from its checkpoints", file=sys.stderr)
         return 1
     except Interrupted as interruption:
-        print(f"error: interrupted during stage '{interruption.stage}'; rerun the same command to "
+        killed = f" (killed: it had not stopped {STOP_GRACE_SECONDS} s after the signal)" \
+            if interruption.killed else ""
+        print(f"error: interrupted during stage '{interruption.stage}'{killed}; rerun the same command to "
               "continue (training resumes from its last checkpoint)", file=sys.stderr)
         return 128 + interruption.signum
     except KeyboardInterrupt:

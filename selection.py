@@ -50,7 +50,7 @@ def selection_report(studies: dict[str, tuple[str, dict[float, Path]]], sweep: s
     out_dir.mkdir(parents=True, exist_ok=True)
     lines, all_picks = [], {}
     for method, (setting, runs) in studies.items():
-        results = {value: evaluate.read_result(run / "robustness_val.json", "sweeps").get(sweep)
+        results = {value: evaluate.read_sweeps(run / "robustness_val.json").get(sweep)
                    for value, run in runs.items()}
         missing = [str(runs[value]) for value, result in results.items() if result is None]
         if missing:
@@ -59,7 +59,7 @@ def selection_report(studies: dict[str, tuple[str, dict[float, Path]]], sweep: s
         curves = {f"{setting}={value:g}": {sweep: result} for value, result in results.items()}
         lines += [f"## {method}: {setting}", ""]
         for metric, name in (("accuracy", "accuracy"), ("mean_f1", "f1")):
-            table = evaluate.sweep_table(curves, sweep, metric, split="val")
+            table = evaluate.sweep_table(curves, sweep, metric)
             stem = out_dir / f"{method}_{name}"
             write_text_atomic(stem.with_suffix(".csv"), table.to_csv(float_format="%.4f"))
             markdown = to_markdown(table)

@@ -157,7 +157,8 @@ def fake_run():
             levels = [0.0, *evaluate.noise_levels("white")]
             sweeps = {"white": {"sweep": "white", "level_list": "paper", "levels": levels, "axis_levels": levels,
                                 "accuracy": [1.0] * len(levels), "mean_f1": [1.0] * len(levels),
-                                "auc": 1.0, "auc_f1": 1.0}}
+                                "auc": 1.0, "auc_f1": 1.0, "n": 9,
+                                "settings": {"steps": 0, "restarts": 1, "max_batches": 0, "seed": 0}}}
         if sweeps is not None:
             (folder / "robustness_test.json").write_text(json.dumps({"sweeps": sweeps}))
         return folder

@@ -1,6 +1,7 @@
 import errno
 import json
 import os
+import resource
 import shutil
 
 import numpy as np
@@ -206,6 +207,31 @@ def test_compare_refuses_malformed_results_in_one_line(tmp_path, fake_run, one_e
     assert str(run / "eval_test.json") in one_error_line()
 
 
+@pytest.mark.parametrize("file,change,wrong", [
+    ("eval_test.json", lambda r: r["clean"].update(accuracy="0.5"), "malformed clean metrics ('accuracy' is '0.5')"),
+    ("eval_test.json", lambda r: r["clean"].update(f1=[1.0] * 8), "malformed clean metrics ('f1' is [1.0, "),
+    ("eval_test.json", lambda r: r["clean"].update(n=9.5), "malformed clean metrics ('n' is 9.5)"),
+    ("robustness_test.json", lambda r: r["sweeps"]["white"].update(auc="high"),
+     "malformed 'white' results ('auc' is 'high')"),
+    ("robustness_test.json", lambda r: r["sweeps"]["white"]["accuracy"].pop(),
+     "malformed 'white' results ('accuracy' is [1.0, "),
+    ("robustness_test.json", lambda r: r["sweeps"]["white"]["settings"].pop("seed"),
+     "malformed 'white' results ('settings' is {"),
+    ("robustness_test.json", lambda r: r["sweeps"]["white"].update(levels=None),
+     "malformed 'white' results ('levels' is None)"),
+    ("robustness_test.json", lambda r: r["sweeps"].update(white=[]), "malformed 'white' results (not an object)"),
+])
+def test_compare_refuses_result_fields_of_the_wrong_type_naming_the_file_and_the_field(tmp_path, fake_run,
+                                                                                      one_error_line, file, change,
+                                                                                      wrong):
+    run = fake_run(tmp_path / "A")
+    content = json.loads((run / file).read_text())
+    change(content)
+    (run / file).write_text(json.dumps(content))
+    assert evaluate.main(["compare", str(run), "--out", str(tmp_path / "out")]) == 2
+    assert one_error_line().startswith(f"error: {run / file}: {wrong}")
+
+
 def test_a_refused_compare_creates_no_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the default --out, result/compare, is relative
     assert evaluate.main(["compare", str(tmp_path / "missing")]) == 2
@@ -234,6 +260,88 @@ def test_a_checkpoint_without_its_config_is_refused_in_one_line(tmp_path, untrai
     torch.save(state, path)
     assert evaluate.main([str(path)]) == 2
     assert one_error_line() == f"error: {path}: not a checkpoint of this project (KeyError: 'config')"
+
+
+@pytest.fixture(scope="module")
+def saved_state(untrained_run, tmp_path_factory) -> dict:
+    """What model.pt of conftest's untrained_run holds: model_name, model (weights) and config."""
+    return torch.load(untrained_run(tmp_path_factory.mktemp("saved") / "CE") / "model.pt", weights_only=True)
+
+
+def first_weight_halved(weights: dict) -> dict:
+    name = next(iter(weights))
+    return {**weights, name: weights[name][: len(weights[name]) // 2]}
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(eval_batch_size=0), "its saved eval_batch_size is 0, below the least a training saves (1)"),
+    (dict(max_length=-5), "its saved max_length is -5, below the least a training saves (1)"),
+    (dict(max_length="abc"), "its saved max_length is 'abc', not a whole number"),
+    (dict(batch_size=8.0), "its saved batch_size is 8.0, not a whole number"),
+    (dict(seed=True), "its saved seed is True, not a whole number"),
+    (dict(bucket="yes"), "its saved bucket is 'yes', not true or false"),
+    (dict(data_dir=5), "its saved data_dir is 5, not a string"),
+    (dict(sweeps="pgd_l3"), "its saved settings cannot be evaluated (--sweeps: unknown sweep 'pgd_l3'"),
+    (dict(levels="huge"), "its saved settings cannot be evaluated (--levels: unknown level list 'huge'"),
+    (dict(max_length=1000, random_pad=0), "its saved settings cannot be evaluated (input length 1000 is not "
+                                          "supported"),
+    ("config as a list", "not a checkpoint of this project (its config is not a dict)"),
+    ("weights of the wrong shape", "not a checkpoint of this project (RuntimeError: Error(s) in loading "
+                                   "state_dict for ResNet18A: size mismatch for "),
+    ("a list, not a checkpoint", "not a checkpoint of this project (TypeError: "),
+])
+def test_a_malformed_checkpoint_is_refused_in_one_line_naming_it(tmp_path, saved_state, one_error_line, change,
+                                                                 message):
+    """Files that torch loads with weights_only=True but that no training of this project wrote."""
+    state = {"config as a list": {**saved_state, "config": [saved_state["config"]]},
+             "weights of the wrong shape": {**saved_state, "model": first_weight_halved(saved_state["model"])},
+             "a list, not a checkpoint": [saved_state]}.get(change) if isinstance(change, str) \
+        else {**saved_state, "config": {**saved_state["config"], **change}}
+    torch.save(state, tmp_path / "bad.pt")
+    assert evaluate.main([str(tmp_path / "bad.pt"), "--device", "cpu"]) == 2
+    assert one_error_line().startswith(f"error: {tmp_path / 'bad.pt'}: {message}")
+    assert not (tmp_path / "bad").exists()  # refused before its results folder was made
+
+
+def test_a_checkpoint_file_without_a_suffix_or_with_a_file_in_the_way_is_refused_in_one_line(
+        tmp_path, saved_state, one_error_line):
+    """Its results folder would be the file itself (or that file): the refusal comes before any work."""
+    torch.save(saved_state, tmp_path / "epoch_010")
+    assert evaluate.main([str(tmp_path / "epoch_010"), "--device", "cpu"]) == 2
+    assert one_error_line() == (f"error: {tmp_path / 'epoch_010'}: a checkpoint file without a suffix: its "
+                                "results would go into a folder of the same name (the file's name without its "
+                                "suffix); rename it to end in .pt")
+    (tmp_path / "epoch_010").rename(tmp_path / "epoch_010.pt")
+    (tmp_path / "epoch_010").write_text("notes")
+    assert evaluate.main([str(tmp_path / "epoch_010.pt"), "--device", "cpu"]) == 2
+    assert one_error_line() == (f"error: {tmp_path / 'epoch_010'}: a file, in the way of the folder that the "
+                                "results of epoch_010.pt go into: move it away")
+    assert (tmp_path / "epoch_010").read_text() == "notes"
+
+
+@pytest.mark.parametrize("argv,flag", [(["RUN", "--data_dir", ""], "--data_dir/--data-dir"),
+                                       (["compare", "RUN", "--out", " "], "--out")])
+def test_an_empty_folder_flag_is_refused_in_one_line(tmp_path, monkeypatch, fake_run, one_error_line, argv, flag):
+    monkeypatch.chdir(tmp_path)  # an empty path would mean this folder
+    fake_run(tmp_path / "RUN")
+    assert evaluate.main(argv) == 2
+    assert one_error_line() == f"error: argument {flag}: an empty path names no folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["RUN"]
+
+
+def test_a_write_beyond_the_file_size_limit_names_the_file(tmp_path, untrained_run, monkeypatch, one_error_line):
+    """ulimit -f: the kernel's error names no file; the message must."""
+    run = untrained_run(tmp_path / "CE")
+    monkeypatch.setattr(evaluate, "evaluate_clean", lambda *args: classification_scores(np.eye(9, dtype=int)))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))  # eval_test.json is larger
+    try:
+        status = evaluate.main([str(run), "--sweeps", "", "--device", "cpu"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert status == 1
+    assert one_error_line() == f"error: [Errno {errno.EFBIG}] File too large: '{run / 'eval_test.json'}'"
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "model.pt"]  # the partial file was removed
 
 
 def test_an_unavailable_device_is_refused_in_one_line(tmp_path, untrained_run, one_error_line):

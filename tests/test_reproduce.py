@@ -191,17 +191,154 @@ def test_a_run_trained_on_another_data_folder_is_not_this_presets_run(tmp_path):
     assert reproduce.run_state(job) == "resume"
 
 
+def chain_of_one_stage(monkeypatch, tmp_path: Path, stage: str, command: list[str]) -> None:
+    """reproduce.main runs only the stage ``stage`` of ``command``, its times in tmp_path/timings.json."""
+    timings = reproduce.Timings(tmp_path / "timings.json", "smoke", dry_run=False)
+    monkeypatch.setattr(reproduce, "reproduce", lambda args: reproduce.run_stage(stage, command, timings, False))
+
+
 def test_sigterm_during_a_stage_is_forwarded_and_ends_with_status_143(tmp_path, monkeypatch, capsys):
     """The stage's process sends SIGTERM to reproduce, which forwards it and exits 128 + 15."""
     stage = [sys.executable, "-c", "import os, signal, time; time.sleep(0.2); "
              "os.kill(os.getppid(), signal.SIGTERM); time.sleep(60)"]
-    timings = reproduce.Timings(tmp_path / "timings.json", "smoke", dry_run=False)
-    monkeypatch.setattr(reproduce, "reproduce", lambda args: reproduce.run_stage("train CE", stage, timings, False))
+    chain_of_one_stage(monkeypatch, tmp_path, "train CE", stage)
     started = time.perf_counter()
     assert reproduce.main(["--preset", "smoke"]) == 128 + signal.SIGTERM == 143
     assert time.perf_counter() - started < 30  # the stage was stopped, not waited for
     assert "error: interrupted during stage 'train CE'" in capsys.readouterr().err
     assert json.loads((tmp_path / "timings.json").read_text())["stages"][0]["status"] == "interrupted"
+
+
+def ended(pid: int, within: float = 2.0) -> bool:
+    """The process ends within ``within`` seconds (SIGKILL takes effect when it is next scheduled); a
+    zombie, ended but not yet reaped by its new parent, has ended."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def test_a_stage_that_does_not_stop_after_sigint_is_killed_with_its_children(tmp_path, monkeypatch, capsys):
+    """The stage's process ignores SIGTERM and has a child of its own: after the grace time both are
+    gone, reproduce exits 128 + 2 with one line, and no process is left to hold the run folder."""
+    pids = tmp_path / "pids"
+    stage = [sys.executable, "-c", "import os, signal, subprocess, sys, time; "
+             "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+             "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(20)']); "
+             f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}'); "
+             "os.kill(os.getppid(), signal.SIGINT); time.sleep(20)"]
+    monkeypatch.setattr(reproduce, "STOP_GRACE_SECONDS", 0.5)
+    chain_of_one_stage(monkeypatch, tmp_path, "train CE", stage)
+    started = time.perf_counter()
+    assert reproduce.main(["--preset", "smoke"]) == 128 + signal.SIGINT
+    assert time.perf_counter() - started < 15  # not the 20 s the stage would take
+    assert capsys.readouterr().err == ("error: interrupted during stage 'train CE' (killed: it had not stopped 0.5 s "
+                                       "after the signal); rerun the same command to continue (training resumes "
+                                       "from its last checkpoint)\n")
+    assert all(ended(int(pid)) for pid in pids.read_text().split())
+    assert json.loads((tmp_path / "timings.json").read_text())["stages"][0]["status"] == "killed"
+
+
+def test_sigint_reaches_the_stage_as_sigterm(tmp_path, monkeypatch, capsys):
+    """Not as SIGINT, a KeyboardInterrupt and its traceback in a stage that does not catch it."""
+    received = tmp_path / "received"
+    stage = [sys.executable, "-c", "import os, signal, time; "
+             f"signal.signal(signal.SIGTERM, lambda *a: (open({str(received)!r}, 'a').write('TERM'), os._exit(0))); "
+             f"signal.signal(signal.SIGINT, lambda *a: (open({str(received)!r}, 'a').write('INT'), os._exit(0))); "
+             "os.kill(os.getppid(), signal.SIGINT); time.sleep(20)"]
+    chain_of_one_stage(monkeypatch, tmp_path, "data: preprocess", stage)
+    assert reproduce.main(["--preset", "smoke"]) == 128 + signal.SIGINT
+    assert received.read_text() == "TERM"
+    assert "error: interrupted during stage 'data: preprocess';" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--result_dir", "taken"], "--result_dir taken: taken is a file, not a folder"),
+    (["--result_dir", "taken/sub"], "--result_dir taken/sub: taken is a file, not a folder"),
+    (["--raw_dir", "taken"], "--raw_dir taken: taken is a file, not a folder"),
+    (["--result_dir", ""], "argument --result_dir/--result-dir: an empty path names no folder"),
+    (["--raw_dir", " "], "argument --raw_dir/--raw-dir: an empty path names no folder"),
+])
+def test_a_folder_flag_naming_a_file_or_nothing_is_refused_before_any_work(tmp_path, monkeypatch, one_error_line,
+                                                                           flags, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("notes")
+    assert reproduce.main(["--preset", "smoke", "--methods", "CE", *flags]) == 2
+    assert one_error_line() == f"error: {message}"
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]  # no data generated, no folder made
+
+
+def rewrite_json(path: Path, change) -> None:
+    content = json.loads(path.read_text())
+    change(content)
+    path.write_text(json.dumps(content))
+
+
+@pytest.mark.parametrize("file,change,message", [
+    ("CE/eval_test.json", lambda r: r["clean"].update(accuracy="0.5"), "malformed clean metrics ('accuracy' is '0.5')"),
+    ("CE/robustness_test.json", lambda r: r["sweeps"]["white"].update(auc="high"),
+     "malformed 'white' results ('auc' is 'high')"),
+    ("CE/config.json", None, "its data_dir is 5, not a string: not the settings of a run of this project"),
+    ("CE/history.json", None, "epoch 1: 'seconds' is '12': not a history that training writes"),
+])
+def test_result_files_of_the_wrong_type_are_refused_in_one_line_naming_the_file_and_the_field(
+        tmp_path, fake_run, capsys, file, change, message):
+    result = tmp_path / "result"
+    fake_run(result / "CE")
+    (result / "CE" / "config.json").write_text(json.dumps({"data_dir": 5}))
+    (result / "CE" / "history.json").write_text(json.dumps([{"seconds": "12", "val_accuracy": 0.5}]))
+    for name in ("config.json", "history.json"):  # each case damages one file; the others are as training wrote them
+        if not file.endswith(name):
+            (result / "CE" / name).write_text(json.dumps({"data_dir": "data/smoke/processed"} if name == "config.json"
+                                                         else [{"seconds": 12.0, "val_accuracy": 0.5}]))
+    if change:
+        rewrite_json(result / file, change)
+    assert reproduce.main(["--preset", "smoke", "--skip_train", "--methods", "CE", "--result_dir", str(result)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(f"error: {result / file}: {message}") and "Traceback" not in err
+
+
+def test_a_damaged_timings_json_is_set_aside_with_a_note(tmp_path, fake_run, capsys):
+    result = tmp_path / "result"
+    fake_run(result / "CE")
+    (result / "timings.json").write_text(json.dumps({"preset": "smoke", "stages": [{"stage": "train CE (CE)"}]}))
+    assert reproduce.main(["--preset", "smoke", "--skip_train", "--methods", "CE", "--result_dir", str(result)]) == 0
+    assert (f"note: {result / 'timings.json'}: stage 1: 'status' is None: the earlier invocations' stage times are "
+            "dropped\n") in capsys.readouterr().out
+    stages = json.loads((result / "timings.json").read_text())["stages"]
+    assert [(s["stage"], s["status"]) for s in stages] == [("compare", "ran"), ("report", "ran")]
+
+
+def test_a_cache_whose_meta_has_the_wrong_types_is_rebuilt_with_a_note(tiny_cache, tmp_path, capsys):
+    cache, raw_dir = tmp_path / "processed", tiny_cache.parent / "train"
+    shutil.copytree(tiny_cache, cache)
+    assert reproduce.cache_valid(cache, raw_dir, 1, 2)
+    rewrite_json(cache / "meta.json", lambda meta: meta.update(settings=[1, 2]))
+    assert not reproduce.cache_valid(cache, raw_dir, 1, 2)  # so prepare_data runs preprocess again
+    assert capsys.readouterr().out == (f"note: {cache / 'meta.json'}: 'settings' is [1, 2]: the cache is taken as "
+                                       "damaged\n")
+
+
+def test_damaged_evaluation_results_are_evaluated_again_with_a_note(tmp_path, fake_run, capsys):
+    (job,) = reproduce.plan_jobs("smoke", ["CE"], str(tmp_path))
+    settings = {"steps": job.cfg.sweep_steps, "restarts": job.cfg.sweep_restarts,
+                "max_batches": job.cfg.sweep_max_batches, "seed": 0}
+    levels = [0.0, 0.01, 0.05]
+    sweeps = {name: {"sweep": name, "level_list": "paper", "levels": levels, "axis_levels": levels,
+                     "accuracy": [1.0] * 3, "mean_f1": [1.0] * 3, "auc": 1.0, "auc_f1": 1.0, "n": 9,
+                     "settings": settings} for name in ("white", "pgd_linf")}
+    fake_run(job.run_dir, sweeps)
+    assert reproduce.evaluation_complete(job)
+    rewrite_json(job.run_dir / "robustness_test.json", lambda r: r["sweeps"]["pgd_linf"].update(auc_f1=None))
+    assert not reproduce.evaluation_complete(job)
+    assert capsys.readouterr().out == (f"note: {job.run_dir / 'robustness_test.json'}: malformed 'pgd_linf' results "
+                                       "('auc_f1' is None): evaluate the run again (this invocation does)\n")
 
 
 def test_a_file_that_cannot_be_written_while_running_is_status_1(tmp_path, fake_run, capsys):
@@ -231,7 +368,8 @@ def test_snr_tables_keep_clean_and_0_db_apart(tmp_path, fake_run):
     for run in ("A", "B"):
         sweep = {"sweep": "muscle", "level_list": "paper", "levels": levels,
                  "axis_levels": [0.0] + [10 ** (-s / 20) for s in levels[1:]], "accuracy": accuracy,
-                 "mean_f1": accuracy, "auc": 0.5, "auc_f1": 0.5, "n": 3, "settings": {}}
+                 "mean_f1": accuracy, "auc": 0.5, "auc_f1": 0.5, "n": 3,
+                 "settings": {"steps": 0, "restarts": 1, "max_batches": 0, "seed": 0}}
         fake_run(tmp_path / run, {"muscle": sweep}, clean=([0, 1, 2], [0, 1, 1]))
     tables = evaluate.compare_runs([tmp_path / "A", tmp_path / "B"], tmp_path / "compare")
     header, _, first, second = tables["muscle_accuracy"].splitlines()

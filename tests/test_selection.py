@@ -78,10 +78,10 @@ class InProcessStage:
     process by run_script: the stages' own processes are tested by the smoke chain
     (test_reproduce.py)."""
 
-    def __init__(self, command: list[str], env: dict):
+    def __init__(self, command: list[str], env: dict, start_new_session: bool):
         self.status = run_script(Path(command[1]), *command[2:], capture=False)[0]
 
-    def wait(self) -> int:
+    def wait(self, timeout: float | None = None) -> int:
         return self.status
 
 
