@@ -67,9 +67,14 @@ FOLDERS = {"data_dir", "result_dir"}
 TEXTS = {"run_name", "model", "device", "sweeps", "levels"}
 
 
+def value_type(key: str) -> type:
+    """The type of a setting's value."""
+    return bool if key in SWITCHES else str if key in FOLDERS | TEXTS else int if key in COUNTS else float
+
+
 def flag_type(key: str) -> Callable:
-    return (bool if key in SWITCHES else folder if key in FOLDERS else str if key in TEXTS
-            else int if key in COUNTS else float)
+    """What reads a setting's flag: its value type, or ``folder`` for a folder."""
+    return folder if key in FOLDERS else value_type(key)
 
 
 def as_flag_type(key: str, value):

@@ -25,7 +25,7 @@ from tqdm import tqdm
 import attacks
 import figures
 from config import (ATTACK_KINDS, GRADIENT_SWEEPS, LEVEL_LISTS, SWEEPS, check_device, check_levels,
-                    check_sweep_settings, flag_type, noise_levels, parse_sweeps)
+                    check_sweep_settings, noise_levels, parse_sweeps, value_type)
 from distributed import (all_reduce, distributed, init_distributed, is_main_process, on_main_process, process_device,
                          rank, shutdown_distributed, world_size)
 from ECG_CNN import build_model, check_length
@@ -353,8 +353,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[to
 
 def wrong_setting_type(key: str, value) -> str | None:
     """What is wrong with a saved ``value`` of the setting ``key`` ("<value>, not <type>") when it
-    is not of its flag's type (config.flag_type; a whole number is a number too); None when it is."""
-    kind = flag_type(key)
+    is not of its type (config.value_type; a whole number is a number too); None when it is."""
+    kind = value_type(key)
     fits = isinstance(value, (int, float) if kind is float else kind) and (kind is bool) == isinstance(value, bool)
     return None if fits else f"{value!r}, not {TYPE_NAMES[kind]}"
 
