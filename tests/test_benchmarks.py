@@ -147,11 +147,11 @@ def test_gpu_check_runs_every_stage_with_torch_and_numpy_alone(tmp_path):
 
 
 def test_gpu_check_skips_what_its_budget_cannot_fit_and_still_writes_its_results(tmp_path, capsys):
-    assert gpu_check.main(["--device", "cpu", "--tiny", "--budget_s", "0.001", "--out", str(tmp_path)]) == 0
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--budget_s", "1e-9", "--out", str(tmp_path)]) == 0
     stages = json.loads((tmp_path / "gpu_check.json").read_text())["stages"]
     assert len(stages) == 12
     assert all(stage["status"].startswith("skipped: ") for stage in stages.values())
-    assert "| models: device against CPU | skipped: the budget of 0.001 s is spent" in \
+    assert "| models: device against CPU | skipped: the budget of 1e-09 s is spent" in \
         (tmp_path / "gpu_check.md").read_text()
 
 
