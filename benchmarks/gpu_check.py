@@ -333,21 +333,21 @@ def time_step(make_step: Callable[[], Callable[[], object]], device: torch.devic
 
 def timed_rows(rows: dict[str, Callable[[], Callable[[], object]]], device: torch.device, budget: Budget,
                repeats: int, per_sample: int, reserve: float) -> dict:
-    """time_step for each row while ``reserve`` seconds (an estimate of one row) still fit; a row's
-    error is recorded in one line and the next row runs."""
+    """time_step for each row while ``reserve`` seconds (an estimate of one row, raised to the
+    longest row so far) still fit; a row's error is recorded in one line and the next row runs."""
     results = {}
     for name, make_step in rows.items():
         refusal = budget.refusal(reserve)
         if refusal:
             results[name] = {"status": refusal}
             continue
+        started = time.perf_counter()
         try:
             results[name] = {"status": "done", **time_step(make_step, device, budget, repeats, per_sample)}
         except Exception as error:  # noqa: BLE001 (an out-of-memory or compile failure of one row)
             results[name] = {"status": f"error: {one_line(error)}"}
         free_device_memory(device)
-        if results[name]["status"] == "done":
-            reserve = max(reserve, results[name]["warmup_s"] + results[name]["seconds_per_step"])
+        reserve = max(reserve, time.perf_counter() - started)
     return results
 
 
@@ -395,7 +395,7 @@ def evaluation_rows(args, device: torch.device) -> dict[str, Callable[[], Callab
 def speed_stage(rows_of: Callable[[], dict], args, device: torch.device, budget: Budget,
                 compiled: bool = False) -> dict:
     """Time the rows with cuDNN benchmark on; a row starts while a fortieth of the budget (a sixth
-    when compiling) or the slowest row so far still fits."""
+    when compiling) or the longest row so far still fits."""
     torch.backends.cudnn.benchmark = True
     reserve = budget.seconds / (6 if compiled else 40)
     return {"rows": timed_rows(rows_of(), device, budget, args.repeats, args.batch_size, reserve),
