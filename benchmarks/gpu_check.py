@@ -23,14 +23,15 @@ checks what is left and records "skipped: <why>" for what would not fit. Stages:
 5. speed: seconds per training step of every method (bench_methods.training_step, the labels
    the model's own predictions) at the paper's batch 64 and T = 33792, cuDNN benchmark on;
    float32, then AMP; clean forward and PGD-100 evaluation (per record); the variable-length
-   path (resnet18a_vl on a bucket of --bucket_length); torch.compile of the paper path (a
+   path (resnet18a_vl on a bucket of BUCKET_LENGTH samples); torch.compile of the paper path (a
    failure is recorded in one line; compile time apart from step time).
 6. projection: the cost of `reproduce.py --preset paper` from the float32 paper-path rows by
-   the rule of the CPU dry run's cost table (selection.estimate_seconds per run), in GPU-hours.
+   the rule of the CPU dry run's cost table (selection.estimate_seconds per run), in hours of
+   the device.
 
 Needs only torch and numpy: benchmarks/stand_ins.py stands in for the other packages.
-Exit status 0 when every stage ran and every check passed, 1 otherwise (results written
-either way), 2 for a bad flag or an unavailable device (``--device cpu`` runs it on the CPU).
+Exit status 0 when no check failed and no stage ended in an error (skipped ones do not count),
+1 otherwise (results written either way), 2 for a bad flag or an unavailable device (``--device cpu`` runs it on the CPU).
 """
 from __future__ import annotations
 
