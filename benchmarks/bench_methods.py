@@ -23,6 +23,7 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -81,6 +82,23 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def training_step(row: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                  amp: bool = False) -> Callable[[], None]:
+    """One training step of a STEP_ROWS row on this batch, as the harness takes it (the loss under
+    bf16 autocast with ``amp``), at the method's last epoch; puts the model in train mode."""
+    method, cfg = STEP_ROWS[row]
+    optimizer = harness.make_optimizer(model, cfg.lr, x.device)
+    model.train()
+
+    def step():
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+            loss, _ = SCRIPTS[method].loss_fn(model, x, y, mask, cfg.epochs - 1, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
 def measure(row: str, args) -> dict:
     """Seconds per sample of one row, measured in this process."""
     device = open_device(args.device, args.threads)
@@ -90,15 +108,7 @@ def measure(row: str, args) -> dict:
     with torch.no_grad():
         y = model(x, mask).argmax(dim=1)
     if row in STEP_ROWS:
-        method, cfg = STEP_ROWS[row]
-        optimizer = harness.make_optimizer(model, cfg.lr, device)
-        model.train()
-
-        def step():
-            loss, _ = SCRIPTS[method].loss_fn(model, x, y, mask, cfg.epochs - 1, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        step = training_step(row, model, x, y, mask)
     elif row == LOADER_ROW:
         loader = make_loader(args.batch_size, args.length)
 

@@ -231,6 +231,35 @@ def test_masked_group_norm_paths_agree_and_fill_the_invalid_positions(monkeypatc
         torch.testing.assert_close(rows, batched)
 
 
+def test_the_per_sample_path_reads_the_batch_through_one_node(monkeypatch):
+    """Its backward joins the samples' gradients in one copy. A node per sample reading x would
+    give each sample a gradient of the whole batch's size to add up: quadratic in the batch size."""
+    monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", 0)
+    x, mask = interval_batch()
+    out = MaskedGroupNorm(6, 6).double()(x.requires_grad_(True), mask)
+    assert path_taken(out) == "rows"
+    readers, seen, pending = 0, set(), [out.grad_fn]
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is not None:
+                readers += getattr(child, "variable", None) is x
+                pending.append(child)
+    assert readers == 1
+
+
+def test_off_the_cpu_the_norm_is_batched_without_reading_values(monkeypatch):
+    """CUDA's path: a fixed number of kernels, no loop over samples or intervals and no read of the
+    mask on the host. On the meta device (shapes only) any read of a value would raise."""
+    monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", 0)
+    x, mask = (t.to("meta") for t in interval_batch(torch.float32))
+    out = MaskedGroupNorm(6, 6).to("meta")(x.requires_grad_(True), mask)
+    assert path_taken(out) == "batched" and out.shape == x.shape
+
+
 def test_non_interval_masks_take_the_batched_path(monkeypatch):
     monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", 0)
     x, mask = interval_batch()

@@ -1,10 +1,16 @@
 """The benchmark scripts run in a smoke size, so that they cannot rot (no timing is asserted),
 and refuse bad flags with one line."""
+import importlib.metadata
+import importlib.util
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from benchmarks import bench_autoattack, bench_methods, bench_pgd, bench_variable_length, common
+from benchmarks import bench_autoattack, bench_methods, bench_pgd, bench_variable_length, common, gpu_check
 from helpers import REPO, run_script
 
 # script: its module (its main(argv) is what the script runs)
@@ -85,3 +91,77 @@ def test_flags_are_never_abbreviated(script, one_error_line, monkeypatch):
         monkeypatch.setattr(holder, "open_device", accepted, raising=False)
     assert module.main(["--thread", "1"]) == 2
     assert one_error_line() == "error: unrecognized arguments: --thread 1"
+
+
+def torch_and_numpy_only(site: Path) -> Path:
+    """A folder of links to torch, numpy and the distributions torch needs, nothing else: with
+    ``python -S`` and PYTHONPATH=site, the image of a GPU machine without pandas, scipy ..."""
+    def canonical(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    needed, pending = set(), ["torch", "numpy"]
+    while pending:
+        name = canonical(pending.pop())
+        if name in needed:
+            continue
+        needed.add(name)
+        try:
+            requirements = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:  # an optional one, not installed here
+            continue
+        pending += [re.match(r"[A-Za-z0-9._-]+", r).group() for r in requirements if "extra ==" not in r]
+    site.mkdir()
+    for top, distributions in importlib.metadata.packages_distributions().items():
+        spec = importlib.util.find_spec(top) if any(canonical(d) in needed for d in distributions) else None
+        if spec is not None and spec.origin not in (None, "built-in", "frozen"):
+            source = Path(spec.submodule_search_locations[0]) if spec.submodule_search_locations else Path(spec.origin)
+            (site / source.name).symlink_to(source)
+    return site
+
+
+@pytest.mark.slow  # the whole check in a fresh interpreter: about a minute on 2 busy cores
+def test_gpu_check_runs_every_stage_with_torch_and_numpy_alone(tmp_path):
+    site = torch_and_numpy_only(tmp_path / "site")
+    out = tmp_path / "check"
+    done = subprocess.run([sys.executable, "-S", str(REPO / "benchmarks" / "gpu_check.py"), "--device", "cpu",
+                           "--tiny", "--budget_s", "600", "--out", str(out)],
+                          capture_output=True, text=True, env={"PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    result = json.loads((out / "gpu_check.json").read_text())
+    assert {"pandas", "scipy", "matplotlib"} <= set(result["versions"]["stand_ins"])  # absent, stood in for
+    stages = result["stages"]
+    assert [stages[name]["status"] for name in ("models: device against CPU", "attacks and losses", "training",
+                                                "amp")] == ["passed"] * 4
+    assert set(stages["models: device against CPU"]["models"]) == {"resnet18a", "resnet18a_vl"}
+    attacked = stages["attacks and losses"]["attacks"]
+    assert len(attacked) == 12 and all(r["largest_norm_over_eps"] > 0.5 for r in attacked.values())  # they moved
+    assert set(stages["attacks and losses"]["losses"]) == set(bench_methods.STEP_ROWS)
+    speed = [stage for name, stage in stages.items() if name.startswith("speed: ")]
+    assert len(speed) == 7 and all(stage["status"] == "done" for stage in speed)
+    assert all(row["status"] == "done" and row["seconds_per_step"] > 0 for stage in speed
+               for row in stage["rows"].values())
+    projection = stages["projection: reproduce.py --preset paper"]
+    assert projection["runs_estimated"] == len(projection["runs"]) == 7 and projection["total_hours"] > 0
+    report = (out / "gpu_check.md").read_text()
+    assert f"torch {result['versions']['torch']}" in report and "| CE |" in report
+
+
+def test_gpu_check_skips_what_its_budget_cannot_fit_and_still_writes_its_results(tmp_path, capsys):
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--budget_s", "1e-9", "--out", str(tmp_path)]) == 0
+    stages = json.loads((tmp_path / "gpu_check.json").read_text())["stages"]
+    assert len(stages) == 12
+    assert all(stage["status"].startswith("skipped: ") for stage in stages.values())
+    assert "| models: device against CPU | skipped: the budget of 1e-09 s is spent" in \
+        (tmp_path / "gpu_check.md").read_text()
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--device", "no-such-device"], "--device no-such-device: not available here"),
+    (["--tiny", "--budget_s", "0"], "--budget_s must be > 0"),
+    (["--tiny", "--out", " "], "argument --out: an empty path names no folder"),
+    ([], "the following arguments are required: --out"),
+])
+def test_gpu_check_refuses_bad_flags_in_one_line(flags, problem, tmp_path, one_error_line):
+    argv = flags if "--out" in flags or not flags else [*flags, "--out", str(tmp_path)]
+    assert gpu_check.main(argv) == 2
+    assert one_error_line().startswith(f"error: {problem}")
