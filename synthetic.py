@@ -40,8 +40,8 @@ import scipy.io
 import scipy.signal
 import scipy.stats
 
+from cpsc2018 import CLASSES, FS, REFERENCE_COLUMNS
 from flags import ConfigError, OneLineParser, folder
-from preprocess import CLASSES, FS, REFERENCE_COLUMNS
 
 NORMAL, AF, IAVB, LBBB, RBBB, PAC, PVC, STD, STE = range(1, 10)  # label k is CLASSES[k - 1]
 QUANTA_PER_MV = 1000  # values are multiples of 0.001 mV, the resolution of the real CPSC2018 data
@@ -354,7 +354,7 @@ def _nuisances(n_samples: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def synthesize_record(label: int | Sequence[int], n_samples: int, rng: np.random.Generator) -> np.ndarray:
-    """One synthetic 12-lead ECG (leads as in preprocess.LEAD_NAMES, 500 Hz, mV, quantized to 0.001 mV).
+    """One synthetic 12-lead ECG (leads as in cpsc2018.LEAD_NAMES, 500 Hz, mV, quantized to 0.001 mV).
 
     ``label`` is a class 1..9 or a sequence of compatible classes (a multi-label record,
     e.g. (AF, RBBB)). III, aVR, aVL and aVF are computed from I and II as in a real
