@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from preprocess import CLASSES, LEADS
+from cpsc2018 import CLASSES, LEADS
 
 DOWNSAMPLE = 1024  # stem (4) x eight stride-2 blocks (256)
 POOL_KERNEL = 3 * DOWNSAMPLE  # the receptive field of one position of the last conv
@@ -289,7 +289,7 @@ MODELS = {"resnet18a": ResNet18A, "resnet18m": ResNet18M, "resnet18a_vl": ResNet
 
 def build_model(name: str = "resnet18a", in_leads: int = len(LEADS),
                 num_classes: int = len(CLASSES)) -> nn.Module:
-    """Build a model by name (by default for the 8 leads of ``preprocess.LEADS`` and the 9 classes);
+    """Build a model by name (by default for the 8 leads of ``cpsc2018.LEADS`` and the 9 classes);
     raises ValueError naming the known models for an unknown one."""
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}': choose one of {', '.join(MODELS)}")

@@ -23,8 +23,9 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, default_collate
 
+from cpsc2018 import LEADS
 from ECG_CNN import DOWNSAMPLE, MIN_LENGTH
-from preprocess import LEADS, Cache, load_cache
+from preprocess import Cache, load_cache
 
 MAX_LENGTH = 30720
 RANDOM_PAD = 3072

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from preprocess import FS
+from cpsc2018 import FS
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

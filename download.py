@@ -11,7 +11,6 @@ already in the records folder is replaced, never written through.
 """
 from __future__ import annotations
 
-import csv
 import http.client
 import os
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from tqdm import tqdm
 
+from cpsc2018 import REFERENCE_FILE, read_reference
 from safe_writes import atomic_path
 
 # WFDB_CPSC2018.tar.gz of the PhysioNet/CinC Challenge 2021's public training data (listed under
@@ -36,7 +36,6 @@ CPSC2018_ARCHIVE_URL = (
 )
 ARCHIVE_NAME = "WFDB_CPSC2018.tar.gz"
 RECORD_SUFFIXES = (".hea", ".mat")
-LABEL_FILE = "REFERENCE.csv"
 CHUNK_BYTES = 1 << 20
 TIMEOUT_SECONDS = 60  # a connection, or a read, that brings nothing for this long fails
 # A transfer that brings less than STALL_BYTES in STALL_SECONDS is given up (and resumed like a
@@ -189,13 +188,13 @@ def unpack_records(archive: Path, records_dir: Path) -> int:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise _refused(archive, f"{problems[0]}{more}")
         wanted = [member for member in members if member.isfile() and (
-            member.name.endswith(RECORD_SUFFIXES) or PurePosixPath(member.name).name == LABEL_FILE)]
+            member.name.endswith(RECORD_SUFFIXES) or PurePosixPath(member.name).name == REFERENCE_FILE)]
         names = [PurePosixPath(member.name).name for member in wanted]
         twice = sorted(name for name, count in Counter(names).items() if count > 1)
         if twice:
             raise _refused(archive, f"two members named {twice[0]!r}")
         if not wanted:
-            raise _refused(archive, f"no .hea, .mat or {LABEL_FILE} file in the archive")
+            raise _refused(archive, f"no .hea, .mat or {REFERENCE_FILE} file in the archive")
         total = sum(member.size for member in wanted)
         if total > MAX_TOTAL_BYTES:
             raise _refused(archive, f"its files hold {total} bytes, more than the {MAX_TOTAL_BYTES} that "
@@ -227,11 +226,10 @@ def fetch_cpsc2018(records_dir: Path, url: str = CPSC2018_ARCHIVE_URL, reference
     archive = download(url, archive_path(url, records_dir.parent))
     count = unpack_records(archive, records_dir)
     note = ""
-    if reference is not None and not (records_dir / LABEL_FILE).exists():
-        with open(reference, newline="", encoding="utf-8-sig") as file:
-            listed = [row["Recording"] for row in csv.DictReader(file)]
+    if reference is not None and not (records_dir / REFERENCE_FILE).exists():
+        listed = read_reference(reference)["Recording"]
         if all((records_dir / f"{name}.hea").is_file() for name in listed):
-            with atomic_path(records_dir / LABEL_FILE) as temporary:
+            with atomic_path(records_dir / REFERENCE_FILE) as temporary:
                 shutil.copyfile(reference, temporary)
-            note = f", with {LABEL_FILE} from {reference}"
+            note = f", with {REFERENCE_FILE} from {reference}"
     return f"unpacked {count} files from {archive} into {records_dir}/{note}"

@@ -13,8 +13,8 @@ from pathlib import Path
 import evaluate
 import figures
 from config import noise_levels
+from cpsc2018 import CLASSES
 from metrics import SWEEP_METRICS, to_markdown
-from preprocess import CLASSES
 from safe_writes import read_json, write_json, write_text_atomic
 
 # criterion: its score in one PGD sweep result (robustness_sweep) on the validation split

@@ -40,8 +40,8 @@ import scipy.io
 import scipy.signal
 import scipy.stats
 
+from cpsc2018 import CLASSES, FS, LABEL_COLUMNS, REFERENCE_FILE
 from flags import ConfigError, OneLineParser, folder
-from preprocess import CLASSES, FS, REFERENCE_COLUMNS
 
 NORMAL, AF, IAVB, LBBB, RBBB, PAC, PVC, STD, STE = range(1, 10)  # label k is CLASSES[k - 1]
 QUANTA_PER_MV = 1000  # values are multiples of 0.001 mV, the resolution of the real CPSC2018 data
@@ -354,7 +354,7 @@ def _nuisances(n_samples: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def synthesize_record(label: int | Sequence[int], n_samples: int, rng: np.random.Generator) -> np.ndarray:
-    """One synthetic 12-lead ECG (leads as in preprocess.LEAD_NAMES, 500 Hz, mV, quantized to 0.001 mV).
+    """One synthetic 12-lead ECG (leads as in cpsc2018.LEAD_NAMES, 500 Hz, mV, quantized to 0.001 mV).
 
     ``label`` is a class 1..9 or a sequence of compatible classes (a multi-label record,
     e.g. (AF, RBBB)). III, aVR, aVL and aVF are computed from I and II as in a real
@@ -423,7 +423,7 @@ def _reference_table(records_per_class: int, multilabel_fraction: float, rng: np
             label_sets[row].append(third)
     width = max(4, len(str(total)))
     table = pd.DataFrame({"Recording": [f"A{index:0{width}d}" for index in range(1, total + 1)]})
-    for position, column in enumerate(REFERENCE_COLUMNS[1:]):
+    for position, column in enumerate(LABEL_COLUMNS):
         table[column] = pd.array([labels[position] if len(labels) > position else None for labels in label_sets],
                                  dtype="Int64")
     return table
@@ -434,7 +434,7 @@ def _prepare_out_dir(out_dir: Path, marker_text: str) -> None:
     before (so that no stale record survives); refuse a folder holding other ECG data."""
     out_dir.mkdir(parents=True, exist_ok=True)
     marker = out_dir / MARKER_NAME
-    dataset_files = [*out_dir.glob("*.mat"), *out_dir.glob("*.hea"), *out_dir.glob("REFERENCE.csv")]
+    dataset_files = [*out_dir.glob("*.mat"), *out_dir.glob("*.hea"), *out_dir.glob(REFERENCE_FILE)]
     if dataset_files and not marker.exists():
         raise FileExistsError(f"{out_dir}: holds ECG files not written by synthetic.py (e.g. {dataset_files[0].name}); "
                               "choose an empty or new --out_dir")
@@ -491,12 +491,12 @@ def generate_dataset(out_dir: str | Path, records_per_class: int = 30, seed: int
                      "real ECGs.\n"
                      f"settings: records_per_class={records_per_class} seed={seed} min_seconds={min_seconds} "
                      f"max_seconds={max_seconds} multilabel_fraction={multilabel_fraction}\n")
-    label_columns = table[list(REFERENCE_COLUMNS[1:])].to_numpy()
+    label_columns = table[list(LABEL_COLUMNS)].to_numpy()
     for row, record_seed in enumerate(record_seeds):
         labels = [int(value) for value in label_columns[row] if not pd.isna(value)]
         data = synthesize_record(labels, int(lengths[row]), np.random.default_rng(record_seed))
         _save_record(out_dir / f"{table.Recording[row]}.mat", data, str(sexes[row]), float(ages[row]))
-    table.to_csv(out_dir / "REFERENCE.csv", index=False)
+    table.to_csv(out_dir / REFERENCE_FILE, index=False)
     return table
 
 

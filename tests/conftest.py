@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 import evaluate
 from config import parse_config
+from cpsc2018 import OFFICIAL_REFERENCE
 from ECG_CNN import build_model
 from helpers import PAPER_TRAINING, TINY_MAX_LENGTH, TINY_RANDOM_PAD, TinyCNN, run_reproduce, sinusoid_task
-from preprocess import OFFICIAL_REFERENCE, preprocess
+from preprocess import preprocess
 from synthetic import generate_dataset
 
 # One torch thread here and in every process a test starts: the tests' tensors are small, and on

@@ -1,4 +1,4 @@
-"""Small models, masks and tasks that several test modules build their cases from."""
+"""Small models, masks, tasks and CPSC2018 record files that several test modules build their cases from."""
 from __future__ import annotations
 
 import contextlib
@@ -11,9 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import scipy.io
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from cpsc2018 import CLASSES, LEAD_NAMES
 
 REPO = Path(__file__).resolve().parents[1]  # the repository root
 # The input of conftest's untrained_run: records truncated to TINY_MAX_LENGTH samples, then
@@ -122,3 +126,51 @@ def file_size_limit(size: int):
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, handler)
+
+
+# --- CPSC2018 record files (PROTOCOL section 1) -----------------------------------------------
+
+# data/sample: 2 single-label real records per class (data/sample/LICENSE.md lists them).
+SAMPLE_COUNTS = dict.fromkeys(CLASSES, 2)
+
+
+def write_original_record(
+    directory: Path, name: str, data: np.ndarray, sex: str = "Male", age: float = 61.0
+) -> None:
+    """A record in the original CPSC2018 layout: struct ECG with fields sex, age, data (PROTOCOL section 1)."""
+    scipy.io.savemat(directory / f"{name}.mat", {"ECG": {"sex": sex, "age": age, "data": data}})
+
+
+def write_reference(directory: Path, rows: list[tuple]) -> None:
+    """REFERENCE.csv from (name, label, ...) tuples; absent labels empty."""
+    lines = ["Recording,First_label,Second_label,Third_label"]
+    lines += [
+        ",".join([name] + [str(label) for label in labels] + [""] * (3 - len(labels)))
+        for name, *labels in rows
+    ]
+    (directory / "REFERENCE.csv").write_text("\n".join(lines) + "\n")
+
+
+def write_wfdb_record(
+    directory: Path,
+    name: str,
+    values: np.ndarray,
+    dx: str,
+    gains: list[float] | None = None,
+    baselines: list[int] | None = None,
+    header_samples: int | None = None,
+) -> None:
+    """A PhysioNet/CinC 2020 record: .hea text and a MATLAB v4 .mat with int16 `val` (as the real ones)."""
+    n_leads, n_samples = values.shape
+    gains = gains or [1000] * n_leads
+    baselines = baselines or [0] * n_leads
+    lines = [
+        f"{name} {n_leads} 500 {n_samples if header_samples is None else header_samples} 05-Feb-2020 11:39:16"
+    ]
+    lines += [
+        f"{name}.mat 16+24 {gain:g}({baseline})/mV 16 0 {first} 0 0 {lead}"
+        for lead, gain, baseline, first in zip(LEAD_NAMES + ("V7",), gains, baselines, values[:, 0])
+    ]
+    lines += ["#Age: 57", "#Sex: Female", f"#Dx: {dx}", "#Rx: Unknown", "#Hx: Unknown", "#Sx: Unknown"]
+    (directory / f"{name}.hea").write_text("\n".join(lines) + "\n")
+    scipy.io.savemat(directory / f"{name}.mat", {"val": values.astype(np.int16)}, format="4")

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from cpsc2018 import LEADS
 from losses import jacobian_squared_norm
 from ECG_CNN import (DOWNSAMPLE, MaskedGroupNorm, build_model, check_length, downsample_mask, erode_mask,
                      masked_average_pool, signal_spans)
-from preprocess import LEADS
 
 
 def parameter_count(model: nn.Module) -> int:

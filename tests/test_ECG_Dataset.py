@@ -6,10 +6,11 @@ import pandas as pd
 import pytest
 import torch
 
+from cpsc2018 import FS, LEADS
 from ECG_CNN import build_model
 from ECG_Dataset import (PADDED_LENGTH, RANDOM_PAD, BucketBatchSampler, ClassBalancedSampler,
                          ECGDataset, batch_records, crop_collate, get_dataloaders, scale_leads, set_loader_epoch)
-from preprocess import FS, LEADS, Cache, load_cache
+from preprocess import Cache, load_cache
 
 
 def make_cache(lengths, labels, seed=0, zero_lead=None) -> Cache:

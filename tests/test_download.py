@@ -17,8 +17,9 @@ import pandas as pd
 import pytest
 
 import download
+from cpsc2018 import OFFICIAL_REFERENCE, read_reference
 from helpers import REPO
-from preprocess import OFFICIAL_REFERENCE, load_cache, main, read_reference
+from preprocess import load_cache, main
 
 
 class ArchiveServer:

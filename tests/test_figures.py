@@ -11,10 +11,11 @@ from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 import attacks
 import evaluate
 import figures
+from cpsc2018 import CLASSES, LEAD_NAMES
 from distributed import choose_device
 from ECG_Dataset import get_dataloaders
 from helpers import TINY_MAX_LENGTH, TINY_RANDOM_PAD, file_size_limit
-from preprocess import CLASSES, LEAD_NAMES, load_cache
+from preprocess import load_cache
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EPS = 0.05

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 import config
 import harness
 from checkpoints import newest_checkpoint
+from cpsc2018 import DataError
 from evaluate import load_model
 from helpers import PAPER_TRAINING, REPO, run_script, weights
-from preprocess import DataError, load_cache
+from preprocess import load_cache
 from reproduce import SCRIPTS
 from run_folder import prepare_run_dir
 from safe_writes import temporary_path

@@ -126,7 +126,7 @@ def is_import_block(statement: ast.stmt) -> bool:
     """Import statements, and the blocks that hold only imports: ``if TYPE_CHECKING:`` (names for
     annotations, never imported when running), ``try: import x / except ImportError:`` (a package
     that may be missing) and ``with warnings.catch_warnings():`` with warnings filters (a package
-    whose import warns about its own dependencies, as wfdb does in tests/test_preprocess.py)."""
+    whose import warns about its own dependencies, as wfdb does in tests/test_cpsc2018.py)."""
     if isinstance(statement, (ast.Import, ast.ImportFrom)):
         return True
     if isinstance(statement, ast.If):

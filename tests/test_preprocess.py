@@ -1,4 +1,6 @@
-"""Tests of preprocess.py: the reference split, both CPSC2018 readers, bad records, the cache, the CLI."""
+"""Tests of preprocess.py: the reference split, reading a records folder, bad records, the cache, the CLI.
+
+The readers of single records and of REFERENCE.csv are tested in test_cpsc2018.py."""
 
 import errno
 import hashlib
@@ -10,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,30 +20,14 @@ import pytest
 import scipy.io
 import torch
 
-with warnings.catch_warnings():  # wfdb's import warns about pandas deprecations
-    warnings.simplefilter("ignore")
-    import wfdb
-
 import preprocess
+from cpsc2018 import CLASSES, REFERENCE_COLUMNS, SNOMED_TO_CLASS, DataError, read_reference, read_wfdb_record
 from ECG_CNN import DOWNSAMPLE, POOL_KERNEL, build_model
-from helpers import REPO, run_script
-from preprocess import (
-    CLASSES,
-    LEAD_NAMES,
-    SNOMED_TO_CLASS,
-    DataError,
-    RecordError,
-    load_cache,
-    main,
-    read_original_record,
-    read_reference,
-    read_wfdb_record,
-    reference_split,
-)
+from helpers import (REPO, SAMPLE_COUNTS, run_script, write_original_record, write_reference,
+                     write_wfdb_record)
+from preprocess import load_cache, main, reference_split
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-# data/sample: 2 single-label real records per class (data/sample/LICENSE.md lists them).
-SAMPLE_COUNTS = dict.fromkeys(CLASSES, 2)
 PAPER_TRAIN_COUNTS = [863, 921, 631, 124, 1478, 477, 552, 729, 130]
 # Regression pin of the paper's test set as this implementation draws it (sha256 of the sorted
 # ids). The class counts above do not depend on the set iteration order of PROTOCOL section 2, step 4; this does.
@@ -51,28 +36,6 @@ CLASS_CODES = {label: code for code, label in SNOMED_TO_CLASS.items()}
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def wfdb_physical_signal(record_path: Path) -> np.ndarray:
-    """The (12, N) mV signal as the wfdb library reads it: an independent reader."""
-    return wfdb.rdrecord(str(record_path)).p_signal.T
-
-
-def write_original_record(
-    directory: Path, name: str, data: np.ndarray, sex: str = "Male", age: float = 61.0
-) -> None:
-    """A record in the original CPSC2018 layout: struct ECG with fields sex, age, data (PROTOCOL section 1)."""
-    scipy.io.savemat(directory / f"{name}.mat", {"ECG": {"sex": sex, "age": age, "data": data}})
-
-
-def write_reference(directory: Path, rows: list[tuple]) -> None:
-    """REFERENCE.csv from (name, label, ...) tuples; absent labels empty."""
-    lines = ["Recording,First_label,Second_label,Third_label"]
-    lines += [
-        ",".join([name] + [str(label) for label in labels] + [""] * (3 - len(labels)))
-        for name, *labels in rows
-    ]
-    (directory / "REFERENCE.csv").write_text("\n".join(lines) + "\n")
 
 
 def append_reference_line(directory: Path, line: str) -> None:
@@ -101,31 +64,6 @@ def make_original_dataset(directory: Path) -> dict[str, np.ndarray]:
     return data
 
 
-def write_wfdb_record(
-    directory: Path,
-    name: str,
-    values: np.ndarray,
-    dx: str,
-    gains: list[float] | None = None,
-    baselines: list[int] | None = None,
-    header_samples: int | None = None,
-) -> None:
-    """A PhysioNet/CinC 2020 record: .hea text and a MATLAB v4 .mat with int16 `val` (as the real ones)."""
-    n_leads, n_samples = values.shape
-    gains = gains or [1000] * n_leads
-    baselines = baselines or [0] * n_leads
-    lines = [
-        f"{name} {n_leads} 500 {n_samples if header_samples is None else header_samples} 05-Feb-2020 11:39:16"
-    ]
-    lines += [
-        f"{name}.mat 16+24 {gain:g}({baseline})/mV 16 0 {first} 0 0 {lead}"
-        for lead, gain, baseline, first in zip(LEAD_NAMES + ("V7",), gains, baselines, values[:, 0])
-    ]
-    lines += ["#Age: 57", "#Sex: Female", f"#Dx: {dx}", "#Rx: Unknown", "#Hx: Unknown", "#Sx: Unknown"]
-    (directory / f"{name}.hea").write_text("\n".join(lines) + "\n")
-    scipy.io.savemat(directory / f"{name}.mat", {"val": values.astype(np.int16)}, format="4")
-
-
 def make_wfdb_dataset(directory: Path, with_reference: bool = True) -> dict[str, np.ndarray]:
     """18 WFDB records (2 per class, Dx as abbreviation or SNOMED code); returns name -> int16 val."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -145,27 +83,6 @@ def split_ids(cache) -> dict[str, set[str]]:
 
 
 # --------------------------------------------------------------------------- REFERENCE.csv and the split
-
-
-def test_read_reference_types_and_counts(official_reference):
-    reference = read_reference(official_reference)
-    assert list(reference.columns) == ["Recording", "First_label", "Second_label", "Third_label"]
-    assert len(reference) == 6877 and reference["Recording"].iloc[0] == "A0001"
-    assert all(str(reference[column].dtype) == "Int64" for column in reference.columns[1:])
-    assert reference["Second_label"].notna().sum() == 477
-    assert reference["First_label"].between(1, 9).all()
-
-
-def test_read_reference_rejects_a_non_integer_label(tmp_path):
-    (tmp_path / "REFERENCE.csv").write_text("Recording,First_label,Second_label,Third_label\nA0001,AF,,\n")
-    with pytest.raises(DataError, match=r"REFERENCE.csv.*'AF'.*A0001"):
-        read_reference(tmp_path / "REFERENCE.csv")
-
-
-def test_read_reference_rejects_missing_columns(tmp_path):
-    (tmp_path / "REFERENCE.csv").write_text("Recording,First_label\nA0001,1\n")
-    with pytest.raises(DataError, match="missing column.*Second_label"):
-        read_reference(tmp_path / "REFERENCE.csv")
 
 
 def test_reference_split_reproduces_the_paper_split(official_reference):
@@ -205,58 +122,6 @@ def test_reference_split_takes_what_there_is_and_depends_on_the_seed():
 # --------------------------------------------------------------------------- WFDB form
 
 
-def test_sample_labels_are_the_official_ones(sample_dir, official_reference):
-    labels = read_reference(sample_dir / "REFERENCE.csv")
-    official = read_reference(official_reference).set_index("Recording")
-    pd.testing.assert_frame_equal(labels.set_index("Recording"), official.loc[labels["Recording"]])
-    assert sorted(path.stem for path in sample_dir.glob("*.hea")) == sorted(labels["Recording"])
-    assert sorted(path.stem for path in sample_dir.glob("*.mat")) == sorted(labels["Recording"])
-
-
-def test_wfdb_reader_on_the_real_sample(sample_dir):
-    reference = read_reference(sample_dir / "REFERENCE.csv").set_index("Recording")
-    headers = sorted(sample_dir.glob("*.hea"))
-    assert len(headers) == 18
-    first_labels = []
-    for header in headers:
-        signal, labels, sex, age = read_wfdb_record(header)
-        row = reference.loc[header.stem]
-        expected = [int(label) for label in row if not pd.isna(label)]
-        assert set(labels) == set(expected), header.stem
-        first_labels.append(CLASSES[expected[0] - 1])
-        val = scipy.io.loadmat(header.with_suffix(".mat"))["val"]
-        assert signal.dtype == np.float64 and signal.shape == (12, val.shape[1])
-        np.testing.assert_array_equal(signal, val / 1000.0)
-        assert 5000 <= signal.shape[1] <= 30000
-        assert sex in ("Male", "Female") and 0 < age < 120
-    assert pd.Series(first_labels).value_counts().to_dict() == SAMPLE_COUNTS
-    assert read_wfdb_record(sample_dir / "A5432.hea")[1] == [6]  # SNOMED 284470004 = PAC
-
-
-@pytest.mark.parametrize("record", ["A0001", "A5432"])
-def test_wfdb_reader_agrees_with_the_wfdb_library(sample_dir, record):
-    signal = read_wfdb_record(sample_dir / f"{record}.hea")[0]
-    np.testing.assert_allclose(signal, wfdb_physical_signal(sample_dir / record), atol=1e-12)
-
-
-def test_wfdb_reader_uses_gain_and_baseline_and_maps_codes(tmp_path):
-    values = np.random.default_rng(2).integers(-500, 500, size=(12, 700)).astype(np.int16)
-    gains = [1000, 200, 500, 1000, 1000, 100, 1000, 1000, 2000, 1000, 1000, 250]
-    baselines = [0, 5, -12, 0, 0, 7, 0, 0, 3, 0, 0, -1]
-    write_wfdb_record(tmp_path, "A0001", values, "59118001,AF,10370003", gains=gains, baselines=baselines)
-    signal, labels, sex, age = read_wfdb_record(tmp_path / "A0001.hea")
-    expected = (values - np.array(baselines)[:, None]) / np.array(gains)[:, None]
-    np.testing.assert_allclose(signal, expected, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(signal, wfdb_physical_signal(tmp_path / "A0001"), atol=1e-12)
-    assert labels == [5, 2] and sex == "Female" and age == 57.0  # code outside the 9 dropped, order kept
-
-
-def test_wfdb_reader_rejects_a_record_of_none_of_the_classes(tmp_path):
-    write_wfdb_record(tmp_path, "A0001", np.zeros((12, 600), np.int16), "164890007")
-    with pytest.raises(RecordError, match="none of the 9"):
-        read_wfdb_record(tmp_path / "A0001.hea")
-
-
 def test_preprocess_the_real_wfdb_sample_and_load_it(sample_dir, tmp_path):
     summary = preprocess.preprocess(sample_dir, tmp_path / "cache", val_per_class=1, test_per_class=0)
     assert summary["n_records"] == 18 and summary["skipped"] == [] and summary["source_format"] == "wfdb"
@@ -291,15 +156,6 @@ def test_preprocess_wfdb_without_reference_takes_labels_from_the_headers(sample_
 
 
 # --------------------------------------------------------------------------- original form
-
-
-def test_original_reader_round_trip(tmp_path):
-    data = np.random.default_rng(3).normal(size=(12, 1234))
-    write_original_record(tmp_path, "A0001", data, sex="Female", age=47.0)
-    signal, sex, age = read_original_record(tmp_path / "A0001.mat")
-    assert signal.dtype == np.float64
-    np.testing.assert_array_equal(signal, data)
-    assert (sex, age) == ("Female", 47.0)
 
 
 def test_preprocess_original_form_round_trip(tmp_path):
@@ -702,7 +558,7 @@ TAMPERED_CACHES = {
         "has a label outside 1..9") for label in ("0", "10", "-3")},
     "split label of another class": ("train.csv", lambda c: set_cell(c / "train.csv", 0, "First_label", "9"
                                      if first_train_record(c) != "A0009" else "8"), "differ from records.csv"),
-    "split without rows": ("train.csv", lambda c: (c / "train.csv").write_text(",".join(preprocess.REFERENCE_COLUMNS)
+    "split without rows": ("train.csv", lambda c: (c / "train.csv").write_text(",".join(REFERENCE_COLUMNS)
                                                                               + "\n"),
                            "no record (the training split is empty)"),
     "empty split file": ("train.csv", lambda c: (c / "train.csv").write_text(""), "not a readable CSV file"),

@@ -19,9 +19,9 @@ from scipy import signal as sps
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-import preprocess
 import synthetic
-from synthetic import AF, CLASSES, IAVB, LBBB, NORMAL, PAC, PVC, RBBB, STD, STE, generate_dataset, synthesize_record
+from cpsc2018 import CLASSES, read_original_record
+from synthetic import AF, IAVB, LBBB, NORMAL, PAC, PVC, RBBB, STD, STE, generate_dataset, synthesize_record
 
 FS = 500
 INDEPENDENT_LEADS = [0, 1, 6, 7, 8, 9, 10, 11]  # I, II, V1..V6
@@ -218,7 +218,7 @@ def test_regenerating_replaces_its_own_files_and_refuses_foreign_ones(tmp_path):
 
 def test_preprocess_reads_the_files(dataset):
     out_dir, table = dataset
-    signal, sex, age = preprocess.read_original_record(out_dir / f"{table.Recording[0]}.mat")
+    signal, sex, age = read_original_record(out_dir / f"{table.Recording[0]}.mat")
     stored = scipy.io.loadmat(out_dir / f"{table.Recording[0]}.mat")["ECG"][0, 0]
     np.testing.assert_array_equal(signal, stored["data"])
     assert sex == stored["sex"][0] and age == stored["age"][0, 0]
