@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable
 
 import torch
 
+import attacks
 from distributed import choose_device, world_size
 from ECG_CNN import MODELS, check_length
 from ECG_Dataset import MAX_LENGTH, RANDOM_PAD
@@ -128,50 +130,132 @@ PRESETS = {
 }
 
 
-# PROTOCOL section 6: the robustness sweeps (--sweeps) and their noise levels (--levels). The
-# paper's lists are the default; "extended" reaches stronger L-inf and weaker L2 attacks. The
-# real-ECG noises (beyond the paper) are swept over signal-to-noise ratios in dB; their curves
-# use the noise-to-signal amplitude ratio 10 ** (-snr / 20) as the level, so that clean
-# (infinite SNR) is level 0 as for the others.
-WHITE_LEVELS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
-SNR_DB_LEVELS = (40, 30, 20, 15, 10, 5, 0)
-LEVEL_LISTS = {
-    "paper": {"linf": (0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1),
-              "l2": (1, 3, 5, 10, 15, 20, 25, 30),
-              "white": WHITE_LEVELS, "snr_db": SNR_DB_LEVELS},
-    "extended": {"linf": (0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1, 0.2, 0.3),
-                 "l2": (0.1, 0.2, 0.3, 0.5, 0.7, 1, 3, 5, 10, 15, 20, 25, 30),
-                 "white": WHITE_LEVELS, "snr_db": SNR_DB_LEVELS},
-}
+# PROTOCOL section 6: the robustness sweeps (--sweeps), each one entry of SWEEPS: its
+# perturbation, its noise levels in each level list (--levels), its curve's axis, its report
+# title and a one-line description of its settings. The paper's level lists are the default;
+# "extended" reaches stronger L-inf and weaker L2 attacks. The real-ECG noises (beyond the
+# paper) are swept over signal-to-noise ratios in dB; their curves use the noise-to-signal
+# amplitude ratio 10 ** (-snr / 20) as the level, so that clean (infinite SNR) is level 0 as
+# for the others.
+LEVEL_LISTS = ("paper", "extended")
+LINF_LEVELS = {"paper": (0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1),
+               "extended": (0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1, 0.2, 0.3)}
+L2_LEVELS = {"paper": (1, 3, 5, 10, 15, 20, 25, 30),
+             "extended": (0.1, 0.2, 0.3, 0.5, 0.7, 1, 3, 5, 10, 15, 20, 25, 30)}
+WHITE_LEVELS = dict.fromkeys(LEVEL_LISTS, (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6))
+SNR_DB_LEVELS = dict.fromkeys(LEVEL_LISTS, (40, 30, 20, 15, 10, 5, 0))
+SNR_AXIS = "noise/signal amplitude"
+SQUARE_QUERIES_PER_STEP = 10  # Square's queries per gradient-attack iteration: 1000 at the paper's 100
+
+# perturb(model, x, y, mask, level, steps, restarts, generator) -> the perturbed x
+Perturb = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One robustness sweep (--sweeps NAME)."""
+
+    title: str                       # the report's heading
+    perturb: Perturb                 # one level's input (the attacks run with the model as given)
+    levels: dict[str, tuple]         # {level list: its levels, without the clean level}
+    axis: str                        # the curve's x-axis label
+    describe: Callable[[dict], str]  # its settings ("steps", "restarts") in one line
+    # Attacks the model: --sweep_max_records restricts all of these to the same records, so that
+    # PGD and the ensemble are compared on equal footing (evaluate.masking_check).
+    attacks_model: bool = False
+    snr_db: bool = False             # levels are signal-to-noise ratios in dB
+
+
+def square_queries(steps: int) -> int:
+    """Square's query budget in a sweep run with ``steps`` gradient-attack iterations."""
+    return max(1, SQUARE_QUERIES_PER_STEP * steps)
+
+
+def _pgd(norm: str) -> Perturb:
+    return lambda model, x, y, mask, level, steps, restarts, generator: attacks.pgd_attack(
+        model, x, y, mask, level, norm, steps=steps, restarts=restarts, generator=generator)
+
+
+def _ifgsm(norm: str) -> Perturb:
+    return lambda model, x, y, mask, level, steps, restarts, generator: attacks.ifgsm_attack(
+        model, x, y, mask, level, norm, steps=steps)
+
+
+def _apgd(loss: str) -> Perturb:
+    return lambda model, x, y, mask, level, steps, restarts, generator: attacks.apgd_attack(
+        model, x, y, mask, level, "inf", steps=steps, loss=loss, restarts=restarts, generator=generator)
+
+
+def _square(model, x, y, mask, level, steps, restarts, generator):
+    return attacks.square_attack(model, x, y, mask, level, "inf", queries=square_queries(steps), generator=generator)
+
+
+def _ensemble(model, x, y, mask, level, steps, restarts, generator):
+    return attacks.ensemble_attack(model, x, y, mask, level, "inf", steps=steps, queries=square_queries(steps),
+                                   restarts=restarts, generator=generator)[0]
+
+
+def _white(model, x, y, mask, level, steps, restarts, generator):
+    return attacks.white_noise(x, level, generator=generator)
+
+
+def _snr_noise(noise: Callable, **options) -> Perturb:
+    return lambda model, x, y, mask, level, steps, restarts, generator: noise(
+        x, mask, level, **options, generator=generator)
+
+
+IN_EVAL = "early stop, model in eval mode"
+
+
+def _pgd_text(s: dict) -> str:
+    return f"{s['steps']} steps of size eps/10, {s['restarts']} random start(s), CE loss, {IN_EVAL}"
+
+
+def _ifgsm_text(s: dict) -> str:
+    return f"{s['steps']} steps of size eps/10, no random start, CE loss, {IN_EVAL}"
+
+
+def _apgd_steps(s: dict) -> str:
+    return f"{s['steps']} steps, {s['restarts']} random start(s)"
+
+
+def _noise_text(s: dict) -> str:
+    return "one noise draw per record and level"
+
 
 SWEEPS = {
-    # name: (kind, norm or noise function name, its levels in LEVEL_LISTS, x-axis label)
-    "pgd_linf": ("attack", "inf", "linf", "L-inf eps"),
-    "pgd_l2": ("attack", "2", "l2", "L2 eps"),
-    "ifgsm_linf": ("ifgsm", "inf", "linf", "L-inf eps"),
-    "ifgsm_l2": ("ifgsm", "2", "l2", "L2 eps"),
+    "pgd_linf": Sweep("PGD, L-inf budget", _pgd("inf"), LINF_LEVELS, "L-inf eps", _pgd_text, attacks_model=True),
+    "pgd_l2": Sweep("PGD, L2 budget", _pgd("2"), L2_LEVELS, "L2 eps", _pgd_text, attacks_model=True),
+    "ifgsm_linf": Sweep("IFGSM, L-inf budget", _ifgsm("inf"), LINF_LEVELS, "L-inf eps", _ifgsm_text,
+                        attacks_model=True),
+    "ifgsm_l2": Sweep("IFGSM, L2 budget", _ifgsm("2"), L2_LEVELS, "L2 eps", _ifgsm_text, attacks_model=True),
     # AutoAttack-style evaluation (attacks.apgd_attack, square_attack, ensemble_attack).
-    "apgd_ce": ("apgd_ce", "inf", "linf", "L-inf eps"),
-    "apgd_dlr": ("apgd_dlr", "inf", "linf", "L-inf eps"),
-    "square": ("square", "inf", "linf", "L-inf eps"),
-    "autoattack": ("autoattack", "inf", "linf", "L-inf eps"),
-    "white": ("white", None, "white", "white noise amplitude eps"),
-    "baseline_wander": ("snr", "baseline_wander", "snr_db", "noise/signal amplitude"),
-    "powerline_50hz": ("snr", "powerline_50", "snr_db", "noise/signal amplitude"),
-    "powerline_60hz": ("snr", "powerline_60", "snr_db", "noise/signal amplitude"),
-    "muscle": ("snr", "muscle_noise", "snr_db", "noise/signal amplitude"),
+    "apgd_ce": Sweep("APGD-CE, L-inf budget", _apgd("ce"), LINF_LEVELS, "L-inf eps",
+                     lambda s: f"APGD-CE, {_apgd_steps(s)}, {IN_EVAL}", attacks_model=True),
+    "apgd_dlr": Sweep("APGD-DLR, L-inf budget", _apgd("dlr"), LINF_LEVELS, "L-inf eps",
+                      lambda s: f"APGD-DLR, {_apgd_steps(s)}, {IN_EVAL}", attacks_model=True),
+    "square": Sweep("Square, L-inf budget", _square, LINF_LEVELS, "L-inf eps",
+                    lambda s: f"Square L-inf, {square_queries(s['steps'])} queries, {IN_EVAL}", attacks_model=True),
+    "autoattack": Sweep("Ensemble (APGD-CE, APGD-DLR, Square), L-inf budget", _ensemble, LINF_LEVELS, "L-inf eps",
+                        lambda s: f"APGD-CE, then APGD-DLR ({_apgd_steps(s)} each) and Square "
+                                  f"({square_queries(s['steps'])} queries) on the survivors, {IN_EVAL}",
+                        attacks_model=True),
+    "white": Sweep("White noise", _white, WHITE_LEVELS, "white noise amplitude eps", _noise_text),
+    "baseline_wander": Sweep("Real-ECG noise: baseline wander", _snr_noise(attacks.baseline_wander), SNR_DB_LEVELS,
+                             SNR_AXIS, _noise_text, snr_db=True),
+    "powerline_50hz": Sweep("Real-ECG noise: power line 50 Hz", _snr_noise(attacks.powerline, freq=50.0),
+                            SNR_DB_LEVELS, SNR_AXIS, _noise_text, snr_db=True),
+    "powerline_60hz": Sweep("Real-ECG noise: power line 60 Hz", _snr_noise(attacks.powerline, freq=60.0),
+                            SNR_DB_LEVELS, SNR_AXIS, _noise_text, snr_db=True),
+    "muscle": Sweep("Real-ECG noise: muscle (EMG)", _snr_noise(attacks.muscle_noise), SNR_DB_LEVELS, SNR_AXIS,
+                    _noise_text, snr_db=True),
 }
+GRADIENT_SWEEPS = ("pgd_linf", "apgd_ce", "apgd_dlr")  # the L-inf gradient attacks (evaluate.masking_check)
 
 
 def noise_levels(sweep: str, levels: str = "paper") -> tuple:
     """The levels of ``sweep`` in the level list ``levels`` (without the clean level 0)."""
-    return LEVEL_LISTS[levels][SWEEPS[sweep][2]]
-
-
-# Sweeps that attack the model: --sweep_max_records restricts all of them to the same
-# records, so that PGD and the ensemble are compared on equal footing (masking_check).
-ATTACK_KINDS = ("attack", "ifgsm", "apgd_ce", "apgd_dlr", "square", "autoattack")
-GRADIENT_SWEEPS = ("pgd_linf", "apgd_ce", "apgd_dlr")  # the L-inf gradient attacks
+    return SWEEPS[sweep].levels[levels]
 
 
 def preset_settings(preset: str, method: str) -> dict:

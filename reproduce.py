@@ -52,12 +52,6 @@ REPO = Path(__file__).resolve().parent
 SCRIPTS = {method: importlib.import_module(name) for method, name in METHODS.items()}
 
 CHANCE_NOTE_ACCURACY = 1.5 / len(CLASSES)  # the report flags runs whose clean accuracy is no better than this
-SWEEP_TITLES = {"pgd_linf": "PGD, L-inf budget", "pgd_l2": "PGD, L2 budget",
-                "ifgsm_linf": "IFGSM, L-inf budget", "ifgsm_l2": "IFGSM, L2 budget",
-                "white": "White noise", "baseline_wander": "Real-ECG noise: baseline wander",
-                "powerline_50hz": "Real-ECG noise: power line 50 Hz",
-                "powerline_60hz": "Real-ECG noise: power line 60 Hz",
-                "muscle": "Real-ECG noise: muscle (EMG)"}
 
 
 @dataclass(frozen=True)
@@ -582,26 +576,12 @@ def _preset_changes(preset: str, job: Job) -> str:
 
 def _sweep_settings_line(sweep: str, results: dict[str, dict], split: str = "test") -> str:
     """One line stating the attack/noise settings (they are shared when the runs agree)."""
-    kind = SWEEPS[sweep][0]
-
     def describe(settings: dict) -> str:
         records = f"all {split} batches" if not settings["max_batches"] else \
             f"the first {settings['max_batches']} {split} batch(es)"
         if settings.get("max_records"):
             records = f"a fixed class-balanced subset of {settings['max_records']} {split} records"
-        if kind in ("attack", "ifgsm"):
-            starts = "no random start" if kind == "ifgsm" else f"{settings['restarts']} random start(s)"
-            return (f"{settings['steps']} steps of size eps/10, {starts}, CE loss, early stop, model in eval "
-                    f"mode, {records}, seed {settings['seed']}")
-        if kind in ("apgd_ce", "apgd_dlr", "square", "autoattack"):
-            steps = f"{settings['steps']} steps, {settings['restarts']} random start(s)"
-            queries = f"{evaluate.square_queries(settings['steps'])} queries"
-            attack = {"apgd_ce": f"APGD-CE, {steps}", "apgd_dlr": f"APGD-DLR, {steps}",
-                      "square": f"Square L-inf, {queries}",
-                      "autoattack": f"APGD-CE, then APGD-DLR ({steps} each) and Square ({queries}) "
-                                    "on the survivors"}[kind]
-            return f"{attack}, early stop, model in eval mode, {records}, seed {settings['seed']}"
-        return f"one noise draw per record and level, {records}, seed {settings['seed']}"
+        return f"{SWEEPS[sweep].describe(settings)}, {records}, seed {settings['seed']}"
 
     described = {run: describe(r["settings"]) for run, r in results.items()}
     if len(set(described.values())) == 1:
@@ -704,12 +684,11 @@ def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, resu
     for sweep in sweep_names:
         results = {job.run_dir.name: robustness[job][sweep] for job in ready if sweep in robustness[job]}
         n_used = sorted({r["n"] for r in results.values()})
-        axis = SWEEPS[sweep][3]
         level_note = ("columns: signal-to-noise ratio in dB (noise only on the signal, scaled per record and "
                       "lead; 0 dB is the loudest); AUC over the noise/signal amplitude ratio 10^(-SNR/20), 0 to 1"
-                      if SWEEPS[sweep][0] == "snr" else f"columns: {axis}")
+                      if SWEEPS[sweep].snr_db else f"columns: {SWEEPS[sweep].axis}")
         times = ", ".join(f"{run} {_format_seconds(r.get('seconds'))}" for run, r in results.items())
-        lines += [f"### {SWEEP_TITLES.get(sweep, sweep)} (`{sweep}`)", "",
+        lines += [f"### {SWEEPS[sweep].title} (`{sweep}`)", "",
                   f"Split: test, {', '.join(map(str, n_used))} records used; {level_note}. "
                   f"Settings: {_sweep_settings_line(sweep, results)}. Time: {times}.", "",
                   "Class-balanced accuracy:", "", tables[f"{sweep}_accuracy"], "",

@@ -99,3 +99,14 @@ def test_level_lists_are_the_papers_by_default_and_extended_on_request():
     assert config.parse_config("CE", {}, argv=["--levels", "extended"], training=PAPER_TRAINING).levels == "extended"
     with pytest.raises(ConfigError, match=r"^--levels: unknown level list 'long' \(known: paper, extended\)$"):
         config.parse_config("CE", {}, argv=["--levels", "long"], training=PAPER_TRAINING)
+
+
+def test_every_sweep_has_its_title_levels_and_one_line_description():
+    settings = {"steps": 3, "restarts": 2}
+    for name, sweep in config.SWEEPS.items():
+        assert sweep.title and sweep.axis and set(sweep.levels) == set(config.LEVEL_LISTS), name
+        assert sweep.describe(settings).endswith("early stop, model in eval mode") == sweep.attacks_model, name
+    assert config.SWEEPS["autoattack"].describe(settings) == (
+        "APGD-CE, then APGD-DLR (3 steps, 2 random start(s) each) and Square (30 queries) on the survivors, "
+        "early stop, model in eval mode")
+    assert config.SWEEPS["apgd_dlr"].title == "APGD-DLR, L-inf budget"
