@@ -22,6 +22,7 @@ from distributed import choose_device, world_size
 from ECG_CNN import MODELS, check_length
 from ECG_Dataset import MAX_LENGTH, RANDOM_PAD
 from flags import ConfigError, OneLineParser, folder
+from preprocess import DEFAULT_RAW_DIR
 
 # PROTOCOL section 5: the settings shared by all four methods; each is a command-line flag.
 # These each method script sets at its top (TRAINING), where a researcher edits them:
@@ -96,37 +97,73 @@ def as_flag_type(key: str, value):
 REAL_NOISE_SWEEPS = "baseline_wander,powerline_50hz,muscle"  # noise that real ECGs carry
 ENSEMBLE_SWEEPS = "apgd_ce,apgd_dlr,square,autoattack"  # the gradient-masking check
 
-# Named bundles of overrides, the same whichever entry point runs them (a method script or
-# reproduce.py, whose PLANS add only what reproduce itself does: data, split sizes, grids).
+@dataclass(frozen=True)
+class Preset:
+    """One --preset, the same whichever entry point runs it (a method script or reproduce.py).
+
+    ``settings`` override TRAIN_DEFAULTS and the scripts' values; a setting applies to the
+    methods that have it, and a section named after a method ("NSR", "jacob", ...) applies to
+    that method only, after the rest. The other fields are what reproduce.py does around the
+    runs; paths are relative to the working directory.
+    """
+
+    settings: dict
+    data_note: str             # the report's statement of what the data is
+    raw_dir: str | None        # the records (synthetic presets generate them here); None: --raw_dir required
+    val_per_class: int
+    test_per_class: int
+    grid: tuple[tuple[str, str, tuple[float, ...]], ...]  # (method, setting, its values): one run per value
+    synthetic_records_per_class: int = 0  # > 0: a synthetic dataset (synthetic.py)
+    synthetic_max_seconds: float = 60.0
+    selection: bool = False    # the coefficient study: only the grid's methods, judged on the validation split
+
+
+CPSC2018_NOTE = ("**Data: CPSC2018** (real 12-lead ECGs, the official training set) with the paper's reference "
+                 "split (PROTOCOL section 2)")
+SYNTHETIC_NOTE = ("**Data: synthetic signals, not CPSC2018.** The records are simulated by "
+                  "`synthetic.py` (Gaussian-wave beats with a textbook feature per class, in "
+                  "CPSC2018's file format); they are not recordings of patients, and nothing "
+                  "below says anything about real ECGs or about the paper's numbers.")
 # "paper" is the defaults; "demo" and "smoke" run on synthetic data that `python reproduce.py
-# --preset demo|smoke` generates and preprocesses first (see README). A setting applies to the
-# methods that have it; a section named after a method ("NSR", "jacob", ...) applies to that
-# method only, after the rest.
+# --preset demo|smoke` generates and preprocesses first (see README).
 PRESETS = {
-    "paper": {},
-    # The coefficient study (reproduce.py --preset paper-selection): the paper's settings, its
-    # runs judged on the validation split afterwards, so no sweeps of the test split.
-    "paper-selection": dict(result_dir="result/selection", sweeps=""),
+    "paper": Preset({}, f"{CPSC2018_NOTE}.", DEFAULT_RAW_DIR, 5, 50, (("advls", "eps", (0.005, 0.01, 0.05, 0.1)),)),
     # Sized for about ten minutes of `python reproduce.py --preset demo` on 2 CPU cores: no L2
-    # sweep (and in reproduce's grid the paper's default eps only).
-    "demo": dict(data_dir="data/demo/processed", result_dir="result/demo", max_length=4096,
-                 random_pad=1024, epochs=10, batch_size=16, checkpoint_every=5,
-                 sweeps=f"pgd_linf,white,{REAL_NOISE_SWEEPS}", sweep_steps=5, sweep_restarts=1,
-                 adv_start_epoch=2, pgd_steps=5, jacobian_projections=1,
-                 NSR=dict(batch_size=8, reg_start_epoch=7, beta1=0.1, beta2=0.05),
-                 jacob=dict(beta=0.5, reg_start_epoch=4)),
-    "smoke": dict(data_dir="data/smoke/processed", result_dir="result/smoke", max_length=2048,
-                  random_pad=1024, epochs=1, batch_size=16, checkpoint_every=1,
-                  max_batches=2, sweeps="white,pgd_linf", sweep_steps=2, sweep_restarts=1,
-                  sweep_max_batches=1,
-                  reg_start_epoch=0, adv_start_epoch=0, pgd_steps=2, jacobian_projections=1),
+    # sweep, and in the grid the paper's default eps only.
+    "demo": Preset(dict(data_dir="data/demo/processed", result_dir="result/demo", max_length=4096,
+                        random_pad=1024, epochs=10, batch_size=16, checkpoint_every=5,
+                        sweeps=f"pgd_linf,white,{REAL_NOISE_SWEEPS}", sweep_steps=5, sweep_restarts=1,
+                        adv_start_epoch=2, pgd_steps=5, jacobian_projections=1,
+                        NSR=dict(batch_size=8, reg_start_epoch=7, beta1=0.1, beta2=0.05),
+                        jacob=dict(beta=0.5, reg_start_epoch=4)),
+                   SYNTHETIC_NOTE, "data/demo/train", 3, 6, (("advls", "eps", (0.01,)),),
+                   synthetic_records_per_class=30, synthetic_max_seconds=20.0),
+    "smoke": Preset(dict(data_dir="data/smoke/processed", result_dir="result/smoke", max_length=2048,
+                         random_pad=1024, epochs=1, batch_size=16, checkpoint_every=1,
+                         max_batches=2, sweeps="white,pgd_linf", sweep_steps=2, sweep_restarts=1,
+                         sweep_max_batches=1,
+                         reg_start_epoch=0, adv_start_epoch=0, pgd_steps=2, jacobian_projections=1),
+                    SYNTHETIC_NOTE, "data/smoke/train", 1, 1, (("advls", "eps", (0.01,)),),
+                    synthetic_records_per_class=4, synthetic_max_seconds=8.0),
     # A small real CPSC2018 set given with reproduce.py --preset mini --raw_dir DIR.
-    "mini": dict(data_dir="data/mini/processed", result_dir="result/mini", max_length=4096,
-                 random_pad=1024, epochs=10, batch_size=16, checkpoint_every=5,
-                 sweeps=f"pgd_linf,white,{ENSEMBLE_SWEEPS},{REAL_NOISE_SWEEPS}", sweep_steps=10,
-                 sweep_restarts=1, adv_start_epoch=3, jacobian_projections=1,
-                 NSR=dict(batch_size=8, reg_start_epoch=7, beta1=0.1, beta2=0.05),
-                 jacob=dict(beta=0.5, reg_start_epoch=4)),
+    "mini": Preset(dict(data_dir="data/mini/processed", result_dir="result/mini", max_length=4096,
+                        random_pad=1024, epochs=10, batch_size=16, checkpoint_every=5,
+                        sweeps=f"pgd_linf,white,{ENSEMBLE_SWEEPS},{REAL_NOISE_SWEEPS}", sweep_steps=10,
+                        sweep_restarts=1, adv_start_epoch=3, jacobian_projections=1,
+                        NSR=dict(batch_size=8, reg_start_epoch=7, beta1=0.1, beta2=0.05),
+                        jacob=dict(beta=0.5, reg_start_epoch=4)),
+                   "**Data: real CPSC2018 records, but only a small sample of them** with a small "
+                   "stratified split of its own (2 validation and 4 test records per class), not the "
+                   "paper's 450-record test set: a small-scale check of the pipeline on real ECGs, "
+                   "not a reproduction of the paper's numbers.", None, 2, 4, (("advls", "eps", (0.01, 0.05)),)),
+    # How the paper chose its NSR and Jacobian coefficients: each value trained with the paper's
+    # settings and judged on the validation split under PGD L-inf (reproduce.SELECTION_SWEEP), so
+    # no sweeps of the test split.
+    "paper-selection": Preset(dict(result_dir="result/selection", sweeps=""),
+                              f"{CPSC2018_NOTE}; coefficients judged on its validation split.", DEFAULT_RAW_DIR,
+                              5, 50, (("NSR", "beta2", (0.4, 0.6, 0.8, 0.9, 1.0, 1.1, 1.2)),
+                                      ("jacob", "beta", (4, 14, 24, 34, 44, 54, 64, 74, 84))),
+                              selection=True),
 }
 
 
@@ -260,14 +297,14 @@ def noise_levels(sweep: str, levels: str = "paper") -> tuple:
 
 def preset_settings(preset: str, method: str) -> dict:
     """What ``preset`` sets for ``method``: its shared settings, then the method's own section."""
-    shared = {key: value for key, value in PRESETS[preset].items() if key not in METHODS}
-    return {**shared, **PRESETS[preset].get(method, {})}
+    shared = {key: value for key, value in PRESETS[preset].settings.items() if key not in METHODS}
+    return {**shared, **PRESETS[preset].settings.get(method, {})}
 
 
 def preset_setting(preset: str, key: str):
     """A shared setting's value under ``preset``: the preset's own, else TRAIN_DEFAULTS' (not one
     of the SCRIPT_SETTINGS, which are each script's)."""
-    return PRESETS[preset].get(key, TRAIN_DEFAULTS[key])
+    return PRESETS[preset].settings.get(key, TRAIN_DEFAULTS[key])
 
 
 def parse_sweeps(names: str) -> list[str]:

@@ -41,11 +41,12 @@ import pandas as pd
 import evaluate
 import selection
 from checkpoints import RESUME_KEYS, changed_settings
-from config import METHODS, PRESETS, SWEEPS, TRAIN_DEFAULTS, parse_config, parse_sweeps, preset_setting, preset_settings
+from config import (METHODS, PRESETS, SWEEPS, TRAIN_DEFAULTS, Preset, parse_config, parse_sweeps, preset_setting,
+                    preset_settings)
 from flags import ConfigError, OneLineParser, folder
-from preprocess import CLASSES, DEFAULT_RAW_DIR, DataError, load_cache
+from preprocess import CLASSES, DataError, load_cache
 from safe_writes import read_json, write_json, write_text_atomic
-from synthetic import DEMO_RAW_DIR, MARKER_NAME
+from synthetic import MARKER_NAME
 
 REPO = Path(__file__).resolve().parent
 # method -> its script's module (config.METHODS names them), imported here once
@@ -54,48 +55,6 @@ SCRIPTS = {method: importlib.import_module(name) for method, name in METHODS.ite
 CHANCE_NOTE_ACCURACY = 1.5 / len(CLASSES)  # the report flags runs whose clean accuracy is no better than this
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What reproduce itself does for one --preset, beyond the runs' settings (config.PRESETS
-    under the same name, which also name the cache and the result folder). Paths are relative
-    to the working directory."""
-
-    data_note: str             # the report's statement of what the data is
-    raw_dir: str | None        # the records (synthetic presets generate them here); None: --raw_dir required
-    val_per_class: int
-    test_per_class: int
-    grid: tuple[tuple[str, str, tuple[float, ...]], ...]  # (method, setting, its values): one run per value
-    synthetic_records_per_class: int = 0  # > 0: a synthetic dataset (synthetic.py)
-    synthetic_max_seconds: float = 60.0
-    selection: bool = False    # the coefficient study: only the grid's methods, judged on the validation split
-
-
-SYNTHETIC_NOTE = ("**Data: synthetic signals, not CPSC2018.** The records are simulated by "
-                  "`synthetic.py` (Gaussian-wave beats with a textbook feature per class, in "
-                  "CPSC2018's file format); they are not recordings of patients, and nothing "
-                  "below says anything about real ECGs or about the paper's numbers.")
-PLANS = {
-    "paper": Plan("**Data: CPSC2018** (real 12-lead ECGs, the official training set) with the "
-                  "paper's reference split (PROTOCOL section 2).", DEFAULT_RAW_DIR, 5, 50,
-                  (("advls", "eps", (0.005, 0.01, 0.05, 0.1)),)),
-    # The paper's default eps only: to fit the demo's ten minutes.
-    "demo": Plan(SYNTHETIC_NOTE, DEMO_RAW_DIR, 3, 6, (("advls", "eps", (0.01,)),),
-                 synthetic_records_per_class=30, synthetic_max_seconds=20.0),
-    "smoke": Plan(SYNTHETIC_NOTE, "data/smoke/train", 1, 1, (("advls", "eps", (0.01,)),),
-                  synthetic_records_per_class=4, synthetic_max_seconds=8.0),
-    "mini": Plan("**Data: real CPSC2018 records, but only a small sample of them** with a small "
-                 "stratified split of its own (2 validation and 4 test records per class), not the "
-                 "paper's 450-record test set: a small-scale check of the pipeline on real ECGs, "
-                 "not a reproduction of the paper's numbers.", None, 2, 4, (("advls", "eps", (0.01, 0.05)),)),
-    # How the paper chose its NSR and Jacobian coefficients: each value trained with the paper's
-    # settings and judged on the validation split under PGD L-inf (SELECTION_SWEEP).
-    "paper-selection": Plan("**Data: CPSC2018** (real 12-lead ECGs, the official training set) with "
-                            "the paper's reference split (PROTOCOL section 2); coefficients judged on its "
-                            "validation split.", DEFAULT_RAW_DIR, 5, 50,
-                            (("NSR", "beta2", (0.4, 0.6, 0.8, 0.9, 1.0, 1.1, 1.2)),
-                             ("jacob", "beta", (4, 14, 24, 34, 44, 54, 64, 74, 84))),
-                            selection=True),
-}
 SELECTION_SWEEP = "pgd_linf"  # at the paper's levels, on the validation split
 # How long a stage may take to stop after SIGINT or SIGTERM (a training finishes its batch and
 # saves a checkpoint) before reproduce kills it.
@@ -153,7 +112,7 @@ def plan_jobs(preset: str, methods: list[str], result_dir: str | None = None) ->
     """The training runs of ``preset`` for ``methods``, in the paper's order: the method scripts
     with ``--preset``, the plan's grid setting and ``result_dir`` when given (else the preset's),
     settings resolved exactly as the script will resolve them (so the run folder is the script's)."""
-    plan = PLANS[preset]
+    plan = PRESETS[preset]
     grids = {method: (setting, values) for method, setting, values in plan.grid}
     jobs = []
     for method in (m for m in METHODS if m in methods and (m in grids or not plan.selection)):
@@ -449,7 +408,7 @@ def _duration(seconds: float) -> str:
 
 # --- the chain -----------------------------------------------------------------------------
 
-def prepare_data(plan: Plan, raw_dir: Path, data_dir: Path, timings: Timings, dry_run: bool) -> None:
+def prepare_data(plan: Preset, raw_dir: Path, data_dir: Path, timings: Timings, dry_run: bool) -> None:
     regenerated = False
     if plan.synthetic_records_per_class:
         stage = "data: generate synthetic records"
@@ -511,7 +470,7 @@ def print_costs(jobs: list[Job]) -> None:
     print(f"total: {_duration(total)} of single-thread CPU time for {len(jobs)} runs{without} (a GPU is much faster)")
 
 
-def write_selection_report(preset: str, plan: Plan, jobs: list[Job], result_dir: Path, timings: Timings) -> Path:
+def write_selection_report(preset: str, plan: Preset, jobs: list[Job], result_dir: Path, timings: Timings) -> Path:
     """selection.md: per method of the grid, the validation tables and each criterion's pick."""
     started = time.perf_counter()
     studies = {method: (setting, {getattr(job.cfg, setting): job.run_dir for job in jobs if job.method == method})
@@ -570,7 +529,7 @@ def _preset_changes(preset: str, job: Job) -> str:
     its method settings and its own section, each with the paper's value."""
     paper = {**TRAIN_DEFAULTS, **SCRIPTS[job.method].TRAINING, **job.hyperparameters}
     changed = {k: v for k, v in preset_settings(preset, job.method).items()
-               if k in job.hyperparameters or k in PRESETS[preset].get(job.method, {})}
+               if k in job.hyperparameters or k in PRESETS[preset].settings.get(job.method, {})}
     return ", ".join(f"{k}={v:g} (paper {paper[k]:g})" for k, v in changed.items()) or "none"
 
 
@@ -604,7 +563,7 @@ def _history(path: Path) -> list[dict]:
     return history
 
 
-def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, result_dir: Path,
+def build_report(plan_name: str, plan: Preset, raw_dir: Path, data_dir: Path, result_dir: Path,
                  jobs: list[Job], ready: list[Job], tables: dict[str, str], timings: Timings) -> str:
     def rel(path: Path) -> str:
         return Path(path).relative_to(result_dir).as_posix() if Path(path).is_relative_to(result_dir) \
@@ -738,13 +697,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                   "on 2 CPU cores), smoke (synthetic, CI), mini (a small real set given with --raw_dir), "
                                   "paper-selection (the NSR and Jacobian coefficient study on CPSC2018's validation "
                                   "split; with --dry_run: every run and its estimated cost).")
-    parser.add_flag("--preset", default="paper", choices=list(PLANS))
+    parser.add_flag("--preset", default="paper", choices=list(PRESETS))
     parser.add_flag("--raw_dir", type=folder,
                     help="the records (synthetic presets generate them there); default per preset: "
-                         + ", ".join(f"{k} {p.raw_dir or '(required)'}" for k, p in PLANS.items()))
+                         + ", ".join(f"{k} {p.raw_dir or '(required)'}" for k, p in PRESETS.items()))
     parser.add_flag("--result_dir", type=folder,
                     help="where the runs, compare/, report.md and timings.json go (default per preset: "
-                         + ", ".join(f"{k} {preset_setting(k, 'result_dir')}" for k in PLANS) + ")")
+                         + ", ".join(f"{k} {preset_setting(k, 'result_dir')}" for k in PRESETS) + ")")
     parser.add_flag("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
                     help=f"a subset of {', '.join(METHODS)} (space- or comma-separated)")
     parser.add_flag("--skip_train", action="store_true",
@@ -754,7 +713,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="train and evaluate each run with N processes under torchrun (one per GPU); "
                          "the batch size must be a multiple of N")
     args = parser.parse_args(argv)
-    if args.raw_dir is None and PLANS[args.preset].raw_dir is None:
+    if args.raw_dir is None and PRESETS[args.preset].raw_dir is None:
         raise ReproduceError(f"--preset {args.preset} needs --raw_dir DIR: a folder of real CPSC2018 records "
                              "(e.g. 150 of them in the WFDB form, with REFERENCE.csv or #Dx headers; "
                              "see the README, 'Reproducing the paper')")
@@ -795,7 +754,7 @@ def _without_torchrun(environment: dict[str, str]) -> dict[str, str]:
 
 
 def reproduce(args: argparse.Namespace) -> int:
-    plan = PLANS[args.preset]
+    plan = PRESETS[args.preset]
     raw_dir = Path(args.raw_dir or plan.raw_dir)
     all_jobs = plan_jobs(args.preset, list(METHODS), args.result_dir)
     # The runs' own settings name the cache and the result folder (whatever set them).

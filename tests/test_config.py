@@ -1,4 +1,6 @@
 """Settings: one place for presets, flag types declared rather than taken from the defaults."""
+import dataclasses
+
 import pytest
 
 import config
@@ -45,7 +47,7 @@ def test_the_scripts_show_the_shared_settings_of_the_protocol():
 def test_every_preset_setting_belongs_to_a_method_or_the_shared_settings():
     hyperparameters = {method: script.HYPERPARAMETERS for method, script in reproduce.SCRIPTS.items()}
     known = set(config.TRAIN_DEFAULTS).union(config.SCRIPT_SETTINGS, *hyperparameters.values())
-    for name, preset in config.PRESETS.items():
+    for name, preset in ((name, p.settings) for name, p in config.PRESETS.items()):
         assert set(preset) - set(config.METHODS) <= known, (name, set(preset) - known)
         for method in set(preset) & set(config.METHODS):  # a method's section: its own settings
             own = set(config.TRAIN_DEFAULTS) | set(config.SCRIPT_SETTINGS) | set(hyperparameters[method])
@@ -53,7 +55,8 @@ def test_every_preset_setting_belongs_to_a_method_or_the_shared_settings():
 
 
 def test_a_method_section_of_a_preset_applies_to_that_method_only(monkeypatch):
-    monkeypatch.setitem(config.PRESETS, "test", dict(epochs=3, beta=2.0, jacob=dict(beta=0.5, epochs=4)))
+    monkeypatch.setitem(config.PRESETS, "test", dataclasses.replace(
+        config.PRESETS["paper"], settings=dict(epochs=3, beta=2.0, jacob=dict(beta=0.5, epochs=4))))
     jacob = config.parse_config("jacob", {"beta": 44.0}, ["--preset", "test"], training=PAPER_TRAINING)
     advls = config.parse_config("advls", {"beta": 0.5}, ["--preset", "test"], training=PAPER_TRAINING)
     assert (jacob.beta, jacob.epochs) == (0.5, 4)
@@ -67,7 +70,7 @@ def test_a_preset_means_the_same_through_the_script_and_reproduce():
     reproduce.py --preset P does, but for the setting reproduce's grid varies."""
     for preset in config.PRESETS:
         jobs = reproduce.plan_jobs(preset, list(config.METHODS))
-        plan = reproduce.PLANS[preset]
+        plan = config.PRESETS[preset]
         assert {job.method for job in jobs} == \
             ({method for method, _, _ in plan.grid} if plan.selection else set(config.METHODS)), preset
         for job in jobs:
@@ -82,7 +85,7 @@ def test_a_preset_means_the_same_through_the_script_and_reproduce():
     demo = reproduce.plan_jobs("demo", list(config.METHODS))
     jacob, advls, nsr = (next(job for job in demo if job.method == m) for m in ("jacob", "advls", "NSR"))
     assert jacob.cfg.jacobian_projections == 1 and advls.cfg.pgd_steps == 5
-    assert nsr.cfg.batch_size == config.PRESETS["demo"]["NSR"]["batch_size"] != advls.cfg.batch_size
+    assert nsr.cfg.batch_size == config.PRESETS["demo"].settings["NSR"]["batch_size"] != advls.cfg.batch_size
 
 
 def test_level_lists_are_the_papers_by_default_and_extended_on_request():

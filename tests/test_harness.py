@@ -92,7 +92,7 @@ def test_preset_then_method_override_then_flag():
     cfg = config.parse_config("X", {"adv_start_epoch": 10}, ["--preset", "demo", "--epochs", "3"],
                                training=PAPER_TRAINING)
     assert cfg.preset == "demo" and cfg.adv_start_epoch == 2 and cfg.epochs == 3
-    assert cfg.max_length == config.PRESETS["demo"]["max_length"]
+    assert cfg.max_length == config.PRESETS["demo"].settings["max_length"]
 
 
 @pytest.mark.slow  # trains two runs end to end

@@ -156,7 +156,7 @@ def test_reproduce_passes_on_a_result_folder_it_is_given(tmp_path, monkeypatch, 
     (job,) = reproduce.plan_jobs("smoke", ["CE"], "elsewhere")
     assert job.flags == ["--preset", "smoke", "--result_dir", "elsewhere"]
     assert job.cfg.result_dir == "elsewhere" and job.run_dir == Path("elsewhere") / "CE"
-    assert job.cfg.data_dir == config.PRESETS["smoke"]["data_dir"]
+    assert job.cfg.data_dir == config.PRESETS["smoke"].settings["data_dir"]
     monkeypatch.chdir(tmp_path)
     assert reproduce.main(["--preset", "smoke", "--result_dir", "elsewhere", "--methods", "CE", "--dry_run"]) == 0
     out = capsys.readouterr().out
@@ -410,7 +410,7 @@ def test_report_has_the_gradient_masking_check_for_runs_with_pgd_and_the_ensembl
         fake_run(result / name, sweeps, clean=([0, 1, 2], [0, 1, 2]))
         jobs.append(reproduce.Job(name, Path(f"{name}.py"), [], cfg, {}, result / name))
     tables = evaluate.compare_runs([job.run_dir for job in jobs], result / "compare")
-    report = reproduce.build_report("smoke", reproduce.PLANS["smoke"], tmp_path / "raw", tmp_path / "data",
+    report = reproduce.build_report("smoke", config.PRESETS["smoke"], tmp_path / "raw", tmp_path / "data",
                                     result, jobs, jobs, tables,
                                     reproduce.Timings(result / "timings.json", "smoke", dry_run=True))
     section = report.split("## Gradient-masking check")[1].split("## Stage timings")[0]
