@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
@@ -55,35 +56,77 @@ TRAIN_DEFAULTS = dict(
 
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding (np.random.seed) takes 0 .. 2**32 - 1
 
-# The four methods in the paper's order: the name each script passes to harness.main (and
-# presets' sections use) -> the script's module name.
-METHODS = {"CE": "CPSC2018_CNN_CE", "NSR": "CPSC2018_CNN_NSR", "jacob": "CPSC2018_CNN_jacob",
-           "advls": "CPSC2018_CNN_ce_adv_pgd_ls"}
 
-# Whole-number settings (shared and of the methods); SWITCHES are on/off flags, FOLDERS paths
-# (never empty), TEXTS strings; every other setting is a float.
+
+@dataclass(frozen=True)
+class Method:
+    """A training method: its script (a module name) and the rule that names its runs: the
+    method's name, then each setting of ``named`` as name_value, then each of ``named_when_set``
+    ({setting: label}) as label_value when it is not 0."""
+
+    script: str
+    named: tuple[str, ...] = ()
+    named_when_set: dict[str, str] = field(default_factory=dict)
+
+
+# The four methods in the paper's order, by the name that presets' sections and --methods use.
+METHODS = {"CE": Method("CPSC2018_CNN_CE"),
+           "NSR": Method("CPSC2018_CNN_NSR", named=("beta1", "beta2")),
+           "jacob": Method("CPSC2018_CNN_jacob", named=("beta",), named_when_set={"jacobian_projections": "proj"}),
+           "advls": Method("CPSC2018_CNN_ce_adv_pgd_ls", named=("eps", "beta"),
+                           named_when_set={"label_smoothing": "ls"})}
+
+
+def method_of(script: str | Path) -> str:
+    """The name of the method whose script is the file ``script``."""
+    names = [name for name, method in METHODS.items() if method.script == Path(script).stem]
+    if not names:
+        raise ConfigError(f"{script}: not the script of a method of config.METHODS")
+    return names[0]
+
+
+def run_name(cfg: SimpleNamespace) -> str:
+    """The run's folder name: --run_name, else the method's name with its key settings (METHODS)."""
+    if cfg.run_name:
+        return cfg.run_name
+    method = METHODS[cfg.method]
+    shown = {**{key: key for key in method.named},
+             **{label: key for key, label in method.named_when_set.items() if getattr(cfg, key)}}
+    return "_".join([cfg.method, *(f"{label}_{_name_part(getattr(cfg, key))}" for label, key in shown.items())])
+
+
+def _name_part(value) -> str:
+    """A setting as run names write it: 44.0 as 44, 1e20 as 1e+20, a whole number as it is."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# Shared whole-number settings (a method declares its own: its script's WHOLE_NUMBERS); SWITCHES
+# are on/off flags, FOLDERS paths (never empty), TEXTS strings; every other setting is a float.
 COUNTS = {"epochs", "batch_size", "eval_batch_size", "seed", "max_length", "random_pad", "num_workers",
-          "checkpoint_every", "max_batches", "sweep_steps", "sweep_restarts", "sweep_max_batches",
-          "reg_start_epoch", "adv_start_epoch", "pgd_steps", "jacobian_projections"}
+          "checkpoint_every", "max_batches", "sweep_steps", "sweep_restarts", "sweep_max_batches"}
 SWITCHES = {"bucket", "amp", "cudnn_benchmark", "resume", "overwrite"}
 FOLDERS = {"data_dir", "result_dir"}
 TEXTS = {"run_name", "model", "device", "sweeps", "levels"}
 
 
-def value_type(key: str) -> type:
-    """The type of a setting's value."""
-    return bool if key in SWITCHES else str if key in FOLDERS | TEXTS else int if key in COUNTS else float
+def value_type(key: str, whole_numbers: tuple[str, ...] = ()) -> type:
+    """The type of a setting's value; ``whole_numbers``: the method's whole-number hyperparameters."""
+    if key in SWITCHES:
+        return bool
+    if key in FOLDERS | TEXTS:
+        return str
+    return int if key in COUNTS or key in whole_numbers else float
 
 
-def flag_type(key: str) -> Callable:
+def flag_type(key: str, whole_numbers: tuple[str, ...] = ()) -> Callable:
     """What reads a setting's flag: its value type, or ``folder`` for a folder."""
-    return folder if key in FOLDERS else value_type(key)
+    return folder if key in FOLDERS else value_type(key, whole_numbers)
 
 
-def as_flag_type(key: str, value):
+def as_flag_type(key: str, value, whole_numbers: tuple[str, ...] = ()):
     """A default as its flag reads values (``beta=44`` -> 44.0, ``batch_size=64.0`` -> 64), so
     that how a value is written at the top of a script never changes the run."""
-    kind = flag_type(key)
+    kind = flag_type(key, whole_numbers)
     if value is None or kind not in (int, float):
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -342,10 +385,20 @@ def non_negative(cfg: SimpleNamespace, *keys: str) -> None:
             raise ConfigError(f"--{key} must be a finite non-negative number, got {value}")
 
 
+def parse_script(script, argv: list[str] | None = None) -> SimpleNamespace:
+    """parse_config for a method script (its module): the method its file is, its TRAINING,
+    HYPERPARAMETERS, WHOLE_NUMBERS and check_hyperparameters if it has one."""
+    return parse_config(method_of(script.__file__), script.HYPERPARAMETERS, argv,
+                        getattr(script, "check_hyperparameters", None), training=script.TRAINING,
+                        whole_numbers=script.WHOLE_NUMBERS)
+
+
 def parse_config(method: str, hyperparameters: dict, argv: list[str] | None = None,
-                 check: Callable[[SimpleNamespace], None] | None = None, *, training: dict) -> SimpleNamespace:
+                 check: Callable[[SimpleNamespace], None] | None = None, *, training: dict,
+                 whole_numbers: tuple[str, ...] = ()) -> SimpleNamespace:
     """TRAIN_DEFAULTS with the method script's ``training`` (its values of SCRIPT_SETTINGS) and
-    ``hyperparameters``, then the preset, then the flags.
+    ``hyperparameters`` (those named in ``whole_numbers`` whole numbers, the others floats), then
+    the preset, then the flags.
 
     ``check``: the method's rules for its hyperparameters (raises ConfigError); without one,
     each must be a finite non-negative number.
@@ -353,20 +406,20 @@ def parse_config(method: str, hyperparameters: dict, argv: list[str] | None = No
     if set(training) != set(SCRIPT_SETTINGS):
         raise ConfigError(f"{method}: TRAINING must set exactly {', '.join(SCRIPT_SETTINGS)} "
                           f"(it sets {', '.join(training) or 'nothing'})")
-    defaults = {key: as_flag_type(key, value)
+    defaults = {key: as_flag_type(key, value, whole_numbers)
                 for key, value in {**TRAIN_DEFAULTS, **training, **hyperparameters}.items()}
     parser = OneLineParser(prog=f"{method} training", description=f"Train {method} (PROTOCOL section 5).",
                            argument_default=argparse.SUPPRESS)
     parser.add_flag("--preset", default="paper", choices=sorted(PRESETS))
     for key in defaults:
-        kind = flag_type(key)
+        kind = flag_type(key, whole_numbers)
         if kind is bool:
             parser.add_switch(f"--{key}", dest=key)
         else:
             parser.add_flag(f"--{key}", dest=key, type=kind, metavar=kind.__name__.upper())
     args = vars(parser.parse_args(argv))
     preset = args.pop("preset", "paper")
-    overrides = {key: as_flag_type(key, value) for key, value in preset_settings(preset, method).items()
+    overrides = {key: as_flag_type(key, value, whole_numbers) for key, value in preset_settings(preset, method).items()
                  if key in defaults}
     cfg = SimpleNamespace(**{**defaults, **overrides, **args, "preset": preset, "method": method})
     validate_config(cfg)

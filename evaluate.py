@@ -315,10 +315,11 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[to
     return model.to(device), config
 
 
-def wrong_setting_type(key: str, value) -> str | None:
+def wrong_setting_type(key: str, value, whole_numbers: tuple[str, ...] = ()) -> str | None:
     """What is wrong with a saved ``value`` of the setting ``key`` ("<value>, not <type>") when it
-    is not of its type (config.value_type; a whole number is a number too); None when it is."""
-    kind = value_type(key)
+    is not of its type (config.value_type, with the method's ``whole_numbers``; a whole number is a
+    number too); None when it is."""
+    kind = value_type(key, whole_numbers)
     fits = isinstance(value, (int, float) if kind is float else kind) and (kind is bool) == isinstance(value, bool)
     return None if fits else f"{value!r}, not {TYPE_NAMES[kind]}"
 

@@ -41,8 +41,8 @@ import pandas as pd
 import evaluate
 import selection
 from checkpoints import RESUME_KEYS, changed_settings
-from config import (METHODS, PRESETS, SWEEPS, TRAIN_DEFAULTS, Preset, parse_config, parse_sweeps, preset_setting,
-                    preset_settings)
+from config import (METHODS, PRESETS, SWEEPS, TRAIN_DEFAULTS, Preset, parse_script, parse_sweeps, preset_setting,
+                    preset_settings, run_name)
 from flags import ConfigError, OneLineParser, folder
 from preprocess import CLASSES, DataError, load_cache
 from safe_writes import read_json, write_json, write_text_atomic
@@ -50,7 +50,7 @@ from synthetic import MARKER_NAME
 
 REPO = Path(__file__).resolve().parent
 # method -> its script's module (config.METHODS names them), imported here once
-SCRIPTS = {method: importlib.import_module(name) for method, name in METHODS.items()}
+SCRIPTS = {name: importlib.import_module(method.script) for name, method in METHODS.items()}
 
 CHANCE_NOTE_ACCURACY = 1.5 / len(CLASSES)  # the report flags runs whose clean accuracy is no better than this
 
@@ -122,10 +122,9 @@ def plan_jobs(preset: str, methods: list[str], result_dir: str | None = None) ->
             flags = ["--preset", preset, *(["--result_dir", result_dir] if result_dir else [])]
             if setting:
                 flags += [f"--{setting}", f"{value:g}"]
-            cfg = parse_config(method, module.HYPERPARAMETERS, flags,
-                               getattr(module, "check_hyperparameters", None), training=module.TRAINING)
+            cfg = parse_script(module, flags)
             jobs.append(Job(method, REPO / f"{module.__name__}.py", flags, cfg, module.HYPERPARAMETERS,
-                            Path(cfg.result_dir) / module.run_name(cfg), setting))
+                            Path(cfg.result_dir) / run_name(cfg), setting))
     return jobs
 
 
@@ -138,7 +137,7 @@ def saved_settings(job: Job) -> dict:
     config = read_json(path)
     wrong = "not a JSON object" if not isinstance(config, dict) else next(
         (f"its {key} is {wrong}" for key in job.compared_settings
-         if key in config and (wrong := evaluate.wrong_setting_type(key, config[key]))), None)
+         if key in config and (wrong := evaluate.wrong_setting_type(key, config[key], SCRIPTS[job.method].WHOLE_NUMBERS))), None)
     if wrong:
         raise ReproduceError(f"{path}: {wrong}: not the settings of a run of this project; delete that folder "
                              "or choose another --result_dir")

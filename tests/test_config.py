@@ -13,7 +13,8 @@ def test_editing_a_default_does_not_change_what_its_flag_accepts():
     assert config.parse_config("jacob", {"beta": 44}, argv=["--beta", "0.5"], training=PAPER_TRAINING).beta == 0.5
     assert config.parse_config("CE", {}, argv=["--lr", "1"], training={**PAPER_TRAINING, "lr": 1}).lr == 1.0
     with pytest.raises(ConfigError, match="invalid int value"):
-        config.parse_config("advls", {"pgd_steps": 20.0}, argv=["--pgd_steps", "2.5"], training=PAPER_TRAINING)
+        config.parse_config("advls", {"pgd_steps": 20.0}, argv=["--pgd_steps", "2.5"], training=PAPER_TRAINING,
+                            whole_numbers=("pgd_steps",))
 
 
 @pytest.mark.parametrize("flag, value", [("--resume", True), ("--no_resume", False), ("--no-resume", False),
@@ -28,7 +29,7 @@ def test_an_on_off_setting_takes_every_spelling(flag, value):
 
 def test_a_default_is_read_as_its_flag_would_read_it():
     cfg = config.parse_config("jacob", {"beta": 44, "reg_start_epoch": 4.0}, argv=[],
-                              training={**PAPER_TRAINING, "batch_size": 64.0})
+                              training={**PAPER_TRAINING, "batch_size": 64.0}, whole_numbers=("reg_start_epoch",))
     assert (cfg.beta, cfg.reg_start_epoch, cfg.batch_size) == (44.0, 4, 64)
     assert (type(cfg.beta), type(cfg.reg_start_epoch), type(cfg.batch_size)) == (float, int, int)
     with pytest.raises(ConfigError, match=r"batch_size = 64\.5: --batch_size takes a whole number"):
@@ -75,8 +76,7 @@ def test_a_preset_means_the_same_through_the_script_and_reproduce():
             ({method for method, _, _ in plan.grid} if plan.selection else set(config.METHODS)), preset
         for job in jobs:
             module = reproduce.SCRIPTS[job.method]
-            direct = vars(config.parse_config(job.method, module.HYPERPARAMETERS, argv=["--preset", preset],
-                                              training=module.TRAINING))
+            direct = vars(config.parse_script(module, argv=["--preset", preset]))
             through_reproduce = vars(job.cfg)
             assert direct.keys() == through_reproduce.keys(), (preset, job.method)
             differ = {key: (direct[key], through_reproduce[key]) for key in direct
@@ -113,3 +113,15 @@ def test_every_sweep_has_its_title_levels_and_one_line_description():
         "APGD-CE, then APGD-DLR (3 steps, 2 random start(s) each) and Square (30 queries) on the survivors, "
         "early stop, model in eval mode")
     assert config.SWEEPS["apgd_dlr"].title == "APGD-DLR, L-inf budget"
+
+
+def test_a_method_declares_its_whole_number_hyperparameters_and_config_only_the_shared_ones():
+    assert config.COUNTS <= set(config.TRAIN_DEFAULTS) | set(config.SCRIPT_SETTINGS)
+    for method, script in reproduce.SCRIPTS.items():
+        cfg = config.parse_script(script, argv=[])
+        assert cfg.method == method == config.method_of(script.__file__)
+        assert {key for key in script.HYPERPARAMETERS if type(getattr(cfg, key)) is int} == set(script.WHOLE_NUMBERS)
+    with pytest.raises(ConfigError, match="invalid int value: '2.5'"):
+        config.parse_script(reproduce.SCRIPTS["advls"], argv=["--pgd_steps", "2.5"])
+    with pytest.raises(ConfigError, match=r"^train\.py: not the script of a method of config\.METHODS$"):
+        config.method_of("train.py")
