@@ -522,7 +522,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "REFERENCE.csv). The signals are simulated for the demo and tests; they are not CPSC2018 "
                     "recordings and not clinical data.")
     # The default: the demo's records (reproduce.py --preset demo).
-    parser.add_flag("--out_dir", type=folder, default=PRESETS["demo"].raw_dir, help="output folder (default: %(default)s)")
+    parser.add_flag("--out_dir", type=folder, default=PRESETS["demo"].raw_dir,
+                    help="output folder (default: %(default)s)")
     parser.add_flag("--records_per_class", type=int, default=30, help="records per First_label (default: 30)")
     parser.add_flag("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_flag("--min_seconds", type=float, default=6.0, help="shortest record in s (default: 6)")
