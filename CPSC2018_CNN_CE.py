@@ -16,6 +16,7 @@ import harness
 TRAINING = dict(epochs=70, batch_size=64, lr=1e-3)
 # CE has no hyperparameters of its own.
 HYPERPARAMETERS = {}
+WHOLE_NUMBERS = ()
 
 
 def loss_fn(model, x, y, mask, epoch, cfg):
@@ -23,9 +24,5 @@ def loss_fn(model, x, y, mask, epoch, cfg):
     return loss, {}
 
 
-def run_name(cfg):
-    return "CE"
-
-
 if __name__ == "__main__":
-    sys.exit(harness.main("CE", loss_fn, HYPERPARAMETERS, run_name, training=TRAINING))
+    sys.exit(harness.main(sys.modules[__name__]))

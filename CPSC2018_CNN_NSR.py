@@ -20,6 +20,7 @@ HYPERPARAMETERS = dict(
     beta2=1.0,            # weight of the noise-to-signal-ratio term
     reg_start_epoch=10,   # epochs before this use the MSE term alone
 )
+WHOLE_NUMBERS = ("reg_start_epoch",)  # the others take any number
 
 
 def loss_fn(model, x, y, mask, epoch, cfg):
@@ -40,9 +41,5 @@ def loss_fn(model, x, y, mask, epoch, cfg):
     return loss, {"loss_mse": loss1.detach(), "loss_margin": loss2.detach(), "loss_nsr": loss3.detach()}
 
 
-def run_name(cfg):
-    return f"NSR_beta1_{cfg.beta1:g}_beta2_{cfg.beta2:g}"
-
-
 if __name__ == "__main__":
-    sys.exit(harness.main("NSR", loss_fn, HYPERPARAMETERS, run_name, training=TRAINING))
+    sys.exit(harness.main(sys.modules[__name__]))

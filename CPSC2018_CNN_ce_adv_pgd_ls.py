@@ -32,6 +32,7 @@ HYPERPARAMETERS = dict(
     pgd_alpha=4.0,          # step size = pgd_alpha * eps_t / pgd_steps
     label_smoothing=0.0,    # of the CE terms; 0 reproduces the reference code
 )
+WHOLE_NUMBERS = ("adv_start_epoch", "pgd_steps")  # the others take any number
 
 
 def check_hyperparameters(cfg):
@@ -63,11 +64,5 @@ def loss_fn(model, x, y, mask, epoch, cfg):
     return loss, {"loss_ce": loss1.detach(), "loss_adv": loss2.detach(), "eps_t": eps_t}
 
 
-def run_name(cfg):
-    smoothing = f"_ls_{cfg.label_smoothing:g}" if cfg.label_smoothing else ""
-    return f"advls_eps_{cfg.eps:g}_beta_{cfg.beta:g}{smoothing}"
-
-
 if __name__ == "__main__":
-    sys.exit(harness.main("advls", loss_fn, HYPERPARAMETERS, run_name, check=check_hyperparameters,
-                          training=TRAINING))
+    sys.exit(harness.main(sys.modules[__name__]))

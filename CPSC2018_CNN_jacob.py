@@ -22,6 +22,7 @@ HYPERPARAMETERS = dict(
     reg_start_epoch=0,        # epochs before this use CE alone
     jacobian_projections=0,   # 0: the exact Frobenius norm (paper); K > 0: K random projections
 )
+WHOLE_NUMBERS = ("reg_start_epoch", "jacobian_projections")  # the others take any number
 
 
 def loss_fn(model, x, y, mask, epoch, cfg):
@@ -35,10 +36,5 @@ def loss_fn(model, x, y, mask, epoch, cfg):
     return loss1 + cfg.beta * loss2, {"loss_ce": loss1.detach(), "loss_jacobian": loss2.detach()}
 
 
-def run_name(cfg):
-    projections = f"_proj_{cfg.jacobian_projections}" if cfg.jacobian_projections else ""
-    return f"jacob_beta_{cfg.beta:g}{projections}"
-
-
 if __name__ == "__main__":
-    sys.exit(harness.main("jacob", loss_fn, HYPERPARAMETERS, run_name, training=TRAINING))
+    sys.exit(harness.main(sys.modules[__name__]))

@@ -11,15 +11,19 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
 import torch
 
+import attacks
 from distributed import choose_device, world_size
 from ECG_CNN import MODELS, check_length
 from ECG_Dataset import MAX_LENGTH, RANDOM_PAD
 from flags import ConfigError, OneLineParser, folder
+from preprocess import DEFAULT_RAW_DIR
 
 # PROTOCOL section 5: the settings shared by all four methods; each is a command-line flag.
 # These each method script sets at its top (TRAINING), where a researcher edits them:
@@ -52,35 +56,77 @@ TRAIN_DEFAULTS = dict(
 
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding (np.random.seed) takes 0 .. 2**32 - 1
 
-# The four methods in the paper's order: the name each script passes to harness.main (and
-# presets' sections use) -> the script's module name.
-METHODS = {"CE": "CPSC2018_CNN_CE", "NSR": "CPSC2018_CNN_NSR", "jacob": "CPSC2018_CNN_jacob",
-           "advls": "CPSC2018_CNN_ce_adv_pgd_ls"}
 
-# Whole-number settings (shared and of the methods); SWITCHES are on/off flags, FOLDERS paths
-# (never empty), TEXTS strings; every other setting is a float.
+
+@dataclass(frozen=True)
+class Method:
+    """A training method: its script (a module name) and the rule that names its runs: the
+    method's name, then each setting of ``named`` as name_value, then each of ``named_when_set``
+    ({setting: label}) as label_value when it is not 0."""
+
+    script: str
+    named: tuple[str, ...] = ()
+    named_when_set: dict[str, str] = field(default_factory=dict)
+
+
+# The four methods in the paper's order, by the name that presets' sections and --methods use.
+METHODS = {"CE": Method("CPSC2018_CNN_CE"),
+           "NSR": Method("CPSC2018_CNN_NSR", named=("beta1", "beta2")),
+           "jacob": Method("CPSC2018_CNN_jacob", named=("beta",), named_when_set={"jacobian_projections": "proj"}),
+           "advls": Method("CPSC2018_CNN_ce_adv_pgd_ls", named=("eps", "beta"),
+                           named_when_set={"label_smoothing": "ls"})}
+
+
+def method_of(script: str | Path) -> str:
+    """The name of the method whose script is the file ``script``."""
+    names = [name for name, method in METHODS.items() if method.script == Path(script).stem]
+    if not names:
+        raise ConfigError(f"{script}: not the script of a method of config.METHODS")
+    return names[0]
+
+
+def run_name(cfg: SimpleNamespace) -> str:
+    """The run's folder name: --run_name, else the method's name with its key settings (METHODS)."""
+    if cfg.run_name:
+        return cfg.run_name
+    method = METHODS[cfg.method]
+    shown = {**{key: key for key in method.named},
+             **{label: key for key, label in method.named_when_set.items() if getattr(cfg, key)}}
+    return "_".join([cfg.method, *(f"{label}_{_name_part(getattr(cfg, key))}" for label, key in shown.items())])
+
+
+def _name_part(value) -> str:
+    """A setting as run names write it: 44.0 as 44, 1e20 as 1e+20, a whole number as it is."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# Shared whole-number settings (a method declares its own: its script's WHOLE_NUMBERS); SWITCHES
+# are on/off flags, FOLDERS paths (never empty), TEXTS strings; every other setting is a float.
 COUNTS = {"epochs", "batch_size", "eval_batch_size", "seed", "max_length", "random_pad", "num_workers",
-          "checkpoint_every", "max_batches", "sweep_steps", "sweep_restarts", "sweep_max_batches",
-          "reg_start_epoch", "adv_start_epoch", "pgd_steps", "jacobian_projections"}
+          "checkpoint_every", "max_batches", "sweep_steps", "sweep_restarts", "sweep_max_batches"}
 SWITCHES = {"bucket", "amp", "cudnn_benchmark", "resume", "overwrite"}
 FOLDERS = {"data_dir", "result_dir"}
 TEXTS = {"run_name", "model", "device", "sweeps", "levels"}
 
 
-def value_type(key: str) -> type:
-    """The type of a setting's value."""
-    return bool if key in SWITCHES else str if key in FOLDERS | TEXTS else int if key in COUNTS else float
+def value_type(key: str, whole_numbers: tuple[str, ...] = ()) -> type:
+    """The type of a setting's value; ``whole_numbers``: the method's whole-number hyperparameters."""
+    if key in SWITCHES:
+        return bool
+    if key in FOLDERS | TEXTS:
+        return str
+    return int if key in COUNTS or key in whole_numbers else float
 
 
-def flag_type(key: str) -> Callable:
+def flag_type(key: str, whole_numbers: tuple[str, ...] = ()) -> Callable:
     """What reads a setting's flag: its value type, or ``folder`` for a folder."""
-    return folder if key in FOLDERS else value_type(key)
+    return folder if key in FOLDERS else value_type(key, whole_numbers)
 
 
-def as_flag_type(key: str, value):
+def as_flag_type(key: str, value, whole_numbers: tuple[str, ...] = ()):
     """A default as its flag reads values (``beta=44`` -> 44.0, ``batch_size=64.0`` -> 64), so
     that how a value is written at the top of a script never changes the run."""
-    kind = flag_type(key)
+    kind = flag_type(key, whole_numbers)
     if value is None or kind not in (int, float):
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -94,96 +140,214 @@ def as_flag_type(key: str, value):
 REAL_NOISE_SWEEPS = "baseline_wander,powerline_50hz,muscle"  # noise that real ECGs carry
 ENSEMBLE_SWEEPS = "apgd_ce,apgd_dlr,square,autoattack"  # the gradient-masking check
 
-# Named bundles of overrides, the same whichever entry point runs them (a method script or
-# reproduce.py, whose PLANS add only what reproduce itself does: data, split sizes, grids).
+@dataclass(frozen=True)
+class Preset:
+    """One --preset, the same whichever entry point runs it (a method script or reproduce.py).
+
+    ``settings`` override TRAIN_DEFAULTS and the scripts' values; a setting applies to the
+    methods that have it, and a section named after a method ("NSR", "jacob", ...) applies to
+    that method only, after the rest. The other fields are what reproduce.py does around the
+    runs; paths are relative to the working directory.
+    """
+
+    settings: dict
+    data_note: str             # the report's statement of what the data is
+    raw_dir: str | None        # the records (synthetic presets generate them here); None: --raw_dir required
+    val_per_class: int
+    test_per_class: int
+    grid: tuple[tuple[str, str, tuple[float, ...]], ...]  # (method, setting, its values): one run per value
+    synthetic_records_per_class: int = 0  # > 0: a synthetic dataset (synthetic.py)
+    synthetic_max_seconds: float = 60.0
+    selection: bool = False    # the coefficient study: only the grid's methods, judged on the validation split
+
+
+CPSC2018_NOTE = ("**Data: CPSC2018** (real 12-lead ECGs, the official training set) with the paper's reference "
+                 "split (PROTOCOL section 2)")
+SYNTHETIC_NOTE = ("**Data: synthetic signals, not CPSC2018.** The records are simulated by "
+                  "`synthetic.py` (Gaussian-wave beats with a textbook feature per class, in "
+                  "CPSC2018's file format); they are not recordings of patients, and nothing "
+                  "below says anything about real ECGs or about the paper's numbers.")
 # "paper" is the defaults; "demo" and "smoke" run on synthetic data that `python reproduce.py
-# --preset demo|smoke` generates and preprocesses first (see README). A setting applies to the
-# methods that have it; a section named after a method ("NSR", "jacob", ...) applies to that
-# method only, after the rest.
+# --preset demo|smoke` generates and preprocesses first (see README).
 PRESETS = {
-    "paper": {},
-    # The coefficient study (reproduce.py --preset paper-selection): the paper's settings, its
-    # runs judged on the validation split afterwards, so no sweeps of the test split.
-    "paper-selection": dict(result_dir="result/selection", sweeps=""),
+    "paper": Preset({}, f"{CPSC2018_NOTE}.", DEFAULT_RAW_DIR, 5, 50, (("advls", "eps", (0.005, 0.01, 0.05, 0.1)),)),
     # Sized for about ten minutes of `python reproduce.py --preset demo` on 2 CPU cores: no L2
-    # sweep (and in reproduce's grid the paper's default eps only).
-    "demo": dict(data_dir="data/demo/processed", result_dir="result/demo", max_length=4096,
-                 random_pad=1024, epochs=10, batch_size=16, checkpoint_every=5,
-                 sweeps=f"pgd_linf,white,{REAL_NOISE_SWEEPS}", sweep_steps=5, sweep_restarts=1,
-                 adv_start_epoch=2, pgd_steps=5, jacobian_projections=1,
-                 NSR=dict(batch_size=8, reg_start_epoch=7, beta1=0.1, beta2=0.05),
-                 jacob=dict(beta=0.5, reg_start_epoch=4)),
-    "smoke": dict(data_dir="data/smoke/processed", result_dir="result/smoke", max_length=2048,
-                  random_pad=1024, epochs=1, batch_size=16, checkpoint_every=1,
-                  max_batches=2, sweeps="white,pgd_linf", sweep_steps=2, sweep_restarts=1,
-                  sweep_max_batches=1,
-                  reg_start_epoch=0, adv_start_epoch=0, pgd_steps=2, jacobian_projections=1),
+    # sweep, and in the grid the paper's default eps only.
+    "demo": Preset(dict(data_dir="data/demo/processed", result_dir="result/demo", max_length=4096,
+                        random_pad=1024, epochs=10, batch_size=16, checkpoint_every=5,
+                        sweeps=f"pgd_linf,white,{REAL_NOISE_SWEEPS}", sweep_steps=5, sweep_restarts=1,
+                        adv_start_epoch=2, pgd_steps=5, jacobian_projections=1,
+                        NSR=dict(batch_size=8, reg_start_epoch=7, beta1=0.1, beta2=0.05),
+                        jacob=dict(beta=0.5, reg_start_epoch=4)),
+                   SYNTHETIC_NOTE, "data/demo/train", 3, 6, (("advls", "eps", (0.01,)),),
+                   synthetic_records_per_class=30, synthetic_max_seconds=20.0),
+    "smoke": Preset(dict(data_dir="data/smoke/processed", result_dir="result/smoke", max_length=2048,
+                         random_pad=1024, epochs=1, batch_size=16, checkpoint_every=1,
+                         max_batches=2, sweeps="white,pgd_linf", sweep_steps=2, sweep_restarts=1,
+                         sweep_max_batches=1,
+                         reg_start_epoch=0, adv_start_epoch=0, pgd_steps=2, jacobian_projections=1),
+                    SYNTHETIC_NOTE, "data/smoke/train", 1, 1, (("advls", "eps", (0.01,)),),
+                    synthetic_records_per_class=4, synthetic_max_seconds=8.0),
     # A small real CPSC2018 set given with reproduce.py --preset mini --raw_dir DIR.
-    "mini": dict(data_dir="data/mini/processed", result_dir="result/mini", max_length=4096,
-                 random_pad=1024, epochs=10, batch_size=16, checkpoint_every=5,
-                 sweeps=f"pgd_linf,white,{ENSEMBLE_SWEEPS},{REAL_NOISE_SWEEPS}", sweep_steps=10,
-                 sweep_restarts=1, adv_start_epoch=3, jacobian_projections=1,
-                 NSR=dict(batch_size=8, reg_start_epoch=7, beta1=0.1, beta2=0.05),
-                 jacob=dict(beta=0.5, reg_start_epoch=4)),
+    "mini": Preset(dict(data_dir="data/mini/processed", result_dir="result/mini", max_length=4096,
+                        random_pad=1024, epochs=10, batch_size=16, checkpoint_every=5,
+                        sweeps=f"pgd_linf,white,{ENSEMBLE_SWEEPS},{REAL_NOISE_SWEEPS}", sweep_steps=10,
+                        sweep_restarts=1, adv_start_epoch=3, jacobian_projections=1,
+                        NSR=dict(batch_size=8, reg_start_epoch=7, beta1=0.1, beta2=0.05),
+                        jacob=dict(beta=0.5, reg_start_epoch=4)),
+                   "**Data: real CPSC2018 records, but only a small sample of them** with a small "
+                   "stratified split of its own (2 validation and 4 test records per class), not the "
+                   "paper's 450-record test set: a small-scale check of the pipeline on real ECGs, "
+                   "not a reproduction of the paper's numbers.", None, 2, 4, (("advls", "eps", (0.01, 0.05)),)),
+    # How the paper chose its NSR and Jacobian coefficients: each value trained with the paper's
+    # settings and judged on the validation split under PGD L-inf (reproduce.SELECTION_SWEEP), so
+    # no sweeps of the test split.
+    "paper-selection": Preset(dict(result_dir="result/selection", sweeps=""),
+                              f"{CPSC2018_NOTE}; coefficients judged on its validation split.", DEFAULT_RAW_DIR,
+                              5, 50, (("NSR", "beta2", (0.4, 0.6, 0.8, 0.9, 1.0, 1.1, 1.2)),
+                                      ("jacob", "beta", (4, 14, 24, 34, 44, 54, 64, 74, 84))),
+                              selection=True),
 }
 
 
-# PROTOCOL section 6: the robustness sweeps (--sweeps) and their noise levels (--levels). The
-# paper's lists are the default; "extended" reaches stronger L-inf and weaker L2 attacks. The
-# real-ECG noises (beyond the paper) are swept over signal-to-noise ratios in dB; their curves
-# use the noise-to-signal amplitude ratio 10 ** (-snr / 20) as the level, so that clean
-# (infinite SNR) is level 0 as for the others.
-WHITE_LEVELS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
-SNR_DB_LEVELS = (40, 30, 20, 15, 10, 5, 0)
-LEVEL_LISTS = {
-    "paper": {"linf": (0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1),
-              "l2": (1, 3, 5, 10, 15, 20, 25, 30),
-              "white": WHITE_LEVELS, "snr_db": SNR_DB_LEVELS},
-    "extended": {"linf": (0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1, 0.2, 0.3),
-                 "l2": (0.1, 0.2, 0.3, 0.5, 0.7, 1, 3, 5, 10, 15, 20, 25, 30),
-                 "white": WHITE_LEVELS, "snr_db": SNR_DB_LEVELS},
-}
+# PROTOCOL section 6: the robustness sweeps (--sweeps), each one entry of SWEEPS: its
+# perturbation, its noise levels in each level list (--levels), its curve's axis, its report
+# title and a one-line description of its settings. The paper's level lists are the default;
+# "extended" reaches stronger L-inf and weaker L2 attacks. The real-ECG noises (beyond the
+# paper) are swept over signal-to-noise ratios in dB; their curves use the noise-to-signal
+# amplitude ratio 10 ** (-snr / 20) as the level, so that clean (infinite SNR) is level 0 as
+# for the others.
+LEVEL_LISTS = ("paper", "extended")
+LINF_LEVELS = {"paper": (0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1),
+               "extended": (0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1, 0.2, 0.3)}
+L2_LEVELS = {"paper": (1, 3, 5, 10, 15, 20, 25, 30),
+             "extended": (0.1, 0.2, 0.3, 0.5, 0.7, 1, 3, 5, 10, 15, 20, 25, 30)}
+WHITE_LEVELS = dict.fromkeys(LEVEL_LISTS, (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6))
+SNR_DB_LEVELS = dict.fromkeys(LEVEL_LISTS, (40, 30, 20, 15, 10, 5, 0))
+SNR_AXIS = "noise/signal amplitude"
+SQUARE_QUERIES_PER_STEP = 10  # Square's queries per gradient-attack iteration: 1000 at the paper's 100
+
+# perturb(model, x, y, mask, level, steps, restarts, generator) -> the perturbed x
+Perturb = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One robustness sweep (--sweeps NAME)."""
+
+    title: str                       # the report's heading
+    perturb: Perturb                 # one level's input (the attacks run with the model as given)
+    levels: dict[str, tuple]         # {level list: its levels, without the clean level}
+    axis: str                        # the curve's x-axis label
+    describe: Callable[[dict], str]  # its settings ("steps", "restarts") in one line
+    # Attacks the model: --sweep_max_records restricts all of these to the same records, so that
+    # PGD and the ensemble are compared on equal footing (evaluate.masking_check).
+    attacks_model: bool = False
+    snr_db: bool = False             # levels are signal-to-noise ratios in dB
+
+
+def square_queries(steps: int) -> int:
+    """Square's query budget in a sweep run with ``steps`` gradient-attack iterations."""
+    return max(1, SQUARE_QUERIES_PER_STEP * steps)
+
+
+def _pgd(norm: str) -> Perturb:
+    return lambda model, x, y, mask, level, steps, restarts, generator: attacks.pgd_attack(
+        model, x, y, mask, level, norm, steps=steps, restarts=restarts, generator=generator)
+
+
+def _ifgsm(norm: str) -> Perturb:
+    return lambda model, x, y, mask, level, steps, restarts, generator: attacks.ifgsm_attack(
+        model, x, y, mask, level, norm, steps=steps)
+
+
+def _apgd(loss: str) -> Perturb:
+    return lambda model, x, y, mask, level, steps, restarts, generator: attacks.apgd_attack(
+        model, x, y, mask, level, "inf", steps=steps, loss=loss, restarts=restarts, generator=generator)
+
+
+def _square(model, x, y, mask, level, steps, restarts, generator):
+    return attacks.square_attack(model, x, y, mask, level, "inf", queries=square_queries(steps), generator=generator)
+
+
+def _ensemble(model, x, y, mask, level, steps, restarts, generator):
+    return attacks.ensemble_attack(model, x, y, mask, level, "inf", steps=steps, queries=square_queries(steps),
+                                   restarts=restarts, generator=generator)[0]
+
+
+def _white(model, x, y, mask, level, steps, restarts, generator):
+    return attacks.white_noise(x, level, generator=generator)
+
+
+def _snr_noise(noise: Callable, **options) -> Perturb:
+    return lambda model, x, y, mask, level, steps, restarts, generator: noise(
+        x, mask, level, **options, generator=generator)
+
+
+IN_EVAL = "early stop, model in eval mode"
+
+
+def _pgd_text(s: dict) -> str:
+    return f"{s['steps']} steps of size eps/10, {s['restarts']} random start(s), CE loss, {IN_EVAL}"
+
+
+def _ifgsm_text(s: dict) -> str:
+    return f"{s['steps']} steps of size eps/10, no random start, CE loss, {IN_EVAL}"
+
+
+def _apgd_steps(s: dict) -> str:
+    return f"{s['steps']} steps, {s['restarts']} random start(s)"
+
+
+def _noise_text(s: dict) -> str:
+    return "one noise draw per record and level"
+
 
 SWEEPS = {
-    # name: (kind, norm or noise function name, its levels in LEVEL_LISTS, x-axis label)
-    "pgd_linf": ("attack", "inf", "linf", "L-inf eps"),
-    "pgd_l2": ("attack", "2", "l2", "L2 eps"),
-    "ifgsm_linf": ("ifgsm", "inf", "linf", "L-inf eps"),
-    "ifgsm_l2": ("ifgsm", "2", "l2", "L2 eps"),
+    "pgd_linf": Sweep("PGD, L-inf budget", _pgd("inf"), LINF_LEVELS, "L-inf eps", _pgd_text, attacks_model=True),
+    "pgd_l2": Sweep("PGD, L2 budget", _pgd("2"), L2_LEVELS, "L2 eps", _pgd_text, attacks_model=True),
+    "ifgsm_linf": Sweep("IFGSM, L-inf budget", _ifgsm("inf"), LINF_LEVELS, "L-inf eps", _ifgsm_text,
+                        attacks_model=True),
+    "ifgsm_l2": Sweep("IFGSM, L2 budget", _ifgsm("2"), L2_LEVELS, "L2 eps", _ifgsm_text, attacks_model=True),
     # AutoAttack-style evaluation (attacks.apgd_attack, square_attack, ensemble_attack).
-    "apgd_ce": ("apgd_ce", "inf", "linf", "L-inf eps"),
-    "apgd_dlr": ("apgd_dlr", "inf", "linf", "L-inf eps"),
-    "square": ("square", "inf", "linf", "L-inf eps"),
-    "autoattack": ("autoattack", "inf", "linf", "L-inf eps"),
-    "white": ("white", None, "white", "white noise amplitude eps"),
-    "baseline_wander": ("snr", "baseline_wander", "snr_db", "noise/signal amplitude"),
-    "powerline_50hz": ("snr", "powerline_50", "snr_db", "noise/signal amplitude"),
-    "powerline_60hz": ("snr", "powerline_60", "snr_db", "noise/signal amplitude"),
-    "muscle": ("snr", "muscle_noise", "snr_db", "noise/signal amplitude"),
+    "apgd_ce": Sweep("APGD-CE, L-inf budget", _apgd("ce"), LINF_LEVELS, "L-inf eps",
+                     lambda s: f"APGD-CE, {_apgd_steps(s)}, {IN_EVAL}", attacks_model=True),
+    "apgd_dlr": Sweep("APGD-DLR, L-inf budget", _apgd("dlr"), LINF_LEVELS, "L-inf eps",
+                      lambda s: f"APGD-DLR, {_apgd_steps(s)}, {IN_EVAL}", attacks_model=True),
+    "square": Sweep("Square, L-inf budget", _square, LINF_LEVELS, "L-inf eps",
+                    lambda s: f"Square L-inf, {square_queries(s['steps'])} queries, {IN_EVAL}", attacks_model=True),
+    "autoattack": Sweep("Ensemble (APGD-CE, APGD-DLR, Square), L-inf budget", _ensemble, LINF_LEVELS, "L-inf eps",
+                        lambda s: f"APGD-CE, then APGD-DLR ({_apgd_steps(s)} each) and Square "
+                                  f"({square_queries(s['steps'])} queries) on the survivors, {IN_EVAL}",
+                        attacks_model=True),
+    "white": Sweep("White noise", _white, WHITE_LEVELS, "white noise amplitude eps", _noise_text),
+    "baseline_wander": Sweep("Real-ECG noise: baseline wander", _snr_noise(attacks.baseline_wander), SNR_DB_LEVELS,
+                             SNR_AXIS, _noise_text, snr_db=True),
+    "powerline_50hz": Sweep("Real-ECG noise: power line 50 Hz", _snr_noise(attacks.powerline, freq=50.0),
+                            SNR_DB_LEVELS, SNR_AXIS, _noise_text, snr_db=True),
+    "powerline_60hz": Sweep("Real-ECG noise: power line 60 Hz", _snr_noise(attacks.powerline, freq=60.0),
+                            SNR_DB_LEVELS, SNR_AXIS, _noise_text, snr_db=True),
+    "muscle": Sweep("Real-ECG noise: muscle (EMG)", _snr_noise(attacks.muscle_noise), SNR_DB_LEVELS, SNR_AXIS,
+                    _noise_text, snr_db=True),
 }
+GRADIENT_SWEEPS = ("pgd_linf", "apgd_ce", "apgd_dlr")  # the L-inf gradient attacks (evaluate.masking_check)
 
 
 def noise_levels(sweep: str, levels: str = "paper") -> tuple:
     """The levels of ``sweep`` in the level list ``levels`` (without the clean level 0)."""
-    return LEVEL_LISTS[levels][SWEEPS[sweep][2]]
-
-
-# Sweeps that attack the model: --sweep_max_records restricts all of them to the same
-# records, so that PGD and the ensemble are compared on equal footing (masking_check).
-ATTACK_KINDS = ("attack", "ifgsm", "apgd_ce", "apgd_dlr", "square", "autoattack")
-GRADIENT_SWEEPS = ("pgd_linf", "apgd_ce", "apgd_dlr")  # the L-inf gradient attacks
+    return SWEEPS[sweep].levels[levels]
 
 
 def preset_settings(preset: str, method: str) -> dict:
     """What ``preset`` sets for ``method``: its shared settings, then the method's own section."""
-    shared = {key: value for key, value in PRESETS[preset].items() if key not in METHODS}
-    return {**shared, **PRESETS[preset].get(method, {})}
+    shared = {key: value for key, value in PRESETS[preset].settings.items() if key not in METHODS}
+    return {**shared, **PRESETS[preset].settings.get(method, {})}
 
 
 def preset_setting(preset: str, key: str):
     """A shared setting's value under ``preset``: the preset's own, else TRAIN_DEFAULTS' (not one
     of the SCRIPT_SETTINGS, which are each script's)."""
-    return PRESETS[preset].get(key, TRAIN_DEFAULTS[key])
+    return PRESETS[preset].settings.get(key, TRAIN_DEFAULTS[key])
 
 
 def parse_sweeps(names: str) -> list[str]:
@@ -221,10 +385,20 @@ def non_negative(cfg: SimpleNamespace, *keys: str) -> None:
             raise ConfigError(f"--{key} must be a finite non-negative number, got {value}")
 
 
+def parse_script(script, argv: list[str] | None = None) -> SimpleNamespace:
+    """parse_config for a method script (its module): the method its file is, its TRAINING,
+    HYPERPARAMETERS, WHOLE_NUMBERS and check_hyperparameters if it has one."""
+    return parse_config(method_of(script.__file__), script.HYPERPARAMETERS, argv,
+                        getattr(script, "check_hyperparameters", None), training=script.TRAINING,
+                        whole_numbers=script.WHOLE_NUMBERS)
+
+
 def parse_config(method: str, hyperparameters: dict, argv: list[str] | None = None,
-                 check: Callable[[SimpleNamespace], None] | None = None, *, training: dict) -> SimpleNamespace:
+                 check: Callable[[SimpleNamespace], None] | None = None, *, training: dict,
+                 whole_numbers: tuple[str, ...] = ()) -> SimpleNamespace:
     """TRAIN_DEFAULTS with the method script's ``training`` (its values of SCRIPT_SETTINGS) and
-    ``hyperparameters``, then the preset, then the flags.
+    ``hyperparameters`` (those named in ``whole_numbers`` whole numbers, the others floats), then
+    the preset, then the flags.
 
     ``check``: the method's rules for its hyperparameters (raises ConfigError); without one,
     each must be a finite non-negative number.
@@ -232,20 +406,20 @@ def parse_config(method: str, hyperparameters: dict, argv: list[str] | None = No
     if set(training) != set(SCRIPT_SETTINGS):
         raise ConfigError(f"{method}: TRAINING must set exactly {', '.join(SCRIPT_SETTINGS)} "
                           f"(it sets {', '.join(training) or 'nothing'})")
-    defaults = {key: as_flag_type(key, value)
+    defaults = {key: as_flag_type(key, value, whole_numbers)
                 for key, value in {**TRAIN_DEFAULTS, **training, **hyperparameters}.items()}
     parser = OneLineParser(prog=f"{method} training", description=f"Train {method} (PROTOCOL section 5).",
                            argument_default=argparse.SUPPRESS)
     parser.add_flag("--preset", default="paper", choices=sorted(PRESETS))
     for key in defaults:
-        kind = flag_type(key)
+        kind = flag_type(key, whole_numbers)
         if kind is bool:
             parser.add_switch(f"--{key}", dest=key)
         else:
             parser.add_flag(f"--{key}", dest=key, type=kind, metavar=kind.__name__.upper())
     args = vars(parser.parse_args(argv))
     preset = args.pop("preset", "paper")
-    overrides = {key: as_flag_type(key, value) for key, value in preset_settings(preset, method).items()
+    overrides = {key: as_flag_type(key, value, whole_numbers) for key, value in preset_settings(preset, method).items()
                  if key in defaults}
     cfg = SimpleNamespace(**{**defaults, **overrides, **args, "preset": preset, "method": method})
     validate_config(cfg)

@@ -22,10 +22,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import attacks
 import figures
-from config import (ATTACK_KINDS, GRADIENT_SWEEPS, LEVEL_LISTS, SWEEPS, check_device, check_levels,
-                    check_sweep_settings, noise_levels, parse_sweeps, value_type)
+from config import (GRADIENT_SWEEPS, LEVEL_LISTS, SWEEPS, check_device, check_levels, check_sweep_settings,
+                    noise_levels, parse_sweeps, value_type)
 from cpsc2018 import CLASSES, DataError
 from distributed import (all_reduce, distributed, init_distributed, is_main_process, on_main_process, process_device,
                          rank, shutdown_distributed, world_size)
@@ -37,7 +36,6 @@ from metrics import (NUM_CLASSES, class_balanced_accuracy, classification_scores
 from safe_writes import FolderInUseError, lock_folder, read_json, write_json, write_text_atomic
 
 
-SQUARE_QUERIES_PER_STEP = 10  # Square's queries per gradient-attack iteration: 1000 at the paper's 100
 MASKING_GAP = 0.02  # ensemble accuracy this far below PGD's (2 points) flags gradient masking
 ACCURACY_SLACK = 1e-9  # accuracies read back from JSON: float noise is no difference
 
@@ -112,45 +110,11 @@ def balanced_records(labels, max_records: int) -> list[int]:
     return sorted(int(i) for i in turns[:max_records])
 
 
-def square_queries(steps: int) -> int:
-    """Square's query budget in a sweep run with ``steps`` gradient-attack iterations."""
-    return max(1, SQUARE_QUERIES_PER_STEP * steps)
-
-
-def perturb(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
-            sweep: str, level: float, steps: int, restarts: int,
-            generator: torch.Generator) -> torch.Tensor:
-    """The input of one sweep at one level (the attack runs with the model as given)."""
-
-    kind, variant, _, _ = SWEEPS[sweep]
-    if kind == "attack":
-        return attacks.pgd_attack(model, x, y, mask, level, variant, steps=steps,
-                                  restarts=restarts, generator=generator)
-    if kind == "ifgsm":
-        return attacks.ifgsm_attack(model, x, y, mask, level, variant, steps=steps)
-    if kind in ("apgd_ce", "apgd_dlr"):
-        return attacks.apgd_attack(model, x, y, mask, level, variant, steps=steps,
-                                   loss=kind.removeprefix("apgd_"), restarts=restarts,
-                                   generator=generator)
-    queries = square_queries(steps)
-    if kind == "square":
-        return attacks.square_attack(model, x, y, mask, level, variant, queries=queries,
-                                     generator=generator)
-    if kind == "autoattack":
-        return attacks.ensemble_attack(model, x, y, mask, level, variant, steps=steps,
-                                       queries=queries, restarts=restarts, generator=generator)[0]
-    if kind == "white":
-        return attacks.white_noise(x, level, generator=generator)
-    if variant.startswith("powerline"):
-        return attacks.powerline(x, mask, level, freq=float(variant.split("_")[1]), generator=generator)
-    return getattr(attacks, variant)(x, mask, level, generator=generator)
-
-
 def sweep_levels(sweep: str, levels: str = "paper") -> tuple[list[float], list[float]]:
     """(the levels as given to the noise, the levels on the curve's axis), clean first, from
     the level list ``levels`` (config.LEVEL_LISTS)."""
     chosen = noise_levels(sweep, levels)
-    if SWEEPS[sweep][0] == "snr":
+    if SWEEPS[sweep].snr_db:
         return [float("inf"), *chosen], [0.0, *(10 ** (-snr / 20) for snr in chosen)]
     return [0.0, *chosen], [0.0, *chosen]
 
@@ -187,7 +151,7 @@ def robustness_sweep(model: torch.nn.Module, loader, sweep: str, device: torch.d
             for i, level in enumerate(noise):
                 predicted = clean
                 if i:
-                    x_noisy = perturb(model, x, y, mask, sweep, level, steps, restarts, generator)
+                    x_noisy = SWEEPS[sweep].perturb(model, x, y, mask, level, steps, restarts, generator)
                     with torch.no_grad():
                         predicted = torch.where(clean == y, model(x_noisy, mask).argmax(dim=1), clean)
                 matrices[i] += confusion_matrix(y.cpu().numpy(), predicted.cpu().numpy())
@@ -197,7 +161,7 @@ def robustness_sweep(model: torch.nn.Module, loader, sweep: str, device: torch.d
         matrices = all_reduce(torch.from_numpy(matrices)).numpy()
     accuracy = [class_balanced_accuracy(cm) for cm in matrices]
     f1 = [mean_f1(cm) for cm in matrices]
-    return {"sweep": sweep, "axis": SWEEPS[sweep][3], "level_list": levels,
+    return {"sweep": sweep, "axis": SWEEPS[sweep].axis, "level_list": levels,
             "levels": [None if np.isinf(v) else v for v in noise], "axis_levels": axis,
             "accuracy": accuracy, "mean_f1": f1,
             "sensitivity": [ratio(np.diag(cm), cm.sum(axis=1)).tolist() for cm in matrices],
@@ -351,10 +315,11 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[to
     return model.to(device), config
 
 
-def wrong_setting_type(key: str, value) -> str | None:
+def wrong_setting_type(key: str, value, whole_numbers: tuple[str, ...] = ()) -> str | None:
     """What is wrong with a saved ``value`` of the setting ``key`` ("<value>, not <type>") when it
-    is not of its type (config.value_type; a whole number is a number too); None when it is."""
-    kind = value_type(key)
+    is not of its type (config.value_type, with the method's ``whole_numbers``; a whole number is a
+    number too); None when it is."""
+    kind = value_type(key, whole_numbers)
     fits = isinstance(value, (int, float) if kind is float else kind) and (kind is bool) == isinstance(value, bool)
     return None if fits else f"{value!r}, not {TYPE_NAMES[kind]}"
 
@@ -451,7 +416,7 @@ def evaluate_run(run_dir: Path, model: torch.nn.Module, cfg: SimpleNamespace, sp
 
         curves = {}
         for name in tqdm(sweeps, desc="robustness sweeps", disable=not main):
-            attacked = SWEEPS[name][0] in ATTACK_KINDS
+            attacked = SWEEPS[name].attacks_model
             curves[name] = robustness_sweep(model, sweep_loader(attack_loader if attacked else loader),
                                             name, device, cfg.sweep_steps, cfg.sweep_restarts,
                                             cfg.sweep_max_batches, cfg.seed, sharded, cfg.levels)
@@ -542,7 +507,7 @@ def read_sweeps(path: Path) -> dict[str, dict]:
 def _level_labels(sweep: str, levels: list) -> list[str]:
     """Column names of a sweep table: "clean" for the first (noise-free) level, then the levels;
     SNR levels carry "dB" (their 0 dB is the loudest noise, not clean)."""
-    unit = " dB" if sweep in SWEEPS and SWEEPS[sweep][0] == "snr" else ""
+    unit = " dB" if sweep in SWEEPS and SWEEPS[sweep].snr_db else ""
     return ["clean", *(f"{level:g}{unit}" for level in levels[1:])]
 
 

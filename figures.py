@@ -91,7 +91,7 @@ def sweep_curves_figure(curves: dict[str, dict[str, dict]], path: Path, title: s
                 r = results[sweep]
                 ax.plot(r["axis_levels"], r[metric], marker="o",
                         label=f"{run} (AUC {r[auc_key]:.3f}, {r['level_list']} levels)")
-        ax.set(title=sweep, xlabel=SWEEPS[sweep][3], ylabel=label, ylim=(0, 1))
+        ax.set(title=sweep, xlabel=SWEEPS[sweep].axis, ylabel=label, ylim=(0, 1))
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(sweeps):]:
         ax.axis("off")

@@ -1,7 +1,7 @@
 """The training harness shared by the four method scripts (PROTOCOL section 5).
 
-A method script supplies its settings, a loss function and a run name; ``main`` does the
-rest: the settings (config.py), the run folder (run_folder.py), seeding, data, Adam, the
+A method script supplies its settings and a loss function (config.METHODS names its runs);
+``main`` does the rest: the settings (config.py), the run folder (run_folder.py), seeding, data, Adam, the
 epoch loop with a progress bar, validation after every epoch, checkpoints (checkpoints.py:
 every ``checkpoint_every`` epochs, a rolling ``last.pt`` after every epoch, and on
 SIGINT/SIGTERM at the next batch boundary), ``--resume``, history JSON and a training-curve
@@ -29,7 +29,7 @@ from tqdm import tqdm
 import evaluate
 import figures
 from checkpoints import Progress, data_fingerprint, resume, save_atomic, save_checkpoint
-from config import check_run_name, parse_config
+from config import check_run_name, parse_script, run_name
 from cpsc2018 import DataError
 from distributed import (all_reduce, average_logged, distributed_model, in_process_group, init_distributed,
                          is_main_process, on_main_process, rank, shutdown_distributed, unwrap, world_size)
@@ -201,27 +201,24 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path, cache: Cache,
     return unwrap(model), 0
 
 
-def main(method: str, loss_fn: LossFn, hyperparameters: dict, run_name: Callable[[SimpleNamespace], str],
-         argv: list[str] | None = None, check: Callable[[SimpleNamespace], None] | None = None, *,
-         training: dict) -> int:
+def main(script, argv: list[str] | None = None) -> int:
     """Parse flags, train, evaluate the final model. Returns the process exit status (README).
 
-    ``check`` raises ConfigError for hyperparameters the method cannot train with;
-    ``training``: the script's values of the shared settings (config.parse_config).
-    Under torchrun every process calls this; rank 0 alone locks and prepares the run folder,
+    ``script``: the method script's module (config.parse_script reads its settings; its
+    ``loss_fn`` is the loss). Under torchrun every process calls this; rank 0 alone locks and prepares the run folder,
     writes files and prints (errors are raised on every rank alike, so none is left waiting).
     """
     joins_group = not in_process_group()  # then it leaves it at the end
     locks = contextlib.ExitStack()  # the run folder's lock, held until the evaluation is written
     try:
-        cfg = parse_config(method, hyperparameters, argv, check, training=training)
-        cfg.run_name = cfg.run_name or run_name(cfg)
+        cfg = parse_script(script, argv)
+        cfg.run_name = run_name(cfg)
         check_run_name(cfg.run_name)
         cache = load_cache(cfg.data_dir)  # missing or bad data is refused before the run folder is made
         cfg.data_fingerprint = data_fingerprint(cache)  # recorded with the run; a resume on other data is refused
         device = init_distributed(cfg.device)
         run_dir = on_main_process(lambda: start_run(cfg, device, locks))
-        model, status = train(cfg, loss_fn, run_dir, cache, tuple(hyperparameters))
+        model, status = train(cfg, script.loss_fn, run_dir, cache, tuple(script.HYPERPARAMETERS))
         if status:
             return status
         if is_main_process():

@@ -34,75 +34,25 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pandas as pd
 
 import evaluate
 import selection
 from checkpoints import RESUME_KEYS, changed_settings
-from config import METHODS, PRESETS, SWEEPS, TRAIN_DEFAULTS, parse_config, parse_sweeps, preset_setting, preset_settings
+from config import METHODS, PRESETS, Preset, parse_script, parse_sweeps, preset_setting, run_name
 from cpsc2018 import CLASSES, DataError
 from flags import ConfigError, OneLineParser, folder
-from preprocess import DEFAULT_RAW_DIR, load_cache
-from safe_writes import read_json, write_json, write_text_atomic
-from synthetic import DEMO_RAW_DIR, MARKER_NAME
+from preprocess import load_cache
+from report import Timings, build_report, duration, write_selection_report
+from safe_writes import read_json, write_text_atomic
+from synthetic import MARKER_NAME
 
 REPO = Path(__file__).resolve().parent
 # method -> its script's module (config.METHODS names them), imported here once
-SCRIPTS = {method: importlib.import_module(name) for method, name in METHODS.items()}
+SCRIPTS = {name: importlib.import_module(method.script) for name, method in METHODS.items()}
 
-CHANCE_NOTE_ACCURACY = 1.5 / len(CLASSES)  # the report flags runs whose clean accuracy is no better than this
-SWEEP_TITLES = {"pgd_linf": "PGD, L-inf budget", "pgd_l2": "PGD, L2 budget",
-                "ifgsm_linf": "IFGSM, L-inf budget", "ifgsm_l2": "IFGSM, L2 budget",
-                "white": "White noise", "baseline_wander": "Real-ECG noise: baseline wander",
-                "powerline_50hz": "Real-ECG noise: power line 50 Hz",
-                "powerline_60hz": "Real-ECG noise: power line 60 Hz",
-                "muscle": "Real-ECG noise: muscle (EMG)"}
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What reproduce itself does for one --preset, beyond the runs' settings (config.PRESETS
-    under the same name, which also name the cache and the result folder). Paths are relative
-    to the working directory."""
-
-    data_note: str             # the report's statement of what the data is
-    raw_dir: str | None        # the records (synthetic presets generate them here); None: --raw_dir required
-    val_per_class: int
-    test_per_class: int
-    grid: tuple[tuple[str, str, tuple[float, ...]], ...]  # (method, setting, its values): one run per value
-    synthetic_records_per_class: int = 0  # > 0: a synthetic dataset (synthetic.py)
-    synthetic_max_seconds: float = 60.0
-    selection: bool = False    # the coefficient study: only the grid's methods, judged on the validation split
-
-
-SYNTHETIC_NOTE = ("**Data: synthetic signals, not CPSC2018.** The records are simulated by "
-                  "`synthetic.py` (Gaussian-wave beats with a textbook feature per class, in "
-                  "CPSC2018's file format); they are not recordings of patients, and nothing "
-                  "below says anything about real ECGs or about the paper's numbers.")
-PLANS = {
-    "paper": Plan("**Data: CPSC2018** (real 12-lead ECGs, the official training set) with the "
-                  "paper's reference split (PROTOCOL section 2).", DEFAULT_RAW_DIR, 5, 50,
-                  (("advls", "eps", (0.005, 0.01, 0.05, 0.1)),)),
-    # The paper's default eps only: to fit the demo's ten minutes.
-    "demo": Plan(SYNTHETIC_NOTE, DEMO_RAW_DIR, 3, 6, (("advls", "eps", (0.01,)),),
-                 synthetic_records_per_class=30, synthetic_max_seconds=20.0),
-    "smoke": Plan(SYNTHETIC_NOTE, "data/smoke/train", 1, 1, (("advls", "eps", (0.01,)),),
-                  synthetic_records_per_class=4, synthetic_max_seconds=8.0),
-    "mini": Plan("**Data: real CPSC2018 records, but only a small sample of them** with a small "
-                 "stratified split of its own (2 validation and 4 test records per class), not the "
-                 "paper's 450-record test set: a small-scale check of the pipeline on real ECGs, "
-                 "not a reproduction of the paper's numbers.", None, 2, 4, (("advls", "eps", (0.01, 0.05)),)),
-    # How the paper chose its NSR and Jacobian coefficients: each value trained with the paper's
-    # settings and judged on the validation split under PGD L-inf (SELECTION_SWEEP).
-    "paper-selection": Plan("**Data: CPSC2018** (real 12-lead ECGs, the official training set) with "
-                            "the paper's reference split (PROTOCOL section 2); coefficients judged on its "
-                            "validation split.", DEFAULT_RAW_DIR, 5, 50,
-                            (("NSR", "beta2", (0.4, 0.6, 0.8, 0.9, 1.0, 1.1, 1.2)),
-                             ("jacob", "beta", (4, 14, 24, 34, 44, 54, 64, 74, 84))),
-                            selection=True),
-}
 SELECTION_SWEEP = "pgd_linf"  # at the paper's levels, on the validation split
 # How long a stage may take to stop after SIGINT or SIGTERM (a training finishes its batch and
 # saves a checkpoint) before reproduce kills it.
@@ -137,12 +87,27 @@ class Job:
     """One training run: its script, flags, settings and folder."""
 
     method: str
-    script: Path
+    module: ModuleType  # the method's script
     flags: list[str]
     cfg: SimpleNamespace
-    hyperparameters: dict
     run_dir: Path
     varied: str = ""  # the plan's grid setting of this run, if any
+
+    @property
+    def script(self) -> Path:
+        return REPO / f"{self.module.__name__}.py"
+
+    @property
+    def training(self) -> dict:
+        return self.module.TRAINING
+
+    @property
+    def hyperparameters(self) -> dict:
+        return self.module.HYPERPARAMETERS
+
+    @property
+    def whole_numbers(self) -> tuple[str, ...]:
+        return self.module.WHOLE_NUMBERS
 
     @property
     def label(self) -> str:
@@ -160,7 +125,7 @@ def plan_jobs(preset: str, methods: list[str], result_dir: str | None = None) ->
     """The training runs of ``preset`` for ``methods``, in the paper's order: the method scripts
     with ``--preset``, the plan's grid setting and ``result_dir`` when given (else the preset's),
     settings resolved exactly as the script will resolve them (so the run folder is the script's)."""
-    plan = PLANS[preset]
+    plan = PRESETS[preset]
     grids = {method: (setting, values) for method, setting, values in plan.grid}
     jobs = []
     for method in (m for m in METHODS if m in methods and (m in grids or not plan.selection)):
@@ -170,10 +135,8 @@ def plan_jobs(preset: str, methods: list[str], result_dir: str | None = None) ->
             flags = ["--preset", preset, *(["--result_dir", result_dir] if result_dir else [])]
             if setting:
                 flags += [f"--{setting}", f"{value:g}"]
-            cfg = parse_config(method, module.HYPERPARAMETERS, flags,
-                               getattr(module, "check_hyperparameters", None), training=module.TRAINING)
-            jobs.append(Job(method, REPO / f"{module.__name__}.py", flags, cfg, module.HYPERPARAMETERS,
-                            Path(cfg.result_dir) / module.run_name(cfg), setting))
+            cfg = parse_script(module, flags)
+            jobs.append(Job(method, module, flags, cfg, Path(cfg.result_dir) / run_name(cfg), setting))
     return jobs
 
 
@@ -186,7 +149,7 @@ def saved_settings(job: Job) -> dict:
     config = read_json(path)
     wrong = "not a JSON object" if not isinstance(config, dict) else next(
         (f"its {key} is {wrong}" for key in job.compared_settings
-         if key in config and (wrong := evaluate.wrong_setting_type(key, config[key]))), None)
+         if key in config and (wrong := evaluate.wrong_setting_type(key, config[key], job.whole_numbers))), None)
     if wrong:
         raise ReproduceError(f"{path}: {wrong}: not the settings of a run of this project; delete that folder "
                              "or choose another --result_dir")
@@ -309,80 +272,6 @@ def cache_valid(data_dir: Path, raw_dir: Path, val_per_class: int, test_per_clas
 
 # --- stages and timings --------------------------------------------------------------------
 
-# What Timings reads of an earlier invocation's stage: {key: test of its value}.
-STAGE_CHECKS = {"stage": lambda v: isinstance(v, str), "status": lambda v: isinstance(v, str),
-                "seconds": evaluate.is_number, "cpu_seconds": evaluate.is_number,
-                "earlier": lambda v: v is None or not _stage_problem(v)}
-
-
-def _stage_problem(entry) -> str | None:
-    """What is wrong with a stage entry of timings.json (Timings.record writes them); None: nothing."""
-    return evaluate.first_wrong(entry, STAGE_CHECKS) if isinstance(entry, dict) else f"{entry!r} is not an object"
-
-
-def _timings_problem(timings) -> str | None:
-    """What is wrong with the content of a timings.json; None: nothing."""
-    if not isinstance(timings, dict) or not isinstance(timings.get("stages"), list):
-        return "not a JSON object with a list of 'stages'"
-    return next((f"stage {i + 1}: {wrong}" for i, entry in enumerate(timings["stages"])
-                 if (wrong := _stage_problem(entry))), None)
-
-
-class Timings:
-    """Per-stage wall and CPU times, kept in <result dir>/timings.json across invocations:
-    a stage skipped now keeps the times of the invocation that ran it. A timings.json that this
-    class would not have written is set aside (a note says so) and written anew."""
-
-    def __init__(self, path: Path, preset: str, dry_run: bool):
-        self.path, self.dry_run = path, dry_run
-        previous = read_json(path) if path.is_file() else None
-        if path.is_file() and (wrong := _timings_problem(previous)):
-            print(f"note: {path}: {wrong}: the earlier invocations' stage times are dropped", flush=True)
-            previous = None
-        self.previous = {s["stage"]: s for s in (previous or {}).get("stages", [])} \
-            if (previous or {}).get("preset") == preset else {}
-        self.preset = preset
-        self.stages: list[dict] = []
-        self.started = time.time()
-
-    def record(self, stage: str, status: str, seconds: float = 0.0, cpu_seconds: float = 0.0,
-               command: list[str] | None = None) -> None:
-        entry = {"stage": stage, "status": status, "seconds": round(seconds, 2),
-                 "cpu_seconds": round(cpu_seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        if command:
-            entry["command"] = shlex.join(command)
-        if status == "skipped" and self._last_run(stage):
-            entry["earlier"] = self._last_run(stage)
-        self.stages.append(entry)
-        self.save()
-
-    def _last_run(self, stage: str) -> dict | None:
-        """The entry of the last invocation that ran ``stage`` (not just skipped it)."""
-        earlier = self.previous.get(stage)
-        return earlier.get("earlier") if earlier and earlier["status"] == "skipped" else earlier
-
-    def all_stages(self) -> list[dict]:
-        """This invocation's stages, plus (as skipped) those that only an earlier invocation ran
-        (with --skip_train or --methods), in the order they ran."""
-        current = {entry["stage"]: entry for entry in self.stages}
-        carried = {name: {"stage": name, "status": "skipped", "seconds": 0.0, "cpu_seconds": 0.0,
-                          "finished": None, "earlier": self._last_run(name)}
-                   for name in self.previous if name not in current and self._last_run(name)}
-        by_name = {**carried, **current}
-        order = list(self.previous) + [name for name in current if name not in self.previous]
-        return [by_name[name] for name in order if name in by_name]
-
-    def save(self) -> None:
-        if self.dry_run:
-            return
-        data = {"preset": self.preset, "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started)),
-                "total_seconds": round(time.time() - self.started, 2),
-                "total_cpu_seconds": round(sum(s["cpu_seconds"] for s in self.stages), 2),
-                "stages": self.all_stages()}
-        write_json(data, self.path)
-
-
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -439,7 +328,7 @@ def run_stage(stage: str, command: list[str], timings: Timings, dry_run: bool) -
     timings.record(stage, "ran" if status == 0 else "failed", seconds, cpu, command)
     if status != 0:
         raise StageFailed(stage, status)
-    print(f"=== {stage}: done in {_duration(seconds)}", flush=True)
+    print(f"=== {stage}: done in {duration(seconds)}", flush=True)
 
 
 def skip_stage(stage: str, reason: str, timings: Timings) -> None:
@@ -447,16 +336,9 @@ def skip_stage(stage: str, reason: str, timings: Timings) -> None:
     timings.record(stage, "skipped")
 
 
-def _duration(seconds: float) -> str:
-    minutes, seconds = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s" if minutes \
-        else f"{seconds} s"
-
-
 # --- the chain -----------------------------------------------------------------------------
 
-def prepare_data(plan: Plan, raw_dir: Path, data_dir: Path, timings: Timings, dry_run: bool) -> None:
+def prepare_data(plan: Preset, raw_dir: Path, data_dir: Path, timings: Timings, dry_run: bool) -> None:
     regenerated = False
     if plan.synthetic_records_per_class:
         stage = "data: generate synthetic records"
@@ -512,36 +394,10 @@ def print_costs(jobs: list[Job]) -> None:
             unknown += 1
             continue
         total += sum(parts.values())
-        print(f"{job.run_dir.name}: {_duration(sum(parts.values()))} ("
-              + ", ".join(f"{name} {_duration(seconds)}" for name, seconds in parts.items()) + ")")
+        print(f"{job.run_dir.name}: {duration(sum(parts.values()))} ("
+              + ", ".join(f"{name} {duration(seconds)}" for name, seconds in parts.items()) + ")")
     without = f", {unknown} of them without an estimate" if unknown else ""
-    print(f"total: {_duration(total)} of single-thread CPU time for {len(jobs)} runs{without} (a GPU is much faster)")
-
-
-def write_selection_report(preset: str, plan: Plan, jobs: list[Job], result_dir: Path, timings: Timings) -> Path:
-    """selection.md: per method of the grid, the validation tables and each criterion's pick."""
-    started = time.perf_counter()
-    studies = {method: (setting, {getattr(job.cfg, setting): job.run_dir for job in jobs if job.method == method})
-               for method, setting, _ in plan.grid}
-    body = selection.selection_report({m: study for m, study in studies.items() if study[1]}, SELECTION_SWEEP,
-                                      result_dir / "selection")
-    path = result_dir / "selection.md"
-    write_text_atomic(path, "\n".join([
-        "# Coefficient selection", "", plan.data_note, "",
-        f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} by "
-        f"`python {shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`.",
-        "", f"Each run: the paper's settings (preset `{preset}`) but for the coefficient in "
-        f"its row; its final `model.pt` evaluated on the validation split under `{SELECTION_SWEEP}` "
-        f"({_sweep_settings_line(SELECTION_SWEEP, _validation_sweeps(jobs), 'val')}). Rows: the coefficient; columns: "
-        "clean, each level, the robustness AUC over the level list named in its header. Each criterion picks "
-        "the value with the highest score (a tie: the first value of the grid).", "", body]))
-    timings.record("selection report", "ran", time.perf_counter() - started)
-    return path
-
-
-def _validation_sweeps(jobs: list[Job]) -> dict[str, dict]:
-    return {job.run_dir.name: evaluate.read_sweeps(job.run_dir / "robustness_val.json")[SELECTION_SWEEP]
-            for job in jobs}
+    print(f"total: {duration(total)} of single-thread CPU time for {len(jobs)} runs{without} (a GPU is much faster)")
 
 
 def compare(jobs: list[Job], out_dir: Path, timings: Timings) -> tuple[list[Job], dict[str, str]]:
@@ -560,56 +416,6 @@ def compare(jobs: list[Job], out_dir: Path, timings: Timings) -> tuple[list[Job]
     return ready, tables
 
 
-# --- the report ----------------------------------------------------------------------------
-
-def _format_seconds(seconds) -> str:
-    return "n/a" if seconds is None else _duration(seconds)
-
-
-def _run_settings(job: Job) -> str:
-    """The run's own hyperparameters (method-specific), as key=value."""
-    return ", ".join(f"{k}={getattr(job.cfg, k):g}" if isinstance(getattr(job.cfg, k), float)
-                     else f"{k}={getattr(job.cfg, k)}" for k in job.hyperparameters) or "none"
-
-
-def _preset_changes(preset: str, job: Job) -> str:
-    """What ``preset`` changes for this run against the paper's settings (config.PRESETS):
-    its method settings and its own section, each with the paper's value."""
-    paper = {**TRAIN_DEFAULTS, **SCRIPTS[job.method].TRAINING, **job.hyperparameters}
-    changed = {k: v for k, v in preset_settings(preset, job.method).items()
-               if k in job.hyperparameters or k in PRESETS[preset].get(job.method, {})}
-    return ", ".join(f"{k}={v:g} (paper {paper[k]:g})" for k, v in changed.items()) or "none"
-
-
-def _sweep_settings_line(sweep: str, results: dict[str, dict], split: str = "test") -> str:
-    """One line stating the attack/noise settings (they are shared when the runs agree)."""
-    kind = SWEEPS[sweep][0]
-
-    def describe(settings: dict) -> str:
-        records = f"all {split} batches" if not settings["max_batches"] else \
-            f"the first {settings['max_batches']} {split} batch(es)"
-        if settings.get("max_records"):
-            records = f"a fixed class-balanced subset of {settings['max_records']} {split} records"
-        if kind in ("attack", "ifgsm"):
-            starts = "no random start" if kind == "ifgsm" else f"{settings['restarts']} random start(s)"
-            return (f"{settings['steps']} steps of size eps/10, {starts}, CE loss, early stop, model in eval "
-                    f"mode, {records}, seed {settings['seed']}")
-        if kind in ("apgd_ce", "apgd_dlr", "square", "autoattack"):
-            steps = f"{settings['steps']} steps, {settings['restarts']} random start(s)"
-            queries = f"{evaluate.square_queries(settings['steps'])} queries"
-            attack = {"apgd_ce": f"APGD-CE, {steps}", "apgd_dlr": f"APGD-DLR, {steps}",
-                      "square": f"Square L-inf, {queries}",
-                      "autoattack": f"APGD-CE, then APGD-DLR ({steps} each) and Square ({queries}) "
-                                    "on the survivors"}[kind]
-            return f"{attack}, early stop, model in eval mode, {records}, seed {settings['seed']}"
-        return f"one noise draw per record and level, {records}, seed {settings['seed']}"
-
-    described = {run: describe(r["settings"]) for run, r in results.items()}
-    if len(set(described.values())) == 1:
-        return next(iter(described.values()))
-    return "; ".join(f"{run}: {text}" for run, text in described.items())
-
-
 HISTORY_CHECKS = {"seconds": evaluate.is_number, "val_accuracy": evaluate.is_number}  # what the report reads
 
 
@@ -625,133 +431,6 @@ def _history(path: Path) -> list[dict]:
     return history
 
 
-def build_report(plan_name: str, plan: Plan, raw_dir: Path, data_dir: Path, result_dir: Path,
-                 jobs: list[Job], ready: list[Job], tables: dict[str, str], timings: Timings) -> str:
-    def rel(path: Path) -> str:
-        return Path(path).relative_to(result_dir).as_posix() if Path(path).is_relative_to(result_dir) \
-            else Path(path).as_posix()
-
-    lines = [f"# Reproduction report: `{plan_name}` preset", "", plan.data_note, "",
-             f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} by "
-             f"`python {shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`.",
-             ""]
-    meta = cache_meta(data_dir)
-    lines += ["## Data", "", f"- records: `{raw_dir}` ({meta['source_format'] if meta else '?'} form, "
-              f"{meta['n_records'] if meta else '?'} usable records)",
-              f"- cache: `{data_dir}`; split: {plan.val_per_class} validation and {plan.test_per_class} test "
-              "records per class (PROTOCOL section 2's seeded procedure), multi-label records in no split"]
-    if meta:
-        counts = meta["class_counts"]
-        classes = list(counts["train"])
-        lines += ["", "| split | " + " | ".join(classes) + " | total |", "|---|" + "---|" * (len(classes) + 1)]
-        for split in ("train", "val", "test"):
-            lines.append(f"| {split} | " + " | ".join(str(counts[split][c]) for c in classes)
-                         + f" | {sum(counts[split].values())} |")
-    lines += [""]
-
-    histories = {job: _history(job.run_dir / "history.json") for job in ready}
-    configs = {job: saved_settings(job) for job in ready}
-    lines += ["## Runs", "",
-              f"Preset `{plan_name}` for every run: " +
-              ", ".join(f"{k}={getattr(jobs[0].cfg, k)}" for k in
-                        ("epochs", "batch_size", "lr", "max_length", "random_pad", "max_batches", "model")) +
-              " (a run's own changes are in its row). Checkpoint evaluated: each run's final `model.pt` "
-              "(the last epoch).", "",
-              "| run | method | method settings | preset's changes to the paper's settings | epochs done | "
-              "checkpoint | device | training time | final val accuracy | figures |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for job in ready:
-        history = histories[job]
-        train_seconds = sum(h.get("seconds", 0) for h in history) if history else None
-        val = f"{history[-1]['val_accuracy']:.3f}" if history else "n/a"
-        lines.append(f"| {job.run_dir.name} | {job.method} | {_run_settings(job)} | "
-                     f"{_preset_changes(plan_name, job)} | {len(history)} | "
-                     f"`{rel(job.run_dir / 'model.pt')}` | {configs[job].get('device_used', '?')} | "
-                     f"{_format_seconds(train_seconds)} | {val} | [training curves]({rel(job.run_dir / 'curves.png')}), "
-                     f"[test confusion matrix]({rel(job.run_dir / 'confusion_test.png')}) |")
-    missing = [job for job in jobs if job not in ready]
-    if missing:
-        lines += ["", "Not in the tables (not trained or not evaluated yet): "
-                  + ", ".join(f"`{job.run_dir.name}`" for job in missing) + "."]
-
-    evals = {job: evaluate.read_clean(job.run_dir / "eval_test.json") for job in ready}
-    n_test = {evals[job]["n"] for job in ready}
-    lines += ["", "## Clean metrics", "",
-              f"Split: test ({', '.join(map(str, sorted(n for n in n_test if n)))} records), clean inputs, model in "
-              "eval mode, signals right-aligned. Checkpoint of each row: that run's `model.pt` (see Runs). "
-              "Columns: per-class F1, mean F1 over the 9 classes, the CPSC2018 sub-scores Faf, Fblock, Fpc, "
-              "Fst, class-balanced accuracy (mean per-class recall), number of records. Time: part of each "
-              "run's training stage (see Stage timings).", "", tables["clean"], ""]
-    near_chance = [job.run_dir.name for job in ready if evals[job]["accuracy"] <= CHANCE_NOTE_ACCURACY]
-    if near_chance:
-        lines += [f"Note: near chance (class-balanced accuracy of guessing: 1/{len(CLASSES)} = "
-                  f"{1 / len(CLASSES):.3f}): "
-                  f"{', '.join(f'`{name}`' for name in near_chance)}. Within this preset's training budget "
-                  "such a run learned (almost) nothing, so its robustness rows below are no evidence of "
-                  "robustness (a constant prediction does not change under any noise).", ""]
-
-    robustness = {job: evaluate.read_sweeps(job.run_dir / "robustness_test.json")
-                  if (job.run_dir / "robustness_test.json").is_file() else {} for job in ready}
-    sweep_names = [s for s in SWEEPS if f"{s}_accuracy" in tables]
-    if sweep_names:
-        lines += ["## Robustness", "",
-                  "Per noise type two tables, class-balanced accuracy and mean F1 over the 9 classes (the "
-                  "paper's two measures). Rows: runs; columns: clean, then each noise level, then the "
-                  "robustness AUC (trapezoid area under the measure over the level, from 0 to the largest "
-                  "level, divided by it), labelled with the level list it was computed over (`--levels`; "
-                  "PROTOCOL section 6). A record misclassified on the clean input counts as wrong at every "
-                  "level. Split: test. Checkpoint of each row: that run's `model.pt`. Sweep times are per "
-                  "run, measured inside its training stage.", ""]
-    for sweep in sweep_names:
-        results = {job.run_dir.name: robustness[job][sweep] for job in ready if sweep in robustness[job]}
-        n_used = sorted({r["n"] for r in results.values()})
-        axis = SWEEPS[sweep][3]
-        level_note = ("columns: signal-to-noise ratio in dB (noise only on the signal, scaled per record and "
-                      "lead; 0 dB is the loudest); AUC over the noise/signal amplitude ratio 10^(-SNR/20), 0 to 1"
-                      if SWEEPS[sweep][0] == "snr" else f"columns: {axis}")
-        times = ", ".join(f"{run} {_format_seconds(r.get('seconds'))}" for run, r in results.items())
-        lines += [f"### {SWEEP_TITLES.get(sweep, sweep)} (`{sweep}`)", "",
-                  f"Split: test, {', '.join(map(str, n_used))} records used; {level_note}. "
-                  f"Settings: {_sweep_settings_line(sweep, results)}. Time: {times}.", "",
-                  "Class-balanced accuracy:", "", tables[f"{sweep}_accuracy"], "",
-                  f"![{sweep}, accuracy]({rel(result_dir / 'compare' / f'{sweep}_accuracy.png')})", "",
-                  "Mean F1:", "", tables[f"{sweep}_f1"], "",
-                  f"![{sweep}, mean F1]({rel(result_dir / 'compare' / f'{sweep}_f1.png')})", ""]
-
-    example = result_dir / "compare" / "adversarial_example.png"
-    if example.is_file():
-        plotted = read_json(example.with_suffix(".json"))
-        eps = plotted.get("eps", "?") if isinstance(plotted, dict) else "?"
-        lines += ["## Adversarial example", "",
-                  f"One test record under L-inf PGD at eps {eps} (each run's pgd_linf settings), every run side by "
-                  "side: two leads clean and attacked, the perturbation, the predictions before and after; the "
-                  f"title says how the record was chosen. The plotted numbers: `{rel(example.with_suffix('.json'))}`.",
-                  "", f"![adversarial example]({rel(example)})", ""]
-
-    checks = {job.run_dir.name: check for job in ready if (check := evaluate.masking_check(robustness[job]))}
-    if checks:
-        lines += ["## Gradient-masking check", "",
-                  "For each run with both a PGD (`pgd_linf`) and an ensemble (`autoattack`) sweep: "
-                  "class-balanced accuracy under each at every shared eps, the gap in points (PGD minus "
-                  "ensemble) and, when the run has a `square` sweep, Square's accuracy next to the strongest "
-                  f"gradient attack's. A run is flagged when the ensemble is more than {100 * evaluate.MASKING_GAP:g} "
-                  "points below PGD at some eps, or when Square, which uses no gradients, does better than "
-                  "the gradient attacks: then PGD's numbers overstate the model's robustness.", "",
-                  evaluate.masking_check_markdown(checks), ""]
-
-    lines += ["## Stage timings", "",
-              f"Wall time and CPU time (user + system of the stage's processes) of this invocation; a skipped "
-              f"stage shows the invocation that ran it. Also in `{rel(timings.path)}`.", "",
-              "| stage | status | wall time | CPU time | finished |", "|---|---|---|---|---|"]
-    for entry in (e for e in timings.all_stages() if e["stage"] != "report"):  # this one is being written
-        shown = entry.get("earlier") if entry["status"] == "skipped" and entry.get("earlier") else entry
-        status = entry["status"] + (" (ran earlier)" if shown is not entry else "")
-        lines.append(f"| {entry['stage']} | {status} | {_format_seconds(shown['seconds'])} | "
-                     f"{_format_seconds(shown['cpu_seconds'])} | {shown['finished']} |")
-    lines += ["", f"Total wall time of this invocation: {_duration(time.time() - timings.started)}.", ""]
-    return "\n".join(lines)
-
-
 # --- command line --------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -760,13 +439,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                   "on 2 CPU cores), smoke (synthetic, CI), mini (a small real set given with --raw_dir), "
                                   "paper-selection (the NSR and Jacobian coefficient study on CPSC2018's validation "
                                   "split; with --dry_run: every run and its estimated cost).")
-    parser.add_flag("--preset", default="paper", choices=list(PLANS))
+    parser.add_flag("--preset", default="paper", choices=list(PRESETS))
     parser.add_flag("--raw_dir", type=folder,
                     help="the records (synthetic presets generate them there); default per preset: "
-                         + ", ".join(f"{k} {p.raw_dir or '(required)'}" for k, p in PLANS.items()))
+                         + ", ".join(f"{k} {p.raw_dir or '(required)'}" for k, p in PRESETS.items()))
     parser.add_flag("--result_dir", type=folder,
                     help="where the runs, compare/, report.md and timings.json go (default per preset: "
-                         + ", ".join(f"{k} {preset_setting(k, 'result_dir')}" for k in PLANS) + ")")
+                         + ", ".join(f"{k} {preset_setting(k, 'result_dir')}" for k in PRESETS) + ")")
     parser.add_flag("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
                     help=f"a subset of {', '.join(METHODS)} (space- or comma-separated)")
     parser.add_flag("--skip_train", action="store_true",
@@ -776,7 +455,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="train and evaluate each run with N processes under torchrun (one per GPU); "
                          "the batch size must be a multiple of N")
     args = parser.parse_args(argv)
-    if args.raw_dir is None and PLANS[args.preset].raw_dir is None:
+    if args.raw_dir is None and PRESETS[args.preset].raw_dir is None:
         raise ReproduceError(f"--preset {args.preset} needs --raw_dir DIR: a folder of real CPSC2018 records "
                              "(e.g. 150 of them in the WFDB form, with REFERENCE.csv or #Dx headers; "
                              "see the README, 'Reproducing the paper')")
@@ -817,7 +496,7 @@ def _without_torchrun(environment: dict[str, str]) -> dict[str, str]:
 
 
 def reproduce(args: argparse.Namespace) -> int:
-    plan = PLANS[args.preset]
+    plan = PRESETS[args.preset]
     raw_dir = Path(args.raw_dir or plan.raw_dir)
     all_jobs = plan_jobs(args.preset, list(METHODS), args.result_dir)
     # The runs' own settings name the cache and the result folder (whatever set them).
@@ -839,8 +518,8 @@ def reproduce(args: argparse.Namespace) -> int:
             print_costs(jobs)
             print(f"\n=== selection report -> {result_dir / 'selection.md'}")
             return 0
-        path = write_selection_report(args.preset, plan, jobs, result_dir, timings)
-        print(f"\nselection report written to {path} (this invocation: {_duration(time.time() - timings.started)})")
+        path = write_selection_report(args.preset, plan, jobs, result_dir, timings, SELECTION_SWEEP)
+        print(f"\nselection report written to {path} (this invocation: {duration(time.time() - timings.started)})")
         return 0
     if args.dry_run:
         print(f"\n=== compare -> {result_dir / 'compare'}\n=== report -> {result_dir / 'report.md'}")
@@ -848,10 +527,12 @@ def reproduce(args: argparse.Namespace) -> int:
     ready, tables = compare(all_jobs, result_dir / "compare", timings)
     started = time.perf_counter()
     report_path = result_dir / "report.md"
-    write_text_atomic(report_path, build_report(args.preset, plan, raw_dir, data_dir, result_dir, all_jobs, ready,
-                                                tables, timings))
+    write_text_atomic(report_path, build_report(
+        args.preset, plan, raw_dir, data_dir, result_dir, all_jobs, ready, tables, timings, meta=cache_meta(data_dir),
+        histories={job: _history(job.run_dir / "history.json") for job in ready},
+        configs={job: saved_settings(job) for job in ready}))
     timings.record("report", "ran", time.perf_counter() - started)
-    print(f"\nreport written to {report_path} (this invocation: {_duration(time.time() - timings.started)})")
+    print(f"\nreport written to {report_path} (this invocation: {duration(time.time() - timings.started)})")
     return 0
 
 

@@ -40,13 +40,13 @@ import scipy.io
 import scipy.signal
 import scipy.stats
 
+from config import PRESETS
 from cpsc2018 import CLASSES, FS, LABEL_COLUMNS, REFERENCE_FILE
 from flags import ConfigError, OneLineParser, folder
 
 NORMAL, AF, IAVB, LBBB, RBBB, PAC, PVC, STD, STE = range(1, 10)  # label k is CLASSES[k - 1]
 QUANTA_PER_MV = 1000  # values are multiples of 0.001 mV, the resolution of the real CPSC2018 data
 MARKER_NAME = "SYNTHETIC_DATA.txt"  # marks a folder written by this module (safe to regenerate)
-DEMO_RAW_DIR = "data/demo/train"  # the demo's records (reproduce.py --preset demo): the default --out_dir
 
 # Label pairs that cannot describe one record: AF has no P wave (so no PR interval and no
 # premature atrial beat), a bundle branch block is left or right, ST is either depressed or
@@ -521,7 +521,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Write a SYNTHETIC 12-lead ECG dataset in the original CPSC2018 format (A0001.mat ... + "
                     "REFERENCE.csv). The signals are simulated for the demo and tests; they are not CPSC2018 "
                     "recordings and not clinical data.")
-    parser.add_flag("--out_dir", type=folder, default=DEMO_RAW_DIR, help="output folder (default: %(default)s)")
+    # The default: the demo's records (reproduce.py --preset demo).
+    parser.add_flag("--out_dir", type=folder, default=PRESETS["demo"].raw_dir,
+                    help="output folder (default: %(default)s)")
     parser.add_flag("--records_per_class", type=int, default=30, help="records per First_label (default: 30)")
     parser.add_flag("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_flag("--min_seconds", type=float, default=6.0, help="shortest record in s (default: 6)")

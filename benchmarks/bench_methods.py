@@ -35,7 +35,7 @@ import attacks  # noqa: E402
 import harness  # noqa: E402
 from benchmarks.common import (add_common_arguments, apply_smoke, command_line,  # noqa: E402
                                default_out, environment, open_device, save_result, timed)
-from config import parse_config  # noqa: E402
+from config import parse_script  # noqa: E402
 from ECG_CNN import build_model  # noqa: E402
 from ECG_Dataset import PADDED_LENGTH, RANDOM_PAD, ClassBalancedSampler, ECGDataset  # noqa: E402
 from flags import ConfigError, OneLineParser  # noqa: E402
@@ -47,7 +47,7 @@ STEP_VARIANTS = {"jacob": [["--jacobian_projections", "1"]]}  # settings timed b
 # The training-step rows, {row: (method, its settings)}, in config.METHODS' order
 STEP_ROWS = {benchmark_row(method, cfg): (method, cfg)
              for method, script in SCRIPTS.items() for flags in [[], *STEP_VARIANTS.get(method, [])]
-             for cfg in [parse_config(method, script.HYPERPARAMETERS, argv=flags, training=script.TRAINING)]}
+             for cfg in [parse_script(script, argv=flags)]}
 LOADER_ROW = "data: training loader"
 ROWS = [*STEP_ROWS, LOADER_ROW, CLEAN_ROW, PGD_ROW]
 

@@ -26,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import distributed  # noqa: E402
 import harness  # noqa: E402
-from config import parse_config  # noqa: E402
+from config import parse_script  # noqa: E402
 from ECG_CNN import build_model  # noqa: E402
 from flags import ConfigError, OneLineParser  # noqa: E402
+from helpers import script_with  # noqa: E402
 from reproduce import SCRIPTS  # noqa: E402
 
 UNION = 6         # samples in the union batch (3 per rank with 2 ranks)
@@ -71,7 +72,7 @@ def labels_for(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, patt
 def case_config(case: str):
     method, _, extra = CASES[case]
     module = SCRIPTS[method]
-    cfg = parse_config(method, module.HYPERPARAMETERS, argv=["--device", "cpu"], training=module.TRAINING)
+    cfg = parse_script(module, argv=["--device", "cpu"])
     cfg.reg_start_epoch = 0  # NSR's extra terms from the first epoch
     for key, value in extra.items():
         setattr(cfg, key, value)
@@ -107,8 +108,7 @@ def train(out: Path, method: str, stop_on_rank: int, stop_at_call: int, flags: l
             os.kill(os.getpid(), signal.SIGTERM)
         return module.loss_fn(model, x, y, mask, epoch, cfg)
 
-    status = harness.main(method, loss_fn, module.HYPERPARAMETERS, module.run_name, argv=flags,
-                          training=module.TRAINING)
+    status = harness.main(script_with(module, loss_fn=loss_fn), argv=flags)
     if "model" in seen:
         torch.save(distributed.unwrap(seen["model"]).state_dict(), out / f"weights_rank{distributed.rank()}.pt")
     return status

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import scipy.io
@@ -26,6 +27,11 @@ TINY_MAX_LENGTH, TINY_RANDOM_PAD = 2048, 1024
 
 # PROTOCOL section 5: the shared settings that every method script sets at its top (TRAINING).
 PAPER_TRAINING = dict(epochs=70, batch_size=64, lr=1e-3)
+
+def script_with(module, **parts):
+    """A method script as harness.main reads it, with some of its parts replaced (a test's loss)."""
+    return SimpleNamespace(**{**vars(module), **parts})
+
 
 SMOKE_RUNS = {  # method: its run folder in the smoke chain (conftest's smoke_chain)
     "CE": "CE", "NSR": "NSR_beta1_1_beta2_1", "jacob": "jacob_beta_44_proj_1", "advls": "advls_eps_0.01_beta_0.5"}

@@ -1,4 +1,6 @@
 """Settings: one place for presets, flag types declared rather than taken from the defaults."""
+import dataclasses
+
 import pytest
 
 import config
@@ -11,7 +13,8 @@ def test_editing_a_default_does_not_change_what_its_flag_accepts():
     assert config.parse_config("jacob", {"beta": 44}, argv=["--beta", "0.5"], training=PAPER_TRAINING).beta == 0.5
     assert config.parse_config("CE", {}, argv=["--lr", "1"], training={**PAPER_TRAINING, "lr": 1}).lr == 1.0
     with pytest.raises(ConfigError, match="invalid int value"):
-        config.parse_config("advls", {"pgd_steps": 20.0}, argv=["--pgd_steps", "2.5"], training=PAPER_TRAINING)
+        config.parse_config("advls", {"pgd_steps": 20.0}, argv=["--pgd_steps", "2.5"], training=PAPER_TRAINING,
+                            whole_numbers=("pgd_steps",))
 
 
 @pytest.mark.parametrize("flag, value", [("--resume", True), ("--no_resume", False), ("--no-resume", False),
@@ -26,7 +29,7 @@ def test_an_on_off_setting_takes_every_spelling(flag, value):
 
 def test_a_default_is_read_as_its_flag_would_read_it():
     cfg = config.parse_config("jacob", {"beta": 44, "reg_start_epoch": 4.0}, argv=[],
-                              training={**PAPER_TRAINING, "batch_size": 64.0})
+                              training={**PAPER_TRAINING, "batch_size": 64.0}, whole_numbers=("reg_start_epoch",))
     assert (cfg.beta, cfg.reg_start_epoch, cfg.batch_size) == (44.0, 4, 64)
     assert (type(cfg.beta), type(cfg.reg_start_epoch), type(cfg.batch_size)) == (float, int, int)
     with pytest.raises(ConfigError, match=r"batch_size = 64\.5: --batch_size takes a whole number"):
@@ -45,7 +48,7 @@ def test_the_scripts_show_the_shared_settings_of_the_protocol():
 def test_every_preset_setting_belongs_to_a_method_or_the_shared_settings():
     hyperparameters = {method: script.HYPERPARAMETERS for method, script in reproduce.SCRIPTS.items()}
     known = set(config.TRAIN_DEFAULTS).union(config.SCRIPT_SETTINGS, *hyperparameters.values())
-    for name, preset in config.PRESETS.items():
+    for name, preset in ((name, p.settings) for name, p in config.PRESETS.items()):
         assert set(preset) - set(config.METHODS) <= known, (name, set(preset) - known)
         for method in set(preset) & set(config.METHODS):  # a method's section: its own settings
             own = set(config.TRAIN_DEFAULTS) | set(config.SCRIPT_SETTINGS) | set(hyperparameters[method])
@@ -53,7 +56,8 @@ def test_every_preset_setting_belongs_to_a_method_or_the_shared_settings():
 
 
 def test_a_method_section_of_a_preset_applies_to_that_method_only(monkeypatch):
-    monkeypatch.setitem(config.PRESETS, "test", dict(epochs=3, beta=2.0, jacob=dict(beta=0.5, epochs=4)))
+    monkeypatch.setitem(config.PRESETS, "test", dataclasses.replace(
+        config.PRESETS["paper"], settings=dict(epochs=3, beta=2.0, jacob=dict(beta=0.5, epochs=4))))
     jacob = config.parse_config("jacob", {"beta": 44.0}, ["--preset", "test"], training=PAPER_TRAINING)
     advls = config.parse_config("advls", {"beta": 0.5}, ["--preset", "test"], training=PAPER_TRAINING)
     assert (jacob.beta, jacob.epochs) == (0.5, 4)
@@ -67,13 +71,12 @@ def test_a_preset_means_the_same_through_the_script_and_reproduce():
     reproduce.py --preset P does, but for the setting reproduce's grid varies."""
     for preset in config.PRESETS:
         jobs = reproduce.plan_jobs(preset, list(config.METHODS))
-        plan = reproduce.PLANS[preset]
+        plan = config.PRESETS[preset]
         assert {job.method for job in jobs} == \
             ({method for method, _, _ in plan.grid} if plan.selection else set(config.METHODS)), preset
         for job in jobs:
             module = reproduce.SCRIPTS[job.method]
-            direct = vars(config.parse_config(job.method, module.HYPERPARAMETERS, argv=["--preset", preset],
-                                              training=module.TRAINING))
+            direct = vars(config.parse_script(module, argv=["--preset", preset]))
             through_reproduce = vars(job.cfg)
             assert direct.keys() == through_reproduce.keys(), (preset, job.method)
             differ = {key: (direct[key], through_reproduce[key]) for key in direct
@@ -82,7 +85,7 @@ def test_a_preset_means_the_same_through_the_script_and_reproduce():
     demo = reproduce.plan_jobs("demo", list(config.METHODS))
     jacob, advls, nsr = (next(job for job in demo if job.method == m) for m in ("jacob", "advls", "NSR"))
     assert jacob.cfg.jacobian_projections == 1 and advls.cfg.pgd_steps == 5
-    assert nsr.cfg.batch_size == config.PRESETS["demo"]["NSR"]["batch_size"] != advls.cfg.batch_size
+    assert nsr.cfg.batch_size == config.PRESETS["demo"].settings["NSR"]["batch_size"] != advls.cfg.batch_size
 
 
 def test_level_lists_are_the_papers_by_default_and_extended_on_request():
@@ -99,3 +102,26 @@ def test_level_lists_are_the_papers_by_default_and_extended_on_request():
     assert config.parse_config("CE", {}, argv=["--levels", "extended"], training=PAPER_TRAINING).levels == "extended"
     with pytest.raises(ConfigError, match=r"^--levels: unknown level list 'long' \(known: paper, extended\)$"):
         config.parse_config("CE", {}, argv=["--levels", "long"], training=PAPER_TRAINING)
+
+
+def test_every_sweep_has_its_title_levels_and_one_line_description():
+    settings = {"steps": 3, "restarts": 2}
+    for name, sweep in config.SWEEPS.items():
+        assert sweep.title and sweep.axis and set(sweep.levels) == set(config.LEVEL_LISTS), name
+        assert sweep.describe(settings).endswith("early stop, model in eval mode") == sweep.attacks_model, name
+    assert config.SWEEPS["autoattack"].describe(settings) == (
+        "APGD-CE, then APGD-DLR (3 steps, 2 random start(s) each) and Square (30 queries) on the survivors, "
+        "early stop, model in eval mode")
+    assert config.SWEEPS["apgd_dlr"].title == "APGD-DLR, L-inf budget"
+
+
+def test_a_method_declares_its_whole_number_hyperparameters_and_config_only_the_shared_ones():
+    assert config.COUNTS <= set(config.TRAIN_DEFAULTS) | set(config.SCRIPT_SETTINGS)
+    for method, script in reproduce.SCRIPTS.items():
+        cfg = config.parse_script(script, argv=[])
+        assert cfg.method == method == config.method_of(script.__file__)
+        assert {key for key in script.HYPERPARAMETERS if type(getattr(cfg, key)) is int} == set(script.WHOLE_NUMBERS)
+    with pytest.raises(ConfigError, match="invalid int value: '2.5'"):
+        config.parse_script(reproduce.SCRIPTS["advls"], argv=["--pgd_steps", "2.5"])
+    with pytest.raises(ConfigError, match=r"^train\.py: not the script of a method of config\.METHODS$"):
+        config.method_of("train.py")

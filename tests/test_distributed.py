@@ -195,8 +195,7 @@ def test_script_under_torchrun_matches_one_process_and_writes_each_file_once(
     assert len(saved["rng_per_rank"]) == 2 and (saved["epoch"], saved["batch"]) == (1, 0)
     assert json.loads((ddp / "eval_test.json").read_text())["clean"]["n"] == 18  # shares summed
 
-    status = harness.main(method, module.loss_fn, module.HYPERPARAMETERS, module.run_name,
-                          argv=[*flags, "--result_dir", str(tmp_path / "single")], training=module.TRAINING)
+    status = harness.main(module, argv=[*flags, "--result_dir", str(tmp_path / "single")])
     assert status == 0
     single = tmp_path / "single" / run
     history, expected = (json.loads((d / "history.json").read_text())[0] for d in (ddp, single))

@@ -20,7 +20,7 @@ import harness
 from checkpoints import newest_checkpoint
 from cpsc2018 import DataError
 from evaluate import load_model
-from helpers import PAPER_TRAINING, REPO, run_script, weights
+from helpers import PAPER_TRAINING, REPO, run_script, script_with, weights
 from preprocess import load_cache
 from reproduce import SCRIPTS
 from run_folder import prepare_run_dir
@@ -38,9 +38,11 @@ def ce_loss(model, x, y, mask, epoch, cfg):
     return F.cross_entropy(model(x, mask), y), {}
 
 
+CE_SCRIPT = script_with(SCRIPTS["CE"], loss_fn=ce_loss)
+
+
 def train_ce(cache, result_dir, *extra, loss_fn=ce_loss):
-    return harness.main("CE", loss_fn, {}, lambda cfg: "CE", argv=tiny_flags(cache, result_dir, *extra),
-                        training=PAPER_TRAINING)
+    return harness.main(script_with(SCRIPTS["CE"], loss_fn=loss_fn), argv=tiny_flags(cache, result_dir, *extra))
 
 
 def assert_same_weights(a, b):
@@ -93,7 +95,7 @@ def test_preset_then_method_override_then_flag():
     cfg = config.parse_config("X", {"adv_start_epoch": 10}, ["--preset", "demo", "--epochs", "3"],
                                training=PAPER_TRAINING)
     assert cfg.preset == "demo" and cfg.adv_start_epoch == 2 and cfg.epochs == 3
-    assert cfg.max_length == config.PRESETS["demo"]["max_length"]
+    assert cfg.max_length == config.PRESETS["demo"].settings["max_length"]
 
 
 @pytest.mark.slow  # trains two runs end to end
@@ -231,8 +233,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(tiny_cache, ce_run_copy, c
 ])
 def test_bad_flags_give_one_line_and_exit_status_2(tmp_path, capsys, flags, message, monkeypatch):
     monkeypatch.chdir(tmp_path)  # where an empty folder flag would write
-    assert harness.main("CE", ce_loss, {}, lambda cfg: "CE", argv=["--result_dir", str(tmp_path / "R"), *flags],
-                        training=PAPER_TRAINING) == 2
+    assert harness.main(CE_SCRIPT, argv=["--result_dir", str(tmp_path / "R"), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert not any(tmp_path.iterdir())  # refused before the run folder is made
@@ -243,17 +244,15 @@ def test_bad_flags_give_one_line_and_exit_status_2(tmp_path, capsys, flags, mess
                                            ("inf", "--eps must be a finite non-negative number, got inf"),
                                            ("abc", "argument --eps: invalid float value: 'abc'")])
 def test_bad_method_hyperparameter_is_rejected(tmp_path, capsys, value, message):
-    status = harness.main("advls", ce_loss, {"eps": 0.01}, lambda cfg: "adv",
-                          argv=["--result_dir", str(tmp_path), "--eps", value], training=PAPER_TRAINING)
+    script = script_with(SCRIPTS["advls"], loss_fn=ce_loss, HYPERPARAMETERS={"eps": 0.01}, check_hyperparameters=None)
+    status = harness.main(script, argv=["--result_dir", str(tmp_path), "--eps", value])
     assert status == 2 and message in capsys.readouterr().err
 
 
 def test_unwritable_result_folder_is_named(tiny_cache, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    status = harness.main("CE", ce_loss, {}, lambda cfg: "CE",
-                          argv=["--data_dir", str(tiny_cache), "--result_dir", str(blocker)],
-                          training=PAPER_TRAINING)
+    status = harness.main(CE_SCRIPT, argv=["--data_dir", str(tiny_cache), "--result_dir", str(blocker)])
     assert status == 2 and f"cannot write to {blocker / 'CE'}" in capsys.readouterr().err
 
 
@@ -306,7 +305,7 @@ def test_resume_refuses_another_data_folder(tiny_cache, ce_run_copy, capsys):
     assert train_ce(Path(os.path.relpath(tiny_cache)), tmp_path, "--epochs", "2", "--resume") == 0  # the same folder
 
 
-@pytest.mark.parametrize("name", ["..", ".", "../../x", "ABSOLUTE", "a/b", "x y", ""])
+@pytest.mark.parametrize("name", ["..", ".", "../../x", "ABSOLUTE", "a/b", "x y"])
 def test_a_run_name_outside_the_result_folder_is_refused_and_nothing_is_touched(tmp_path, capsys, name):
     result_dir, sentinel = tmp_path / "work" / "R", tmp_path / "work" / "sentinel.txt"
     (result_dir / "other_run").mkdir(parents=True)
@@ -315,7 +314,7 @@ def test_a_run_name_outside_the_result_folder_is_refused_and_nothing_is_touched(
     name = str(tmp_path / "abs") if name == "ABSOLUTE" else name
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     flags = ["--result_dir", str(result_dir), "--run_name", name, "--overwrite", "--epochs", "1"]
-    assert harness.main("CE", ce_loss, {}, lambda cfg: name, argv=flags, training=PAPER_TRAINING) == 2
+    assert harness.main(CE_SCRIPT, argv=flags) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --run_name {name!r}: a run name is one folder name") and "\n" not in err
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
@@ -329,7 +328,7 @@ def test_overwrite_leaves_a_folder_that_is_not_a_run_alone(tiny_cache, tmp_path,
     (tmp_path / "other" / "config.json").write_text(json.dumps({"run_name": "CE", "method": "CE"}))
     for name in ("notes", "other"):  # other: a run's config.json, but not of a run of that name
         flags = ["--data_dir", str(tiny_cache), "--result_dir", str(tmp_path), "--run_name", name, "--overwrite"]
-        assert harness.main("CE", ce_loss, {}, lambda cfg: name, argv=flags, training=PAPER_TRAINING) == 2
+        assert harness.main(CE_SCRIPT, argv=flags) == 2
         assert f"--overwrite: {tmp_path / name} is not a run folder of this project" in capsys.readouterr().err
     assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
     assert (tmp_path / "other" / "config.json").is_file()
@@ -339,6 +338,7 @@ def test_overwrite_leaves_a_folder_that_is_not_a_run_alone(tiny_cache, tmp_path,
 PAUSED_TRAINING = """
 import sys, time
 from pathlib import Path
+from types import SimpleNamespace
 import torch.nn.functional as F
 import CPSC2018_CNN_CE
 import harness
@@ -349,7 +349,7 @@ def loss(model, x, y, mask, epoch, cfg):
         while not go.exists():
             time.sleep(0.05)
     return F.cross_entropy(model(x, mask), y), {}
-sys.exit(harness.main("CE", loss, {}, lambda cfg: "CE", argv=sys.argv[3:], training=CPSC2018_CNN_CE.TRAINING))
+sys.exit(harness.main(SimpleNamespace(**{**vars(CPSC2018_CNN_CE), "loss_fn": loss}), argv=sys.argv[3:]))
 """
 
 

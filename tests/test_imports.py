@@ -25,9 +25,10 @@ SOURCES = sorted([*ROOT.glob("*.py"), *(ROOT / "benchmarks").glob("*.py"), *(ROO
 MODULES = {module_name(path): path for path in SOURCES}
 assert len(MODULES) == len(SOURCES), "two files import under the same name"
 TREES = {name: ast.parse(path.read_text()) for name, path in MODULES.items()}
-# config.METHODS (method name -> script module), read from config.py's text so that this check
-# imports none of the modules it checks
-METHOD_SCRIPTS = next(set(ast.literal_eval(statement.value).values()) for statement in TREES["config"].body
+# The scripts of config.METHODS (method name -> Method(script module, ...)), read from config.py's
+# text so that this check imports none of the modules it checks
+METHOD_SCRIPTS = next({ast.literal_eval(method.args[0]) for method in statement.value.values}
+                      for statement in TREES["config"].body
                       if isinstance(statement, ast.Assign) and ast.unparse(statement.targets[0]) == "METHODS")
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import harness
-from config import parse_config
+from config import parse_script, run_name
 from helpers import REPO, SMOKE_RUNS, LinearModel, TinyCNN, run_script
 from losses import jacobian_loss
 from reproduce import SCRIPTS
@@ -45,28 +45,28 @@ def test_extra_terms_are_logged_when_they_apply(smoke_chain, method, keys):
 
 def test_run_names_carry_the_key_settings():
     adv = SCRIPTS["advls"]
-    cfg = parse_config("advls", adv.HYPERPARAMETERS, argv=["--eps", "0.05", "--label_smoothing", "0.1"],
-                               training=adv.TRAINING)
-    assert adv.run_name(cfg) == "advls_eps_0.05_beta_0.5_ls_0.1"
+    assert run_name(parse_script(adv, argv=["--eps", "0.05", "--label_smoothing", "0.1"])) == \
+        "advls_eps_0.05_beta_0.5_ls_0.1"
+    assert run_name(parse_script(adv, argv=[])) == "advls_eps_0.01_beta_0.5"
     jacob = SCRIPTS["jacob"]
-    cfg = parse_config("jacob", jacob.HYPERPARAMETERS, argv=["--jacobian_projections", "1"],
-                               training=jacob.TRAINING)
-    assert jacob.run_name(cfg) == "jacob_beta_44_proj_1"
+    assert run_name(parse_script(jacob, argv=["--jacobian_projections", "1"])) == "jacob_beta_44_proj_1"
+    assert run_name(parse_script(jacob, argv=["--jacobian_projections", "1", "--run_name", "mine"])) == "mine"
+    assert run_name(parse_script(SCRIPTS["NSR"], argv=["--beta2", "0.5"])) == "NSR_beta1_1_beta2_0.5"
+    assert run_name(parse_script(SCRIPTS["CE"], argv=[])) == "CE"
 
 
 def test_a_large_weight_makes_a_valid_run_name(tmp_path, capsys):
     """NSR's weights have no upper bound: 1e20 gives the run name NSR_beta1_1_beta2_1e+20, which
     passes the run-name check; what stops this run is its missing data."""
     nsr = SCRIPTS["NSR"]
-    status = harness.main("NSR", nsr.loss_fn, nsr.HYPERPARAMETERS, nsr.run_name, training=nsr.TRAINING,
-                          argv=["--result_dir", str(tmp_path), "--data_dir", str(tmp_path / "none"), "--beta2", "1e20"])
+    status = harness.main(nsr, argv=["--result_dir", str(tmp_path), "--data_dir", str(tmp_path / "none"),
+                                     "--beta2", "1e20"])
     assert status == 2 and capsys.readouterr().err.startswith(f"error: no preprocessed CPSC2018 cache in {tmp_path / 'none'}")
 
 
 def test_jacobian_term_starts_at_its_epoch():
     jacob = SCRIPTS["jacob"]
-    cfg = parse_config("jacob", jacob.HYPERPARAMETERS, ["--reg_start_epoch", "2", "--beta", "3"],
-                               training=jacob.TRAINING)
+    cfg = parse_script(jacob, ["--reg_start_epoch", "2", "--beta", "3"])
     torch.manual_seed(0)
     model = TinyCNN(leads=2, classes=9)
     x, y, mask = torch.randn(2, 2, 64), torch.tensor([0, 5]), torch.ones(2, 1, 64)
@@ -96,9 +96,7 @@ def test_method_defaults_follow_the_paper():
 ])
 def test_adversarial_hyperparameters_that_cannot_train_are_refused(tmp_path, capsys, flags, message):
     adv = SCRIPTS["advls"]
-    status = harness.main("advls", adv.loss_fn, adv.HYPERPARAMETERS, adv.run_name,
-                          argv=["--result_dir", str(tmp_path), *flags], check=adv.check_hyperparameters,
-                          training=adv.TRAINING)
+    status = harness.main(adv, argv=["--result_dir", str(tmp_path), *flags])
     assert status == 2 and capsys.readouterr().err == f"error: {message}\n"
     assert not any(tmp_path.iterdir())
 

@@ -24,8 +24,7 @@ def test_preprocess_train_and_evaluate_on_the_real_sample(sample_dir, tmp_path, 
     argv = ["--preset", "smoke", "--data_dir", str(cache), "--result_dir", str(results),
             "--max_length", "2048", "--random_pad", "1024", "--batch_size", "6", "--eval_batch_size", "9",
             "--epochs", "1", "--max_batches", "2", "--sweeps", ""]
-    assert harness.main(script.__name__, script.loss_fn, script.HYPERPARAMETERS, script.run_name, argv=argv,
-                        training=script.TRAINING) == 0
+    assert harness.main(script, argv=argv) == 0
     run = results / "CE"
     history = json.loads((run / "history.json").read_text())
     assert len(history) == 1 and np.isfinite(history[0]["loss"]) and 0 <= history[0]["val_accuracy"] <= 1

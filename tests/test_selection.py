@@ -91,12 +91,10 @@ def test_scaled_down_selection_picks_what_the_validation_results_say(tmp_path, m
     report's picks are recomputed here from each run's robustness_val.json."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(reproduce, "subprocess", SimpleNamespace(Popen=InProcessStage))
-    plan = reproduce.Plan(reproduce.SYNTHETIC_NOTE, "train", 1, 1,
-                          (("NSR", "beta2", (0.4, 1.2)), ("jacob", "beta", (4, 84))),
-                          synthetic_records_per_class=4, synthetic_max_seconds=8.0, selection=True)
-    monkeypatch.setitem(reproduce.PLANS, "paper-selection", plan)
-    monkeypatch.setitem(config.PRESETS, "paper-selection", {**config.PRESETS["smoke"], "data_dir": "processed",
-                                                            "result_dir": "result", "sweeps": ""})
+    settings = {**config.PRESETS["smoke"].settings, "data_dir": "processed", "result_dir": "result", "sweeps": ""}
+    monkeypatch.setitem(config.PRESETS, "paper-selection", config.Preset(
+        settings, config.SYNTHETIC_NOTE, "train", 1, 1, (("NSR", "beta2", (0.4, 1.2)), ("jacob", "beta", (4, 84))),
+        synthetic_records_per_class=4, synthetic_max_seconds=8.0, selection=True))
     assert reproduce.main(["--preset", "paper-selection"]) == 0
     report = (tmp_path / "result" / "selection.md").read_text()
     picks = json.loads((tmp_path / "result" / "selection" / "picks.json").read_text())

@@ -1,0 +1,36 @@
+"""report.py: the reproduction report, built from result files written directly (no training)."""
+import config
+import evaluate
+import reproduce
+from report import Timings, build_report
+
+
+def test_report_has_the_gradient_masking_check_for_runs_with_pgd_and_the_ensemble(tmp_path, fake_run):
+
+    result = tmp_path / "result"
+    settings = {"steps": 2, "restarts": 1, "max_batches": 0, "seed": 0}
+
+    def sweep(name, accuracy):
+        return {"sweep": name, "level_list": "paper", "levels": [0.0, 0.01, 0.05], "axis_levels": [0.0, 0.01, 0.05],
+                "accuracy": accuracy, "mean_f1": accuracy, "auc": 0.5, "auc_f1": 0.5, "n": 3, "settings": settings}
+
+    runs = {"NSR": {"pgd_linf": sweep("pgd_linf", [1.0, 1.0, 1.0]),
+                    "autoattack": sweep("autoattack", [1.0, 0.9, 0.5])},
+            "CE": {"pgd_linf": sweep("pgd_linf", [1.0, 0.5, 0.0])}}  # no ensemble: not checked
+    jobs = []
+    for name, sweeps in runs.items():
+        fake_run(result / name, sweeps, clean=([0, 1, 2], [0, 1, 2]))
+        cfg = config.parse_script(reproduce.SCRIPTS[name], ["--preset", "smoke"])
+        jobs.append(reproduce.Job(name, reproduce.SCRIPTS[name], [], cfg, result / name))
+    tables = evaluate.compare_runs([job.run_dir for job in jobs], result / "compare")
+    report = build_report("smoke", config.PRESETS["smoke"], tmp_path / "raw", tmp_path / "data", result, jobs, jobs,
+                          tables, Timings(result / "timings.json", "smoke", dry_run=True), meta=None,
+                          histories=dict.fromkeys(jobs, []), configs=dict.fromkeys(jobs, {}))
+    section = report.split("## Gradient-masking check")[1].split("## Stage timings")[0]
+    assert "| NSR | 0.05 | 1.000 | 0.500 | 50.0 |  |  |" in section
+    assert ("- **NSR**: FLAGGED. PGD overstates this model's robustness by 50.0 points at eps=0.05"
+            in section)
+    assert "| CE |" not in section and "**CE**" not in section
+    # Each sweep's heading is its title in config.SWEEPS, the ensemble's too.
+    assert "### PGD, L-inf budget (`pgd_linf`)" in report
+    assert "### Ensemble (APGD-CE, APGD-DLR, Square), L-inf budget (`autoattack`)" in report
