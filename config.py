@@ -16,10 +16,10 @@ from typing import Callable
 
 import torch
 
-from distributed import choose_device, world_size
 from ECG_CNN import MODELS, check_length
 from ECG_Dataset import MAX_LENGTH, RANDOM_PAD
-from flags import ConfigError, OneLineParser, folder
+from plumbing.distributed import choose_device, world_size
+from plumbing.flags import ConfigError, OneLineParser, folder
 
 # PROTOCOL section 5: the settings shared by all four methods; each is a command-line flag.
 # These each method script sets at its top (TRAINING), where a researcher edits them:

@@ -40,12 +40,12 @@ import pandas as pd
 
 import evaluate
 import selection
-from checkpoints import RESUME_KEYS, changed_settings
 from config import METHODS, PRESETS, SWEEPS, TRAIN_DEFAULTS, parse_config, parse_sweeps, preset_setting, preset_settings
 from cpsc2018 import CLASSES, DataError
-from flags import ConfigError, OneLineParser, folder
+from plumbing.checkpoints import RESUME_KEYS, changed_settings
+from plumbing.flags import ConfigError, OneLineParser, folder
+from plumbing.safe_writes import read_json, write_json, write_text_atomic
 from preprocess import DEFAULT_RAW_DIR, load_cache
-from safe_writes import read_json, write_json, write_text_atomic
 from synthetic import DEMO_RAW_DIR, MARKER_NAME
 
 REPO = Path(__file__).resolve().parent

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from checkpoints import data_fingerprint, save_atomic
 from helpers import file_size_limit
+from plumbing.checkpoints import data_fingerprint, save_atomic
 from preprocess import load_cache
 
 
