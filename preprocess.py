@@ -9,7 +9,7 @@ every record concatenated along time, ``records.csv`` with the offsets, the spli
 
 CLI: ``python preprocess.py [--raw_dir data/CPSC2018/train] [--out_dir data/CPSC2018/processed]
 [--val_per_class 5] [--test_per_class 50] [--download [--url URL]]``; ``--download`` first
-fetches the records into --raw_dir (download.py).
+fetches the records into --raw_dir (plumbing/download.py).
 """
 
 from __future__ import annotations

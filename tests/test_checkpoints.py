@@ -1,5 +1,5 @@
-"""checkpoints.py: a checkpoint write that fails leaves the previous one, and the fingerprint of
-the data a run trains on."""
+"""plumbing/checkpoints.py: a checkpoint write that fails leaves the previous one, and the
+fingerprint of the data a run trains on."""
 import errno
 import shutil
 
