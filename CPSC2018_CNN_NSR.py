@@ -9,8 +9,8 @@ two from epoch ``reg_start_epoch`` on and only over the correctly classified sam
 import sys
 
 import harness
-from distributed import union_sum, unwrap
 from losses import mse_onehot_loss, multi_margin_loss, nsr_loss
+from plumbing.distributed import union_sum, unwrap
 
 # The settings to edit; each is also a flag (types and presets: config.py). Shared (PROTOCOL section 5):
 TRAINING = dict(epochs=70, batch_size=64, lr=1e-3)

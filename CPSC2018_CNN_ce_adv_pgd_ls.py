@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 import harness
 from config import non_negative
-from distributed import union_sum, unwrap
-from flags import ConfigError
 from losses import adversarial_eps, adversarial_loss, adversarial_step
+from plumbing.distributed import union_sum, unwrap
+from plumbing.flags import ConfigError
 
 # The settings to edit; each is also a flag (types and presets: config.py). Shared (PROTOCOL section 5):
 TRAINING = dict(epochs=70, batch_size=64, lr=1e-3)

@@ -11,8 +11,8 @@ import sys
 import torch.nn.functional as F
 
 import harness
-from distributed import union_sum, unwrap
 from losses import jacobian_loss
+from plumbing.distributed import union_sum, unwrap
 
 # The settings to edit; each is also a flag (types and presets: config.py). Shared (PROTOCOL section 5):
 TRAINING = dict(epochs=70, batch_size=64, lr=1e-3)

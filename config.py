@@ -19,10 +19,10 @@ from typing import Callable
 import torch
 
 import attacks
-from distributed import choose_device, world_size
 from ECG_CNN import MODELS, check_length
 from ECG_Dataset import MAX_LENGTH, RANDOM_PAD
-from flags import ConfigError, OneLineParser, folder
+from plumbing.distributed import choose_device, world_size
+from plumbing.flags import ConfigError, OneLineParser, folder
 from preprocess import DEFAULT_RAW_DIR
 
 # PROTOCOL section 5: the settings shared by all four methods; each is a command-line flag.

@@ -26,14 +26,14 @@ import figures
 from config import (GRADIENT_SWEEPS, LEVEL_LISTS, SWEEPS, check_device, check_levels, check_sweep_settings,
                     noise_levels, parse_sweeps, value_type)
 from cpsc2018 import CLASSES, DataError
-from distributed import (all_reduce, distributed, init_distributed, is_main_process, on_main_process, process_device,
-                         rank, shutdown_distributed, world_size)
 from ECG_CNN import build_model, check_length
 from ECG_Dataset import BucketBatchSampler, crop_collate, get_dataloaders
-from flags import ConfigError, OneLineParser, folder
 from metrics import (NUM_CLASSES, class_balanced_accuracy, classification_scores, confusion_matrix,
                      SWEEP_METRICS, mean_f1, ratio, robustness_auc, scores_table, to_markdown)
-from safe_writes import FolderInUseError, lock_folder, read_json, write_json, write_text_atomic
+from plumbing.distributed import (all_reduce, distributed, init_distributed, is_main_process, on_main_process,
+                                  process_device, rank, shutdown_distributed, world_size)
+from plumbing.flags import ConfigError, OneLineParser, folder
+from plumbing.safe_writes import FolderInUseError, lock_folder, read_json, write_json, write_text_atomic
 
 
 MASKING_GAP = 0.02  # ensemble accuracy this far below PGD's (2 points) flags gradient masking

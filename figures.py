@@ -25,10 +25,10 @@ import torch
 import attacks
 from config import SWEEPS
 from cpsc2018 import CLASSES, FS, LEAD_NAMES, LEADS
-from distributed import choose_device
 from ECG_Dataset import get_dataloaders
 from metrics import SWEEP_METRICS
-from safe_writes import atomic_path, write_text_atomic
+from plumbing.distributed import choose_device
+from plumbing.safe_writes import atomic_path, write_text_atomic
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)

@@ -28,17 +28,17 @@ from tqdm import tqdm
 
 import evaluate
 import figures
-from checkpoints import Progress, data_fingerprint, resume, save_atomic, save_checkpoint
 from config import check_run_name, parse_script, run_name
 from cpsc2018 import DataError
-from distributed import (all_reduce, average_logged, distributed_model, in_process_group, init_distributed,
-                         is_main_process, on_main_process, rank, shutdown_distributed, unwrap, world_size)
 from ECG_CNN import build_model
 from ECG_Dataset import batch_records, get_dataloaders, set_loader_epoch
-from flags import ConfigError
+from plumbing.checkpoints import Progress, data_fingerprint, resume, save_atomic, save_checkpoint
+from plumbing.distributed import (all_reduce, average_logged, distributed_model, in_process_group, init_distributed,
+                                  is_main_process, on_main_process, rank, shutdown_distributed, unwrap, world_size)
+from plumbing.flags import ConfigError
+from plumbing.run_folder import start_run
+from plumbing.safe_writes import FolderInUseError, write_json
 from preprocess import Cache, load_cache
-from run_folder import start_run
-from safe_writes import FolderInUseError, write_json
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 

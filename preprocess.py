@@ -9,7 +9,7 @@ every record concatenated along time, ``records.csv`` with the offsets, the spli
 
 CLI: ``python preprocess.py [--raw_dir data/CPSC2018/train] [--out_dir data/CPSC2018/processed]
 [--val_per_class 5] [--test_per_class 50] [--download [--url URL]]``; ``--download`` first
-fetches the records into --raw_dir (download.py).
+fetches the records into --raw_dir (plumbing/download.py).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from tqdm import tqdm
 from cpsc2018 import (CLASSES, FS, LABEL_COLUMNS, LEAD_NAMES, OFFICIAL_REFERENCE, REFERENCE_COLUMNS, DataError,
                       Inventory, RecordError, WfdbHeader, read_folder, read_original_record, read_reference,
                       read_wfdb_signal, record_issue)
-from download import CPSC2018_ARCHIVE_URL, DownloadError, fetch_cpsc2018
-from flags import ConfigError, OneLineParser, folder
-from safe_writes import FolderInUseError, lock_folder, remove_stale_temporaries, temporary_path, write_json
+from plumbing.download import CPSC2018_ARCHIVE_URL, DownloadError, fetch_cpsc2018
+from plumbing.flags import ConfigError, OneLineParser, folder
+from plumbing.safe_writes import FolderInUseError, lock_folder, remove_stale_temporaries, temporary_path, write_json
 
 CACHE_VERSION = 1
 # The shortest record the models classify: 2049 samples (4.1 s; CPSC2018's shortest is 6 s) always

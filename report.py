@@ -13,7 +13,7 @@ import evaluate
 import selection
 from config import PRESETS, SWEEPS, TRAIN_DEFAULTS, Preset, preset_settings
 from cpsc2018 import CLASSES
-from safe_writes import read_json, write_json, write_text_atomic
+from plumbing.safe_writes import read_json, write_json, write_text_atomic
 
 CHANCE_NOTE_ACCURACY = 1.5 / len(CLASSES)  # the report flags runs whose clean accuracy is no better than this
 

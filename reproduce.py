@@ -40,13 +40,13 @@ import pandas as pd
 
 import evaluate
 import selection
-from checkpoints import RESUME_KEYS, changed_settings
 from config import METHODS, PRESETS, Preset, parse_script, parse_sweeps, preset_setting, run_name
 from cpsc2018 import CLASSES, DataError
-from flags import ConfigError, OneLineParser, folder
+from plumbing.checkpoints import RESUME_KEYS, changed_settings
+from plumbing.flags import ConfigError, OneLineParser, folder
+from plumbing.safe_writes import read_json, write_text_atomic
 from preprocess import load_cache
 from report import Timings, build_report, duration, write_selection_report
-from safe_writes import read_json, write_text_atomic
 from synthetic import MARKER_NAME
 
 REPO = Path(__file__).resolve().parent

@@ -15,7 +15,7 @@ import figures
 from config import noise_levels
 from cpsc2018 import CLASSES
 from metrics import SWEEP_METRICS, to_markdown
-from safe_writes import read_json, write_json, write_text_atomic
+from plumbing.safe_writes import read_json, write_json, write_text_atomic
 
 # criterion: its score in one PGD sweep result (robustness_sweep) on the validation split
 CRITERIA = {

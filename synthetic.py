@@ -42,7 +42,7 @@ import scipy.stats
 
 from config import PRESETS
 from cpsc2018 import CLASSES, FS, LABEL_COLUMNS, REFERENCE_FILE
-from flags import ConfigError, OneLineParser, folder
+from plumbing.flags import ConfigError, OneLineParser, folder
 
 NORMAL, AF, IAVB, LBBB, RBBB, PAC, PVC, STD, STE = range(1, 10)  # label k is CLASSES[k - 1]
 QUANTA_PER_MV = 1000  # values are multiples of 0.001 mV, the resolution of the real CPSC2018 data

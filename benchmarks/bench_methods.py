@@ -38,7 +38,7 @@ from benchmarks.common import (add_common_arguments, apply_smoke, command_line, 
 from config import parse_script  # noqa: E402
 from ECG_CNN import build_model  # noqa: E402
 from ECG_Dataset import PADDED_LENGTH, RANDOM_PAD, ClassBalancedSampler, ECGDataset  # noqa: E402
-from flags import ConfigError, OneLineParser  # noqa: E402
+from plumbing.flags import ConfigError, OneLineParser  # noqa: E402
 from preprocess import Cache  # noqa: E402
 from reproduce import SCRIPTS  # noqa: E402
 from selection import CLEAN_ROW, PGD_ROW, benchmark_row  # noqa: E402

@@ -30,7 +30,7 @@ from benchmarks.common import (RATIO_TARGET, add_attack_arguments, add_common_ar
                                default_out, environment, save_result, start, timed)
 from ECG_CNN import check_length  # noqa: E402
 from attacks import pgd_attack  # noqa: E402
-from flags import OneLineParser  # noqa: E402
+from plumbing.flags import OneLineParser  # noqa: E402
 
 SMOKE = dict(batch_size=2, length=3072, steps=3, repeats=1)
 

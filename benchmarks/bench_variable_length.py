@@ -45,8 +45,8 @@ from benchmarks.common import (add_common_arguments, apply_smoke, check_at_least
 from cpsc2018 import DataError  # noqa: E402
 from ECG_CNN import build_model, check_length  # noqa: E402
 from ECG_Dataset import MAX_LENGTH, RANDOM_PAD, get_dataloaders, set_loader_epoch  # noqa: E402
-from flags import ConfigError, OneLineParser  # noqa: E402
 from harness import make_optimizer  # noqa: E402
+from plumbing.flags import ConfigError, OneLineParser  # noqa: E402
 from preprocess import preprocess  # noqa: E402
 from synthetic import generate_dataset  # noqa: E402
 

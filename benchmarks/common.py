@@ -14,11 +14,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 
 from attacks import ce_loss  # noqa: E402
-from distributed import choose_device  # noqa: E402
 from ECG_CNN import build_model  # noqa: E402
 from ECG_Dataset import PADDED_LENGTH  # noqa: E402
-from flags import ConfigError, OneLineParser  # noqa: E402
-from safe_writes import write_json  # noqa: E402
+from plumbing.distributed import choose_device  # noqa: E402
+from plumbing.flags import ConfigError, OneLineParser  # noqa: E402
+from plumbing.safe_writes import write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

@@ -64,8 +64,8 @@ from benchmarks.common import command_line, environment, open_device, timed  # n
 from config import METHODS  # noqa: E402
 from ECG_CNN import DOWNSAMPLE, build_model  # noqa: E402
 from ECG_Dataset import PADDED_LENGTH  # noqa: E402
-from flags import ConfigError, OneLineParser, folder  # noqa: E402
-from safe_writes import FolderInUseError, lock_folder, write_json, write_text_atomic  # noqa: E402
+from plumbing.flags import ConfigError, OneLineParser, folder  # noqa: E402
+from plumbing.safe_writes import FolderInUseError, lock_folder, write_json, write_text_atomic  # noqa: E402
 
 STOOD_IN = stand_ins.withdraw()  # the project's modules hold their stand-ins; torch sees the truth
 

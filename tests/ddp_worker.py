@@ -24,12 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import distributed  # noqa: E402
 import harness  # noqa: E402
 from config import parse_script  # noqa: E402
 from ECG_CNN import build_model  # noqa: E402
-from flags import ConfigError, OneLineParser  # noqa: E402
 from helpers import script_with  # noqa: E402
+from plumbing import distributed  # noqa: E402
+from plumbing.flags import ConfigError, OneLineParser  # noqa: E402
 from reproduce import SCRIPTS  # noqa: E402
 
 UNION = 6         # samples in the union batch (3 per rank with 2 ranks)

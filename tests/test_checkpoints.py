@@ -1,5 +1,5 @@
-"""checkpoints.py: a checkpoint write that fails leaves the previous one, and the fingerprint of
-the data a run trains on."""
+"""plumbing/checkpoints.py: a checkpoint write that fails leaves the previous one, and the
+fingerprint of the data a run trains on."""
 import errno
 import shutil
 
@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from checkpoints import data_fingerprint, save_atomic
 from helpers import file_size_limit
+from plumbing.checkpoints import data_fingerprint, save_atomic
 from preprocess import load_cache
 
 

@@ -5,8 +5,8 @@ import pytest
 
 import config
 import reproduce
-from flags import ConfigError
 from helpers import PAPER_TRAINING
+from plumbing.flags import ConfigError
 
 
 def test_editing_a_default_does_not_change_what_its_flag_accepts():

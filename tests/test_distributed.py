@@ -19,15 +19,15 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler
 
-import distributed
 import harness
 from config import parse_config
 import reproduce
 from ECG_Dataset import ClassBalancedSampler, get_dataloaders
 import ddp_worker
 from evaluate import shard_loader
-from flags import ConfigError
 from helpers import PAPER_TRAINING, REPO, weights
+from plumbing import distributed
+from plumbing.flags import ConfigError
 
 LR = 1e-3
 RUN_FLAGS = ["--max_length", "3072", "--random_pad", "0", "--batch_size", "8",

@@ -16,9 +16,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import download
 from cpsc2018 import OFFICIAL_REFERENCE, read_reference
 from helpers import REPO
+from plumbing import download
 from preprocess import load_cache, main
 
 

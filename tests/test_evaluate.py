@@ -12,7 +12,7 @@ from sklearn import metrics as skm
 
 import evaluate
 from evaluate import class_balanced_accuracy, classification_scores, confusion_matrix, robustness_auc
-from safe_writes import lock_folder
+from plumbing.safe_writes import lock_folder
 
 LABELS = list(range(9))
 

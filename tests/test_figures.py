@@ -12,9 +12,9 @@ import attacks
 import evaluate
 import figures
 from cpsc2018 import CLASSES, LEAD_NAMES
-from distributed import choose_device
 from ECG_Dataset import get_dataloaders
 from helpers import TINY_MAX_LENGTH, TINY_RANDOM_PAD, file_size_limit
+from plumbing.distributed import choose_device
 from preprocess import load_cache
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

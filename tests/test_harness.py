@@ -17,14 +17,14 @@ import torch.nn.functional as F
 
 import config
 import harness
-from checkpoints import newest_checkpoint
 from cpsc2018 import DataError
 from evaluate import load_model
 from helpers import PAPER_TRAINING, REPO, run_script, script_with, weights
+from plumbing.checkpoints import newest_checkpoint
+from plumbing.run_folder import prepare_run_dir
+from plumbing.safe_writes import temporary_path
 from preprocess import load_cache
 from reproduce import SCRIPTS
-from run_folder import prepare_run_dir
-from safe_writes import temporary_path
 
 
 
@@ -78,6 +78,8 @@ def test_one_epoch_tiny_run_writes_every_artifact(ce_run):
     assert 0 <= history[0]["val_accuracy"] <= 1 and history[0]["loss"] > 0
     config = json.loads((run / "config.json").read_text())
     assert config["epochs"] == 1 and config["lr"] == 1e-3 and config["method"] == "CE"
+    assert config["git_commit"] == subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                                                  text=True).stdout.strip()
     result = json.loads((run / "eval_test.json").read_text())
     assert result["clean"]["n"] == 18
     checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=True)

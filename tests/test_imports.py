@@ -15,13 +15,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+PACKAGES = ("benchmarks", "plumbing")  # the package folders of the repository root
+
+
 def module_name(path: Path) -> str:
-    """The name the file is imported under: benchmarks.<stem> for the benchmarks (a package
-    folder), the stem for the repository root and tests/ (both on sys.path when tests run)."""
-    return f"benchmarks.{path.stem}" if path.parent.name == "benchmarks" else path.stem
+    """The name the file is imported under: <package>.<stem> in a package folder (the package's
+    own name for its __init__.py), the stem for the repository root and tests/ (both on sys.path
+    when tests run)."""
+    if path.parent.name not in PACKAGES:
+        return path.stem
+    return path.parent.name if path.stem == "__init__" else f"{path.parent.name}.{path.stem}"
 
 
-SOURCES = sorted([*ROOT.glob("*.py"), *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "tests").glob("*.py")])
+SOURCES = sorted([*ROOT.glob("*.py"), *(ROOT / "tests").glob("*.py"),
+                  *(path for package in PACKAGES for path in (ROOT / package).glob("*.py"))])
 MODULES = {module_name(path): path for path in SOURCES}
 assert len(MODULES) == len(SOURCES), "two files import under the same name"
 TREES = {name: ast.parse(path.read_text()) for name, path in MODULES.items()}
@@ -70,6 +77,11 @@ def import_module_targets(call: ast.Call) -> set[str] | None:
 UNREADABLE = []  # "path:line: call" of each import_module call whose module this check cannot read
 
 
+def with_packages(names: set[str]) -> set[str]:
+    """The names and the packages above them (importing plumbing.flags imports plumbing first)."""
+    return {".".join(parts[:end]) for parts in (name.split(".") for name in names) for end in range(1, len(parts) + 1)}
+
+
 def imported_modules(name: str, tree: ast.AST) -> set[str]:
     """The project modules that the module imports, wherever in the file."""
     found = set()
@@ -78,13 +90,13 @@ def imported_modules(name: str, tree: ast.AST) -> set[str]:
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names)  # from benchmarks import x
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)  # from plumbing import x
         elif is_import_module(node):
             targets = import_module_targets(node)
             if targets is None:
                 UNREADABLE.append(f"{MODULES[name].relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
             found.update(targets or ())
-    return found & MODULES.keys()
+    return with_packages(found) & MODULES.keys()
 
 
 GRAPH = {name: sorted(imported_modules(name, tree)) for name, tree in TREES.items()}
@@ -185,13 +197,23 @@ def test_imports_come_before_other_module_level_code():
     assert not late, "imports after module-level code:\n" + "\n".join(late)
 
 
+def test_the_plumbing_package_names_each_module_and_imports_nothing():
+    """plumbing/__init__.py is the folder's table of contents: a line "- <module>: <purpose>" for
+    each of its modules, and no import (a module of it imports only what it needs)."""
+    listed = {line[2:].split(":")[0] for line in ast.get_docstring(TREES["plumbing"]).splitlines()
+              if line.startswith("- ")}
+    assert listed == {path.stem for path in (ROOT / "plumbing").glob("*.py")} - {"__init__"}
+    assert len(TREES["plumbing"].body) == 1, "plumbing/__init__.py holds more than its docstring"
+
+
 def main() -> int:
     """Print the graph, then run the checks: 1 if any fails."""
     for name, modules in sorted(GRAPH.items()):
         print(f"{name}: {', '.join(modules)}")
     failed = 0
     for check in (test_every_import_module_call_names_its_modules, test_no_import_cycle,
-                  test_no_import_inside_a_function, test_imports_come_before_other_module_level_code):
+                  test_no_import_inside_a_function, test_imports_come_before_other_module_level_code,
+                  test_the_plumbing_package_names_each_module_and_imports_nothing):
         try:
             check()
         except AssertionError as error:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO
-from safe_writes import (LOCK_NAME, FolderInUseError, atomic_path, lock_folder, remove_stale_temporaries,
-                         temporary_path, write_text_atomic)
+from plumbing.safe_writes import (LOCK_NAME, FolderInUseError, atomic_path, lock_folder, remove_stale_temporaries,
+                                  temporary_path, write_text_atomic)
 
-HOLD = ("import sys, time\nfrom safe_writes import lock_folder\n"
+HOLD = ("import sys, time\nfrom plumbing.safe_writes import lock_folder\n"
         "with lock_folder(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n")
 
 

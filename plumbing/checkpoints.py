@@ -16,10 +16,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from distributed import barrier, gather_to_main, is_main_process, rank, unwrap, world_size
-from flags import ConfigError
+from plumbing.distributed import barrier, gather_to_main, is_main_process, rank, unwrap, world_size
+from plumbing.flags import ConfigError
+from plumbing.safe_writes import atomic_path
 from preprocess import Cache
-from safe_writes import atomic_path
 
 
 def rng_state(loader_generator: torch.Generator) -> dict:

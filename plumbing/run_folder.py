@@ -15,15 +15,16 @@ from types import SimpleNamespace
 
 import torch
 
-from distributed import world_size
-from flags import ConfigError
-from safe_writes import LOCK_NAME, lock_folder, read_json, remove_stale_temporaries, write_json
+from plumbing.distributed import world_size
+from plumbing.flags import ConfigError
+from plumbing.safe_writes import LOCK_NAME, lock_folder, read_json, remove_stale_temporaries, write_json
 
 
 def _git_commit() -> str:
+    """The commit of the repository (the folder above plumbing/); "" outside git."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip()
+                              cwd=Path(__file__).parents[1], timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
