@@ -1,12 +1,14 @@
 """The training harness shared by the four method scripts (PROTOCOL section 5).
 
 A method script supplies its settings and a loss function (config.METHODS names its runs);
-``main`` does the rest: the settings (config.py), the run folder (run_folder.py), seeding, data, Adam, the
-epoch loop with a progress bar, validation after every epoch, checkpoints (checkpoints.py:
-every ``checkpoint_every`` epochs, a rolling ``last.pt`` after every epoch, and on
-SIGINT/SIGTERM at the next batch boundary), ``--resume``, history JSON and a training-curve
-PNG and, at the end, the evaluation of the final model (evaluate.py). Several processes
-under torchrun: distributed.py. Everything lands in ``result/<run name>/``.
+``main`` does the rest: the settings (config.py), the run folder (plumbing/run_folder.py), then
+``train`` (data, model, Adam; for each epoch, for each batch: forward, loss, backward, step; then
+``end_epoch``: validation, checkpoints, history.json and curves.png), the final model's file and,
+as its last call, the evaluation of the final model (evaluate.py). Checkpoints
+(plumbing/checkpoints.py): every ``checkpoint_every`` epochs, a rolling ``last.pt`` after every
+epoch, and on SIGINT/SIGTERM at the next batch boundary (``stop_at_signal``); ``--resume``
+continues from the newest. Several processes under torchrun: plumbing/distributed.py.
+Everything lands in ``result/<run name>/``.
 
 A loss function has the signature ``loss_fn(model, x, y, mask, epoch, cfg)`` and returns
 ``(loss, parts)``: the scalar to minimise and a dict of named detached scalars to log.
@@ -110,6 +112,45 @@ def non_finite_loss(loss: float, epoch: int, progress: Progress, loader, run_dir
                          f"records{share} {', '.join(records)}: check their signals, or lower --lr; {kept}")
 
 
+def stop_at_signal(signum: int, cfg: SimpleNamespace, model, optimizer, progress: Progress, loader,
+                   started: float, checkpoints: Path) -> int:
+    """Save the batch reached to ``last.pt`` and say how to go on; the exit status 128+signal
+    (the largest signal number of any rank)."""
+    progress.running["seconds"] = time.time() - started
+    save_checkpoint(checkpoints / "last.pt", cfg, model, optimizer, progress, loader.generator)
+    signum = int(all_reduce(torch.tensor(signum or 0), "max"))
+    if is_main_process():
+        print(f"stopped by signal {signum}: saved epoch {progress.epoch}, batch {progress.batch} to "
+              f"{checkpoints / 'last.pt'}; continue with --resume", file=sys.stderr)
+    return 128 + signum
+
+
+def end_epoch(cfg: SimpleNamespace, model, optimizer, progress: Progress, loader, val_loader, device: torch.device,
+              started: float, run_dir: Path) -> None:
+    """Validate, record the epoch in the history, save the checkpoints (``last.pt``, and
+    ``epoch_NNN.pt`` every ``checkpoint_every`` epochs and at the end), write history.json and
+    curves.png."""
+    epoch = progress.epoch
+    samples = max(progress.running.pop("samples", 0), 1)
+    progress.running.pop("seconds", None)
+    record = {"epoch": epoch, **{k: v / samples for k, v in progress.running.items()},
+              "val_accuracy": validation_accuracy(model, val_loader, device),
+              "seconds": round(time.time() - started, 3)}
+    progress.history.append(record)
+    if is_main_process():
+        print(f"epoch {epoch}: loss {record['loss']:.4f}, val class-balanced accuracy "
+              f"{record['val_accuracy']:.4f} ({record['seconds']:.1f} s)")
+    progress.epoch, progress.batch, progress.running = epoch + 1, 0, {}
+    checkpoints = run_dir / "checkpoints"
+    save_checkpoint(checkpoints / "last.pt", cfg, model, optimizer, progress, loader.generator)
+    if progress.epoch % cfg.checkpoint_every == 0 or progress.epoch == cfg.epochs:
+        save_checkpoint(checkpoints / f"epoch_{progress.epoch:03d}.pt", cfg, model, optimizer, progress,
+                        loader.generator)
+    if is_main_process():
+        write_json(progress.history, run_dir / "history.json")
+        figures.training_curves_figure(progress.history, run_dir / "curves.png", f"{cfg.method}: {cfg.run_name}")
+
+
 def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path, cache: Cache,
           hyperparameters: tuple[str, ...] = ()) -> tuple[torch.nn.Module, int]:
     """Train per ``cfg`` on ``cache`` (cfg.data_dir, loaded); returns (model, exit status): 0
@@ -120,6 +161,7 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path, cache: Cache,
     history and plots (the other ranks wait for each checkpoint). The returned model is the
     plain module, with the same weights on every rank.
     """
+    # data
     device = init_distributed(cfg.device)
     world, this_rank = world_size(), rank()
     seed_everything(cfg.seed, cfg.cudnn_benchmark)
@@ -131,6 +173,7 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path, cache: Cache,
                               num_replicas=world, rank=this_rank, bucket=cfg.bucket)
     train_loader = loaders["train"]
     val_loader = evaluate.shard_loader(loaders["val"], this_rank, world) if world > 1 else loaders["val"]
+    # model and optimizer
     model = build_model(cfg.model).to(device)  # the same initial weights on every rank
     if this_rank:  # other random pads, projections and PGD starts than rank 0's
         seed_everything(int(np.random.SeedSequence([cfg.seed, this_rank]).generate_state(1)[0]),
@@ -140,28 +183,27 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path, cache: Cache,
     if cfg.resume:
         progress = resume(cfg, run_dir, model, optimizer, train_loader.generator, hyperparameters)
     model = distributed_model(model, device)
-    checkpoints = run_dir / "checkpoints"
     batches_per_epoch = min(len(train_loader), cfg.max_batches or len(train_loader))
+    # the loop
     with _StopRequest() as stop:
         while progress.epoch < cfg.epochs:
-            epoch = progress.epoch
-            set_loader_epoch(train_loader, epoch, start=progress.batch * batch_size)
+            set_loader_epoch(train_loader, progress.epoch, start=progress.batch * batch_size)
             model.train()
             started = time.time() - progress.running.get("seconds", 0.0)
-            with tqdm(total=batches_per_epoch, initial=progress.batch, desc=f"epoch {epoch}", unit="batch",
-                      dynamic_ncols=True, mininterval=1.0, disable=not is_main_process()) as bar:
+            with tqdm(total=batches_per_epoch, initial=progress.batch, desc=f"epoch {progress.epoch}",
+                      unit="batch", dynamic_ncols=True, mininterval=1.0, disable=not is_main_process()) as bar:
                 for x, y, mask in train_loader:
                     if progress.batch >= batches_per_epoch:
                         break
                     x, y, mask = (t.to(device, non_blocking=True) for t in (x, y, mask))
                     with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
-                        loss, parts = loss_fn(model, x, y, mask, epoch, cfg)
+                        loss, parts = loss_fn(model, x, y, mask, progress.epoch, cfg)
                     # One all_reduce decides for every rank: the logged means, a non-finite loss
                     # anywhere, and a stop request on any rank (all stop after this same batch).
                     logged, stop_requested = average_logged({"loss": loss.detach(), **parts},
                                                             stop.signum is not None)
                     if not np.isfinite(logged["loss"]):
-                        raise non_finite_loss(logged["loss"], epoch, progress, train_loader, run_dir)
+                        raise non_finite_loss(logged["loss"], progress.epoch, progress, train_loader, run_dir)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -170,39 +212,16 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path, cache: Cache,
                     bar.set_postfix(loss=f"{progress.running['loss'] / progress.running['samples']:.4f}")
                     if stop_requested:
                         bar.close()
-                        progress.running["seconds"] = time.time() - started
-                        save_checkpoint(checkpoints / "last.pt", cfg, model, optimizer, progress,
-                                        train_loader.generator)
-                        signum = int(all_reduce(torch.tensor(stop.signum or 0), "max"))
-                        if is_main_process():
-                            print(f"stopped by signal {signum}: saved epoch {epoch}, batch {progress.batch} to "
-                                  f"{checkpoints / 'last.pt'}; continue with --resume", file=sys.stderr)
-                        return unwrap(model), 128 + signum
-            samples = max(progress.running.pop("samples", 0), 1)
-            progress.running.pop("seconds", None)
-            record = {"epoch": epoch, **{k: v / samples for k, v in progress.running.items()},
-                      "val_accuracy": validation_accuracy(model, val_loader, device),
-                      "seconds": round(time.time() - started, 3)}
-            progress.history.append(record)
-            if is_main_process():
-                print(f"epoch {epoch}: loss {record['loss']:.4f}, val class-balanced accuracy "
-                      f"{record['val_accuracy']:.4f} ({record['seconds']:.1f} s)")
-            progress.epoch, progress.batch, progress.running = epoch + 1, 0, {}
-            save_checkpoint(checkpoints / "last.pt", cfg, model, optimizer, progress, train_loader.generator)
-            if progress.epoch % cfg.checkpoint_every == 0 or progress.epoch == cfg.epochs:
-                save_checkpoint(checkpoints / f"epoch_{progress.epoch:03d}.pt", cfg, model, optimizer, progress,
-                                train_loader.generator)
-            if is_main_process():
-                write_json(progress.history, run_dir / "history.json")
-                figures.training_curves_figure(progress.history, run_dir / "curves.png",
-                                               f"{cfg.method}: {cfg.run_name}")
+                        return unwrap(model), stop_at_signal(stop.signum, cfg, model, optimizer, progress,
+                                                             train_loader, started, run_dir / "checkpoints")
+            end_epoch(cfg, model, optimizer, progress, train_loader, val_loader, device, started, run_dir)
         if stop.signum is not None:  # arrived after the last batch: stop before the evaluation
             return unwrap(model), 128 + stop.signum
     return unwrap(model), 0
 
 
 def main(script, argv: list[str] | None = None) -> int:
-    """Parse flags, train, evaluate the final model. Returns the process exit status (README).
+    """Parse flags, train, evaluate the final model. Returns the process exit status (docs/USAGE.md).
 
     ``script``: the method script's module (config.parse_script reads its settings; its
     ``loss_fn`` is the loss). Under torchrun every process calls this; rank 0 alone locks and prepares the run folder,
