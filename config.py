@@ -57,7 +57,6 @@ TRAIN_DEFAULTS = dict(
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding (np.random.seed) takes 0 .. 2**32 - 1
 
 
-
 @dataclass(frozen=True)
 class Method:
     """A training method: its script (a module name) and the rule that names its runs: the
