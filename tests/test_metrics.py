@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from metrics import classification_scores, confusion_matrix, mean_f1
+from analysis.metrics import classification_scores, confusion_matrix, mean_f1
 
 LABELS = list(range(9))
 
