@@ -6,15 +6,18 @@
     python evaluate.py result/NSR --sweeps pgd_linf,autoattack,square --sweep_max_records 90
     python evaluate.py compare result/CE result/NSR  # the paper's tables and figures
 
-The metrics themselves (confusion matrix, accuracy, F1, AUC) are in metrics.py.
+The metrics themselves (confusion matrix, accuracy, F1, AUC) are in analysis/metrics.py; the
+result files' readers and the comparison of several runs in analysis/compare.py.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,26 +25,20 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import figures
-from config import (GRADIENT_SWEEPS, LEVEL_LISTS, SWEEPS, check_device, check_levels, check_sweep_settings,
-                    noise_levels, parse_sweeps, value_type)
-from cpsc2018 import CLASSES, DataError
+import attacks
+from analysis import figures
+from analysis.compare import EXAMPLE_STEM, EvaluationError, compare_runs, run_names
+from analysis.metrics import (NUM_CLASSES, class_balanced_accuracy, classification_scores, confusion_matrix,
+                              mean_f1, ratio, robustness_auc, scores_table)
+from config import (LEVEL_LISTS, SWEEPS, check_device, check_levels, check_sweep_settings, noise_levels,
+                    parse_sweeps, value_type)
+from cpsc2018 import CLASSES, FS, LEAD_NAMES, LEADS, DataError
 from ECG_CNN import build_model, check_length
 from ECG_Dataset import BucketBatchSampler, crop_collate, get_dataloaders
-from metrics import (NUM_CLASSES, class_balanced_accuracy, classification_scores, confusion_matrix,
-                     SWEEP_METRICS, mean_f1, ratio, robustness_auc, scores_table, to_markdown)
-from plumbing.distributed import (all_reduce, distributed, init_distributed, is_main_process, on_main_process,
-                                  process_device, rank, shutdown_distributed, world_size)
+from plumbing.distributed import (all_reduce, choose_device, distributed, init_distributed, is_main_process,
+                                  on_main_process, process_device, rank, shutdown_distributed, world_size)
 from plumbing.flags import ConfigError, OneLineParser, folder
-from plumbing.safe_writes import FolderInUseError, lock_folder, read_json, write_json, write_text_atomic
-
-
-MASKING_GAP = 0.02  # ensemble accuracy this far below PGD's (2 points) flags gradient masking
-ACCURACY_SLACK = 1e-9  # accuracies read back from JSON: float noise is no difference
-
-
-class EvaluationError(Exception):
-    """A run, checkpoint or evaluation setting that cannot be used; the message names it."""
+from plumbing.safe_writes import FolderInUseError, lock_folder, write_json, write_text_atomic
 
 
 # --- predictions -------------------------------------------------------------------------
@@ -182,94 +179,6 @@ def sweep_rows(run: str, result: dict) -> list[dict]:
                      "axis_level": axis, "accuracy": acc, "mean_f1": f1,
                      **{f"sensitivity_{c}": s for c, s in zip(CLASSES, sens)}})
     return rows
-
-
-# --- gradient-masking check -------------------------------------------------------------
-
-def _accuracy_by_level(result: dict) -> dict[float, float]:
-    """{level: accuracy} of one sweep, the clean level left out."""
-    return dict(zip(result["levels"][1:], result["accuracy"][1:]))
-
-
-def masking_check(sweeps: dict[str, dict], pgd: str = "pgd_linf", ensemble: str = "autoattack"
-                  ) -> dict | None:
-    """Does PGD overstate one run's robustness? None unless the run has both sweeps.
-
-    ``sweeps`` is a run's robustness results ({sweep name: ``robustness_sweep`` result}).
-    For each level both sweeps share: the accuracy under PGD, under the ensemble, the gap
-    (PGD minus ensemble) and, when the run has a Square sweep, Square's accuracy next to
-    the strongest gradient attack's (the lowest accuracy among GRADIENT_SWEEPS it has). The
-    run is flagged when the gap exceeds MASKING_GAP at some level, or when Square, which
-    uses no gradients, ends below the gradient attacks at some level: both say that the
-    gradients mislead the gradient attacks (gradient masking). Sweeps run on other records
-    than PGD's (a different --sweep_max_records) are not compared.
-
-    Returns {"rows": [{"eps", "pgd", "ensemble", "gap", "square", "gradient"}], "flagged",
-    "verdict"} with the verdict in plain words; "square" and "gradient" are None without Square.
-    """
-    if pgd not in sweeps or ensemble not in sweeps:
-        return None
-    reference = sweeps[pgd]
-
-    def comparable(name: str) -> bool:
-        other = sweeps[name]
-        return other["n"] == reference["n"] and other.get("records") == reference.get("records")
-
-    if not comparable(ensemble):
-        return {"rows": [], "flagged": False,
-                "verdict": f"Not compared: {pgd} ran on {reference['n']} records and {ensemble} on "
-                           f"{sweeps[ensemble]['n']} (run both with the same --sweep_max_records)."}
-    accuracy = {name: _accuracy_by_level(sweeps[name])
-                for name in dict.fromkeys((pgd, ensemble, "square", *GRADIENT_SWEEPS))
-                if name in sweeps and comparable(name)}
-    gradient_sweeps = [name for name in GRADIENT_SWEEPS if name in accuracy]
-    rows = []
-    for level in (lv for lv in accuracy[pgd] if lv in accuracy[ensemble]):
-        square = accuracy.get("square", {}).get(level)
-        rows.append({"eps": level, "pgd": accuracy[pgd][level], "ensemble": accuracy[ensemble][level],
-                     "gap": accuracy[pgd][level] - accuracy[ensemble][level], "square": square,
-                     "gradient": None if square is None else
-                     min(accuracy[g][level] for g in gradient_sweeps if level in accuracy[g])})
-
-    reasons = []
-    overstated = [row for row in rows if row["gap"] > MASKING_GAP + ACCURACY_SLACK]
-    if overstated:
-        worst = max(overstated, key=lambda row: row["gap"])
-        reasons.append(f"PGD overstates this model's robustness by {100 * worst['gap']:.1f} points at "
-                       f"eps={worst['eps']:g} (accuracy {worst['pgd']:.3f} under PGD, "
-                       f"{worst['ensemble']:.3f} under the ensemble); the ensemble is more than "
-                       f"{100 * MASKING_GAP:g} points below PGD at eps="
-                       + ", ".join(f"{row['eps']:g}" for row in overstated) + ".")
-    square_wins = [row for row in rows if row["square"] is not None
-                   and row["square"] < row["gradient"] - ACCURACY_SLACK]
-    if square_wins:
-        reasons.append("Square, which uses no gradients, does better than the gradient attacks at eps="
-                       + ", ".join(f"{row['eps']:g} ({row['square']:.3f} against {row['gradient']:.3f})"
-                                   for row in square_wins)
-                       + ": the gradients mislead the gradient attacks.")
-    verdict = " ".join(reasons) or (
-        f"No sign of gradient masking: the ensemble is within {100 * MASKING_GAP:g} points of PGD at "
-        "every level" + (" and Square never does better than the gradient attacks."
-                         if "square" in accuracy else "."))
-    return {"rows": rows, "flagged": bool(reasons), "verdict": verdict}
-
-
-def masking_check_markdown(checks: dict[str, dict]) -> str:
-    """The checks of several runs ({run: ``masking_check`` result}) as one Markdown table
-    (class-balanced accuracy; gap in points) followed by each run's verdict."""
-    def cell(value):
-        return "" if value is None else f"{value:.3f}"
-
-    lines = ["| run | eps | PGD | ensemble | gap (points) | Square | best gradient attack |",
-             "|---|---|---|---|---|---|---|"]
-    for run, check in checks.items():
-        lines += [f"| {run} | {row['eps']:g} | {row['pgd']:.3f} | {row['ensemble']:.3f} | "
-                  f"{100 * row['gap']:.1f} | {cell(row['square'])} | {cell(row['gradient'])} |"
-                  for row in check["rows"]]
-    lines.append("")
-    lines += [f"- **{run}**: {'FLAGGED. ' if check['flagged'] else ''}{check['verdict']}"
-              for run, check in checks.items()]
-    return "\n".join(lines)
 
 
 # --- runs --------------------------------------------------------------------------------
@@ -441,160 +350,133 @@ def evaluate_run(run_dir: Path, model: torch.nn.Module, cfg: SimpleNamespace, sp
     return result
 
 
-def read_result(path: Path, key: str) -> dict:
-    """The entry ``key`` of a result file's JSON object, checked to be an object (a dict) too."""
-    if not path.is_file():
-        raise EvaluationError(f"{path}: not found (evaluate that run first: python evaluate.py {path.parent})")
-    content = read_json(path)
-    if not isinstance(content, dict) or not isinstance(content.get(key), dict):
-        raise EvaluationError(f"{path}: not valid JSON with a '{key}' object: not a result file of this project")
-    return content[key]
+# --- the adversarial example of a comparison ----------------------------------------------
+
+# 0.03 is in the paper's L-inf list and large enough to see next to the clean trace
+# (3 % of each lead's peak); the perturbation panel shows it at any eps.
+EXAMPLE_EPS = 0.03
+EXAMPLE_LEADS = ("II", "V1")  # a limb lead and a precordial lead
+# Model inputs are each lead divided by its peak |mV| (ECG_Dataset.scale_leads); PGD clips to [-1, 1].
+INPUT_UNIT = "scaled: mV / lead's peak |mV|"
+JSON_DECIMALS = 6  # float32 carries about 7 significant digits; rounding keeps the JSON small
 
 
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+class ExampleUnavailable(Exception):
+    """The runs cannot share one adversarial example; the message says why."""
 
 
-def _are_numbers(values, count: int) -> bool:
-    return isinstance(values, list) and len(values) == count and all(map(is_number, values))
+def _shared_input(configs: dict[str, dict]) -> dict:
+    """The data settings every run was evaluated with; ExampleUnavailable if they differ."""
+    keys = ("data_dir", "max_length", "random_pad")
+    settings = {run: {key: config[key] for key in keys} for run, config in configs.items()}
+    first, *others = settings.values()
+    different = [run for run, setting in settings.items() if setting != first]
+    if different:
+        raise ExampleUnavailable(f"the runs differ in {', '.join(keys)} ({different[0]}: "
+                                 f"{settings[different[0]]}, {next(iter(settings))}: {first})")
+    return first
 
 
-def first_wrong(content: dict, checks: dict) -> str | None:
-    """What is wrong with ``content`` ("'key' is value") for the first key of ``checks`` ({key: test
-    of its value}) whose value fails its test; None when none does."""
-    wrong = next((key for key, test in checks.items() if not test(content.get(key))), None)
-    return None if wrong is None else f"'{wrong}' is {content.get(wrong)!r}"
+@torch.no_grad()
+def _predict(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The predicted classes, on the CPU."""
+    return model(x, mask).argmax(dim=1).cpu()
 
 
-CLEAN_CHECKS = {"f1": lambda v: _are_numbers(v, NUM_CLASSES), "n": lambda v: type(v) is int,
-                **{key: is_number for key in ("accuracy", "mean_f1", "Faf", "Fblock", "Fpc", "Fst")}}
-SWEEP_SETTING_KEYS = ("steps", "restarts", "max_batches", "seed")
+def choose_record(models: dict[str, torch.nn.Module], loader,
+                  device: torch.device = torch.device("cpu")) -> tuple[int, str]:
+    """(index in the split, why it was chosen): the first record every model classifies
+    correctly; else the first the first model does; else the first record."""
+    first_model = next(iter(models))
+    fallback, seen = None, 0
+    for x, y, mask in loader:
+        x, mask = x.to(device), mask.to(device)
+        correct = torch.stack([_predict(model, x, mask) == y for model in models.values()])
+        shared = torch.nonzero(correct.all(dim=0)).flatten()
+        if len(shared):
+            return seen + int(shared[0]), "correctly classified by every run"
+        own = torch.nonzero(correct[0]).flatten()
+        if fallback is None and len(own):
+            fallback = seen + int(own[0])
+        seen += len(y)
+    if fallback is not None:
+        return fallback, f"no record is correctly classified by every run: the first correct for {first_model}"
+    return 0, f"no record is correctly classified by {first_model}: the first record"
 
 
-def read_clean(path: Path) -> dict:
-    """The clean metrics of an eval_<split>.json, checked to hold every number the tables show."""
-    clean = read_result(path, "clean")
-    wrong = first_wrong(clean, CLEAN_CHECKS)
-    if wrong:
-        raise EvaluationError(f"{path}: malformed clean metrics ({wrong}): evaluate the run again")
-    return clean
+def adversarial_example(runs: dict[str, tuple[torch.nn.Module, dict]], eps: float = EXAMPLE_EPS,
+                        split: str = "test", leads: Sequence[str] = EXAMPLE_LEADS) -> dict:
+    """One record of ``split``, clean and under L-inf PGD at ``eps``, for each run: what
+    figures.adversarial_example_figure draws and ``example_json`` writes.
 
-
-def _sweep_checks(levels: int) -> dict:
-    """What a sweep result of ``levels`` levels holds (robustness_sweep), as _first_wrong's checks."""
-    return {"level_list": lambda v: isinstance(v, str), "axis_levels": lambda v: _are_numbers(v, levels),
-            "accuracy": lambda v: _are_numbers(v, levels), "mean_f1": lambda v: _are_numbers(v, levels),
-            "auc": is_number, "auc_f1": is_number, "n": lambda v: type(v) is int,
-            "settings": lambda v: isinstance(v, dict) and all(type(v.get(k)) is int for k in SWEEP_SETTING_KEYS)}
-
-
-def read_sweeps(path: Path) -> dict[str, dict]:
-    """The sweep results of a robustness_<split>.json ({sweep: robustness_sweep result}), each
-    checked to hold what the tables, the report and the masking check read."""
-    sweeps = read_result(path, "sweeps")
-    for name, result in sweeps.items():
-        if not isinstance(result, dict):
-            wrong = "not an object"
-        elif not isinstance(result.get("levels"), list) or len(result["levels"]) < 2:
-            wrong = f"'levels' is {result.get('levels')!r}"
-        else:
-            wrong = first_wrong(result, _sweep_checks(len(result["levels"])))
-        if wrong:
-            raise EvaluationError(f"{path}: malformed '{name}' results ({wrong}): evaluate the run again")
-    return sweeps
-
-
-def _level_labels(sweep: str, levels: list) -> list[str]:
-    """Column names of a sweep table: "clean" for the first (noise-free) level, then the levels;
-    SNR levels carry "dB" (their 0 dB is the loudest noise, not clean)."""
-    unit = " dB" if sweep in SWEEPS and SWEEPS[sweep].snr_db else ""
-    return ["clean", *(f"{level:g}{unit}" for level in levels[1:])]
-
-
-def sweep_table(curves: dict[str, dict], sweep: str, metric: str) -> pd.DataFrame:
-    """One sweep's table of ``metric`` (a key of SWEEP_METRICS) over {run: its sweeps, as
-    read_sweeps reads them}: rows runs, columns clean, each level, then the AUC labelled with the
-    level list it was computed over. Runs swept over different level lists are refused: their
-    AUCs are not comparable."""
-    results = {name: runs[sweep] for name, runs in curves.items() if sweep in runs}
-    lists = {name: r["level_list"] for name, r in results.items()}
-    if len(set(lists.values())) > 1:
-        raise EvaluationError(f"compare: '{sweep}' was swept over different level lists ("
-                              + ", ".join(f"{name}: {lists[name]}" for name in lists)
-                              + "): their AUCs cannot share a column; evaluate them with the same --levels")
-    auc_key, _ = SWEEP_METRICS[metric]
-    rows = {name: {**dict(zip(_level_labels(sweep, r["levels"]), r[metric], strict=True)),
-                   f"AUC ({r['level_list']} levels)": r[auc_key]} for name, r in results.items()}
-    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("run")
-
-
-def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "test",
-                 example_eps: float = figures.EXAMPLE_EPS) -> dict[str, str]:
-    """The paper's tables and figures for several evaluated runs.
-
-    Writes to out_dir: clean.md/.csv (per-class F1, mean F1, CPSC sub-scores, accuracy per
-    run) and, for every sweep the runs share, <sweep>_accuracy and <sweep>_f1 .md/.csv (rows:
-    runs; columns: clean, each level, AUC; ``sweep_table``) and .png (one curve per run);
-    masking_check.md when a run has both the pgd_linf and the autoattack sweep
-    (``masking_check``); adversarial_example.png and .json
-    (``figures.adversarial_example_figure`` at ``example_eps``, 0: none) when the runs'
-    checkpoints and data are at hand. Returns {table name: Markdown}.
+    ``runs``: {run name: (model, its config)}, as ``load_model`` returns them; the runs must
+    share their data settings. The record is chosen by ``choose_record`` (the first run stands
+    in for CE). Each run is attacked as its pgd_linf sweep does: attacks.pgd_attack with the
+    run's sweep_steps and sweep_restarts, a generator seeded with the run's seed, on CUDA when
+    available (choose_device("auto")).
+    Returns the record's name, class and the reason it was chosen, the settings, the full
+    padded mask, "clean" (the ``leads``' channels of the model input, a float32 array of
+    leads x samples) and, per run, its predictions and "adversarial" (the same channels of the
+    attack's output).
     """
+    configs = {run: config for run, (_, config) in runs.items()}
+    device = choose_device("auto")
+    models = {run: model.to(device).eval() for run, (model, _) in runs.items()}
+    data = _shared_input(configs)
+    first_config = next(iter(configs.values()))
+    loader = get_dataloaders(data["data_dir"], eval_batch_size=first_config["eval_batch_size"],
+                             max_length=data["max_length"], random_pad=data["random_pad"],
+                             splits=(split,))[split]
+    index, selection = choose_record(models, loader, device)
+    x, y, mask = (t.unsqueeze(0) for t in loader.dataset[index])
+    x_device, y_device, mask_device = (t.to(device) for t in (x, y, mask))
+    channels = [LEADS.index(LEAD_NAMES.index(lead)) for lead in leads]
+    example = {"record": loader.dataset.names[index], "split": split, "true_class": CLASSES[int(y)],
+               "selection": selection, "eps": eps, "norm": "inf", "fs": FS, "unit": INPUT_UNIT,
+               "leads": list(leads), "lead_channels": channels, "mask": mask[0, 0].int().tolist(),
+               "clean": x[0, channels].numpy(), "runs": {}}
+    for run, model in models.items():
+        config = configs[run]
+        generator = torch.Generator(device=device).manual_seed(config["seed"])
+        x_adv = attacks.pgd_attack(model, x_device, y_device, mask_device, eps, "inf",
+                                   steps=config["sweep_steps"], restarts=config["sweep_restarts"],
+                                   generator=generator)
+        before, after = (CLASSES[int(_predict(model, inputs, mask_device))] for inputs in (x_device, x_adv))
+        example["runs"][run] = {"steps": config["sweep_steps"], "restarts": config["sweep_restarts"],
+                                "seed": config["seed"], "predicted_clean": before,
+                                "predicted_adversarial": after, "adversarial": x_adv.cpu()[0, channels].numpy()}
+    return example
 
-    names = [Path(r).name for r in run_dirs]
-    if len(set(names)) != len(names):
-        names = [str(r) for r in run_dirs]
-    clean_rows, curves = [], {}
-    for name, run in zip(names, run_dirs):
-        path = Path(run) / f"eval_{split}.json"
-        clean = read_clean(path)
-        clean_rows.append({"run": name, **{f"F1 {c}": f for c, f in zip(CLASSES, clean["f1"])},
-                           **{k: clean[k] for k in ("mean_f1", "Faf", "Fblock", "Fpc", "Fst", "accuracy")},
-                           "n": clean["n"]})
-        robustness = Path(run) / f"robustness_{split}.json"
-        if robustness.is_file():
-            curves[name] = read_sweeps(robustness)
-        else:
-            curves[name] = {}
-            print(f"note: {run} has no {robustness.name} (no robustness sweeps run): it is left out of "
-                  "the robustness tables", file=sys.stderr)
-    tables = {"clean": pd.DataFrame(clean_rows).set_index("run")}
-    sweep_plots = {}
-    for sweep in dict.fromkeys(s for run in curves.values() for s in run):
-        for metric, short in (("accuracy", "accuracy"), ("mean_f1", "f1")):
-            tables[f"{sweep}_{short}"] = sweep_table(curves, sweep, metric)
-            sweep_plots[f"{sweep}_{short}"] = (sweep, metric)
-    # The runs are accepted: the folder is made, and what an earlier compare wrote there goes, so
-    # that no file stays that this one would not write.
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise EvaluationError(f"--out {out_dir}: cannot create the output folder ({error.strerror})") from None
-    earlier = [f"{sweep}_{short}.{ext}" for sweep in SWEEPS for short in ("accuracy", "f1")
-               for ext in ("md", "csv", "png")]
-    for name in ("clean.md", "clean.csv", "masking_check.md", "adversarial_example.png", "adversarial_example.json",
-                 *earlier):
-        (out_dir / name).unlink(missing_ok=True)
-    markdown = {}
-    for table_name, table in tables.items():
-        write_text_atomic(out_dir / f"{table_name}.csv", table.to_csv(float_format="%.4f"))
-        markdown[table_name] = to_markdown(table)
-        write_text_atomic(out_dir / f"{table_name}.md", markdown[table_name] + "\n")
-    for table_name, (sweep, metric) in sweep_plots.items():
-        title = f"{sweep}, {split} split: {SWEEP_METRICS[metric][1]}"
-        figures.sweep_curves_figure({name: {sweep: c[sweep]} for name, c in curves.items() if sweep in c},
-                                    out_dir / f"{table_name}.png", title, metric)
-    checks = {name: check for name, results in curves.items() if (check := masking_check(results))}
-    if checks:
-        markdown["masking_check"] = masking_check_markdown(checks)
-        write_text_atomic(out_dir / "masking_check.md", markdown["masking_check"] + "\n")
+
+def example_json(example: dict) -> str:
+    """An ``adversarial_example`` as JSON, its arrays rounded to JSON_DECIMALS."""
+    def rounded(array: np.ndarray) -> list:
+        return np.round(array.astype(np.float64), JSON_DECIMALS).tolist()
+
+    return json.dumps({**example, "clean": rounded(example["clean"]),
+                       "runs": {run: {**result, "adversarial": rounded(result["adversarial"])}
+                                for run, result in example["runs"].items()}})
+
+
+def compare_with_example(run_dirs: list[str | Path], out_dir: str | Path, split: str = "test",
+                         example_eps: float = EXAMPLE_EPS) -> dict[str, str]:
+    """``python evaluate.py compare``: analysis.compare.compare_runs (the tables and figures of
+    the runs' results), then, at ``example_eps`` (0: none) and when the runs' checkpoints and
+    data are at hand (else a note), their ``adversarial_example`` in out_dir: the figure
+    (figures.adversarial_example_figure) and its data (``example_json``) beside it. Returns
+    compare_runs' {table name: Markdown}.
+    """
+    markdown = compare_runs(run_dirs, out_dir, split)
     if example_eps:
         try:
-            figures.adversarial_example_figure({name: load_model(run) for name, run in zip(names, run_dirs)},
-                                               out_dir / "adversarial_example.png", example_eps, split)
-        except (figures.ExampleUnavailable, EvaluationError, DataError) as error:
+            example = adversarial_example({name: load_model(run) for name, run in zip(run_names(run_dirs), run_dirs)},
+                                          example_eps, split)
+        except (ExampleUnavailable, EvaluationError, DataError) as error:
             print(f"note: no adversarial example figure ({error})", file=sys.stderr)
+        else:
+            figure = Path(out_dir) / f"{EXAMPLE_STEM}.png"
+            figures.adversarial_example_figure(example, figure)
+            write_text_atomic(figure.with_suffix(".json"), example_json(example))
     return markdown
 
 
@@ -609,12 +491,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.add_argument("runs", nargs="+", help="run folders (evaluated)")
             parser.add_flag("--split", default="test", choices=("test", "val"))
             parser.add_flag("--out", type=folder, default="result/compare", help="output folder")
-            parser.add_flag("--example_eps", type=float, default=figures.EXAMPLE_EPS,
+            parser.add_flag("--example_eps", type=float, default=EXAMPLE_EPS,
                             help="L-inf eps of the adversarial-example figure (0: no figure)")
             args = parser.parse_args(argv[1:])
             if not 0 <= args.example_eps < float("inf"):
                 raise EvaluationError(f"--example_eps must be a finite number >= 0, got {args.example_eps}")
-            for name, table in compare_runs(args.runs, args.out, args.split, args.example_eps).items():
+            for name, table in compare_with_example(args.runs, args.out, args.split, args.example_eps).items():
                 print(f"\n## {name}\n{table}")
             print(f"\ntables and figures written to {args.out}/")
             return 0

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 import evaluate
-import figures
+from analysis import figures
 from config import check_run_name, parse_script, run_name
 from cpsc2018 import DataError
 from ECG_CNN import build_model

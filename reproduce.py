@@ -12,7 +12,7 @@
 
 Stages: the data (synthetic presets generate their records; a valid preprocessed cache is
 reused), one training subprocess per run (the method scripts, with this Python; each
-evaluates its final model and runs the sweeps at the end), `evaluate.compare_runs` into
+evaluates its final model and runs the sweeps at the end), `evaluate.compare_with_example` into
 <result dir>/compare/, then <result dir>/report.md and timings.json. A finished run
 (model.pt and its evaluation files) is skipped, an interrupted one resumed from its
 checkpoints, so rerunning the same command continues where it stopped. A stage that fails
@@ -39,14 +39,15 @@ from types import ModuleType, SimpleNamespace
 import pandas as pd
 
 import evaluate
-import selection
+from analysis import selection
+from analysis.compare import EvaluationError, first_wrong, is_number, read_clean, read_sweeps
+from analysis.report import Timings, build_report, duration, write_selection_report
 from config import METHODS, PRESETS, Preset, parse_script, parse_sweeps, preset_setting, run_name
 from cpsc2018 import CLASSES, DataError
 from plumbing.checkpoints import RESUME_KEYS, changed_settings
 from plumbing.flags import ConfigError, OneLineParser, folder
 from plumbing.safe_writes import read_json, write_text_atomic
 from preprocess import load_cache
-from report import Timings, build_report, duration, write_selection_report
 from synthetic import MARKER_NAME
 
 REPO = Path(__file__).resolve().parent
@@ -175,9 +176,9 @@ def evaluation_complete(job: Job, split: str = "test", sweeps: str | None = None
     sweeps = parse_sweeps(job.cfg.sweeps if sweeps is None else sweeps)
     robustness = job.run_dir / f"robustness_{split}.json"
     try:
-        evaluate.read_clean(job.run_dir / f"eval_{split}.json")
-        done = evaluate.read_sweeps(robustness) if sweeps and robustness.is_file() else {}
-    except evaluate.EvaluationError as error:
+        read_clean(job.run_dir / f"eval_{split}.json")
+        done = read_sweeps(robustness) if sweeps and robustness.is_file() else {}
+    except EvaluationError as error:
         print(f"note: {error} (this invocation does)", flush=True)
         return False
     wanted = {"steps": job.cfg.sweep_steps, "restarts": job.cfg.sweep_restarts,
@@ -253,7 +254,7 @@ def cache_meta(data_dir: Path) -> dict | None:
         meta = load_cache(data_dir).meta
     except DataError:
         return None
-    wrong = evaluate.first_wrong(meta, META_CHECKS)
+    wrong = first_wrong(meta, META_CHECKS)
     if wrong:
         print(f"note: {Path(data_dir) / 'meta.json'}: {wrong}: the cache is taken as damaged", flush=True)
         return None
@@ -401,7 +402,7 @@ def print_costs(jobs: list[Job]) -> None:
 
 
 def compare(jobs: list[Job], out_dir: Path, timings: Timings) -> tuple[list[Job], dict[str, str]]:
-    """compare_runs over every run of the plan that has been evaluated."""
+    """evaluate.compare_with_example over every run of the plan that has been evaluated."""
     ready = [job for job in jobs if (job.run_dir / "eval_test.json").is_file()]
     for job in jobs:
         if job not in ready:
@@ -411,12 +412,12 @@ def compare(jobs: list[Job], out_dir: Path, timings: Timings) -> tuple[list[Job]
                              " to compare: train first (run without --skip_train)")
     print(f"\n=== compare {len(ready)} runs -> {out_dir}", flush=True)
     started, cpu = time.perf_counter(), time.process_time()
-    tables = evaluate.compare_runs([job.run_dir for job in ready], out_dir)
+    tables = evaluate.compare_with_example([job.run_dir for job in ready], out_dir)
     timings.record("compare", "ran", time.perf_counter() - started, time.process_time() - cpu)
     return ready, tables
 
 
-HISTORY_CHECKS = {"seconds": evaluate.is_number, "val_accuracy": evaluate.is_number}  # what the report reads
+HISTORY_CHECKS = {"seconds": is_number, "val_accuracy": is_number}  # what the report reads
 
 
 def _history(path: Path) -> list[dict]:
@@ -424,7 +425,7 @@ def _history(path: Path) -> list[dict]:
     history = read_json(path) if path.is_file() else []
     wrong = "not a JSON list" if not isinstance(history, list) else next(
         (f"epoch {i + 1}: {wrong}" for i, entry in enumerate(history)
-         if (wrong := evaluate.first_wrong(entry, HISTORY_CHECKS) if isinstance(entry, dict) else "not an object")),
+         if (wrong := first_wrong(entry, HISTORY_CHECKS) if isinstance(entry, dict) else "not an object")),
         None)
     if wrong:
         raise ReproduceError(f"{path}: {wrong}: not a history that training writes")
@@ -556,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
-    except (ReproduceError, ConfigError, DataError, evaluate.EvaluationError) as error:
+    except (ReproduceError, ConfigError, DataError, EvaluationError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a file or folder that could not be read or written while running

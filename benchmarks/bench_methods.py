@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's
 
 import attacks  # noqa: E402
 import harness  # noqa: E402
+from analysis.selection import CLEAN_ROW, PGD_ROW, benchmark_row  # noqa: E402
 from benchmarks.common import (add_common_arguments, apply_smoke, command_line,  # noqa: E402
                                default_out, environment, open_device, save_result, timed)
 from config import parse_script  # noqa: E402
@@ -41,7 +42,6 @@ from ECG_Dataset import PADDED_LENGTH, RANDOM_PAD, ClassBalancedSampler, ECGData
 from plumbing.flags import ConfigError, OneLineParser  # noqa: E402
 from preprocess import Cache  # noqa: E402
 from reproduce import SCRIPTS  # noqa: E402
-from selection import CLEAN_ROW, PGD_ROW, benchmark_row  # noqa: E402
 
 STEP_VARIANTS = {"jacob": [["--jacobian_projections", "1"]]}  # settings timed besides a method's defaults
 # The training-step rows, {row: (method, its settings)}, in config.METHODS' order

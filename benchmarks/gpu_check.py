@@ -58,7 +58,7 @@ from benchmarks import stand_ins  # noqa: E402  (first: the project's modules im
 import attacks  # noqa: E402
 import harness  # noqa: E402
 import reproduce  # noqa: E402
-import selection  # noqa: E402
+from analysis import selection  # noqa: E402
 from benchmarks.bench_methods import STEP_ROWS, make_batch, training_step  # noqa: E402
 from benchmarks.common import command_line, environment, open_device, timed  # noqa: E402
 from config import METHODS  # noqa: E402

@@ -141,6 +141,18 @@ def untrained_run(tiny_cache):
     return make
 
 
+@pytest.fixture(scope="session")
+def two_runs(untrained_run, tmp_path_factory):
+    """Two runs A and B of tiny_cache (untrained resnet18a's of seeds 0 and 1 saved as trained CE
+    runs), each evaluated by the command line with a white-noise and a 1-step PGD sweep."""
+    root = tmp_path_factory.mktemp("runs")
+    for name, seed in [("A", 0), ("B", 1)]:
+        untrained_run(root / name, seed, "--sweeps", "white,pgd_linf", "--sweep_steps", "1",
+                      "--sweep_restarts", "1")
+        assert evaluate.main([str(root / name)]) == 0  # the run's own sweeps
+    return root
+
+
 WHITE = object()  # fake_run's default: one white-noise sweep
 
 

@@ -15,7 +15,8 @@ from art.estimators.classification import PyTorchClassifier
 
 import attacks
 from ECG_CNN import build_model
-from evaluate import class_balanced_accuracy, confusion_matrix, masking_check
+from analysis.compare import masking_check
+from analysis.metrics import class_balanced_accuracy, confusion_matrix
 from helpers import LinearModel, TinyCNN, right_aligned_masks, sinusoid_task
 
 FS = 500

@@ -5,143 +5,19 @@ import resource
 import shutil
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from sklearn import metrics as skm
 
 import evaluate
-from evaluate import class_balanced_accuracy, classification_scores, confusion_matrix, robustness_auc
+from analysis.metrics import classification_scores
+from cpsc2018 import CLASSES
+from ECG_Dataset import get_dataloaders
+from helpers import TINY_MAX_LENGTH, TINY_RANDOM_PAD
 from plumbing.safe_writes import lock_folder
-
-LABELS = list(range(9))
-
-
-def random_predictions(seed, n=450, drop_class=None):
-    rng = np.random.default_rng(seed)
-    y_true = rng.integers(0, 9, n)
-    if drop_class is not None:
-        y_true[y_true == drop_class] = (drop_class + 1) % 9
-    # mostly right, with structured confusions, so every metric is non-trivial
-    y_pred = np.where(rng.random(n) < 0.6, y_true, rng.integers(0, 9, n))
-    return y_true, y_pred
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_confusion_matrix_matches_scikit_learn(seed):
-    y_true, y_pred = random_predictions(seed)
-    np.testing.assert_array_equal(confusion_matrix(y_true, y_pred),
-                                  skm.confusion_matrix(y_true, y_pred, labels=LABELS))
-
-
-@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # the dropped class
-@pytest.mark.parametrize("seed,drop_class", [(0, None), (1, None), (2, 3), (3, 8)])
-def test_scores_match_scikit_learn(seed, drop_class):
-    y_true, y_pred = random_predictions(seed, drop_class=drop_class)
-    scores = classification_scores(confusion_matrix(y_true, y_pred))
-    assert scores["accuracy"] == pytest.approx(skm.balanced_accuracy_score(y_true, y_pred))
-    np.testing.assert_allclose(scores["sensitivity"], skm.recall_score(
-        y_true, y_pred, labels=LABELS, average=None, zero_division=0))
-    np.testing.assert_allclose(scores["precision"], skm.precision_score(
-        y_true, y_pred, labels=LABELS, average=None, zero_division=0))
-    np.testing.assert_allclose(scores["f1"], skm.f1_score(
-        y_true, y_pred, labels=LABELS, average=None, zero_division=0))
-    assert scores["mean_f1"] == pytest.approx(skm.f1_score(
-        y_true, y_pred, labels=LABELS, average="macro", zero_division=0))
-    assert scores["Faf"] == pytest.approx(scores["f1"][1])
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_cpsc_subscores_equal_f1_of_the_merged_classes(seed):
-    """Fblock, Fpc and Fst are the F1 of the group scored as one class (CPSC2018's rule),
-    which equals the pooled 2*TP / (row sums + column sums) of PROTOCOL section 7."""
-    y_true, y_pred = random_predictions(seed)
-    scores = classification_scores(confusion_matrix(y_true, y_pred))
-    for name, group in {"Fblock": [2, 3, 4], "Fpc": [5, 6], "Fst": [7, 8]}.items():
-        cm = confusion_matrix(y_true, y_pred)
-        tp = sum(cm[i, i] for i in group)
-        expected = 2 * tp / (cm[group, :].sum() + cm[:, group].sum())
-        assert scores[name] == pytest.approx(expected)
-    # a perfect classifier scores 1 everywhere
-    perfect = classification_scores(confusion_matrix(y_true, y_true))
-    assert all(perfect[k] == 1.0 for k in ("accuracy", "mean_f1", "Faf", "Fblock", "Fpc", "Fst"))
-
-
-def test_class_balanced_accuracy_ignores_absent_classes():
-    cm = np.zeros((9, 9), dtype=int)
-    cm[0, 0], cm[0, 1], cm[1, 1] = 3, 1, 2
-    assert class_balanced_accuracy(cm) == pytest.approx((0.75 + 1.0) / 2)
-
-
-def test_robustness_auc_on_hand_computed_curves():
-    assert robustness_auc([0, 1], [1.0, 1.0]) == pytest.approx(1.0)
-    assert robustness_auc([0, 1], [1.0, 0.0]) == pytest.approx(0.5)
-    # uneven levels: trapezoids 0.1*(0.9+0.8)/2 + 0.4*(0.8+0.2)/2 = 0.085 + 0.2 = 0.285, over 0.5
-    assert robustness_auc([0, 0.1, 0.5], [0.9, 0.8, 0.2]) == pytest.approx(0.285 / 0.5)
-
-
-@pytest.mark.parametrize("levels", [[0.1, 0.2], [0, 0.2, 0.1], [0]])
-def test_robustness_auc_rejects_bad_levels(levels):
-    with pytest.raises(ValueError):
-        robustness_auc(levels, [0.5] * len(levels))
 
 
 # --- the command line: runs, checkpoints, sweeps --------------------------------------------
-
-@pytest.fixture(scope="module")
-def two_runs(untrained_run, tmp_path_factory):
-    """Two runs A and B of tiny_cache (untrained resnet18a's of seeds 0 and 1 saved as trained CE
-    runs), each evaluated by the command line with a white-noise and a 1-step PGD sweep."""
-    root = tmp_path_factory.mktemp("runs")
-    for name, seed in [("A", 0), ("B", 1)]:
-        untrained_run(root / name, seed, "--sweeps", "white,pgd_linf", "--sweep_steps", "1",
-                      "--sweep_restarts", "1")
-        assert evaluate.main([str(root / name)]) == 0  # the run's own sweeps
-    return root
-
-
-def test_compare_writes_the_papers_tables_and_figures(two_runs, tmp_path):
-    assert evaluate.main(["compare", str(two_runs / "A"), str(two_runs / "B"), "--out", str(tmp_path)]) == 0
-    tables = ["clean", *(f"{sweep}_{metric}" for sweep in ("white", "pgd_linf") for metric in ("accuracy", "f1"))]
-    for name in tables:
-        assert (tmp_path / f"{name}.md").is_file() and (tmp_path / f"{name}.csv").is_file()
-    for name in tables[1:]:
-        assert (tmp_path / f"{name}.png").stat().st_size > 1000
-    paper_linf = ["0.001", "0.003", "0.005", "0.007", "0.01", "0.03", "0.05", "0.1"]
-    for metric, key, auc in (("accuracy", "accuracy", "auc"), ("f1", "mean_f1", "auc_f1")):
-        table = pd.read_csv(tmp_path / f"pgd_linf_{metric}.csv", index_col=0)
-        assert list(table.index) == ["A", "B"]
-        assert list(table.columns) == ["clean", *paper_linf, "AUC (paper levels)"]
-        for run in ("A", "B"):
-            sweep = json.loads((two_runs / run / "robustness_test.json").read_text())["sweeps"]["pgd_linf"]
-            assert list(table.loc[run])[:-1] == pytest.approx(sweep[key], abs=1e-4)
-            assert table.loc[run, "AUC (paper levels)"] == pytest.approx(sweep[auc], abs=1e-4)
-    table = pd.read_csv(tmp_path / "pgd_linf_accuracy.csv", index_col=0)
-    for run in ("A", "B"):
-        sweep = json.loads((two_runs / run / "robustness_test.json").read_text())["sweeps"]["pgd_linf"]
-        assert table.loc[run, "AUC (paper levels)"] == pytest.approx(
-            robustness_auc(sweep["axis_levels"], sweep["accuracy"]), abs=1e-4)
-        clean = json.loads((two_runs / run / "eval_test.json").read_text())["clean"]
-        assert table.loc[run, "clean"] == pytest.approx(clean["accuracy"], abs=1e-4)
-        # early-stopped PGD never does better than the clean input
-        assert max(sweep["accuracy"][1:]) <= sweep["accuracy"][0] + 1e-12
-    markdown = (tmp_path / "clean.md").read_text().splitlines()
-    assert len(markdown) == 4 and markdown[2].startswith("| A |")
-
-
-@pytest.mark.slow  # an evaluation at the extended levels
-def test_compare_refuses_aucs_of_different_level_lists(two_runs, tmp_path, capsys, one_error_line):
-    shutil.copytree(two_runs / "B", tmp_path / "B")
-    evaluate.main([str(tmp_path / "B"), "--sweeps", "pgd_linf", "--levels", "extended", "--sweep_steps", "1",
-                   "--sweep_restarts", "1"])
-    extended = json.loads((tmp_path / "B" / "robustness_test.json").read_text())
-    assert extended["levels"] == "extended"
-    assert extended["level_values"]["pgd_linf"] == [0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1, 0.2, 0.3]
-    capsys.readouterr()
-    assert evaluate.main(["compare", str(two_runs / "A"), str(tmp_path / "B"), "--out", str(tmp_path / "c")]) == 2
-    assert one_error_line() == ("error: compare: 'pgd_linf' was swept over different level lists (A: paper, "
-                                "B: extended): their AUCs cannot share a column; evaluate them with the same --levels")
-
 
 def test_evaluate_cli_reevaluates_a_run_on_validation(two_runs):
     assert evaluate.main([str(two_runs / "A"), "--split", "val", "--sweeps", "muscle,powerline_50hz",
@@ -197,61 +73,7 @@ def test_a_pickled_object_in_a_checkpoint_is_never_executed(tmp_path, capsys):
     assert "not a checkpoint of this project" in capsys.readouterr().err
 
 
-# --- bad inputs that need no trained run ----------------------------------------------------
-
-@pytest.mark.parametrize("content", ["[]", '{"clean": 3}', '{"clean": {"f1": []}}', "{not json", "\xff"])
-def test_compare_refuses_malformed_results_in_one_line(tmp_path, fake_run, one_error_line, content):
-    run = fake_run(tmp_path / "A")
-    (run / "eval_test.json").write_bytes(content.encode("latin-1"))
-    assert evaluate.main(["compare", str(run), "--out", str(tmp_path / "out")]) == 2
-    assert str(run / "eval_test.json") in one_error_line()
-
-
-@pytest.mark.parametrize("file,change,wrong", [
-    ("eval_test.json", lambda r: r["clean"].update(accuracy="0.5"), "malformed clean metrics ('accuracy' is '0.5')"),
-    ("eval_test.json", lambda r: r["clean"].update(f1=[1.0] * 8), "malformed clean metrics ('f1' is [1.0, "),
-    ("eval_test.json", lambda r: r["clean"].update(n=9.5), "malformed clean metrics ('n' is 9.5)"),
-    ("robustness_test.json", lambda r: r["sweeps"]["white"].update(auc="high"),
-     "malformed 'white' results ('auc' is 'high')"),
-    ("robustness_test.json", lambda r: r["sweeps"]["white"]["accuracy"].pop(),
-     "malformed 'white' results ('accuracy' is [1.0, "),
-    ("robustness_test.json", lambda r: r["sweeps"]["white"]["settings"].pop("seed"),
-     "malformed 'white' results ('settings' is {"),
-    ("robustness_test.json", lambda r: r["sweeps"]["white"].update(levels=None),
-     "malformed 'white' results ('levels' is None)"),
-    ("robustness_test.json", lambda r: r["sweeps"].update(white=[]), "malformed 'white' results (not an object)"),
-])
-def test_compare_refuses_result_fields_of_the_wrong_type_naming_the_file_and_the_field(tmp_path, fake_run,
-                                                                                      one_error_line, file, change,
-                                                                                      wrong):
-    run = fake_run(tmp_path / "A")
-    content = json.loads((run / file).read_text())
-    change(content)
-    (run / file).write_text(json.dumps(content))
-    assert evaluate.main(["compare", str(run), "--out", str(tmp_path / "out")]) == 2
-    assert one_error_line().startswith(f"error: {run / file}: {wrong}")
-
-
-def test_a_refused_compare_creates_no_folder(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # the default --out, result/compare, is relative
-    assert evaluate.main(["compare", str(tmp_path / "missing")]) == 2
-    assert "eval_test.json: not found" in capsys.readouterr().err
-    assert not (tmp_path / "result").exists()
-
-
-def test_compare_refuses_an_out_that_is_a_file(tmp_path, fake_run, one_error_line):
-    (tmp_path / "out").write_text("")
-    assert evaluate.main(["compare", str(fake_run(tmp_path / "A")), "--out", str(tmp_path / "out")]) == 2
-    assert f"--out {tmp_path / 'out'}: cannot create the output folder" in one_error_line()
-
-
-def test_compare_names_a_run_without_robustness_results(tmp_path, capsys, fake_run):
-    runs = [fake_run(tmp_path / "A"), fake_run(tmp_path / "B", sweeps=None)]
-    assert evaluate.main(["compare", *map(str, runs), "--out", str(tmp_path / "out")]) == 0
-    assert (f"note: {runs[1]} has no robustness_test.json (no robustness sweeps run): it is left out of "
-            "the robustness tables") in capsys.readouterr().err
-    assert "B" not in (tmp_path / "out" / "white_accuracy.csv").read_text()
-
+# --- bad checkpoints that need no trained run ------------------------------------------------
 
 def test_a_checkpoint_without_its_config_is_refused_in_one_line(tmp_path, untrained_run, one_error_line):
     path = untrained_run(tmp_path) / "model.pt"
@@ -388,49 +210,6 @@ def test_balanced_records_take_the_classes_in_turn():
     assert evaluate.balanced_records(labels, 50) == list(range(9))
 
 
-def sweep_result(accuracies, n=36, records=None):
-    """A sweep result as robustness_sweep writes it (clean first), levels 0.01 and 0.05."""
-    result = {"levels": [0.0, 0.01, 0.05], "accuracy": accuracies, "n": n}
-    if records is not None:
-        result["records"] = records
-    return result
-
-
-def test_masking_check_flags_an_ensemble_far_below_pgd():
-    check = evaluate.masking_check({"pgd_linf": sweep_result([0.9, 0.80, 0.50]),
-                                    "autoattack": sweep_result([0.9, 0.79, 0.40])})
-    assert [row["eps"] for row in check["rows"]] == [0.01, 0.05]
-    assert [row["gap"] for row in check["rows"]] == pytest.approx([0.01, 0.10])
-    assert check["flagged"]
-    assert check["verdict"].startswith("PGD overstates this model's robustness by 10.0 points at eps=0.05")
-    assert "more than 2 points below PGD at eps=0.05." in check["verdict"]  # 1 point at 0.01 is noise
-
-
-def test_masking_check_flags_square_beating_the_gradient_attacks():
-    check = evaluate.masking_check({"pgd_linf": sweep_result([0.9, 0.80, 0.50]),
-                                    "apgd_ce": sweep_result([0.9, 0.78, 0.45]),
-                                    "autoattack": sweep_result([0.9, 0.78, 0.45]),
-                                    "square": sweep_result([0.9, 0.85, 0.40])})
-    assert check["flagged"] and "PGD overstates" in check["verdict"]  # 5 points at 0.05
-    assert [row["gradient"] for row in check["rows"]] == [0.78, 0.45]  # the strongest one
-    assert "Square, which uses no gradients, does better than the gradient attacks at eps=0.05 " \
-           "(0.400 against 0.450)" in check["verdict"]
-
-
-def test_masking_check_passes_a_consistent_run_and_skips_incomparable_ones():
-    fine = evaluate.masking_check({"pgd_linf": sweep_result([0.9, 0.80, 0.50]),
-                                   "autoattack": sweep_result([0.9, 0.79, 0.49]),
-                                   "square": sweep_result([0.9, 0.85, 0.70])})
-    assert not fine["flagged"] and fine["verdict"].startswith("No sign of gradient masking")
-    assert evaluate.masking_check({"pgd_linf": sweep_result([0.9, 0.8, 0.5])}) is None
-    other_records = evaluate.masking_check({"pgd_linf": sweep_result([0.9, 0.8, 0.5], records=["A1"]),
-                                            "autoattack": sweep_result([0.9, 0.1, 0.1], records=["A2"])})
-    assert not other_records["flagged"] and other_records["verdict"].startswith("Not compared")
-    markdown = evaluate.masking_check_markdown({"CE": fine})
-    assert "| CE | 0.05 | 0.500 | 0.490 | 1.0 | 0.700 | 0.500 |" in markdown
-    assert "- **CE**: No sign of gradient masking" in markdown
-
-
 @pytest.mark.slow  # the AutoAttack-style sweeps
 def test_autoattack_sweeps_on_a_record_subset_and_the_compare_check(two_runs, tmp_path):
     run = tmp_path / "B"  # a copy: the other tests read the fixture's own results
@@ -484,8 +263,34 @@ def test_sweep_results_hold_f1_and_the_confusion_matrix_of_every_level(two_runs)
             cm = np.array(cm)
             y_true = np.repeat(np.repeat(np.arange(9), 9), cm.ravel())
             y_pred = np.repeat(np.tile(np.arange(9), 9), cm.ravel())
-            assert f1 == pytest.approx(skm.f1_score(y_true, y_pred, labels=LABELS, average="macro",
+            assert f1 == pytest.approx(skm.f1_score(y_true, y_pred, labels=range(9), average="macro",
                                                     zero_division=0))
             assert accuracy == pytest.approx(skm.balanced_accuracy_score(y_true, y_pred))
         assert sweep["auc_f1"] == pytest.approx(np.trapezoid(sweep["mean_f1"], sweep["axis_levels"])
                                                 / sweep["axis_levels"][-1])
+
+
+# --- the adversarial example of a comparison -------------------------------------------------
+
+class ConstantModel(torch.nn.Module):
+    """Predicts one class whatever the input."""
+
+    def __init__(self, label: int):
+        super().__init__()
+        self.label = label
+
+    def forward(self, x, mask):
+        return torch.nn.functional.one_hot(torch.full((len(x),), self.label), len(CLASSES)).float()
+
+
+def test_the_record_is_shared_by_every_run_when_one_exists(tiny_cache):
+    loader = get_dataloaders(str(tiny_cache), eval_batch_size=4, max_length=TINY_MAX_LENGTH,
+                             random_pad=TINY_RANDOM_PAD, splits=("test",))["test"]
+    firsts = {int(label): int(np.flatnonzero(loader.dataset.labels == label)[0]) for label in range(9)}
+    label = max(firsts, key=firsts.get)  # the class met last: its first record is past the first batch
+    first, other = firsts[label], (label + 1) % 9
+    assert first >= 4
+    assert evaluate.choose_record({"A": ConstantModel(label), "B": ConstantModel(label)}, loader) == (
+        first, "correctly classified by every run")
+    index, selection = evaluate.choose_record({"A": ConstantModel(label), "B": ConstantModel(other)}, loader)
+    assert index == first and "first correct for A" in selection

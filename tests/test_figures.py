@@ -1,5 +1,6 @@
-"""figures.py through evaluate.py's entry points: the figures are written, and the data they
-plot is checked against the cache, scikit-learn and the models themselves."""
+"""analysis/figures.py, drawing what it is given, and through evaluate.py's entry points: the
+figures are written, and the data they plot is checked against the cache, scikit-learn and the
+models themselves."""
 import errno
 import json
 
@@ -10,7 +11,7 @@ from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 
 import attacks
 import evaluate
-import figures
+from analysis import figures
 from cpsc2018 import CLASSES, LEAD_NAMES
 from ECG_Dataset import get_dataloaders
 from helpers import TINY_MAX_LENGTH, TINY_RANDOM_PAD, file_size_limit
@@ -65,7 +66,7 @@ def test_compare_writes_the_adversarial_example_within_eps_and_the_mask(runs, ti
                           "--example_eps", str(EPS)]) == 0
     assert_png(out / "adversarial_example.png")
     example = json.loads((out / "adversarial_example.json").read_text())
-    assert example["eps"] == EPS and example["leads"] == list(figures.EXAMPLE_LEADS)
+    assert example["eps"] == EPS and example["leads"] == list(evaluate.EXAMPLE_LEADS)
     assert list(example["runs"]) == ["A", "B"]
 
     # The record: the first of the split that both models classify correctly, else A's first.
@@ -90,7 +91,7 @@ def test_compare_writes_the_adversarial_example_within_eps_and_the_mask(runs, ti
         np.testing.assert_allclose(trace[mask == 1], millivolts / np.abs(millivolts).max(), atol=JSON_TOLERANCE)
         assert not trace[mask == 0].any()
 
-    device = choose_device("auto")  # where figures.py attacks
+    device = choose_device("auto")  # where evaluate.adversarial_example attacks
     x, y, x_mask = (t.unsqueeze(0).to(device) for t in loader.dataset[index])
     for name, model in models.items():
         model.to(device)
@@ -111,29 +112,6 @@ def test_compare_writes_the_adversarial_example_within_eps_and_the_mask(runs, ti
             assert run["predicted_adversarial"] == CLASSES[int(model(x_adv, x_mask).argmax())]
 
 
-class ConstantModel(torch.nn.Module):
-    """Predicts one class whatever the input."""
-
-    def __init__(self, label: int):
-        super().__init__()
-        self.label = label
-
-    def forward(self, x, mask):
-        return torch.nn.functional.one_hot(torch.full((len(x),), self.label), len(CLASSES)).float()
-
-
-def test_the_record_is_shared_by_every_run_when_one_exists(tiny_cache):
-    loader = split_loader(tiny_cache, batch_size=4)
-    firsts = {int(label): int(np.flatnonzero(loader.dataset.labels == label)[0]) for label in range(9)}
-    label = max(firsts, key=firsts.get)  # the class met last: its first record is past the first batch
-    first, other = firsts[label], (label + 1) % 9
-    assert first >= 4
-    assert figures.choose_record({"A": ConstantModel(label), "B": ConstantModel(label)}, loader) == (
-        first, "correctly classified by every run")
-    index, selection = figures.choose_record({"A": ConstantModel(label), "B": ConstantModel(other)}, loader)
-    assert index == first and "first correct for A" in selection
-
-
 def test_compare_notes_runs_without_checkpoints_and_draws_nothing_at_eps_0(runs, tmp_path, capsys, fake_run):
     fakes = [fake_run(tmp_path / "A"), fake_run(tmp_path / "B")]
     (tmp_path / "out").mkdir()
@@ -152,6 +130,34 @@ def test_compare_notes_runs_without_checkpoints_and_draws_nothing_at_eps_0(runs,
 def test_a_bad_example_eps_is_refused_in_one_line(runs, tmp_path, eps, one_error_line):
     assert evaluate.main(["compare", str(runs / "A"), "--out", str(tmp_path), "--example_eps", eps]) == 2
     assert one_error_line() == f"error: --example_eps must be a finite number >= 0, got {float(eps)}"
+
+
+def test_the_adversarial_example_is_drawn_from_the_arrays_it_is_given(tmp_path, monkeypatch):
+    """No model and no data: the figure plots the example's arrays over the mask's span, at most
+    STRIP_SECONDS of it, and the perturbation as their difference."""
+    fs, padding, length = 500, 300, (figures.STRIP_SECONDS + 2) * 500  # longer than a strip
+    rng = np.random.default_rng(0)
+    clean = np.zeros((2, padding + length), np.float32)
+    clean[:, padding:] = rng.uniform(-1, 1, (2, length))
+    adversarial = clean + np.float32(0.05) * np.sign(clean)
+    example = {"record": "A0001", "split": "test", "true_class": "AF", "selection": "chosen", "eps": 0.05,
+               "fs": fs, "unit": "scaled", "leads": ["II", "V1"], "mask": [0] * padding + [1] * length,
+               "clean": clean, "runs": {"CE": {"steps": 3, "restarts": 2, "predicted_clean": "AF",
+                                                "predicted_adversarial": "Normal", "adversarial": adversarial}}}
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path: drawn.append(fig))
+    figures.adversarial_example_figure(example, tmp_path / "example.png")
+    axes = drawn[0].axes  # lead II, lead V1, the perturbation (one run: one column)
+    shown = slice(padding, padding + figures.STRIP_SECONDS * fs)
+    for row, ax in enumerate(axes[:2]):
+        clean_line, adversarial_line = ax.get_lines()
+        np.testing.assert_array_equal(clean_line.get_ydata(), clean[row, shown])
+        np.testing.assert_array_equal(adversarial_line.get_ydata(), adversarial[row, shown])
+        assert clean_line.get_xdata()[-1] == pytest.approx(figures.STRIP_SECONDS - 1 / fs)
+    for row, line in enumerate(axes[2].get_lines()[:2]):
+        np.testing.assert_array_equal(line.get_ydata(), (adversarial - clean)[row, shown])
+    assert "fooled" in axes[0].get_title() and "first 10 s of 12.0 s" in drawn[0].get_suptitle()
+    figures.plt.close(drawn[0])
 
 
 HISTORY = [{"epoch": 0, "loss": 2.0, "val_accuracy": 0.2}, {"epoch": 1, "loss": 1.5, "val_accuracy": 0.4}]

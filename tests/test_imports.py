@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-PACKAGES = ("benchmarks", "plumbing")  # the package folders of the repository root
+PACKAGES = ("analysis", "benchmarks", "plumbing")  # the package folders of the repository root
 
 
 def module_name(path: Path) -> str:
@@ -160,7 +160,7 @@ def is_import_block(statement: ast.stmt) -> bool:
 
 def may_precede_imports(name: str, statement: ast.stmt) -> bool:
     """Module-level code allowed above imports: the docstring, and two calls that must run before
-    the imports below them: matplotlib.use in figures.py (the backend is chosen before pyplot is
+    the imports below them: matplotlib.use in analysis/figures.py (the backend is chosen before pyplot is
     imported), and sys.path.insert in the files run as scripts from a folder below the repository
     root (the benchmarks; tests/ddp_worker.py, run by torchrun), which import the root's modules."""
     if not isinstance(statement, ast.Expr):
@@ -168,7 +168,7 @@ def may_precede_imports(name: str, statement: ast.stmt) -> bool:
     if isinstance(statement.value, ast.Constant) and isinstance(statement.value.value, str):
         return True
     call = ast.unparse(statement.value.func) if isinstance(statement.value, ast.Call) else ""
-    return (call == "matplotlib.use" and name == "figures"
+    return (call == "matplotlib.use" and name == "analysis.figures"
             or call == "sys.path.insert" and (name.startswith("benchmarks.") or name == "ddp_worker"))
 
 
@@ -197,13 +197,15 @@ def test_imports_come_before_other_module_level_code():
     assert not late, "imports after module-level code:\n" + "\n".join(late)
 
 
-def test_the_plumbing_package_names_each_module_and_imports_nothing():
-    """plumbing/__init__.py is the folder's table of contents: a line "- <module>: <purpose>" for
-    each of its modules, and no import (a module of it imports only what it needs)."""
-    listed = {line[2:].split(":")[0] for line in ast.get_docstring(TREES["plumbing"]).splitlines()
-              if line.startswith("- ")}
-    assert listed == {path.stem for path in (ROOT / "plumbing").glob("*.py")} - {"__init__"}
-    assert len(TREES["plumbing"].body) == 1, "plumbing/__init__.py holds more than its docstring"
+def test_the_packages_name_each_module_and_import_nothing():
+    """plumbing/__init__.py and analysis/__init__.py are their folders' tables of contents: a line
+    "- <module>: <purpose>" for each of its modules, and no import (a module of it imports only
+    what it needs)."""
+    for package in ("analysis", "plumbing"):
+        listed = {line[2:].split(":")[0] for line in ast.get_docstring(TREES[package]).splitlines()
+                  if line.startswith("- ")}
+        assert listed == {path.stem for path in (ROOT / package).glob("*.py")} - {"__init__"}, package
+        assert len(TREES[package].body) == 1, f"{package}/__init__.py holds more than its docstring"
 
 
 def main() -> int:
@@ -213,7 +215,7 @@ def main() -> int:
     failed = 0
     for check in (test_every_import_module_call_names_its_modules, test_no_import_cycle,
                   test_no_import_inside_a_function, test_imports_come_before_other_module_level_code,
-                  test_the_plumbing_package_names_each_module_and_imports_nothing):
+                  test_the_packages_name_each_module_and_import_nothing):
         try:
             check()
         except AssertionError as error:

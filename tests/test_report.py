@@ -1,8 +1,8 @@
-"""report.py: the reproduction report, built from result files written directly (no training)."""
+"""analysis/report.py: the reproduction report, built from result files written directly (no training)."""
 import config
-import evaluate
 import reproduce
-from report import Timings, build_report
+from analysis.compare import compare_runs
+from analysis.report import Timings, build_report
 
 
 def test_report_has_the_gradient_masking_check_for_runs_with_pgd_and_the_ensemble(tmp_path, fake_run):
@@ -22,7 +22,7 @@ def test_report_has_the_gradient_masking_check_for_runs_with_pgd_and_the_ensembl
         fake_run(result / name, sweeps, clean=([0, 1, 2], [0, 1, 2]))
         cfg = config.parse_script(reproduce.SCRIPTS[name], ["--preset", "smoke"])
         jobs.append(reproduce.Job(name, reproduce.SCRIPTS[name], [], cfg, result / name))
-    tables = evaluate.compare_runs([job.run_dir for job in jobs], result / "compare")
+    tables = compare_runs([job.run_dir for job in jobs], result / "compare")
     report = build_report("smoke", config.PRESETS["smoke"], tmp_path / "raw", tmp_path / "data", result, jobs, jobs,
                           tables, Timings(result / "timings.json", "smoke", dry_run=True), meta=None,
                           histories=dict.fromkeys(jobs, []), configs=dict.fromkeys(jobs, {}))

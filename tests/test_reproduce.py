@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 import config
-import evaluate
 import reproduce
-from report import Timings
+from analysis.report import Timings
 from helpers import PAPER_TRAINING, SMOKE_RUNS
 
 RUNS = list(SMOKE_RUNS.values())
@@ -359,22 +358,6 @@ def test_bad_methods_flag_is_one_line_error(capsys):
     assert reproduce.main(["--methods", "CE,svm", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: --methods: unknown method 'svm' (known: CE, NSR, jacob, advls)"
-
-
-def test_snr_tables_keep_clean_and_0_db_apart(tmp_path, fake_run):
-    """SNR sweeps end at 0 dB, the loudest noise: the report's tables must not read it as clean."""
-    levels = [None, 40, 30, 20, 15, 10, 5, 0]
-    accuracy = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
-    for run in ("A", "B"):
-        sweep = {"sweep": "muscle", "level_list": "paper", "levels": levels,
-                 "axis_levels": [0.0] + [10 ** (-s / 20) for s in levels[1:]], "accuracy": accuracy,
-                 "mean_f1": accuracy, "auc": 0.5, "auc_f1": 0.5, "n": 3,
-                 "settings": {"steps": 0, "restarts": 1, "max_batches": 0, "seed": 0}}
-        fake_run(tmp_path / run, {"muscle": sweep}, clean=([0, 1, 2], [0, 1, 1]))
-    tables = evaluate.compare_runs([tmp_path / "A", tmp_path / "B"], tmp_path / "compare")
-    header, _, first, second = tables["muscle_accuracy"].splitlines()
-    assert header == "| run | clean | 40 dB | 30 dB | 20 dB | 15 dB | 10 dB | 5 dB | 0 dB | AUC (paper levels) |"
-    assert first == "| A | " + " | ".join(f"{a:.3f}" for a in accuracy) + " | 0.500 |"
 
 
 def test_mini_without_raw_dir_says_what_to_pass(tmp_path, monkeypatch, capsys):

@@ -11,7 +11,7 @@ import pytest
 
 import config
 import reproduce
-import selection
+from analysis import selection
 from helpers import REPO, run_script
 
 LEVELS = [0.0, 0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1]

@@ -10,11 +10,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import evaluate
-import figures
+from analysis import compare, figures
+from analysis.metrics import SWEEP_METRICS, to_markdown
 from config import noise_levels
 from cpsc2018 import CLASSES
-from metrics import SWEEP_METRICS, to_markdown
 from plumbing.safe_writes import read_json, write_json, write_text_atomic
 
 # criterion: its score in one PGD sweep result (robustness_sweep) on the validation split
@@ -27,7 +26,7 @@ CRITERIA = {
 
 # Cost estimates: the CPU figures of benchmarks/bench_methods.py (seconds per sample at the
 # paper's input length, 1 thread) at the paper's data size (PROTOCOL sections 2-3).
-BENCHMARK = Path(__file__).resolve().parent / "benchmarks" / "results" / "methods_cpu.json"
+BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "methods_cpu.json"
 PAPER_EPOCH_SAMPLES = len(CLASSES) * 1478  # the class-balanced sampler: 9 x the largest class (RBBB)
 PAPER_VAL_RECORDS, PAPER_TEST_RECORDS = 45, 450
 # The evaluation rows of methods_cpu.json (bench_methods.py names its rows with these and benchmark_row)
@@ -50,16 +49,16 @@ def selection_report(studies: dict[str, tuple[str, dict[float, Path]]], sweep: s
     out_dir.mkdir(parents=True, exist_ok=True)
     lines, all_picks = [], {}
     for method, (setting, runs) in studies.items():
-        results = {value: evaluate.read_sweeps(run / "robustness_val.json").get(sweep)
+        results = {value: compare.read_sweeps(run / "robustness_val.json").get(sweep)
                    for value, run in runs.items()}
         missing = [str(runs[value]) for value, result in results.items() if result is None]
         if missing:
-            raise evaluate.EvaluationError(f"{missing[0]}: no '{sweep}' sweep on the validation split "
+            raise compare.EvaluationError(f"{missing[0]}: no '{sweep}' sweep on the validation split "
                                            "(rerun reproduce.py without --skip_train)")
         curves = {f"{setting}={value:g}": {sweep: result} for value, result in results.items()}
         lines += [f"## {method}: {setting}", ""]
         for metric, name in (("accuracy", "accuracy"), ("mean_f1", "f1")):
-            table = evaluate.sweep_table(curves, sweep, metric)
+            table = compare.sweep_table(curves, sweep, metric)
             stem = out_dir / f"{method}_{name}"
             write_text_atomic(stem.with_suffix(".csv"), table.to_csv(float_format="%.4f"))
             markdown = to_markdown(table)

@@ -1,6 +1,6 @@
 """What reproduce.py writes about a chain besides the runs: each stage's times (timings.json,
 kept across invocations), the reproduction report (report.md) and the coefficient study's
-report (selection.md). The runs' results are read through evaluate.py; the numbers are theirs.
+report (selection.md). The runs' results are read through analysis/compare.py; the numbers are theirs.
 """
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-import evaluate
-import selection
+from analysis import compare, selection
 from config import PRESETS, SWEEPS, TRAIN_DEFAULTS, Preset, preset_settings
 from cpsc2018 import CLASSES
 from plumbing.safe_writes import read_json, write_json, write_text_atomic
@@ -22,13 +21,13 @@ CHANCE_NOTE_ACCURACY = 1.5 / len(CLASSES)  # the report flags runs whose clean a
 
 # What Timings reads of an earlier invocation's stage: {key: test of its value}.
 STAGE_CHECKS = {"stage": lambda v: isinstance(v, str), "status": lambda v: isinstance(v, str),
-                "seconds": evaluate.is_number, "cpu_seconds": evaluate.is_number,
+                "seconds": compare.is_number, "cpu_seconds": compare.is_number,
                 "earlier": lambda v: v is None or not _stage_problem(v)}
 
 
 def _stage_problem(entry) -> str | None:
     """What is wrong with a stage entry of timings.json (Timings.record writes them); None: nothing."""
-    return evaluate.first_wrong(entry, STAGE_CHECKS) if isinstance(entry, dict) else f"{entry!r} is not an object"
+    return compare.first_wrong(entry, STAGE_CHECKS) if isinstance(entry, dict) else f"{entry!r} is not an object"
 
 
 def _timings_problem(timings) -> str | None:
@@ -141,7 +140,7 @@ def build_report(plan_name: str, plan: Preset, raw_dir: Path, data_dir: Path, re
                  ready: list, tables: dict[str, str], timings: Timings, *, meta: dict | None,
                  histories: dict, configs: dict) -> str:
     """report.md of the runs ``jobs`` (reproduce.Job) of a preset, ``ready`` those evaluated: ``tables``
-    from evaluate.compare_runs, ``meta`` the cache's meta.json (None: unreadable), ``histories`` and
+    from analysis.compare.compare_runs, ``meta`` the cache's meta.json (None: unreadable), ``histories`` and
     ``configs`` each ready run's history.json and config.json."""
     def rel(path: Path) -> str:
         return Path(path).relative_to(result_dir).as_posix() if Path(path).is_relative_to(result_dir) \
@@ -187,7 +186,7 @@ def build_report(plan_name: str, plan: Preset, raw_dir: Path, data_dir: Path, re
         lines += ["", "Not in the tables (not trained or not evaluated yet): "
                   + ", ".join(f"`{job.run_dir.name}`" for job in missing) + "."]
 
-    evals = {job: evaluate.read_clean(job.run_dir / "eval_test.json") for job in ready}
+    evals = {job: compare.read_clean(job.run_dir / "eval_test.json") for job in ready}
     n_test = {evals[job]["n"] for job in ready}
     lines += ["", "## Clean metrics", "",
               f"Split: test ({', '.join(map(str, sorted(n for n in n_test if n)))} records), clean inputs, model in "
@@ -203,7 +202,7 @@ def build_report(plan_name: str, plan: Preset, raw_dir: Path, data_dir: Path, re
                   "such a run learned (almost) nothing, so its robustness rows below are no evidence of "
                   "robustness (a constant prediction does not change under any noise).", ""]
 
-    robustness = {job: evaluate.read_sweeps(job.run_dir / "robustness_test.json")
+    robustness = {job: compare.read_sweeps(job.run_dir / "robustness_test.json")
                   if (job.run_dir / "robustness_test.json").is_file() else {} for job in ready}
     sweep_names = [s for s in SWEEPS if f"{s}_accuracy" in tables]
     if sweep_names:
@@ -240,16 +239,16 @@ def build_report(plan_name: str, plan: Preset, raw_dir: Path, data_dir: Path, re
                   f"title says how the record was chosen. The plotted numbers: `{rel(example.with_suffix('.json'))}`.",
                   "", f"![adversarial example]({rel(example)})", ""]
 
-    checks = {job.run_dir.name: check for job in ready if (check := evaluate.masking_check(robustness[job]))}
+    checks = {job.run_dir.name: check for job in ready if (check := compare.masking_check(robustness[job]))}
     if checks:
         lines += ["## Gradient-masking check", "",
                   "For each run with both a PGD (`pgd_linf`) and an ensemble (`autoattack`) sweep: "
                   "class-balanced accuracy under each at every shared eps, the gap in points (PGD minus "
                   "ensemble) and, when the run has a `square` sweep, Square's accuracy next to the strongest "
-                  f"gradient attack's. A run is flagged when the ensemble is more than {100 * evaluate.MASKING_GAP:g} "
+                  f"gradient attack's. A run is flagged when the ensemble is more than {100 * compare.MASKING_GAP:g} "
                   "points below PGD at some eps, or when Square, which uses no gradients, does better than "
                   "the gradient attacks: then PGD's numbers overstate the model's robustness.", "",
-                  evaluate.masking_check_markdown(checks), ""]
+                  compare.masking_check_markdown(checks), ""]
 
     lines += ["## Stage timings", "",
               f"Wall time and CPU time (user + system of the stage's processes) of this invocation; a skipped "
@@ -287,5 +286,5 @@ def write_selection_report(preset: str, plan: Preset, jobs: list, result_dir: Pa
 
 
 def _validation_sweeps(jobs: list, sweep: str) -> dict[str, dict]:
-    return {job.run_dir.name: evaluate.read_sweeps(job.run_dir / "robustness_val.json")[sweep]
+    return {job.run_dir.name: compare.read_sweeps(job.run_dir / "robustness_val.json")[sweep]
             for job in jobs}
