@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import evaluate
 from analysis import figures
+from analysis.metrics import class_balanced_accuracy, confusion_matrix
 from config import check_run_name, parse_script, run_name
 from cpsc2018 import DataError
 from ECG_CNN import build_model
@@ -99,8 +100,8 @@ class _StopRequest:
 
 def validation_accuracy(model: torch.nn.Module, loader, device: torch.device) -> float:
     """Each rank predicts its share of the records; the confusion counts are summed."""
-    counts = evaluate.confusion_matrix(*evaluate.predict(unwrap(model), loader, device))
-    return evaluate.class_balanced_accuracy(all_reduce(torch.from_numpy(counts)).numpy())
+    counts = confusion_matrix(*evaluate.predict(unwrap(model), loader, device))
+    return class_balanced_accuracy(all_reduce(torch.from_numpy(counts)).numpy())
 
 
 def non_finite_loss(loss: float, epoch: int, progress: Progress, loader, run_dir: Path) -> TrainingError:

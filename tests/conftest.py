@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
-from config import parse_config
+from analysis.metrics import classification_scores, confusion_matrix
+from config import noise_levels, parse_config
 from cpsc2018 import OFFICIAL_REFERENCE
 from ECG_CNN import build_model
 from helpers import PAPER_TRAINING, TINY_MAX_LENGTH, TINY_RANDOM_PAD, TinyCNN, run_reproduce, sinusoid_task
@@ -164,10 +165,10 @@ def fake_run():
     sweep at accuracy and mean F1 1 on every level of the paper's list; None: no robustness_test.json)."""
     def make(folder: Path, sweeps=WHITE, clean=(range(9), range(9))) -> Path:
         folder.mkdir(parents=True)
-        scores = evaluate.classification_scores(evaluate.confusion_matrix(*map(list, clean)))
+        scores = classification_scores(confusion_matrix(*map(list, clean)))
         (folder / "eval_test.json").write_text(json.dumps({"clean": scores}))
         if sweeps is WHITE:
-            levels = [0.0, *evaluate.noise_levels("white")]
+            levels = [0.0, *noise_levels("white")]
             sweeps = {"white": {"sweep": "white", "level_list": "paper", "levels": levels, "axis_levels": levels,
                                 "accuracy": [1.0] * len(levels), "mean_f1": [1.0] * len(levels),
                                 "auc": 1.0, "auc_f1": 1.0, "n": 9,
