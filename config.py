@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 import attacks
+import noises
 from ECG_CNN import MODELS, check_length
 from ECG_Dataset import MAX_LENGTH, RANDOM_PAD
 from plumbing.distributed import choose_device, world_size
@@ -275,7 +276,7 @@ def _ensemble(model, x, y, mask, level, steps, restarts, generator):
 
 
 def _white(model, x, y, mask, level, steps, restarts, generator):
-    return attacks.white_noise(x, level, generator=generator)
+    return noises.white_noise(x, level, generator=generator)
 
 
 def _snr_noise(noise: Callable, **options) -> Perturb:
@@ -320,13 +321,13 @@ SWEEPS = {
                                   f"({square_queries(s['steps'])} queries) on the survivors, {IN_EVAL}",
                         attacks_model=True),
     "white": Sweep("White noise", _white, WHITE_LEVELS, "white noise amplitude eps", _noise_text),
-    "baseline_wander": Sweep("Real-ECG noise: baseline wander", _snr_noise(attacks.baseline_wander), SNR_DB_LEVELS,
+    "baseline_wander": Sweep("Real-ECG noise: baseline wander", _snr_noise(noises.baseline_wander), SNR_DB_LEVELS,
                              SNR_AXIS, _noise_text, snr_db=True),
-    "powerline_50hz": Sweep("Real-ECG noise: power line 50 Hz", _snr_noise(attacks.powerline, freq=50.0),
+    "powerline_50hz": Sweep("Real-ECG noise: power line 50 Hz", _snr_noise(noises.powerline, freq=50.0),
                             SNR_DB_LEVELS, SNR_AXIS, _noise_text, snr_db=True),
-    "powerline_60hz": Sweep("Real-ECG noise: power line 60 Hz", _snr_noise(attacks.powerline, freq=60.0),
+    "powerline_60hz": Sweep("Real-ECG noise: power line 60 Hz", _snr_noise(noises.powerline, freq=60.0),
                             SNR_DB_LEVELS, SNR_AXIS, _noise_text, snr_db=True),
-    "muscle": Sweep("Real-ECG noise: muscle (EMG)", _snr_noise(attacks.muscle_noise), SNR_DB_LEVELS, SNR_AXIS,
+    "muscle": Sweep("Real-ECG noise: muscle (EMG)", _snr_noise(noises.muscle_noise), SNR_DB_LEVELS, SNR_AXIS,
                     _noise_text, snr_db=True),
 }
 GRADIENT_SWEEPS = ("pgd_linf", "apgd_ce", "apgd_dlr")  # the L-inf gradient attacks (evaluate.masking_check)

@@ -71,6 +71,11 @@ def right_aligned_masks(lengths: list[int], total: int, dtype=torch.float32) -> 
     return torch.stack([(positions >= total - n).to(dtype)[None] for n in lengths])
 
 
+def generator(seed: int = 0) -> torch.Generator:
+    """A CPU generator seeded with ``seed``: a test's random draws, independent of the global RNG."""
+    return torch.Generator().manual_seed(seed)
+
+
 def sinusoid_task(n: int, total: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x, y, mask) of ``n`` samples: three classes told apart by the period (32, 16, 8 samples) of
     a noisy 2-lead sinusoid, random lengths T/2..T, right-aligned and zero-padded."""

@@ -1,6 +1,6 @@
 """Tests for attacks.py: budgets and masks, early stop, closed forms on linear models,
-strength against white noise and the Adversarial Robustness Toolbox's masked PGD, and the
-real-ECG noises."""
+strength against white noise and the Adversarial Robustness Toolbox's masked PGD, Auto-PGD,
+Square and the ensemble."""
 from __future__ import annotations
 
 import math
@@ -14,12 +14,11 @@ from art.attacks.evasion import AutoProjectedGradientDescent, ProjectedGradientD
 from art.estimators.classification import PyTorchClassifier
 
 import attacks
-from ECG_CNN import build_model
+import noises
 from analysis.compare import masking_check
 from analysis.metrics import class_balanced_accuracy, confusion_matrix
-from helpers import LinearModel, TinyCNN, right_aligned_masks, sinusoid_task
-
-FS = 500
+from ECG_CNN import build_model
+from helpers import LinearModel, TinyCNN, generator, right_aligned_masks, sinusoid_task
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -27,10 +26,6 @@ FS = 500
 def predictions(model: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(x, mask).argmax(dim=1)
-
-
-def generator(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def binary_linear_problem(lengths: list[int], total: int = 64, seed: int = 0
@@ -124,11 +119,8 @@ def test_zero_budget_returns_input_and_bad_arguments_raise():
     for attack in (attacks.pgd_attack, attacks.ifgsm_attack):
         out = attack(model, x, y, mask, 0.0)
         assert torch.equal(out, x) and out is not x
-    assert torch.equal(attacks.white_noise(x, 0.0), x)
     with pytest.raises(ValueError, match="eps"):
         attacks.pgd_attack(model, x, y, mask, -0.1)
-    with pytest.raises(ValueError, match="eps"):
-        attacks.white_noise(x, -0.1)
     with pytest.raises(ValueError, match="norm"):
         attacks.pgd_attack(model, x, y, mask, 0.1, norm="l1")
     with pytest.raises(ValueError, match="mask"):
@@ -291,7 +283,7 @@ def test_pgd_breaks_at_least_as_many_as_white_noise_and_art(trained_tiny):
     model, x, y, mask = trained_tiny
     eps, steps = 0.2, 20
     ours = attacks.pgd_attack(model, x, y, mask, eps, steps=steps, generator=generator())
-    noisy = attacks.white_noise(x, eps, generator=generator())
+    noisy = noises.white_noise(x, eps, generator=generator())
     theirs = art_pgd(model, x, y, mask, eps, steps, random_start=True)
     assert torch.equal(theirs * (1 - mask), x * (1 - mask)), "ART perturbed the padding"
     broken = {name: int((predictions(model, inputs, mask) != y).sum())
@@ -359,118 +351,11 @@ def test_real_model_small_length():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_random_starts_and_noises_are_reproducible_with_a_generator():
+def test_random_starts_are_reproducible_with_a_generator():
     model, x, y, mask = binary_linear_problem([64, 40])
     run = lambda seed: attacks.pgd_attack(model, x, y, mask, 0.1, steps=2, early_stop=False,
                                           generator=generator(seed))
     assert torch.equal(run(5), run(5)) and not torch.equal(run(5), run(6))
-    for noise in (attacks.baseline_wander, attacks.powerline, attacks.muscle_noise):
-        same = noise(x, mask, 10.0, generator=generator(1))
-        assert torch.equal(same, noise(x, mask, 10.0, generator=generator(1)))
-        assert not torch.equal(same, noise(x, mask, 10.0, generator=generator(2)))
-
-
-# ----------------------------------------------------------------------------- white noise
-
-def test_white_noise_is_uniform_on_every_element_and_clipped():
-    x = torch.zeros(4, 8, 4096)
-    x[0] = 0.98  # near the top: the clip must act
-    noisy = attacks.white_noise(x, 0.1, generator=generator())
-    noise = (noisy - x)[1:]  # the unclipped samples, padding included by design
-    assert noise.abs().max() <= 0.1 and noise.abs().max() > 0.0999
-    assert abs(noise.mean().item()) < 1e-3
-    assert noise.var().item() == pytest.approx(0.1 ** 2 / 3, rel=0.02)  # variance of U(-e, e)
-    assert noisy.max() <= 1 and (noisy[0] == 1).any()
-
-
-# ----------------------------------------------------------------------------- real-ECG noises
-
-def ecg_like(lengths: list[int], total: int = 5120) -> tuple[torch.Tensor, torch.Tensor]:
-    """Small-amplitude periodic 'beats' (|x| <= 0.4, so noise at 10 dB is never clipped)."""
-    t = torch.arange(total) / FS
-    beats = 0.3 * torch.exp(-((t % 0.8 - 0.4) ** 2) / 2e-4) + 0.05 * torch.sin(2 * math.pi * t)
-    scale = torch.tensor([1.0, -0.6, 0.8])[None, :, None]
-    mask = right_aligned_masks(lengths, total)
-    return beats * scale * mask, mask
-
-
-def spectrum(noise: torch.Tensor, mask: torch.Tensor, record: int, lead: int
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """Frequencies and power of one record/lead's noise over its signal samples (numpy)."""
-    segment = noise[record, lead][mask[record, 0].bool()].double().numpy()
-    return np.fft.rfftfreq(len(segment), 1 / FS), np.abs(np.fft.rfft(segment)) ** 2
-
-
-NOISES = {
-    "baseline_wander": attacks.baseline_wander,
-    "powerline_50": attacks.powerline,
-    "powerline_60": lambda x, mask, snr, generator=None: attacks.powerline(
-        x, mask, snr, freq=60.0, generator=generator),
-    "muscle_noise": attacks.muscle_noise,
-}
-
-
-@pytest.mark.parametrize("name", NOISES)
-@pytest.mark.parametrize("snr_db", [6.0, 20.0])
-def test_noise_snr_matches_request_and_stays_in_mask(name, snr_db):
-    x, mask = ecg_like([5120, 4000, 2600])
-    x[1, 2] = 0.0  # an all-zero lead gets no noise (no signal to scale to)
-    noisy = NOISES[name](x, mask, snr_db, generator=generator())
-    noise = noisy - x
-    assert noisy.abs().max() < 1, "clipped: the SNR check would be off"
-    assert torch.equal(noise * (1 - mask), torch.zeros_like(noise))
-    assert torch.equal(noise[1, 2], torch.zeros(5120))
-    signal_power = (x.double() ** 2 * mask).sum(dim=2)
-    noise_power = (noise.double() ** 2 * mask).sum(dim=2)
-    achieved = 10 * torch.log10(signal_power / noise_power)
-    achieved[1, 2] = snr_db  # the zero lead
-    torch.testing.assert_close(achieved, torch.full_like(achieved, snr_db), rtol=0, atol=0.5)
-
-
-def test_baseline_wander_is_below_one_hertz():
-    x, mask = ecg_like([5120, 4000])
-    noise = attacks.baseline_wander(x, mask, 10.0, generator=generator()) - x
-    for record in range(2):
-        for lead in range(3):
-            freqs, power = spectrum(noise, mask, record, lead)
-            assert power[freqs < 1.0].sum() / power.sum() > 0.95
-
-
-@pytest.mark.parametrize("freq", [50.0, 60.0])
-def test_powerline_peaks_at_mains_frequency_with_small_harmonic(freq):
-    x, mask = ecg_like([5120, 4000])
-    noise = attacks.powerline(x, mask, 10.0, freq=freq, generator=generator()) - x
-    for record in range(2):
-        freqs, power = spectrum(noise, mask, record, 0)
-        resolution = freqs[1]
-        assert abs(freqs[power.argmax()] - freq) <= resolution
-        near = lambda f: power[np.abs(freqs - f) <= 1.0].sum()
-        fundamental, harmonic = near(freq), near(3 * freq)
-        assert fundamental / power.sum() > 0.9
-        assert harmonic / fundamental == pytest.approx(0.1 ** 2, rel=0.3)
-
-
-def test_muscle_noise_is_broadband_between_20_and_150_hz():
-    x, mask = ecg_like([5120, 4000])
-    noise = attacks.muscle_noise(x, mask, 10.0, generator=generator()) - x
-    for record in range(2):
-        freqs, power = spectrum(noise, mask, record, 1)
-        band = (freqs >= 20) & (freqs <= 150)
-        assert power[band].sum() / power.sum() > 0.95
-        # broadband: the lower and upper halves of the band carry comparable power
-        low_half = power[(freqs >= 20) & (freqs < 85)].sum()
-        high_half = power[(freqs >= 85) & (freqs <= 150)].sum()
-        assert 0.7 < low_half / high_half < 1.4
-
-
-def test_noise_arguments_are_checked():
-    x, mask = ecg_like([5120])
-    with pytest.raises(ValueError, match="freq"):
-        attacks.powerline(x, mask, 10.0, freq=300.0)
-    with pytest.raises(ValueError, match="snr_db"):
-        attacks.muscle_noise(x, mask, float("nan"))
-    with pytest.raises(ValueError, match="fs"):
-        attacks.baseline_wander(x, mask, 10.0, fs=0)
 
 
 # ----------------------------------------------------------------------------- Auto-PGD, Square, ensemble
