@@ -1,4 +1,5 @@
-"""Adversarial attacks for any model called as ``model(x, mask)`` (PROTOCOL section 6).
+"""Adversarial attacks for any model called as ``model(x, mask)`` (PROTOCOL section 6): the
+paper's PGD and IFGSM, their losses, and the input checks that ``autoattack`` and ``noises`` share.
 
 Inputs follow the project's batch convention: x (B, leads, T) with values in [-1, 1],
 y (B,) int64 labels and mask (B, 1, T) with 1 on signal samples and 0 on padding.
@@ -10,16 +11,11 @@ left on the model's parameters.
 - ``pgd_attack`` / ``ifgsm_attack``: white-box L-inf or L2 PGD with optional early stop
   and restarts (the paper's evaluation) or a plain fixed-iteration run (adversarial
   training).
-- ``apgd_attack``: Auto-PGD (Croce and Hein, ICML 2020) with the CE or the DLR loss, L-inf
-  or L2, step size set by the attack itself (no step-size parameter to tune).
-- ``square_attack``: the score-based, gradient-free Square attack (Andriushchenko et al.,
-  ECCV 2020), L-inf, with time windows in place of squares.
-- ``ensemble_attack``: APGD-CE, then APGD-DLR and Square on the survivors (AutoAttack's
-  recipe without FAB), reporting which attack broke each sample first.
+- Losses to ascend: ``ce_loss``, ``soft_margin_loss`` and ``dlr_loss`` (summed over the
+  batch), ``margins`` and ``dlr_losses`` per sample.
 """
 from __future__ import annotations
 
-import bisect
 import math
 from typing import Callable
 
@@ -31,21 +27,6 @@ Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 L2_GRAD_EPS = 1e-12  # keeps the L2-normalized gradient finite where the gradient vanishes
 DLR_EPS = 1e-12  # keeps the DLR loss finite when the top three logits tie
-
-# Auto-PGD (Croce and Hein, ICML 2020, section 3): checkpoints p_0 = 0, p_1 = 0.22,
-# p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), here in percent so that they are exact.
-APGD_FIRST_CHECKPOINT_PERCENT = 22
-APGD_WINDOW_SHRINK_PERCENT = 3
-APGD_MIN_WINDOW_PERCENT = 6
-APGD_INITIAL_STEP = 2.0  # times eps, for L-inf and L2 alike
-APGD_MOMENTUM = 0.75
-APGD_RHO = 0.75  # a window with fewer loss increases than this fraction halves the step
-
-# Square attack (Andriushchenko et al., ECCV 2020): the fraction p of the signal a window
-# covers is p_init until 0.1 % of the queries, then halves at each of these fractions.
-SQUARE_HALVING_FRACTIONS = (0.001, 0.005, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8)
-
-ENSEMBLE_ATTACKS = ("apgd-ce", "apgd-dlr", "square")  # in the order they run
 
 _NORM_ALIASES = {"inf": "inf", "linf": "inf", "l-inf": "inf", "2": "2", "l2": "2"}
 
@@ -91,16 +72,9 @@ def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return dlr_losses(logits, y).sum()
 
 
-def _ce_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, y, reduction="none")
+# ----------------------------------------------------------------------------- checks (autoattack's and noises' too)
 
-
-_PER_SAMPLE_LOSSES = {"ce": _ce_losses, "dlr": dlr_losses}
-
-
-# ----------------------------------------------------------------------------- checks (noises.py's too)
-
-def _parse_norm(norm: str | int | float) -> str:
+def parse_norm(norm: str | int | float) -> str:
     """Return "inf" or "2" for the accepted spellings of the L-inf and L2 norms."""
     if isinstance(norm, (int, float)) and not isinstance(norm, bool):
         key = "inf" if norm == math.inf else "2" if norm == 2 else None
@@ -129,8 +103,8 @@ def check_batch(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return mask.detach().to(dtype=x.dtype)
 
 
-def _check_inputs(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def check_inputs(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Check x, y and mask of one batch; return x detached and the mask in x's dtype."""
     x = x.detach()
     mask = check_batch(x, mask)
@@ -139,21 +113,21 @@ def _check_inputs(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
     return x, mask
 
 
-def _per_sample(t: torch.Tensor) -> torch.Tensor:
+def per_sample(t: torch.Tensor) -> torch.Tensor:
     """Reshape a (B,) tensor to broadcast over (B, leads, T)."""
     return t.view(-1, 1, 1)
 
 
-def _l2_norms(t: torch.Tensor) -> torch.Tensor:
+def l2_norms(t: torch.Tensor) -> torch.Tensor:
     """Per-sample L2 norm over all leads and times, shaped (B, 1, 1)."""
-    return _per_sample(torch.linalg.vector_norm(t.flatten(1), dim=1))
+    return per_sample(torch.linalg.vector_norm(t.flatten(1), dim=1))
 
 
-def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+def project_onto_ball(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     """Project each sample's delta onto the eps ball (in place for L-inf)."""
     if norm == "inf":
         return delta.clamp_(-eps, eps)
-    lengths = _l2_norms(delta)
+    lengths = l2_norms(delta)
     return delta * torch.where(lengths > eps, eps / lengths, torch.ones_like(lengths))
 
 
@@ -171,16 +145,16 @@ def _run_start(model: Model, x: torch.Tensor, y: torch.Tensor, mask: torch.Tenso
     ``check_last`` also tests the final iterate (needed before another start).
     Returns the new x_adv and the samples still correctly classified.
     """
-    update_mask = mask if active is None else mask * _per_sample(active.to(x.dtype))
+    update_mask = mask if active is None else mask * per_sample(active.to(x.dtype))
     if random_start:
         delta = eps * (2 * torch.rand(x.shape, generator=generator, device=x.device,
                                       dtype=x.dtype) - 1) * update_mask
         if norm == "2":
-            delta = _project(delta, eps, norm)
+            delta = project_onto_ball(delta, eps, norm)
         start = (x + delta).clamp_(-1, 1)
     else:
         start = x
-    x_adv = start.clone() if active is None else torch.where(_per_sample(active), start, x_adv)
+    x_adv = start.clone() if active is None else torch.where(per_sample(active), start, x_adv)
 
     for _ in range(steps):
         x_req = x_adv.detach().requires_grad_(True)
@@ -191,17 +165,17 @@ def _run_start(model: Model, x: torch.Tensor, y: torch.Tensor, mask: torch.Tenso
                 active = active & (logits.detach().argmax(dim=1) == y)
                 if not bool(active.any()):  # the one host sync early stop needs
                     return x_adv, active
-                update_mask = mask * _per_sample(active.to(x.dtype))
+                update_mask = mask * per_sample(active.to(x.dtype))
             (grad,) = torch.autograd.grad(loss_fn(logits, y), x_req)
         if norm == "inf":
             direction = grad.sign()
         else:
-            direction = grad / (_l2_norms(grad) + L2_GRAD_EPS)
+            direction = grad / (l2_norms(grad) + L2_GRAD_EPS)
         # delta = x_adv - x; PROTOCOL section 6's "delta *= mask" is the update mask (delta is masked).
         delta = (x_adv - x).addcmul_(direction, update_mask, value=step)
-        stepped = (x + _project(delta, eps, norm)).clamp_(-1, 1)
+        stepped = (x + project_onto_ball(delta, eps, norm)).clamp_(-1, 1)
         # torch.where keeps frozen samples bit-identical to the input that fooled the model.
-        x_adv = stepped if active is None else torch.where(_per_sample(active), stepped, x_adv)
+        x_adv = stepped if active is None else torch.where(per_sample(active), stepped, x_adv)
 
     if active is not None and check_last:
         with torch.no_grad():
@@ -241,13 +215,13 @@ def pgd_attack(model: Model, x: torch.Tensor, y: torch.Tensor, mask: torch.Tenso
     Returns:
         x_adv, detached, with x's shape and dtype.
     """
-    norm = _parse_norm(norm)
+    norm = parse_norm(norm)
     eps = check_eps(eps)
     if steps < 0 or restarts < 1:
         raise ValueError(f"steps must be >= 0 and restarts >= 1, got steps={steps}, "
                          f"restarts={restarts}")
     step = eps / 10 if step_size is None else check_eps(step_size, "step_size")
-    x, mask = _check_inputs(x, y, mask)
+    x, mask = check_inputs(x, y, mask)
     if eps == 0:
         return x.clone()
 
@@ -282,323 +256,3 @@ def ifgsm_attack(model: Model, x: torch.Tensor, y: torch.Tensor, mask: torch.Ten
     return pgd_attack(model, x, y, mask, eps, norm=norm, steps=steps, step_size=step_size,
                       random_start=False, restarts=restarts, early_stop=early_stop,
                       loss_fn=loss_fn, generator=generator)
-
-
-# ----------------------------------------------------------------------------- Auto-PGD
-
-def apgd_checkpoints(steps: int) -> list[int]:
-    """The iterations w_j = ceil(p_j * steps) at which Auto-PGD may halve its step size.
-
-    p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06) while p_j <= 1
-    (Croce and Hein, ICML 2020); checkpoints that coincide for small ``steps`` count once.
-    """
-    percents = [0, APGD_FIRST_CHECKPOINT_PERCENT]
-    while True:
-        following = percents[-1] + max(percents[-1] - percents[-2] - APGD_WINDOW_SHRINK_PERCENT,
-                                       APGD_MIN_WINDOW_PERCENT)
-        if following > 100:
-            break
-        percents.append(following)
-    return sorted({-(-p * steps // 100) for p in percents[1:]})
-
-
-def _losses_and_gradient(model: Model, x_adv: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
-                         losses_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-sample losses, their input gradient, misclassified) at x_adv: one forward and backward."""
-    x_req = x_adv.detach().requires_grad_(True)
-    with torch.enable_grad():
-        logits = model(x_req, mask)
-        losses = losses_fn(logits, y)
-        (grad,) = torch.autograd.grad(losses.sum(), x_req)
-    return losses.detach(), grad, logits.detach().argmax(dim=1) != y
-
-
-def _onto_ball(x: torch.Tensor, point: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """``point`` projected onto the eps ball around x, then clipped to [-1, 1]."""
-    return (x + _project(point - x, eps, norm)).clamp_(-1, 1)
-
-
-def _apgd_start(x: torch.Tensor, mask: torch.Tensor, eps: float, norm: str,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """A random point on the eps sphere inside the mask, clipped to [-1, 1] (the reference's
-    start: uniform noise scaled to max |delta| = eps for L-inf, Gaussian noise scaled to
-    ||delta||_2 = eps for L2)."""
-    draw = dict(generator=generator, device=x.device, dtype=x.dtype)
-    if norm == "inf":
-        noise = (2 * torch.rand(x.shape, **draw) - 1) * mask
-        size = noise.abs().amax(dim=(1, 2), keepdim=True)
-    else:
-        noise = torch.randn(x.shape, **draw) * mask
-        size = _l2_norms(noise)
-    return (x + eps * noise / size.clamp_min(torch.finfo(x.dtype).tiny)).clamp_(-1, 1)
-
-
-def _apgd_run(model: Model, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, eps: float,
-              norm: str, steps: int, losses_fn: LossFn, generator: torch.Generator | None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Auto-PGD run from a random start on clean-correct samples.
-
-    Returns (x_adv, broken): a broken sample at its first misclassified iterate (it is
-    attacked no further), the others at their highest-loss iterate.
-    """
-    x_adv, broken = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    rows = torch.arange(len(x), device=x.device)  # the samples still attacked, as rows of x
-    start = _apgd_start(x, mask, eps, norm, generator)
-    loss, grad, fooled = _losses_and_gradient(model, start, y, mask, losses_fn)
-    state = dict(x=x, y=y, mask=mask, x_cur=start, x_prev=start, grad=grad, loss=loss,
-                 x_best=start, grad_best=grad, loss_best=loss, loss_best_at_check=loss,
-                 step=torch.full((len(x), 1, 1), APGD_INITIAL_STEP * eps, dtype=x.dtype,
-                                 device=x.device),
-                 increases=torch.zeros(len(x), dtype=torch.long, device=x.device),
-                 halved_at_check=torch.zeros(len(x), dtype=torch.bool, device=x.device))
-    checkpoints, last_checkpoint = set(apgd_checkpoints(steps)), 0
-    for i in range(steps + 1):
-        if bool(fooled.any()):  # freeze them at this iterate and drop them from the batch
-            x_adv[rows[fooled]] = state["x_cur"][fooled]
-            broken[rows[fooled]] = True
-            rows, state = rows[~fooled], {k: v[~fooled] for k, v in state.items()}
-            if not len(rows):
-                return x_adv, broken
-        if i == steps:
-            break
-        s = state
-        if i > 0 and i in checkpoints:
-            # Halve the step where the last window rarely raised the loss (condition 1) or
-            # neither the step nor the best loss changed since the previous checkpoint
-            # (condition 2); those samples go on from their best point.
-            halve = ((s["increases"] < APGD_RHO * (i - last_checkpoint))
-                     | (~s["halved_at_check"] & (s["loss_best"] <= s["loss_best_at_check"])))
-            back = _per_sample(halve)
-            s["step"] = torch.where(back, s["step"] / 2, s["step"])
-            s["x_cur"] = torch.where(back, s["x_best"], s["x_cur"])
-            s["grad"] = torch.where(back, s["grad_best"], s["grad"])
-            s["loss"] = torch.where(halve, s["loss_best"], s["loss"])
-            s["halved_at_check"], s["loss_best_at_check"] = halve, s["loss_best"]
-            s["increases"] = torch.zeros_like(s["increases"])
-            last_checkpoint = i
-
-        if norm == "inf":
-            direction = s["grad"].sign()
-        else:  # normalized over the signal only, so that the step is taken where it can act
-            masked = s["grad"] * s["mask"]
-            direction = masked / (_l2_norms(masked) + L2_GRAD_EPS)
-        z = _onto_ball(s["x"], s["x_cur"] + s["step"] * direction * s["mask"], eps, norm)
-        momentum = APGD_MOMENTUM if i > 0 else 1.0
-        x_next = _onto_ball(s["x"], s["x_cur"] + momentum * (z - s["x_cur"])
-                            + (1 - momentum) * (s["x_cur"] - s["x_prev"]), eps, norm)
-        loss, grad, fooled = _losses_and_gradient(model, x_next, s["y"], s["mask"], losses_fn)
-
-        s["increases"] = s["increases"] + (loss > s["loss"])
-        better = loss > s["loss_best"]
-        keep_best = _per_sample(better)
-        s["x_best"] = torch.where(keep_best, x_next, s["x_best"])
-        s["grad_best"] = torch.where(keep_best, grad, s["grad_best"])
-        s["loss_best"] = torch.where(better, loss, s["loss_best"])
-        s["x_prev"], s["x_cur"], s["grad"], s["loss"] = s["x_cur"], x_next, grad, loss
-    x_adv[rows] = state["x_best"]
-    return x_adv, broken
-
-
-def apgd_attack(model: Model, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, eps: float,
-                norm: str | int | float = "inf", steps: int = 100, loss: str = "ce",
-                restarts: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Auto-PGD (Croce and Hein, ICML 2020) within an L-inf or L2 ball of radius ``eps``.
-
-    PGD whose step size needs no tuning: it starts at 2 eps and is halved at the checkpoints
-    of ``apgd_checkpoints`` for the samples where the loss rose in fewer than 75 % of the
-    window's iterations or where neither step nor best loss changed since the last
-    checkpoint; such samples restart from their highest-loss point. Each step is
-    z = P(x_k + step * normalized gradient), x_{k+1} = P(x_k + 0.75 (z - x_k) + 0.25 (x_k - x_{k-1}))
-    (momentum; the first step is plain), P the projection onto the ball and into [-1, 1].
-    Perturbations stay inside the mask (PROTOCOL section 6): the gradient is masked, and
-    for L2 it is normalized and the ball measured over the signal only.
-
-    Samples misclassified on the clean input are returned unchanged (they count as broken);
-    a sample misclassified at an iterate is returned at that iterate and attacked no further
-    (so a batch shrinks as samples break). ``restarts`` further random starts attack the
-    samples no start has broken yet; survivors are returned at their highest-loss point.
-
-    Args:
-        model: called as model(x, mask) -> logits (B, classes); its mode is left unchanged.
-        x: (B, leads, T) inputs in [-1, 1]; y: (B,) labels; mask: (B, 1, T).
-        eps: budget >= 0 (0 returns a copy of x). norm: "inf"/"linf"/inf or 2/"2"/"l2".
-        steps: iterations >= 0 per start (one forward and backward each, plus one at the start).
-        loss: "ce" (cross-entropy) or "dlr" (``dlr_losses``, needs at least 3 classes).
-        generator: torch.Generator on x's device for the random starts (None: global RNG).
-
-    Returns:
-        x_adv, detached, with x's shape, dtype and device.
-    """
-    norm = _parse_norm(norm)
-    eps = check_eps(eps)
-    if loss not in _PER_SAMPLE_LOSSES:
-        raise ValueError(f"loss {loss!r} is not supported: use one of {sorted(_PER_SAMPLE_LOSSES)}")
-    if steps < 0 or restarts < 1:
-        raise ValueError(f"steps must be >= 0 and restarts >= 1, got steps={steps}, "
-                         f"restarts={restarts}")
-    x, mask = _check_inputs(x, y, mask)
-    if eps == 0:
-        return x.clone()
-    with torch.no_grad():
-        logits = model(x, mask)
-    if loss == "dlr" and logits.shape[1] < 3:
-        raise ValueError(f"the DLR loss needs at least 3 classes, the model has {logits.shape[1]}")
-    unbroken = logits.argmax(dim=1) == y
-    x_adv = x.clone()
-    for _ in range(restarts):
-        rows = unbroken.nonzero().squeeze(1)
-        if not len(rows):
-            break
-        x_run, broken = _apgd_run(model, x[rows], y[rows], mask[rows], eps, norm, steps,
-                                  _PER_SAMPLE_LOSSES[loss], generator)
-        x_adv[rows] = x_run
-        unbroken[rows[broken]] = False
-    return x_adv
-
-
-# ----------------------------------------------------------------------------- Square
-
-def square_fraction(p_init: float, query: int, queries: int) -> float:
-    """The fraction of each signal one window covers at ``query`` (0-based) of ``queries``:
-    p_init, halved each time query / queries passes one of SQUARE_HALVING_FRACTIONS (the
-    published schedule, rescaled from 10,000 queries to ``queries``)."""
-    return p_init / 2 ** bisect.bisect_left(SQUARE_HALVING_FRACTIONS, query / queries)
-
-
-def _random_signs(shape: tuple[int, ...], like: torch.Tensor,
-                  generator: torch.Generator | None) -> torch.Tensor:
-    """Independent +-1 draws in like's dtype and device."""
-    draw = torch.randint(0, 2, shape, generator=generator, device=like.device)
-    return (2 * draw - 1).to(like.dtype)
-
-
-def _signal_spans(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(first index, length) per sample of the span from its first to its last mask = 1."""
-    on = mask[:, 0] > 0
-    positions = torch.arange(on.shape[1], device=mask.device)
-    first = torch.where(on, positions, on.shape[1]).amin(dim=1)
-    last = torch.where(on, positions, -1).amax(dim=1)
-    return first, (last - first + 1).clamp_min(0)
-
-
-def square_attack(model: Model, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, eps: float,
-                  norm: str | int | float = "inf", queries: int = 1000, p_init: float = 0.8,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Square attack (Andriushchenko et al., ECCV 2020), L-inf, on signals with a mask.
-
-    A random search that only reads the model's logits (no gradients; it runs under
-    ``torch.no_grad()``), so gradient masking does not stop it. It lowers the margin
-    z_y - max_{i != y} z_i: a candidate that lowers a sample's margin replaces its current point.
-
-    1D adaptation: an image square spans every colour channel with one random sign per
-    channel; here a window is a run of time samples spanning **all leads, with one random
-    +-eps sign per lead**. Its length is round(p * L), at least 1, where L is the length of
-    the sample's signal (first to last mask = 1) and p follows ``square_fraction``; it is
-    drawn uniformly inside that span, and its padding samples (mask 0) are left alone. The
-    published start, vertical stripes of +-eps (constant along the image height, one sign
-    per column and channel), becomes one +-eps per lead, constant over the signal: the
-    stripe's constant axis is the time axis of a lead. As in the reference, the start is
-    kept whatever its margin. Inside a window the perturbation is set to the new +-eps
-    (then clipped to [-1, 1]), so every point stays at the corners of the L-inf ball.
-
-    Query count: one forward of the clean batch (not counted, as in the reference), then
-    ``queries`` forwards, the first at the start; each forward runs only the samples not
-    yet misclassified, and a sample stops at its first misclassified point. Samples
-    misclassified on the clean input are returned unchanged.
-
-    Args:
-        norm: only L-inf ("inf"); the L2 variant is not implemented.
-        queries: forwards per sample at most (>= 1). p_init: the starting fraction in (0, 1].
-        Others as in ``apgd_attack``.
-
-    Returns:
-        x_adv with x's shape, dtype and device.
-    """
-    if _parse_norm(norm) != "inf":
-        raise ValueError("square_attack: only the L-inf version is implemented")
-    eps = check_eps(eps)
-    if queries < 1 or not 0 < p_init <= 1:
-        raise ValueError(f"queries must be >= 1 and p_init in (0, 1], got queries={queries}, "
-                         f"p_init={p_init}")
-    x, mask = _check_inputs(x, y, mask)
-    x_adv = x.clone()
-    if eps == 0:
-        return x_adv
-    with torch.no_grad():
-        rows = (model(x, mask).argmax(dim=1) == y).nonzero().squeeze(1)
-        if not len(rows):
-            return x_adv
-        x, y, mask = x[rows], y[rows], mask[rows]
-        best = (x + eps * _random_signs((len(x), x.shape[1], 1), x, generator) * mask).clamp_(-1, 1)
-        best_margin = margins(model(best, mask), y)
-        first, length = _signal_spans(mask)
-        positions = torch.arange(x.shape[2], device=x.device)
-        alive = (best_margin > 0).nonzero().squeeze(1)  # rows of x still classified correctly
-        for query in range(1, queries):
-            if not len(alive):
-                break
-            span = length[alive]
-            width = (square_fraction(p_init, query, queries) * span).round().long().clamp_min(1)
-            offset = torch.rand(len(alive), generator=generator, device=x.device,
-                                dtype=torch.float64) * (span - width + 1).clamp_min(1)
-            start = first[alive] + offset.floor().long()
-            window = ((positions >= start[:, None]) & (positions < (start + width)[:, None]))[:, None]
-            window = window & (mask[alive] > 0)
-            signs = _random_signs((len(alive), x.shape[1], 1), x, generator)
-            candidate = torch.where(window, (x[alive] + eps * signs).clamp_(-1, 1), best[alive])
-            margin = margins(model(candidate, mask[alive]), y[alive])
-            better = margin < best_margin[alive]
-            best[alive[better]] = candidate[better]
-            best_margin[alive[better]] = margin[better]
-            alive = alive[best_margin[alive] > 0]
-        x_adv[rows] = best
-    return x_adv
-
-
-# ----------------------------------------------------------------------------- ensemble
-
-def ensemble_attack(model: Model, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
-                    eps: float, norm: str | int | float = "inf", steps: int = 100,
-                    queries: int = 1000, restarts: int = 1,
-                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[str]]:
-    """AutoAttack's recipe without FAB: APGD-CE, then APGD-DLR on the samples it did not
-    break, then Square on the samples neither broke (L-inf only: for L2 the two APGD runs).
-
-    A sample counts as broken by an attack when the model misclassifies the attack's output
-    (checked with one forward per attack on the samples it attacked).
-
-    Returns:
-        (x_adv, broken_by): x_adv as in ``apgd_attack`` (a broken sample at the input that
-        broke it, a survivor at the last attack's point); broken_by[i] is "clean" for a
-        sample misclassified on the clean input, else the first of ENSEMBLE_ATTACKS that
-        broke it, else "" (it survived every attack).
-    """
-    norm = _parse_norm(norm)
-    x, mask = _check_inputs(x, y, mask)
-    runs = {
-        "apgd-ce": lambda xs, ys, ms: apgd_attack(model, xs, ys, ms, eps, norm, steps, "ce",
-                                                  restarts, generator),
-        "apgd-dlr": lambda xs, ys, ms: apgd_attack(model, xs, ys, ms, eps, norm, steps, "dlr",
-                                                   restarts, generator),
-        "square": lambda xs, ys, ms: square_attack(model, xs, ys, ms, eps, norm, queries,
-                                                   generator=generator),
-    }
-    if norm != "inf":
-        del runs["square"]
-    with torch.no_grad():
-        clean_wrong = (model(x, mask).argmax(dim=1) != y).tolist()
-    broken_by = ["clean" if wrong else "" for wrong in clean_wrong]
-    x_adv = x.clone()
-    for name, run in runs.items():
-        rows = torch.tensor([i for i, by in enumerate(broken_by) if not by], dtype=torch.long,
-                            device=x.device)
-        if not len(rows):
-            break
-        x_run = run(x[rows], y[rows], mask[rows])
-        with torch.no_grad():
-            fooled = (model(x_run, mask[rows]).argmax(dim=1) != y[rows]).tolist()
-        x_adv[rows] = x_run
-        for row, was_fooled in zip(rows.tolist(), fooled):
-            if was_fooled:
-                broken_by[row] = name
-    return x_adv, broken_by

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 import attacks
+import autoattack
 import noises
 from ECG_CNN import MODELS, check_length
 from ECG_Dataset import MAX_LENGTH, RANDOM_PAD
@@ -262,17 +263,17 @@ def _ifgsm(norm: str) -> Perturb:
 
 
 def _apgd(loss: str) -> Perturb:
-    return lambda model, x, y, mask, level, steps, restarts, generator: attacks.apgd_attack(
+    return lambda model, x, y, mask, level, steps, restarts, generator: autoattack.apgd_attack(
         model, x, y, mask, level, "inf", steps=steps, loss=loss, restarts=restarts, generator=generator)
 
 
 def _square(model, x, y, mask, level, steps, restarts, generator):
-    return attacks.square_attack(model, x, y, mask, level, "inf", queries=square_queries(steps), generator=generator)
+    return autoattack.square_attack(model, x, y, mask, level, "inf", queries=square_queries(steps), generator=generator)
 
 
 def _ensemble(model, x, y, mask, level, steps, restarts, generator):
-    return attacks.ensemble_attack(model, x, y, mask, level, "inf", steps=steps, queries=square_queries(steps),
-                                   restarts=restarts, generator=generator)[0]
+    return autoattack.ensemble_attack(model, x, y, mask, level, "inf", steps=steps, queries=square_queries(steps),
+                                      restarts=restarts, generator=generator)[0]
 
 
 def _white(model, x, y, mask, level, steps, restarts, generator):
@@ -309,7 +310,7 @@ SWEEPS = {
     "ifgsm_linf": Sweep("IFGSM, L-inf budget", _ifgsm("inf"), LINF_LEVELS, "L-inf eps", _ifgsm_text,
                         attacks_model=True),
     "ifgsm_l2": Sweep("IFGSM, L2 budget", _ifgsm("2"), L2_LEVELS, "L2 eps", _ifgsm_text, attacks_model=True),
-    # AutoAttack-style evaluation (attacks.apgd_attack, square_attack, ensemble_attack).
+    # AutoAttack-style evaluation (autoattack.apgd_attack, square_attack, ensemble_attack).
     "apgd_ce": Sweep("APGD-CE, L-inf budget", _apgd("ce"), LINF_LEVELS, "L-inf eps",
                      lambda s: f"APGD-CE, {_apgd_steps(s)}, {IN_EVAL}", attacks_model=True),
     "apgd_dlr": Sweep("APGD-DLR, L-inf budget", _apgd("dlr"), LINF_LEVELS, "L-inf eps",

@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's
 
 from benchmarks import stand_ins  # noqa: E402  (first: the project's modules import optional packages)
 import attacks  # noqa: E402
+import autoattack  # noqa: E402
 import harness  # noqa: E402
 import reproduce  # noqa: E402
 from analysis import selection  # noqa: E402
@@ -214,10 +215,10 @@ def check_attacks_and_losses(device: torch.device, args) -> dict:
             generator = torch.Generator(device=device).manual_seed(0)
             runs = {"pgd": lambda: attacks.pgd_attack(model, x, y, mask, eps, norm, steps=args.attack_steps,
                                                       restarts=1, early_stop=False, generator=generator),
-                    "apgd-ce": lambda: attacks.apgd_attack(model, x, y, mask, eps, norm, steps=args.attack_steps,
-                                                           loss="ce", generator=generator),
-                    "apgd-dlr": lambda: attacks.apgd_attack(model, x, y, mask, eps, norm, steps=args.attack_steps,
-                                                            loss="dlr", generator=generator)}
+                    "apgd-ce": lambda: autoattack.apgd_attack(model, x, y, mask, eps, norm, steps=args.attack_steps,
+                                                              loss="ce", generator=generator),
+                    "apgd-dlr": lambda: autoattack.apgd_attack(model, x, y, mask, eps, norm, steps=args.attack_steps,
+                                                               loss="dlr", generator=generator)}
             for attack, run in runs.items():
                 results[f"{name}, {attack}, L{norm} eps {eps:g}"] = check_perturbation(run(), x, mask, eps, norm,
                                                                                         device)

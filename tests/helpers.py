@@ -76,6 +76,43 @@ def generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def predictions(model: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The predicted class of each sample."""
+    with torch.no_grad():
+        return model(x, mask).argmax(dim=1)
+
+
+def binary_linear_problem(lengths: list[int], total: int = 64, seed: int = 0
+                          ) -> tuple[LinearModel, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 2-class linear model on 2 leads with small inputs (no clipping within eps <= 0.5)."""
+    g = torch.Generator().manual_seed(seed)
+    model = LinearModel(torch.randn(2, 2, total, generator=g), torch.randn(2, generator=g))
+    mask = right_aligned_masks(lengths, total)
+    x = 0.3 * (2 * torch.rand(len(lengths), 2, total, generator=g) - 1) * mask
+    y = torch.tensor([i % 2 for i in range(len(lengths))])
+    return model, x, y, mask
+
+
+def per_sample_norms(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L-inf, L2) norm of each sample's perturbation."""
+    flat = delta.flatten(1)
+    return flat.abs().max(dim=1).values, flat.norm(dim=1)
+
+
+class RecordingModel(nn.Module):
+    """Wraps a model and records every input it sees while gradients are enabled."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.iterates: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            self.iterates.append(x.detach().clone())
+        return self.model(x, mask)
+
+
 def sinusoid_task(n: int, total: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x, y, mask) of ``n`` samples: three classes told apart by the period (32, 16, 8 samples) of
     a noisy 2-lead sinusoid, random lengths T/2..T, right-aligned and zero-padded."""

@@ -1,6 +1,6 @@
-"""Tests for attacks.py: budgets and masks, early stop, closed forms on linear models,
-strength against white noise and the Adversarial Robustness Toolbox's masked PGD, Auto-PGD,
-Square and the ensemble."""
+"""Tests for attacks.py: the losses, budgets and masks, early stop, closed forms on linear
+models, strength against white noise and the Adversarial Robustness Toolbox's masked PGD, and
+the model's state."""
 from __future__ import annotations
 
 import math
@@ -9,35 +9,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from art.attacks.evasion import AutoProjectedGradientDescent, ProjectedGradientDescentPyTorch, SquareAttack
+from art.attacks.evasion import ProjectedGradientDescentPyTorch
 from art.estimators.classification import PyTorchClassifier
 
 import attacks
 import noises
-from analysis.compare import masking_check
-from analysis.metrics import class_balanced_accuracy, confusion_matrix
 from ECG_CNN import build_model
-from helpers import LinearModel, TinyCNN, generator, right_aligned_masks, sinusoid_task
+from helpers import (LinearModel, RecordingModel, TinyCNN, binary_linear_problem, generator, per_sample_norms,
+                     predictions, right_aligned_masks)
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def predictions(model: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x, mask).argmax(dim=1)
-
-
-def binary_linear_problem(lengths: list[int], total: int = 64, seed: int = 0
-                          ) -> tuple[LinearModel, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A 2-class linear model on 2 leads with small inputs (no clipping within eps <= 0.5)."""
-    g = torch.Generator().manual_seed(seed)
-    model = LinearModel(torch.randn(2, 2, total, generator=g), torch.randn(2, generator=g))
-    mask = right_aligned_masks(lengths, total)
-    x = 0.3 * (2 * torch.rand(len(lengths), 2, total, generator=g) - 1) * mask
-    y = torch.tensor([i % 2 for i in range(len(lengths))])
-    return model, x, y, mask
-
 
 def weight_gap(model: LinearModel, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(w_other - w_y) * mask per sample: the direction that lowers the margin z_y - z_other."""
@@ -51,12 +33,6 @@ def margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tens
         logits = model(x, mask)
     own = logits.gather(1, y[:, None]).squeeze(1)
     return own - logits.scatter(1, y[:, None], float("-inf")).max(dim=1).values
-
-
-def per_sample_norms(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L-inf, L2) norm of each sample's perturbation."""
-    flat = delta.flatten(1)
-    return flat.abs().max(dim=1).values, flat.norm(dim=1)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -74,6 +50,20 @@ def test_soft_margin_loss_matches_brute_force():
         others = [v for j, v in enumerate(row) if j != label]
         expected += math.log(sum(math.exp(v) for v in others)) - row[label]
     assert attacks.soft_margin_loss(logits, y).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_dlr_loss_matches_brute_force():
+    logits, y = torch.randn(7, 9, dtype=torch.float64), torch.randint(0, 9, (7,))
+    logits[0, :3] = 5.0  # a tie among the top logits
+    y[0] = 1
+    for row, label, got in zip(logits.tolist(), y.tolist(), attacks.dlr_losses(logits, y).tolist()):
+        ranked = sorted(row, reverse=True)
+        best_other = max(v for j, v in enumerate(row) if j != label)
+        assert got == pytest.approx(-(row[label] - best_other) / (ranked[0] - ranked[2] + 1e-12),
+                                    rel=1e-12, abs=1e-12)
+    assert attacks.dlr_loss(logits, y).item() == pytest.approx(attacks.dlr_losses(logits, y).sum().item())
+    with pytest.raises(ValueError, match="at least 3 classes"):
+        attacks.dlr_losses(torch.randn(2, 2), torch.tensor([0, 1]))
 
 
 # ----------------------------------------------------------------------------- budgets and masks
@@ -200,20 +190,6 @@ def test_early_stop_freezes_each_sample_at_its_first_fooling_iterate():
     no_stop = attacks.ifgsm_attack(model, x, y, mask, eps, steps=20, step_size=step,
                                    early_stop=False)
     torch.testing.assert_close(no_stop - x, eps * gap.sign(), rtol=0, atol=1e-5)
-
-
-class RecordingModel(nn.Module):
-    """Wraps a model and records every input it sees while gradients are enabled."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.iterates: list[torch.Tensor] = []
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            self.iterates.append(x.detach().clone())
-        return self.model(x, mask)
 
 
 def test_early_stop_returns_the_first_fooling_iterate_exactly(trained_tiny):
@@ -356,252 +332,3 @@ def test_random_starts_are_reproducible_with_a_generator():
     run = lambda seed: attacks.pgd_attack(model, x, y, mask, 0.1, steps=2, early_stop=False,
                                           generator=generator(seed))
     assert torch.equal(run(5), run(5)) and not torch.equal(run(5), run(6))
-
-
-# ----------------------------------------------------------------------------- Auto-PGD, Square, ensemble
-
-def test_apgd_checkpoints_are_the_published_ones():
-    # Croce and Hein (ICML 2020): p = 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99, computed
-    # by hand from p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06); checkpoints ceil(p_j N).
-    assert attacks.apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
-    assert attacks.apgd_checkpoints(1000) == [220, 410, 570, 700, 800, 870, 930, 990]
-    assert attacks.apgd_checkpoints(10) == [3, 5, 6, 7, 8, 9, 10]  # ceil(2.2) = 3, ceil(5.7) = 6, ...
-
-
-def test_dlr_loss_matches_brute_force():
-    logits, y = torch.randn(7, 9, dtype=torch.float64), torch.randint(0, 9, (7,))
-    logits[0, :3] = 5.0  # a tie among the top logits
-    y[0] = 1
-    for row, label, got in zip(logits.tolist(), y.tolist(), attacks.dlr_losses(logits, y).tolist()):
-        ranked = sorted(row, reverse=True)
-        best_other = max(v for j, v in enumerate(row) if j != label)
-        assert got == pytest.approx(-(row[label] - best_other) / (ranked[0] - ranked[2] + 1e-12),
-                                    rel=1e-12, abs=1e-12)
-    assert attacks.dlr_loss(logits, y).item() == pytest.approx(attacks.dlr_losses(logits, y).sum().item())
-    with pytest.raises(ValueError, match="at least 3 classes"):
-        attacks.dlr_losses(torch.randn(2, 2), torch.tensor([0, 1]))
-    model, x, y2, mask = binary_linear_problem([64, 40])
-    with pytest.raises(ValueError, match="at least 3 classes"):
-        attacks.apgd_attack(model, x, y2, mask, 0.1, loss="dlr", steps=2)
-
-
-ATTACKS = {
-    "apgd-ce-linf": lambda m, x, y, mask, eps, g: attacks.apgd_attack(
-        m, x, y, mask, eps, steps=6, generator=g),
-    "apgd-dlr-linf": lambda m, x, y, mask, eps, g: attacks.apgd_attack(
-        m, x, y, mask, eps, steps=6, loss="dlr", restarts=2, generator=g),
-    "apgd-ce-l2": lambda m, x, y, mask, eps, g: attacks.apgd_attack(
-        m, x, y, mask, 10 * eps, norm=2, steps=6, generator=g),
-    "square-linf": lambda m, x, y, mask, eps, g: attacks.square_attack(
-        m, x, y, mask, eps, queries=30, generator=g),
-    "ensemble-linf": lambda m, x, y, mask, eps, g: attacks.ensemble_attack(
-        m, x, y, mask, eps, steps=4, queries=20, generator=g)[0],
-}
-
-
-@pytest.mark.parametrize("name", ATTACKS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_new_attacks_keep_budget_mask_clip_type_and_model_state(name, dtype):
-    torch.manual_seed(0)
-    model = TinyCNN().to(dtype).train()  # train mode: the attack must leave it so
-    mask = right_aligned_masks([200, 256, 130, 256, 90, 256], 256).to(dtype)
-    x = ((2 * torch.rand(6, 2, 256) - 1) * mask).to(dtype)  # up to +-1: the clip is exercised
-    with torch.no_grad():
-        y = (model(x, mask).argmax(dim=1))  # clean-correct: every sample is attacked
-    eps = 0.05
-    with torch.no_grad():  # callers often evaluate under no_grad
-        x_adv = ATTACKS[name](model, x, y, mask, eps, generator())
-    delta = x_adv - x
-    linf, l2 = per_sample_norms(delta)
-    assert x_adv.shape == x.shape and x_adv.dtype == dtype and x_adv.device == x.device
-    assert not x_adv.requires_grad
-    if name.endswith("l2"):
-        assert (l2 <= 10 * eps * (1 + 1e-5)).all()
-    else:
-        assert (linf <= eps * (1 + 1e-6)).all()
-    assert (linf > 0).all(), "a sample was not attacked"
-    assert torch.equal(x_adv * (1 - mask), x * (1 - mask)), "padding changed"
-    assert x_adv.abs().max() <= 1
-    assert model.training and all(p.grad is None for p in model.parameters())
-
-
-@pytest.mark.parametrize("name", ATTACKS)
-def test_new_attacks_are_reproducible_and_leave_clean_wrong_samples(name, trained_tiny):
-    model, x, y, mask = trained_tiny
-    x, y, mask = x[:12], y[:12], mask[:12]
-    run = lambda seed, labels=y: ATTACKS[name](model, x, labels, mask, 0.2, generator(seed))
-    assert torch.equal(run(1), run(1)) and not torch.equal(run(1), run(2))
-    assert torch.equal(run(1, (y + 1) % 3), x), "a clean-wrong sample was attacked"
-
-
-def test_apgd_returns_first_fooling_iterate_and_best_point_otherwise(trained_tiny):
-    # Broken samples stop at the first iterate the model misclassifies; survivors come back
-    # at their iterate of highest loss. The batch shrinks as samples break, so each recorded
-    # row is matched to its sample by distance (samples differ far more than 2 eps).
-    model, x, y, mask = trained_tiny
-    recorder = RecordingModel(model)
-    x_adv = attacks.apgd_attack(recorder, x, y, mask, 0.2, steps=10, generator=generator())
-    rows = torch.cat(recorder.iterates)  # every input the attack took a gradient at, in order
-    owner = torch.cdist(rows.flatten(1), x.flatten(1), p=float("inf")).argmin(dim=1)
-    wrong = predictions(model, x_adv, mask) != y
-    assert 0 < wrong.sum() < len(y), "the test needs some but not all samples broken"
-    for i in range(len(y)):
-        mine = rows[owner == i]
-        assert (mine - x[i]).abs().max() <= 0.2 + 1e-6
-        with torch.no_grad():
-            logits = model(mine, mask[i].expand(len(mine), -1, -1))
-        fooled = logits.argmax(dim=1) != y[i]
-        if wrong[i]:
-            assert torch.equal(x_adv[i], mine[fooled.nonzero()[0, 0]])
-            assert fooled.nonzero()[0, 0] == len(mine) - 1, "attacked after it broke"
-        else:
-            losses = F.cross_entropy(logits, y[i].expand(len(mine)), reduction="none")
-            assert not fooled.any() and torch.equal(x_adv[i], mine[losses.argmax()])
-
-
-def test_square_windows_stay_inside_the_signal_and_at_the_ball_corners():
-    # Every signal sample of Square's output sits at x +- eps (or the clip): the stripes
-    # start puts every sample at a corner and windows only move them between corners.
-    torch.manual_seed(0)
-    model = TinyCNN().eval()
-    mask = right_aligned_masks([256, 100, 30], 256)
-    x = 0.5 * (2 * torch.rand(3, 2, 256) - 1) * mask
-    y = predictions(model, x, mask)
-    x_adv = attacks.square_attack(model, x, y, mask, 0.1, queries=50, generator=generator())
-    delta = (x_adv - x)[mask.expand_as(x).bool()]
-    torch.testing.assert_close(delta.abs(), torch.full_like(delta, 0.1), rtol=0, atol=1e-6)
-    assert torch.equal(x_adv * (1 - mask), x * (1 - mask))
-
-
-def test_square_fraction_follows_the_published_schedule():
-    # Andriushchenko et al.: p halves after 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000
-    # of 10,000 iterations.
-    halvings = [10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000]
-    for query in range(0, 10000, 7):
-        expected = 0.8 / 2 ** sum(query > h for h in halvings)
-        assert attacks.square_fraction(0.8, query, 10000) == pytest.approx(expected)
-
-
-def test_ensemble_reports_who_broke_each_sample(trained_tiny):
-    model, x, y, mask = trained_tiny
-    y = y.clone()
-    y[:3] = (y[:3] + 1) % 3  # clean-wrong
-    x_adv, broken_by = attacks.ensemble_attack(model, x, y, mask, 0.2, steps=5, queries=30,
-                                               generator=generator())
-    assert broken_by[:3] == ["clean"] * 3
-    assert set(broken_by) <= {"clean", "", *attacks.ENSEMBLE_ATTACKS}
-    wrong = (predictions(model, x_adv, mask) != y).tolist()
-    assert wrong == [by != "" for by in broken_by]
-    assert "apgd-ce" in broken_by and "" in broken_by, broken_by
-
-
-# ----------------------------------------------------------------------------- against ART
-
-class FullMaskModel(nn.Module):
-    """ART calls model(x) on (B, *input_shape): reshape to (B, leads, T), full mask."""
-
-    def __init__(self, model: nn.Module, leads: int, length: int):
-        super().__init__()
-        self.model, self.leads, self.length = model, leads, length
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(x.shape[0], self.leads, self.length)
-        return self.model(x, torch.ones(x.shape[0], 1, self.length, dtype=x.dtype))
-
-
-# 225 = 15 x 15 samples: ART's Square only takes images, so it sees each lead as a 15 x 15
-# image (a length with no common factor with the task's periods 8, 16 and 32).
-ART_LENGTH, ART_SIDE, ART_RECORDS = 225, 15, 48
-ART_TOLERANCE = 3  # samples of 48: the random starts and windows of the two libraries differ
-
-
-@pytest.fixture(scope="module")
-def art_case(trained_tiny):
-    model = trained_tiny[0]
-    x, y, _ = sinusoid_task(ART_RECORDS, total=ART_LENGTH, seed=3)
-    full = torch.ones(ART_RECORDS, 1, ART_LENGTH)
-
-    def classifier(input_shape):
-        return PyTorchClassifier(FullMaskModel(model, 2, ART_LENGTH), loss=nn.CrossEntropyLoss(),
-                                 input_shape=input_shape, nb_classes=3, clip_values=(-1.0, 1.0))
-
-    return classifier, model, x, y, full
-
-
-def broken_counts(model, x, y, full, ours, theirs) -> dict[str, int]:
-    counts = {name: int((predictions(model, inputs, full) != y).sum())
-              for name, inputs in [("ours", ours), ("art", theirs)]}
-    print(f"broken of {len(y)}: {counts}")
-    assert 0 < counts["art"] < len(y) and 0 < counts["ours"] < len(y), counts  # not vacuous
-    return counts
-
-
-@pytest.mark.parametrize("loss, art_loss", [("ce", "cross_entropy"), ("dlr", "difference_logits_ratio")])
-def test_apgd_breaks_as_many_as_art(art_case, loss, art_loss):
-    classifier, model, x, y, full = art_case
-
-    eps, steps = 0.15, 20
-    np.random.seed(0)  # ART draws its random start from numpy's global RNG
-    theirs = AutoProjectedGradientDescent(
-        classifier((2, ART_LENGTH)), norm=np.inf, eps=eps, eps_step=2 * eps, max_iter=steps,
-        nb_random_init=1, batch_size=ART_RECORDS, loss_type=art_loss, verbose=False
-    ).generate(x.numpy(), y=y.numpy())
-    ours = attacks.apgd_attack(model, x, y, full, eps, steps=steps, loss=loss, generator=generator())
-    counts = broken_counts(model, x, y, full, ours, torch.from_numpy(theirs))
-    assert counts["ours"] >= counts["art"] - ART_TOLERANCE, counts
-
-
-def test_square_breaks_as_many_as_art(art_case):
-    classifier, model, x, y, full = art_case
-
-    eps, queries = 0.2, 100
-    np.random.seed(0)
-    theirs = SquareAttack(classifier((2, ART_SIDE, ART_SIDE)), norm=np.inf, max_iter=queries, eps=eps,
-                          p_init=0.8, nb_restarts=1, batch_size=ART_RECORDS, verbose=False
-                          ).generate(x.reshape(ART_RECORDS, 2, ART_SIDE, ART_SIDE).numpy(), y=y.numpy())
-    ours = attacks.square_attack(model, x, y, full, eps, queries=queries, generator=generator())
-    counts = broken_counts(model, x, y, full, ours,
-                           torch.from_numpy(theirs).reshape(ART_RECORDS, 2, ART_LENGTH))
-    assert counts["ours"] >= counts["art"] - ART_TOLERANCE, counts
-
-
-# ----------------------------------------------------------------------------- gradient masking
-
-class QuantizedInput(nn.Module):
-    """The model on its input rounded to steps of 1/64: same predictions as the model up to
-    the rounding, but torch.round has a zero gradient, so every input gradient is zero."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.model(torch.round(x * 64) / 64, mask)
-
-
-def test_masked_gradients_fool_pgd_but_not_the_ensemble(trained_tiny):
-    model, x, y, mask = trained_tiny
-    masked = QuantizedInput(model)
-    eps = 0.2
-
-    def accuracy(inputs):
-        return class_balanced_accuracy(confusion_matrix(y.numpy(), predictions(masked, inputs, mask).numpy(), 3))
-
-    x_pgd = attacks.pgd_attack(masked, x, y, mask, eps, steps=10, generator=generator())
-    x_ens, broken_by = attacks.ensemble_attack(masked, x, y, mask, eps, steps=10, queries=200,
-                                               generator=generator())
-    x_square = attacks.square_attack(masked, x, y, mask, eps, queries=200, generator=generator())
-    clean, pgd, ensemble, square = accuracy(x), accuracy(x_pgd), accuracy(x_ens), accuracy(x_square)
-    print(f"masked-gradient model at eps {eps}: accuracy clean {clean:.3f}, PGD {pgd:.3f}, "
-          f"ensemble {ensemble:.3f}, Square {square:.3f}; broken by {sorted(set(broken_by))}")
-    assert pgd >= clean - 0.05, "PGD should be stuck at its random start"
-    assert ensemble < pgd - 0.1 and square < pgd - 0.1
-    assert "square" in broken_by
-
-    def sweep(acc):  # a one-level sweep result as robustness_sweep writes it
-        return {"levels": [0.0, eps], "accuracy": [clean, acc], "n": len(y)}
-
-    check = masking_check({"pgd_linf": sweep(pgd), "autoattack": sweep(ensemble), "square": sweep(square)})
-    assert check["flagged"] and "PGD overstates this model's robustness by" in check["verdict"]
-    assert "Square, which uses no gradients, does better" in check["verdict"]
-    assert check["rows"][0]["gap"] == pytest.approx(pgd - ensemble)
