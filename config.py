@@ -367,15 +367,25 @@ def check_levels(name: str) -> None:
         raise ConfigError(f"--levels: unknown level list '{name}' (known: {', '.join(LEVEL_LISTS)})")
 
 
+# The least value each whole-number setting runs with: checked on the command line and in the
+# settings a checkpoint saved (evaluate.check_saved_settings).
+LEAST = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "checkpoint_every": 1, "max_length": 1,
+         "max_batches": 0, "random_pad": 0, "seed": 0, "sweep_steps": 0, "sweep_restarts": 1, "sweep_max_batches": 0}
+
+
+def check_least(settings: dict, *keys: str) -> None:
+    """Refuse a setting of ``keys`` below its LEAST, naming the flag."""
+    for key in keys:
+        if settings[key] < LEAST[key]:
+            bound = f"at least {LEAST[key]}" if LEAST[key] else ">= 0"
+            raise ConfigError(f"--{key} must be {bound}, got {settings[key]}")
+
+
 def check_sweep_settings(settings: dict) -> None:
     """Refuse sweep settings that cannot run (the training's and evaluate.py's), naming the flag."""
     parse_sweeps(settings["sweeps"])
     check_levels(settings["levels"])
-    if settings["sweep_restarts"] < 1:
-        raise ConfigError(f"--sweep_restarts must be at least 1, got {settings['sweep_restarts']}")
-    for key in ("sweep_steps", "sweep_max_batches"):
-        if settings[key] < 0:
-            raise ConfigError(f"--{key} must be >= 0, got {settings[key]}")
+    check_least(settings, "sweep_restarts", "sweep_steps", "sweep_max_batches")
 
 
 def non_negative(cfg: SimpleNamespace, *keys: str) -> None:
@@ -431,9 +441,7 @@ def parse_config(method: str, hyperparameters: dict, argv: list[str] | None = No
 def validate_config(cfg: SimpleNamespace) -> None:
     """Reject shared settings that cannot work, naming the flag."""
     config = vars(cfg)
-    for key in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "max_length"):
-        if config[key] < 1:
-            raise ConfigError(f"--{key} must be at least 1, got {config[key]}")
+    check_least(config, "epochs", "batch_size", "eval_batch_size", "checkpoint_every", "max_length")
     if config["batch_size"] % world_size():
         raise ConfigError(f"--batch_size {config['batch_size']} must be a multiple of the number of "
                           f"processes ({world_size()}): each takes an equal share of every batch")
@@ -443,9 +451,7 @@ def validate_config(cfg: SimpleNamespace) -> None:
         raise ConfigError(f"--bucket needs --model resnet18a_vl: the predictions of {config['model']} "
                           "depend on the padding that bucketing crops")
     check_sweep_settings(config)
-    for key in ("max_batches", "random_pad"):
-        if config[key] < 0:
-            raise ConfigError(f"--{key} must be >= 0, got {config[key]}")
+    check_least(config, "max_batches", "random_pad")
     if not 0 <= config["seed"] <= MAX_SEED:
         raise ConfigError(f"--seed must be between 0 and {MAX_SEED} (numpy's seeds), got {config['seed']}")
     if not 0 < config["lr"] < math.inf:

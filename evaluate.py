@@ -30,7 +30,7 @@ from analysis import figures
 from analysis.compare import EXAMPLE_STEM, EvaluationError, compare_runs, run_names
 from analysis.metrics import (NUM_CLASSES, class_balanced_accuracy, classification_scores, confusion_matrix,
                               mean_f1, ratio, robustness_auc, scores_table)
-from config import (LEVEL_LISTS, SWEEPS, check_device, check_levels, check_sweep_settings, noise_levels,
+from config import (LEAST, LEVEL_LISTS, SWEEPS, check_device, check_levels, check_sweep_settings, noise_levels,
                     parse_sweeps, value_type)
 from cpsc2018 import CLASSES, FS, LEAD_NAMES, LEADS, DataError
 from ECG_CNN import build_model, check_length
@@ -187,8 +187,6 @@ def sweep_rows(run: str, result: dict) -> list[dict]:
 RUN_SETTINGS = ("run_name", "device", "data_dir", "max_length", "random_pad", "batch_size", "eval_batch_size",
                 "bucket", "seed", "sweeps", "sweep_steps", "sweep_restarts", "sweep_max_batches")
 # The least value of each whole-number setting that a training saves (config.validate_config).
-SAVED_MINIMUM = {"batch_size": 1, "eval_batch_size": 1, "max_length": 1, "random_pad": 0, "seed": 0,
-                 "sweep_steps": 0, "sweep_restarts": 1, "sweep_max_batches": 0}
 TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
 
 
@@ -240,9 +238,9 @@ def check_saved_settings(path: Path, config: dict) -> None:
     for key, value in saved.items():
         if wrong := wrong_setting_type(key, value):
             raise EvaluationError(f"{path}: its saved {key} is {wrong}")
-        if key in SAVED_MINIMUM and value < SAVED_MINIMUM[key]:
+        if key in LEAST and value < LEAST[key]:
             raise EvaluationError(f"{path}: its saved {key} is {value}, below the least a training saves "
-                                  f"({SAVED_MINIMUM[key]})")
+                                  f"({LEAST[key]})")
     try:
         check_length(saved["max_length"] + saved["random_pad"])
         parse_sweeps(saved["sweeps"])
