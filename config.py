@@ -25,14 +25,14 @@ from ECG_CNN import MODELS, check_length
 from ECG_Dataset import MAX_LENGTH, RANDOM_PAD
 from plumbing.distributed import choose_device, world_size
 from plumbing.flags import ConfigError, OneLineParser, folder
-from preprocess import DEFAULT_RAW_DIR
+from preprocess import DEFAULT_OUT_DIR, DEFAULT_RAW_DIR
 
 # PROTOCOL section 5: the settings shared by all four methods; each is a command-line flag.
 # These each method script sets at its top (TRAINING), where a researcher edits them:
 SCRIPT_SETTINGS = ("epochs", "batch_size", "lr")
 # The others:
 TRAIN_DEFAULTS = dict(
-    data_dir="data/CPSC2018/processed",  # the cache written by preprocess.py
+    data_dir=DEFAULT_OUT_DIR,  # the cache written by preprocess.py
     result_dir="result",
     run_name="",             # empty: the method's own name with its key settings
     model="resnet18a",
@@ -242,7 +242,7 @@ class Sweep:
     axis: str                        # the curve's x-axis label
     describe: Callable[[dict], str]  # its settings ("steps", "restarts") in one line
     # Attacks the model: --sweep_max_records restricts all of these to the same records, so that
-    # PGD and the ensemble are compared on equal footing (evaluate.masking_check).
+    # PGD and the ensemble are compared on equal footing (analysis.compare.masking_check).
     attacks_model: bool = False
     snr_db: bool = False             # levels are signal-to-noise ratios in dB
 
@@ -331,7 +331,7 @@ SWEEPS = {
     "muscle": Sweep("Real-ECG noise: muscle (EMG)", _snr_noise(noises.muscle_noise), SNR_DB_LEVELS, SNR_AXIS,
                     _noise_text, snr_db=True),
 }
-GRADIENT_SWEEPS = ("pgd_linf", "apgd_ce", "apgd_dlr")  # the L-inf gradient attacks (evaluate.masking_check)
+GRADIENT_SWEEPS = ("pgd_linf", "apgd_ce", "apgd_dlr")  # the L-inf gradient attacks (analysis.compare.masking_check)
 
 
 def noise_levels(sweep: str, levels: str = "paper") -> tuple:

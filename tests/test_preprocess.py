@@ -6,9 +6,7 @@ import errno
 import hashlib
 import json
 import os
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 import time

@@ -1,4 +1,4 @@
-"""selection.py: each criterion's pick, the selection report, the cost estimate; and the
+"""analysis/selection.py: each criterion's pick, the selection report, the cost estimate; and the
 scaled-down study end to end through reproduce.py."""
 import json
 import math
