@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,7 +20,9 @@ import torch
 from plumbing.distributed import barrier, gather_to_main, is_main_process, rank, unwrap, world_size
 from plumbing.flags import ConfigError
 from plumbing.safe_writes import atomic_path
-from preprocess import Cache
+
+if TYPE_CHECKING:  # the type of data_fingerprint's argument; plumbing imports no command
+    from preprocess import Cache
 
 
 def rng_state(loader_generator: torch.Generator) -> dict:
