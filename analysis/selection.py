@@ -85,15 +85,16 @@ def benchmark_row(method: str, cfg) -> str:
     return method
 
 
-def estimate_seconds(method: str, cfg, sweep: str) -> dict[str, float]:
-    """Estimated single-thread CPU seconds of one selection run at the paper's data size:
-    training, the clean evaluation of the validation and test splits, and ``sweep`` on the
-    validation split (an upper bound: every record attacked at every level with every start;
-    early stop and records wrong on the clean input make it cheaper)."""
-    rows = {row["row"]: row["seconds_per_sample"] for row in read_json(BENCHMARK)["rows"]}
+def estimate_seconds(method: str, cfg, sweep: str, benchmark: Path = BENCHMARK) -> dict[str, float]:
+    """Estimated seconds of one selection run at the paper's data size, by the figures of
+    ``benchmark`` (bench_methods' format; single-thread CPU by default): training, the clean
+    evaluation of the validation and test splits, and ``sweep`` on the validation split (an upper
+    bound: every record attacked at every level with every start; early stop and records wrong
+    on the clean input make it cheaper)."""
+    rows = {row["row"]: row["seconds_per_sample"] for row in read_json(benchmark)["rows"]}
     row = benchmark_row(method, cfg)
     if row not in rows:
-        raise KeyError(f"{BENCHMARK.name} has no row '{row}'")
+        raise KeyError(f"{benchmark.name} has no row '{row}'")
     batches = math.ceil(PAPER_EPOCH_SAMPLES / cfg.batch_size)
     batches = min(batches, cfg.max_batches) if cfg.max_batches else batches
     clean = rows[CLEAN_ROW]
@@ -103,13 +104,14 @@ def estimate_seconds(method: str, cfg, sweep: str) -> dict[str, float]:
             * cfg.sweep_steps / 100 * rows[PGD_ROW]}
 
 
-def cost_source(method_rows: list[str]) -> str:
-    """Where the figures come from, for the dry run's output."""
-    benchmark = read_json(BENCHMARK)
-    timed = {row["row"] for row in benchmark["rows"]}
-    return (f"figures: {BENCHMARK.relative_to(BENCHMARK.parents[2]).as_posix()} (`{benchmark['command']}`; "
-            f"{benchmark['settings']['device']}, {benchmark['settings']['threads']} thread, input length "
-            f"{benchmark['settings']['length']}), seconds_per_sample of the rows "
+def cost_source(method_rows: list[str], benchmark: Path = BENCHMARK) -> str:
+    """Where the figures of ``benchmark`` come from, for the dry run's output."""
+    figures_of = read_json(benchmark)
+    timed = {row["row"] for row in figures_of["rows"]}
+    settings = figures_of["settings"]
+    return (f"figures: {benchmark.relative_to(benchmark.parents[2]).as_posix()} (`{figures_of['command']}`; "
+            f"{settings['device']}, {settings['threads']} thread, input length "
+            f"{settings['length']}), seconds_per_sample of the rows "
             + ", ".join(f"'{row}'" for row in dict.fromkeys(method_rows) if row in timed)
             + f", '{CLEAN_ROW}' and '{PGD_ROW}'; at the paper's size: "
             f"{PAPER_EPOCH_SAMPLES} training samples per epoch (PROTOCOL section 3), {PAPER_VAL_RECORDS} validation "

@@ -50,6 +50,7 @@ STEP_ROWS = {benchmark_row(method, cfg): (method, cfg)
              for cfg in [parse_script(script, argv=flags)]}
 LOADER_ROW = "data: training loader"
 ROWS = [*STEP_ROWS, LOADER_ROW, CLEAN_ROW, PGD_ROW]
+PGD_EPS = 0.01  # the PGD row's L-inf budget: the paper's
 
 
 def make_batch(batch_size: int, length: int, device: torch.device):
@@ -82,6 +83,38 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def model_and_batch(model_name: str, batch_size: int, length: int, device: torch.device):
+    """(model, x, y, mask), in training_step's and evaluation_step's order: the seeded model and
+    make_batch's batch on ``device``, the labels the model's own predictions (so that every term
+    of a loss or an attack for correctly classified samples is active)."""
+    torch.manual_seed(0)
+    model = build_model(model_name).to(device)
+    x, mask = make_batch(batch_size, length, device)
+    with torch.no_grad():
+        y = model(x, mask).argmax(dim=1)
+    return model, x, y, mask
+
+
+def pgd_row(steps: int) -> str:
+    """The PGD evaluation row's name: PGD_ROW at its 100 iterations, else named by its own count."""
+    return PGD_ROW if steps == 100 else f"eval: PGD-{steps}"
+
+
+def evaluation_step(row: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                    pgd_steps: int) -> Callable[[], None]:
+    """CLEAN_ROW's clean forward pass, or PGD with ``pgd_steps`` iterations (L-inf, PGD_EPS, one
+    start, no early stop) for the PGD row; puts the model in eval mode."""
+    model.eval()
+    if row == CLEAN_ROW:
+        def step():
+            with torch.no_grad():
+                model(x, mask)
+    else:
+        def step():
+            attacks.pgd_attack(model, x, y, mask, PGD_EPS, "inf", steps=pgd_steps, restarts=1, early_stop=False)
+    return step
+
+
 def training_step(row: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
                   amp: bool = False) -> Callable[[], None]:
     """One training step of a STEP_ROWS row on this batch, as the harness takes it (the loss under
@@ -102,11 +135,7 @@ def training_step(row: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Te
 def measure(row: str, args) -> dict:
     """Seconds per sample of one row, measured in this process."""
     device = open_device(args.device, args.threads)
-    torch.manual_seed(0)
-    model = build_model("resnet18a").to(device)
-    x, mask = make_batch(args.batch_size, args.length, device)
-    with torch.no_grad():
-        y = model(x, mask).argmax(dim=1)
+    model, x, y, mask = model_and_batch("resnet18a", args.batch_size, args.length, device)
     if row in STEP_ROWS:
         step = training_step(row, model, x, y, mask)
     elif row == LOADER_ROW:
@@ -115,18 +144,8 @@ def measure(row: str, args) -> dict:
         def step():
             for _ in zip(range(1), loader):  # one batch from a fresh iterator
                 pass
-    elif row == CLEAN_ROW:
-        model.eval()
-
-        def step():
-            with torch.no_grad():
-                model(x, mask)
     else:
-        model.eval()
-
-        def step():
-            attacks.pgd_attack(model, x, y, mask, 0.01, "inf", steps=args.pgd_steps, restarts=1,
-                               early_stop=False)
+        step = evaluation_step(row, model, x, y, mask, args.pgd_steps)
     for _ in range(args.warmup):
         step()
     times, cpu_times = zip(*(timed(step, device) for _ in range(args.repeats)))

@@ -1,6 +1,6 @@
 """One command that proves the CUDA path and measures it, for the minutes a GPU is at hand.
 
-    python benchmarks/gpu_check.py --out DIR                     # CUDA: about 7 minutes on one H100
+    python benchmarks/gpu_check.py --out DIR                     # CUDA, budgeted to 450 s (--budget_s)
     python benchmarks/gpu_check.py --out DIR --device cpu --tiny  # every stage at tiny sizes (CI)
 
 Writes DIR/gpu_check.json and DIR/gpu_check.md (the device, torch, CUDA, cuDNN and Python
@@ -22,7 +22,7 @@ checks what is left and records "skipped: <why>" for what would not fit. Stages:
 4. amp: the trained model's logits and accuracy under bf16 autocast beside float32.
 5. speed: seconds per training step of every method (bench_methods.training_step, the labels
    the model's own predictions) at the paper's batch 64 and T = 33792, cuDNN benchmark on;
-   float32, then AMP; clean forward and PGD-100 evaluation (per record); the variable-length
+   float32, then AMP; clean forward and PGD-100 evaluation (per record; PGD-2 with --tiny); the variable-length
    path (resnet18a_vl on a bucket of BUCKET_LENGTH samples); torch.compile of the paper path (a
    failure is recorded in one line; compile time apart from step time).
 6. projection: the cost of `reproduce.py --preset paper` from the float32 paper-path rows by
@@ -46,10 +46,10 @@ import time
 import traceback
 from pathlib import Path
 from typing import Callable
-from unittest import mock
 
 import numpy as np
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
@@ -60,7 +60,8 @@ import autoattack  # noqa: E402
 import harness  # noqa: E402
 import reproduce  # noqa: E402
 from analysis import selection  # noqa: E402
-from benchmarks.bench_methods import STEP_ROWS, make_batch, training_step  # noqa: E402
+from benchmarks.bench_methods import (PGD_EPS, STEP_ROWS, evaluation_step, make_batch, model_and_batch,  # noqa: E402
+                                      pgd_row, training_step)
 from benchmarks.common import command_line, environment, open_device, timed  # noqa: E402
 from config import METHODS  # noqa: E402
 from ECG_CNN import DOWNSAMPLE, build_model  # noqa: E402
@@ -74,7 +75,7 @@ FLOAT32_TOLERANCE = 1e-4  # relative error, device against CPU, float32 with TF3
 AMP_TOLERANCE = 0.05  # relative error of bf16-autocast logits against float32
 AMP_ACCURACY_GAP = 0.1  # largest accuracy difference AMP may make on the synthetic batch
 EPS_SLACK = 1e-5  # relative: a perturbation's norm may exceed eps by rounding only
-ATTACK_EPS = {"inf": 0.01, "2": 0.5}  # the paper's L-inf budget; an L2 budget of the same order
+ATTACK_EPS = {"inf": PGD_EPS, "2": 0.5}  # the paper's L-inf budget; an L2 budget of the same order
 SYNTHETIC_PERIODS = (64.0, 32.0, 16.0)  # samples per period of the three synthetic classes
 # The variable-length rows' width: the mean bucketed width of the 151 real records at batch 16
 # (10679, results/variable_length_cpu_batch16.json) rounded up to a multiple of 1024.
@@ -106,8 +107,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.compile_backend = args.compile_backend or ("eager" if args.tiny else "inductor")
-    if args.budget_s <= 0:
-        raise ValueError(f"--budget_s must be > 0, got {args.budget_s:g}")
+    if not (math.isfinite(args.budget_s) and args.budget_s > 0):
+        raise ValueError(f"--budget_s must be a finite number > 0, got {args.budget_s:g}")
+    backends = torch._dynamo.list_backends(exclude_tags=())  # the default list leaves out eager and aot_eager
+    if args.compile_backend not in backends:
+        raise ValueError(f"--compile_backend {args.compile_backend}: not a torch.compile backend here "
+                         "(inductor, eager, aot_eager, ...: torch._dynamo.list_backends(exclude_tags=()))")
     return args
 
 
@@ -238,11 +243,7 @@ def method_loss(row: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tens
 def check_loss(row: str, device: torch.device, args) -> dict:
     """Finite on the device with finite gradients; equal to the CPU's when deterministic (the
     CPU gives the same value under two seeds)."""
-    x, mask = make_batch(args.check_batch, args.check_length, torch.device("cpu"))
-    torch.manual_seed(0)
-    model = build_model("resnet18a").train()
-    with torch.no_grad():
-        y = model(x, mask).argmax(dim=1)  # correctly classified: every term of the loss is active
+    model, x, y, mask = model_and_batch("resnet18a", args.check_batch, args.check_length, torch.device("cpu"))
     with exact_float32():
         cpu = [method_loss(row, model, x, y, mask, seed).item() for seed in (0, 1)]
         device_model = copy.deepcopy(model).to(device)
@@ -358,11 +359,7 @@ def method_rows(args, device: torch.device, model_name: str, length: int, amp: b
     """{row: a function building its training step} for every method, as bench_methods times them."""
     def builder(row: str) -> Callable[[], Callable[[], object]]:
         def make_step():
-            torch.manual_seed(0)
-            model = build_model(model_name).to(device)
-            x, mask = make_batch(args.batch_size, length, device)
-            with torch.no_grad():
-                y = model(x, mask).argmax(dim=1)
+            model, x, y, mask = model_and_batch(model_name, args.batch_size, length, device)
             run = model if compile_backend is None else torch.compile(model, backend=compile_backend)
             return training_step(row, run, x, y, mask, amp=amp)
         return make_step
@@ -370,37 +367,23 @@ def method_rows(args, device: torch.device, model_name: str, length: int, amp: b
 
 
 def evaluation_rows(args, device: torch.device) -> dict[str, Callable[[], Callable[[], object]]]:
-    """bench_methods' evaluation rows: a clean forward pass and PGD-100 (L-inf, eps 0.01, one start, no early stop)."""
-    def model_and_batch():
-        torch.manual_seed(0)
-        model = build_model("resnet18a").to(device).eval()
-        x, mask = make_batch(args.batch_size, args.length, device)
-        with torch.no_grad():
-            y = model(x, mask).argmax(dim=1)
-        return model, x, mask, y
-
-    def clean():
-        model, x, mask, _ = model_and_batch()
-
-        def forward():
-            with torch.no_grad():
-                model(x, mask)
-        return forward
-
-    def pgd():
-        model, x, mask, y = model_and_batch()
-        return lambda: attacks.pgd_attack(model, x, y, mask, ATTACK_EPS["inf"], "inf", steps=args.pgd_steps,
-                                          restarts=1, early_stop=False)
-    return {selection.CLEAN_ROW: clean, selection.PGD_ROW: pgd}
+    """bench_methods' evaluation rows: a clean forward pass and PGD with args.pgd_steps iterations."""
+    def builder(row: str) -> Callable[[], Callable[[], object]]:
+        return lambda: evaluation_step(row, *model_and_batch("resnet18a", args.batch_size, args.length, device),
+                                       args.pgd_steps)
+    return {row: builder(row) for row in (selection.CLEAN_ROW, pgd_row(args.pgd_steps))}
 
 
 def speed_stage(rows_of: Callable[[], dict], args, device: torch.device, budget: Budget,
                 compiled: bool = False) -> dict:
     """Time the rows with cuDNN benchmark on; a row starts while a fortieth of the budget (a sixth
-    when compiling) or the longest row so far still fits."""
+    when compiling) or the longest row so far still fits. A row's error makes the stage's status
+    an error."""
     torch.backends.cudnn.benchmark = True
     reserve = budget.seconds / (6 if compiled else 40)
-    return {"rows": timed_rows(rows_of(), device, budget, args.repeats, args.batch_size, reserve),
+    rows = timed_rows(rows_of(), device, budget, args.repeats, args.batch_size, reserve)
+    errors = sum(row["status"].startswith("error") for row in rows.values())
+    return {"rows": rows, **({"status": f"error: {errors} of {len(rows)} rows failed"} if errors else {}),
             "cudnn_benchmark": True, "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32,
                                               "cudnn": torch.backends.cudnn.allow_tf32}}
 
@@ -408,7 +391,8 @@ def speed_stage(rows_of: Callable[[], dict], args, device: torch.device, budget:
 def project_paper_cost(args, device: torch.device, state: dict, out: Path) -> dict:
     """selection.estimate_seconds for each run of ``reproduce.py --preset paper`` on the float32
     paper-path rows and the evaluation rows of this run (written as DIR/methods.json, in
-    bench_methods' format, which the rule reads)."""
+    bench_methods' format, which the rule reads; a PGD row of other than 100 iterations stands
+    for PGD-100 scaled by its iterations, as the rule scales PGD-100 to a sweep's)."""
     timed_rows_found = {name: row for stage in ("speed: paper path, float32", "speed: evaluation")
                         for name, row in state["results"]["stages"].get(stage, {}).get("rows", {}).items()
                         if row.get("status") == "done"}
@@ -418,18 +402,19 @@ def project_paper_cost(args, device: torch.device, state: dict, out: Path) -> di
     write_json({"command": state["results"]["command"],
                 "settings": {"length": args.length, "batch_size": args.batch_size, "device": str(device),
                              "threads": torch.get_num_threads()},
-                "rows": [{"row": name, "seconds_per_sample": row["seconds_per_sample"]}
+                "rows": [{"row": selection.PGD_ROW, "seconds_per_sample": row["seconds_per_sample"] * 100
+                          / args.pgd_steps} if name == pgd_row(args.pgd_steps) else
+                         {"row": name, "seconds_per_sample": row["seconds_per_sample"]}
                          for name, row in timed_rows_found.items()]}, benchmark)
     runs, total = {}, 0.0
-    with mock.patch.object(selection, "BENCHMARK", benchmark):
-        for job in reproduce.plan_jobs("paper", list(METHODS)):
-            try:
-                parts = selection.estimate_seconds(job.method, job.cfg, reproduce.SELECTION_SWEEP)
-            except KeyError as missing:
-                runs[job.run_dir.name] = {"status": f"no estimate: {missing.args[0]}"}
-                continue
-            runs[job.run_dir.name] = {"status": "done", "seconds": parts, "hours": sum(parts.values()) / 3600}
-            total += sum(parts.values())
+    for job in reproduce.plan_jobs("paper", list(METHODS)):
+        try:
+            parts = selection.estimate_seconds(job.method, job.cfg, reproduce.SELECTION_SWEEP, benchmark)
+        except KeyError as missing:
+            runs[job.run_dir.name] = {"status": f"no estimate: {missing.args[0]}"}
+            continue
+        runs[job.run_dir.name] = {"status": "done", "seconds": parts, "hours": sum(parts.values()) / 3600}
+        total += sum(parts.values())
     estimated = sum(r["status"] == "done" for r in runs.values())
     return {"rule": "selection.estimate_seconds per run of reproduce.plan_jobs('paper'): training, the clean "
                     "evaluation of the validation and test splits and a pgd_linf sweep on the validation split "
@@ -457,31 +442,25 @@ def versions(device: torch.device) -> dict:
 def stage_list(args, device: torch.device, budget: Budget, state: dict, out: Path) -> list[tuple[str, float, Callable]]:
     """(name, seconds it needs at least, the stage) in the order they run."""
     share = budget.seconds / 100  # the check stages' estimate: a small share of the run each
-    paper, vl = "resnet18a", "resnet18a_vl"
+    paper, vl, backend = "resnet18a", "resnet18a_vl", args.compile_backend
+
+    def speed(model_name: str, length: int, amp: bool, compiled: str | None = None) -> Callable[[], dict]:
+        return lambda: speed_stage(lambda: method_rows(args, device, model_name, length, amp, compiled), args,
+                                   device, budget, compiled=compiled is not None)
     return [
         ("models: device against CPU", share, lambda: check_models(device, args)),
         ("attacks and losses", share, lambda: check_attacks_and_losses(device, args)),
         ("training", share, lambda: check_training(device, args, state)),
         ("amp", share / 4, lambda: check_amp(device, args, state)),
-        ("speed: paper path, float32", 4 * share,
-         lambda: speed_stage(lambda: method_rows(args, device, paper, args.length, False), args, device, budget)),
+        ("speed: paper path, float32", 4 * share, speed(paper, args.length, False)),
         ("speed: evaluation", 4 * share,
          lambda: speed_stage(lambda: evaluation_rows(args, device), args, device, budget)),
         ("projection: reproduce.py --preset paper", 0.0, lambda: project_paper_cost(args, device, state, out)),
-        ("speed: paper path, AMP", 4 * share,
-         lambda: speed_stage(lambda: method_rows(args, device, paper, args.length, True), args, device, budget)),
-        ("speed: variable length, float32", 4 * share,
-         lambda: speed_stage(lambda: method_rows(args, device, vl, args.bucket_length, False), args, device,
-                             budget)),
-        ("speed: variable length, AMP", 4 * share,
-         lambda: speed_stage(lambda: method_rows(args, device, vl, args.bucket_length, True), args, device,
-                             budget)),
-        ("speed: paper path, torch.compile, float32", 4 * share,
-         lambda: speed_stage(lambda: method_rows(args, device, paper, args.length, False, args.compile_backend),
-                             args, device, budget, compiled=True)),
-        ("speed: paper path, torch.compile, AMP", 4 * share,
-         lambda: speed_stage(lambda: method_rows(args, device, paper, args.length, True, args.compile_backend),
-                             args, device, budget, compiled=True)),
+        ("speed: paper path, AMP", 4 * share, speed(paper, args.length, True)),
+        ("speed: variable length, float32", 4 * share, speed(vl, args.bucket_length, False)),
+        ("speed: variable length, AMP", 4 * share, speed(vl, args.bucket_length, True)),
+        ("speed: paper path, torch.compile, float32", 4 * share, speed(paper, args.length, False, backend)),
+        ("speed: paper path, torch.compile, AMP", 4 * share, speed(paper, args.length, True, backend)),
     ]
 
 
@@ -596,12 +575,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}{hint}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    try:
-        with lock_folder(out, "gpu_check folder"):
-            results = run_stages(args, device, out, command_line("gpu_check.py", argv))
-    except FolderInUseError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(lock_folder(out, "gpu_check folder"))
+        except FolderInUseError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except OSError as error:  # a file where the folder would be, no permission, ...
+            problem = "a file, not a folder" if out.exists() and not out.is_dir() else error.strerror or error
+            print(f"error: --out {out}: not usable as the output folder ({problem})", file=sys.stderr)
+            return 2
+        results = run_stages(args, device, out, command_line("gpu_check.py", argv))
     print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
     failed = [name for name, stage in results["stages"].items()
               if stage["status"] == "failed" or stage["status"].startswith("error")]

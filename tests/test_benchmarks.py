@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import reproduce
+from analysis import selection
 from benchmarks import bench_autoattack, bench_methods, bench_pgd, bench_variable_length, common, gpu_check
 from helpers import REPO, run_script
 
@@ -157,11 +160,68 @@ def test_gpu_check_skips_what_its_budget_cannot_fit_and_still_writes_its_results
 
 @pytest.mark.parametrize("flags, problem", [
     (["--device", "no-such-device"], "--device no-such-device: not available here"),
-    (["--tiny", "--budget_s", "0"], "--budget_s must be > 0"),
+    (["--tiny", "--budget_s", "0"], "--budget_s must be a finite number > 0, got 0"),
+    (["--tiny", "--budget_s", "nan"], "--budget_s must be a finite number > 0, got nan"),
+    (["--tiny", "--budget_s", "inf"], "--budget_s must be a finite number > 0, got inf"),
+    (["--tiny", "--compile_backend", "nope"], "--compile_backend nope: not a torch.compile backend here"),
     (["--tiny", "--out", " "], "argument --out: an empty path names no folder"),
+    (["--device", "cpu", "--tiny", "--out", "{tmp}/a_file"],
+     "--out {tmp}/a_file: not usable as the output folder (a file, not a folder)"),
+    (["--device", "cpu", "--tiny", "--out", "{tmp}/a_file/check"],
+     "--out {tmp}/a_file/check: not usable as the output folder"),
     ([], "the following arguments are required: --out"),
 ])
 def test_gpu_check_refuses_bad_flags_in_one_line(flags, problem, tmp_path, one_error_line):
-    argv = flags if "--out" in flags or not flags else [*flags, "--out", str(tmp_path)]
+    (tmp_path / "a_file").touch()
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+    argv = flags if "--out" in flags or not flags else [*flags, "--out", str(tmp_path / "check")]
     assert gpu_check.main(argv) == 2
-    assert one_error_line().startswith(f"error: {problem}")
+    assert one_error_line().startswith(f"error: {problem.format(tmp=tmp_path)}")
+    assert not (tmp_path / "check").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("backend", ["inductor", "eager", "aot_eager"])
+def test_gpu_check_takes_the_compile_backends_torch_has(backend, tmp_path):
+    """torch._dynamo.list_backends() alone leaves out eager and aot_eager."""
+    assert gpu_check.parse_args(["--out", str(tmp_path), "--compile_backend", backend]).compile_backend == backend
+
+
+def test_gpu_check_a_stage_with_a_failed_row_is_an_error_and_the_run_fails(tmp_path, monkeypatch, capsys):
+    def broken_row():
+        raise RuntimeError("out of memory")
+
+    def one_speed_stage(args, device, budget, state, out):
+        rows = {"fine": lambda: (lambda: None), "broken": broken_row}
+        return [("speed: two rows", 0.0, lambda: gpu_check.speed_stage(lambda: rows, args, device, budget))]
+
+    monkeypatch.setattr(gpu_check, "stage_list", one_speed_stage)
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--out", str(tmp_path)]) == 1
+    stage = json.loads((tmp_path / "gpu_check.json").read_text())["stages"]["speed: two rows"]
+    assert stage["status"] == "error: 1 of 2 rows failed"
+    assert [row["status"] for row in stage["rows"].values()] == ["done", "error: RuntimeError: out of memory"]
+    assert "speed: two rows: error: 1 of 2 rows failed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("pgd_steps, row", [(2, "eval: PGD-2"), (100, selection.PGD_ROW)])
+def test_gpu_check_names_the_pgd_row_by_its_iterations(pgd_steps, row, tmp_path):
+    args = gpu_check.parse_args(["--out", str(tmp_path), "--tiny"])
+    args.pgd_steps = pgd_steps
+    assert list(gpu_check.evaluation_rows(args, torch.device("cpu"))) == [selection.CLEAN_ROW, row]
+
+
+def test_gpu_check_projects_from_its_own_rows_with_pgd_scaled_to_100_iterations(tmp_path):
+    args = gpu_check.parse_args(["--out", str(tmp_path), "--tiny", "--device", "cpu"])
+    done = {"status": "done", "seconds_per_sample": 0.5}
+    stages = {"speed: paper path, float32": {"rows": {row: done for row in bench_methods.STEP_ROWS}},
+              "speed: evaluation": {"rows": {selection.CLEAN_ROW: done, "eval: PGD-2": done}}}
+    projection = gpu_check.project_paper_cost(args, torch.device("cpu"), {"results": {
+        "command": "gpu_check.py", "stages": stages}}, tmp_path)
+    figures = {row["row"]: row["seconds_per_sample"] for row in
+               json.loads((tmp_path / "methods.json").read_text())["rows"]}
+    assert figures[selection.PGD_ROW] == 0.5 * 100 / 2 and "eval: PGD-2" not in figures
+    assert projection["runs_estimated"] == len(projection["runs"]) == 7
+    job = reproduce.plan_jobs("paper", ["CE"])[0]
+    assert projection["runs"][job.run_dir.name]["seconds"] == selection.estimate_seconds(
+        "CE", job.cfg, reproduce.SELECTION_SWEEP, tmp_path / "methods.json")
+    assert projection["runs"][job.run_dir.name]["seconds"] != selection.estimate_seconds(
+        "CE", job.cfg, reproduce.SELECTION_SWEEP)  # the repository's CPU figures are not the ones read
