@@ -7,11 +7,14 @@ the length by 1024 and the final valid convolution removes two positions.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from cpsc2018 import CLASSES, LEADS
+from plumbing import pretrained
 
 DOWNSAMPLE = 1024  # stem (4) x eight stride-2 blocks (256)
 POOL_KERNEL = 3 * DOWNSAMPLE  # the receptive field of one position of the last conv
@@ -294,3 +297,20 @@ def build_model(name: str = "resnet18a", in_leads: int = len(LEADS),
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}': choose one of {', '.join(MODELS)}")
     return MODELS[name](in_leads=in_leads, num_classes=num_classes)
+
+
+def from_pretrained(path_or_repo_id: str | Path, cache_dir: str | Path | None = None) -> nn.Module:
+    """The model of a model folder (``python export.py``) or of a Hub repository holding one
+    (plumbing.pretrained.resolve; ``cache_dir``: the Hub cache), in eval mode; ``model.config`` is
+    its config.json: the preprocessing its inputs need and the training settings. Raises
+    pretrained.ModelFolderError naming the file that cannot be used."""
+    folder = pretrained.resolve(path_or_repo_id, cache_dir)
+    config = pretrained.read_config(folder, MODELS)
+    try:
+        check_length(config["preprocessing"]["input_length"])
+    except ValueError as error:
+        raise pretrained.ModelFolderError(f"{folder / pretrained.CONFIG_FILE}: preprocessing {error}") from None
+    model = build_model(config["architecture"], **config["architecture_args"])
+    pretrained.load_weights(model, folder)
+    model.config = config
+    return model.eval()

@@ -33,10 +33,11 @@ from analysis.metrics import (NUM_CLASSES, class_balanced_accuracy, classificati
 from config import (LEAST, LEVEL_LISTS, SWEEPS, check_device, check_levels, check_sweep_settings, noise_levels,
                     parse_sweeps, value_type)
 from cpsc2018 import CLASSES, FS, LEAD_NAMES, LEADS, DataError
-from ECG_CNN import build_model, check_length
+from ECG_CNN import build_model, check_length, from_pretrained
 from ECG_Dataset import BucketBatchSampler, crop_collate, get_dataloaders
 from plumbing.distributed import (all_reduce, choose_device, distributed, init_distributed, is_main_process,
                                   on_main_process, process_device, rank, shutdown_distributed, world_size)
+from plumbing import pretrained
 from plumbing.flags import ConfigError, OneLineParser, folder
 from plumbing.safe_writes import FolderInUseError, lock_folder, write_json, write_text_atomic
 
@@ -191,14 +192,28 @@ TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", s
 
 
 def checkpoint_file(run: str | Path) -> Path:
-    """The checkpoint a run folder stands for (its model.pt), or ``run`` itself when it is a file."""
-    return Path(run) / "model.pt" if Path(run).is_dir() else Path(run)
+    """The checkpoint a run folder stands for (its model.pt), an exported model folder's weights
+    (its model.safetensors: a folder with a config.json and no model.pt), or ``run`` itself when
+    it is a file."""
+    run = Path(run)
+    if not run.is_dir():
+        return run
+    exported = (run / pretrained.CONFIG_FILE).is_file() and not (run / "model.pt").exists()
+    return run / (pretrained.WEIGHTS_FILE if exported else "model.pt")
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """The model of a run folder (its model.pt) or of a checkpoint file, with its settings."""
+    """The model of a run folder (its model.pt), of a checkpoint file or of an exported model
+    folder (python export.py; its training settings), with its settings."""
 
     path = checkpoint_file(path)
+    if path.name == pretrained.WEIGHTS_FILE:
+        try:
+            model = from_pretrained(path.parent)
+        except pretrained.ModelFolderError as error:
+            raise EvaluationError(str(error)) from None
+        check_saved_settings(path.parent / pretrained.CONFIG_FILE, model.config["training"])
+        return model.to(device), model.config["training"]
     if not path.is_file():
         raise EvaluationError(f"{path}: no such checkpoint (train the run first)")
     try:
@@ -213,11 +228,6 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[to
                               f"({type(error).__name__}: {' '.join(lines[:2])})") from None
     if not isinstance(config, dict):
         raise EvaluationError(f"{path}: not a checkpoint of this project (its config is not a dict)")
-    missing = [key for key in RUN_SETTINGS if key not in config]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise EvaluationError(f"{path}: not a checkpoint of this project (its config lacks "
-                              f"{', '.join(missing[:3])}{more})")
     check_saved_settings(path, config)
     return model.to(device), config
 
@@ -232,8 +242,14 @@ def wrong_setting_type(key: str, value, whole_numbers: tuple[str, ...] = ()) -> 
 
 
 def check_saved_settings(path: Path, config: dict) -> None:
-    """Refuse settings in a checkpoint's config that no training of this project saves (a damaged
-    or altered file), naming the file and the setting, before the evaluation fails on them."""
+    """Refuse settings in a checkpoint's config (or an exported model's training settings) that no
+    training of this project saves (a damaged or altered file), naming the file and the setting,
+    before the evaluation fails on them."""
+    missing = [key for key in RUN_SETTINGS if key not in config]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise EvaluationError(f"{path}: not a checkpoint of this project (its config lacks "
+                              f"{', '.join(missing[:3])}{more})")
     saved = {**{key: config[key] for key in RUN_SETTINGS}, "levels": config.get("levels", "paper")}
     for key, value in saved.items():
         if wrong := wrong_setting_type(key, value):

@@ -109,6 +109,13 @@ def _read_signal(source: Path | WfdbHeader) -> np.ndarray:
     return read_original_record(source)[0]
 
 
+def too_short(length: int) -> str | None:
+    """Why a record of ``length`` samples is not classified (shorter than MIN_RECORD_LENGTH), or None."""
+    if length >= MIN_RECORD_LENGTH:
+        return None
+    return f"length {length}, shorter than the models' minimum of {MIN_RECORD_LENGTH} samples ({MIN_RECORD_LENGTH / FS:.1f} s)"
+
+
 def _class_counts(table: pd.DataFrame) -> dict[str, int]:
     counts = table["First_label"].value_counts()
     return {name: int(counts.get(label, 0)) for label, name in enumerate(CLASSES, start=1)}
@@ -193,9 +200,8 @@ def _preprocess_into(raw_dir: Path, out_dir: Path, inventory: Inventory, val_per
         except RecordError as error:
             skipped.append(record_issue(record, error.reason))
             continue
-        if signal.shape[1] < MIN_RECORD_LENGTH:
-            skipped.append(record_issue(record, f"length {signal.shape[1]}, shorter than the models' minimum of "
-                                                f"{MIN_RECORD_LENGTH} samples ({MIN_RECORD_LENGTH / FS:.1f} s)"))
+        if short := too_short(signal.shape[1]):
+            skipped.append(record_issue(record, short))
             continue
         lengths[record] = signal.shape[1]
         zero_leads = [LEAD_NAMES[i] for i in np.flatnonzero(~signal.any(axis=1))]

@@ -6,4 +6,6 @@
 - checkpoints: checkpoints saved atomically, loaded safely and resumed from.
 - distributed: several training processes under torchrun (identity outside it).
 - download: fetching the CPSC2018 archive with resume and unpacking it safely.
+- pretrained: a model folder (model.safetensors, config.json) written, checked and read back, from
+  a folder or the Hugging Face Hub.
 """
