@@ -8,8 +8,8 @@ every record concatenated along time, ``records.csv`` with the offsets, the spli
 ``meta.json``) that ``load_cache`` reads back memory-mapped.
 
 CLI: ``python preprocess.py [--raw_dir data/CPSC2018/train] [--out_dir data/CPSC2018/processed]
-[--val_per_class 5] [--test_per_class 50] [--download [--url URL]]``; ``--download`` first
-fetches the records into --raw_dir (plumbing/download.py).
+[--val_per_class 5] [--test_per_class 50] [--download [--url URL] [--sha256 HEX]]``; ``--download``
+first fetches the records into --raw_dir and checks them (plumbing/download.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -458,16 +459,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="first fetch CPSC2018 (the PhysioNet/CinC Challenge 2021 WFDB archive) and unpack its "
                          "records into --raw_dir; a partial download is resumed")
     parser.add_flag("--url", help=f"the archive's address, implies --download (default: {CPSC2018_ARCHIVE_URL})")
+    parser.add_flag("--sha256", help="the archive's SHA-256 digest (64 hexadecimal digits), checked before "
+                                     "unpacking; implies --download")
     try:
         args = parser.parse_args(argv)
         if args.val_per_class < 0 or args.test_per_class < 0:
             raise ConfigError("--val_per_class and --test_per_class must be >= 0")
+        if args.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", args.sha256):
+            raise ConfigError(f"--sha256 {args.sha256!r}: not a SHA-256 digest (64 hexadecimal digits)")
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.download or args.url:
+    if args.download or args.url or args.sha256:
         try:
-            print(fetch_cpsc2018(Path(args.raw_dir), args.url or CPSC2018_ARCHIVE_URL, OFFICIAL_REFERENCE))
+            print(fetch_cpsc2018(Path(args.raw_dir), args.url or CPSC2018_ARCHIVE_URL, OFFICIAL_REFERENCE, args.sha256))
         except DownloadError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1  # the download failed while running

@@ -7,10 +7,14 @@ unpacked into the records folder. The archive is checked before anything is unpa
 member that is a link or a device, whose path is absolute or climbs out with ``..``, or whose
 size is far beyond any CPSC2018 record's, refuses the whole archive, and a refused archive is
 removed. Each file is unpacked under a temporary name and renamed over its target, so a link
-already in the records folder is replaced, never written through.
+already in the records folder is replaced, never written through. With ``--sha256`` the
+archive's digest is checked before unpacking (a mismatch refuses and removes it); after
+unpacking, the records folder is checked against the record names of the official REFERENCE.csv
+(the missing and the extra ones counted and the first of them named).
 """
 from __future__ import annotations
 
+import hashlib
 import http.client
 import os
 import shutil
@@ -49,6 +53,7 @@ MAX_MEMBER_BYTES = 16 << 20
 # The 6877 records average about 16 s: about 6877 x 8000 samples x 12 leads x 2 bytes = 1.3 GB
 # unpacked. Three times that leaves room for a larger archive of the same kind, not a bomb.
 MAX_TOTAL_BYTES = 4 << 30
+NAMES_SHOWN = 5  # the records check names this many of the missing (and of the extra) records
 
 
 class DownloadError(Exception):
@@ -215,21 +220,55 @@ def unpack_records(archive: Path, records_dir: Path) -> int:
     return len(wanted)
 
 
-def fetch_cpsc2018(records_dir: Path, url: str = CPSC2018_ARCHIVE_URL, reference: Path | None = None) -> str:
+def sha256_of(path: Path) -> str:
+    """The SHA-256 digest of a file, in hexadecimal, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _some(names: list[str]) -> str:
+    """The first NAMES_SHOWN of ``names`` in parentheses ("" for none)."""
+    if not names:
+        return ""
+    more = f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else ""
+    return f" ({', '.join(names[:NAMES_SHOWN])}{more})"
+
+
+def records_check(records_dir: Path, reference: Path) -> str:
+    """One line: the records of ``records_dir`` (names with both a .hea and a .mat) against the
+    record names of the label file ``reference``: how many are present, missing and extra."""
+    listed = set(read_reference(reference)["Recording"])
+    present = {path.stem for path in records_dir.glob("*.hea")} & {path.stem for path in records_dir.glob("*.mat")}
+    missing, extra = sorted(listed - present), sorted(present - listed)
+    return (f"records checked against the {len(listed)} names of {reference}: {len(listed & present)} present, "
+            f"{len(missing)} missing{_some(missing)}, {len(extra)} extra{_some(extra)}")
+
+
+def fetch_cpsc2018(records_dir: Path, url: str = CPSC2018_ARCHIVE_URL, reference: Path | None = None,
+                   sha256: str | None = None) -> str:
     """Download the archive beside ``records_dir`` (kept for reruns) and unpack its records into it.
 
-    ``reference``: a REFERENCE.csv copied into ``records_dir`` when the archive brings none and
-    holds every record it lists, so that the official label file decides the labels as in the
-    paper (a partial archive keeps the labels of its headers). Returns a one-line report;
-    raises DownloadError.
+    ``sha256``: the archive's expected digest (hexadecimal), checked before unpacking; an archive
+    of another digest is refused and removed. ``reference``: the official REFERENCE.csv; the
+    unpacked records are checked against its names (``records_check``), and it is copied into
+    ``records_dir`` when the archive brings none and holds every record it lists, so that it
+    decides the labels as in the paper (a partial archive keeps the labels of its headers).
+    Returns the report (its first line: what was unpacked); raises DownloadError.
     """
     archive = download(url, archive_path(url, records_dir.parent))
+    if sha256 is not None and (actual := sha256_of(archive)) != sha256.lower():
+        raise _refused(archive, f"its SHA-256 is {actual}, not the {sha256.lower()} given with --sha256")
     count = unpack_records(archive, records_dir)
-    note = ""
-    if reference is not None and not (records_dir / REFERENCE_FILE).exists():
-        listed = read_reference(reference)["Recording"]
-        if all((records_dir / f"{name}.hea").is_file() for name in listed):
-            with atomic_path(records_dir / REFERENCE_FILE) as temporary:
-                shutil.copyfile(reference, temporary)
-            note = f", with {REFERENCE_FILE} from {reference}"
-    return f"unpacked {count} files from {archive} into {records_dir}/{note}"
+    note, check = "", ""
+    if reference is not None:
+        if not (records_dir / REFERENCE_FILE).exists():
+            listed = read_reference(reference)["Recording"]
+            if all((records_dir / f"{name}.hea").is_file() for name in listed):
+                with atomic_path(records_dir / REFERENCE_FILE) as temporary:
+                    shutil.copyfile(reference, temporary)
+                note = f", with {REFERENCE_FILE} from {reference}"
+        check = "\n" + records_check(records_dir, reference)
+    return f"unpacked {count} files from {archive} into {records_dir}/{note}{check}"

@@ -3,6 +3,7 @@ data/sample: a complete download, interrupted transfers that resume, HTTP and ne
 a file that is not a gzip tar, and malicious archives."""
 from __future__ import annotations
 
+import hashlib
 import io
 import socket
 import subprocess
@@ -141,10 +142,11 @@ def test_the_official_label_file_joins_a_complete_set_of_records(sample_dir, tmp
     server.files["/a.tar.gz"] = sample_archive(sample_dir)
     train = tmp_path / "CPSC2018" / "train"
     report = download.fetch_cpsc2018(train, server.url + "/a.tar.gz", sample_dir / "REFERENCE.csv")
-    assert report.endswith(f", with REFERENCE.csv from {sample_dir / 'REFERENCE.csv'}")
+    assert report.splitlines()[0].endswith(f", with REFERENCE.csv from {sample_dir / 'REFERENCE.csv'}")
     assert (train / "REFERENCE.csv").read_bytes() == (sample_dir / "REFERENCE.csv").read_bytes()
     (train / "REFERENCE.csv").unlink()
-    assert "REFERENCE.csv" not in download.fetch_cpsc2018(train, server.url + "/a.tar.gz", OFFICIAL_REFERENCE)
+    report = download.fetch_cpsc2018(train, server.url + "/a.tar.gz", OFFICIAL_REFERENCE)
+    assert "REFERENCE.csv" not in report.splitlines()[0]
     assert not (train / "REFERENCE.csv").exists()  # 18 of the 6877 records: the headers decide
 
 
@@ -348,3 +350,60 @@ def test_a_file_that_cannot_be_written_is_one_line_naming_it(sample_dir, tmp_pat
         assert done.stderr == (f"error: {root / 'a.tar.gz.part'}: cannot write the archive (File too large); what "
                                "arrived is kept and the next run resumes it\n")
         assert len(server.requests) == 1  # a local failure is not retried
+
+
+# --- integrity: the records against REFERENCE.csv, the archive's SHA-256 -------------------------
+
+def test_the_records_are_checked_against_the_official_names(sample_dir, tmp_path, server, capsys):
+    server.files["/a.tar.gz"] = sample_archive(sample_dir)
+    assert run_download(tmp_path, server.url + "/a.tar.gz") == 0
+    listed = sorted(read_reference(OFFICIAL_REFERENCE)["Recording"])
+    first_missing = [name for name in listed if not (sample_dir / f"{name}.hea").exists()][:5]
+    assert (f"records checked against the 6877 names of {OFFICIAL_REFERENCE}: 18 present, 6859 missing "
+            f"({', '.join(first_missing)} and 6854 more), 0 extra\n") in capsys.readouterr().out
+
+
+def test_missing_and_extra_records_are_named_and_counted(sample_dir, tmp_path, server):
+    """An archive without A0004 and with a record that REFERENCE.csv does not list; a lone .hea
+    (A0012 without its .mat) is no record either."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in sorted(sample_dir.glob("A*")):
+            if path.stem != "A0004" and path.name != "A0012.mat":
+                tar.add(path, arcname=f"WFDB_CPSC2018/{path.name}")
+        for suffix in (".hea", ".mat"):
+            tar.add(sample_dir / f"A0001{suffix}", arcname=f"WFDB_CPSC2018/A9999{suffix}")
+    server.files["/a.tar.gz"] = buffer.getvalue()
+    report = download.fetch_cpsc2018(tmp_path / "train", server.url + "/a.tar.gz", sample_dir / "REFERENCE.csv")
+    assert report.splitlines()[1] == (f"records checked against the 18 names of {sample_dir / 'REFERENCE.csv'}: "
+                                      "16 present, 2 missing (A0004, A0012), 1 extra (A9999)")
+
+
+def test_an_archive_of_the_given_sha256_is_unpacked(sample_dir, tmp_path, server, capsys):
+    archive = sample_archive(sample_dir)
+    server.files["/a.tar.gz"] = archive
+    digest = hashlib.sha256(archive).hexdigest()
+    assert main(["--sha256", digest.upper(), "--url", server.url + "/a.tar.gz", "--raw_dir",
+                 str(tmp_path / "CPSC2018" / "train"), "--out_dir", str(tmp_path / "CPSC2018" / "processed"),
+                 "--val_per_class", "1", "--test_per_class", "0"]) == 0
+    assert "read 18 CPSC2018 records" in capsys.readouterr().out
+
+
+def test_an_archive_of_another_sha256_is_refused_removed_and_not_unpacked(sample_dir, tmp_path, server,
+                                                                          one_error_line):
+    archive = sample_archive(sample_dir)
+    server.files["/a.tar.gz"] = archive
+    expected = "0" * 64
+    assert main(["--download", "--sha256", expected, "--url", server.url + "/a.tar.gz", "--raw_dir",
+                 str(tmp_path / "CPSC2018" / "train")]) == 1
+    assert one_error_line() == (f"error: {tmp_path / 'CPSC2018' / 'a.tar.gz'}: refused, nothing unpacked: its "
+                                f"SHA-256 is {hashlib.sha256(archive).hexdigest()}, not the {expected} given with "
+                                "--sha256; the archive was removed")
+    assert list((tmp_path / "CPSC2018").iterdir()) == []
+
+
+@pytest.mark.parametrize("digest", ["abc", "g" * 64, "0" * 65])
+def test_a_malformed_sha256_is_refused_before_anything_is_fetched(tmp_path, server, one_error_line, digest):
+    assert main(["--sha256", digest, "--url", server.url + "/a.tar.gz", "--raw_dir", str(tmp_path / "train")]) == 2
+    assert one_error_line() == f"error: --sha256 {digest!r}: not a SHA-256 digest (64 hexadecimal digits)"
+    assert server.requests == [] and not (tmp_path / "train").exists()
