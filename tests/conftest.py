@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
+import export
 from analysis.metrics import classification_scores, confusion_matrix
 from config import noise_levels, parse_config
 from cpsc2018 import OFFICIAL_REFERENCE
@@ -152,6 +153,16 @@ def two_runs(untrained_run, tmp_path_factory):
                       "--sweep_restarts", "1")
         assert evaluate.main([str(root / name)]) == 0  # the run's own sweeps
     return root
+
+
+@pytest.fixture(scope="session")
+def exported_model(untrained_run, tmp_path_factory) -> tuple[Path, Path]:
+    """(run folder, model folder): an untrained_run (resnet18a, no results) exported by export.py.
+    Read it, never change it (copy it first)."""
+    root = tmp_path_factory.mktemp("exported")
+    run = untrained_run(root / "CE")
+    assert export.main([str(run), str(root / "model")]) == 0
+    return run, root / "model"
 
 
 WHITE = object()  # fake_run's default: one white-noise sweep

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import math
 import resource
@@ -222,3 +223,35 @@ def write_wfdb_record(
     lines += ["#Age: 57", "#Sex: Female", f"#Dx: {dx}", "#Rx: Unknown", "#Hx: Unknown", "#Sx: Unknown"]
     (directory / f"{name}.hea").write_text("\n".join(lines) + "\n")
     scipy.io.savemat(directory / f"{name}.mat", {"val": values.astype(np.int16)}, format="4")
+
+
+def logits_of(model: nn.Module, seed: int = 0) -> torch.Tensor:
+    """The logits of a model folder's model (ECG_CNN.from_pretrained; else of input length 3072) on two
+    random inputs: one filling the input, one right-aligned over its last two thirds."""
+    length = model.config["preprocessing"]["input_length"] if hasattr(model, "config") else 3072
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(2, 8, length, generator=generator) * 2 - 1
+    mask = torch.ones(2, 1, length)
+    mask[1, :, : length // 3] = 0
+    with torch.no_grad():
+        return model(x * mask, mask)
+
+
+# --- the Hugging Face Hub cache ------------------------------------------------------------------
+
+def hub_cache(cache_dir: Path, repo_id: str, folder: Path, revision: str = "0123456789abcdef" * 2 + "01234567") -> Path:
+    """Lay out ``folder``'s files in ``cache_dir`` as huggingface_hub's cache holds a downloaded
+    model repository: models--owner--name/ with the files' contents in blobs/ (named by digest),
+    snapshots/<revision>/ linking to them and refs/main naming the revision. Returns the snapshot."""
+    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for path in folder.iterdir():
+        if path.is_file() and not path.name.startswith("."):
+            blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+            blob.write_bytes(path.read_bytes())
+            (snapshot / path.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot

@@ -1,12 +1,18 @@
 """ECG_CNN.py: resnet18a and resnet18m (sizes, lengths, masked pooling), and resnet18a_vl,
 resnet18a on the valid positions only, independent of the zero padding."""
+import json
+import shutil
+
+import huggingface_hub
 import pytest
 import torch
 import torch.nn as nn
 
 from cpsc2018 import LEADS
+from helpers import hub_cache, logits_of
 from losses import jacobian_squared_norm
-from ECG_CNN import (DOWNSAMPLE, MaskedGroupNorm, build_model, check_length, downsample_mask, erode_mask,
+from plumbing.pretrained import ModelFolderError
+from ECG_CNN import (DOWNSAMPLE, MaskedGroupNorm, build_model, from_pretrained, check_length, downsample_mask, erode_mask,
                      masked_average_pool, signal_spans)
 
 
@@ -447,3 +453,82 @@ def test_float32_model_at_the_default_threshold_matches_the_batched_norms(monkey
     assert norm_paths == {"rows", "batched"}  # the threshold splits this model
     for rows, batched in zip(*results):
         torch.testing.assert_close(rows, batched, rtol=1e-4, atol=1e-5)
+
+
+
+# --------------------------------------------------------------------------- from_pretrained
+
+def test_from_pretrained_returns_the_model_in_eval_mode_with_its_preprocessing(exported_model):
+    run, folder = exported_model
+    model = from_pretrained(folder)
+    saved = torch.load(run / "model.pt", weights_only=True)
+    assert not model.training and type(model).__name__ == "ResNet18A"
+    assert model.config["preprocessing"]["leads"] == ["I", "II", "V1", "V2", "V3", "V4", "V5", "V6"]
+    assert model.config["preprocessing"]["max_length"] == saved["config"]["max_length"]
+    assert model.config["training"] == saved["config"]
+    assert all(torch.equal(value, saved["model"][key]) for key, value in model.state_dict().items())
+
+
+def tampered(folder, tmp_path, change) -> object:
+    """A copy of the model folder whose config.json ``change`` (config -> None) altered."""
+    copy = tmp_path / "tampered"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "config.json").read_text())
+    change(config)
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda c: c.update(architecture="resnet50"), "unknown architecture 'resnet50' (known: resnet18a, resnet18m, "
+                                                  "resnet18a_vl)"),
+    (lambda c: c.update(classes=c["classes"][:5]), "classes ['Normal', 'AF', 'I-AVB', 'LBBB', 'RBBB'] with "
+                                                   "num_classes 9: this code classifies the 9 CPSC2018 classes"),
+    (lambda c: c["architecture_args"].update(num_classes=5), "with num_classes 5: this code classifies the 9"),
+    (lambda c: c.pop("training"), "no training (not a model folder of this project)"),
+    (lambda c: c["preprocessing"].pop("padding_side"), "preprocessing lacks padding_side"),
+    (lambda c: c["preprocessing"].update(normalisation="z-score"), "preprocessing normalisation 'z-score': this code "
+                                                                   "applies 'each lead divided by its maximum"),
+    (lambda c: c["preprocessing"].update(leads=["I", "II"]), "preprocessing leads ['I', 'II']: this code applies"),
+    (lambda c: c["preprocessing"].update(input_length=3000), "preprocessing input length 3000 is not supported"),
+    (lambda c: c.update(format_version=2), "format 'robust-ecg-cnn' version 2, this code reads 'robust-ecg-cnn' version 1"),
+])
+def test_a_tampered_config_is_refused_in_one_line_naming_it(exported_model, tmp_path, change, problem):
+    folder = tampered(exported_model[1], tmp_path, change)
+    with pytest.raises(ModelFolderError) as refused:
+        from_pretrained(folder)
+    message = str(refused.value)
+    assert message.startswith(f"{folder / 'config.json'}: ") and problem in message and "\n" not in message
+
+
+def test_weights_that_do_not_fit_are_refused_in_one_line_naming_the_file(exported_model, tmp_path):
+    folder = tampered(exported_model[1], tmp_path, lambda c: c.update(architecture="resnet18m"))
+    from_pretrained(folder)  # resnet18m has resnet18a's parameters
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(ModelFolderError, match=r"model.safetensors: does not load into a ResNet18M \(") as refused:
+        from_pretrained(folder)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """huggingface_hub in offline mode (HF_HUB_OFFLINE=1, read when it was imported): nothing leaves the machine."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_a_hub_repository_loads_from_the_hub_cache_offline(exported_model, tmp_path, offline):
+    run, folder = exported_model
+    snapshot = hub_cache(tmp_path / "hub", "ecg-lab/resnet18a-ce", folder)
+    model = from_pretrained("ecg-lab/resnet18a-ce", cache_dir=tmp_path / "hub")
+    assert torch.equal(logits_of(model), logits_of(from_pretrained(folder)))
+    assert model.config == json.loads((snapshot / "config.json").read_text())
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("ecg-lab/absent", "no such folder, and the Hub repository could not be fetched ("),
+    ("no/such/folder", "no such folder, nor a Hub repository id (owner/name)"),
+])
+def test_a_repository_that_is_not_in_the_cache_offline_is_one_line(tmp_path, offline, name, problem):
+    with pytest.raises(ModelFolderError) as refused:
+        from_pretrained(name, cache_dir=tmp_path / "hub")
+    assert str(refused.value).startswith(f"{name}: {problem}") and "\n" not in str(refused.value)
