@@ -76,15 +76,15 @@ def finished_model(run_dir: Path):
 
 
 def read_results(run_dir: Path, split: str) -> dict:
-    """The run's evaluation on ``split``: "clean" (or None), "sweeps" ({} when none) and
-    "certified" ({sigma: certify file's content}), each as evaluate.py and certify.py wrote it."""
+    """The run's evaluation on ``split``: "clean" (or None) and "sweeps" ({} when none) as
+    evaluate.py wrote them, and "certified" ({sigma: its (radius, certified accuracy) rows}) from
+    certify.py's certify_<sigma>.json files."""
     clean_file, sweeps_file = run_dir / f"eval_{split}.json", run_dir / f"robustness_{split}.json"
     certified = {}
     for path in sorted(run_dir.glob("certify_*.json")):
         content = read_json(path)
-        if not isinstance(content, dict):
-            raise ExportError(f"{path}: not a JSON object: not a certify.py result")
-        certified[content.get("sigma", path.stem.removeprefix("certify_"))] = content
+        rows = certified_rows(path, content)  # refuses content that is not a certify.py result
+        certified[content.get("sigma", path.stem.removeprefix("certify_"))] = rows
     try:
         return {"clean": read_clean(clean_file) if clean_file.is_file() else None,
                 "sweeps": read_sweeps(sweeps_file) if sweeps_file.is_file() else {},
@@ -93,15 +93,18 @@ def read_results(run_dir: Path, split: str) -> dict:
         raise ExportError(str(error)) from None
 
 
-def certified_rows(content: dict) -> list[tuple[float, float]]:
-    """(radius, certified accuracy) pairs of a certify file: its "certified_accuracy", either
-    {radius: accuracy} or a list of {"radius", "accuracy"}."""
-    table = content.get("certified_accuracy")
-    if isinstance(table, dict):
-        return [(float(radius), float(accuracy)) for radius, accuracy in table.items()]
-    if isinstance(table, list) and all(isinstance(row, dict) and {"radius", "accuracy"} <= row.keys() for row in table):
-        return [(float(row["radius"]), float(row["accuracy"])) for row in table]
-    raise ExportError(f"certify result of sigma {content.get('sigma')}: no certified_accuracy table")
+def certified_rows(path: Path, content) -> list[tuple[float, float]]:
+    """(radius, certified accuracy) rows of a certify file's content: its "certified_accuracy",
+    either {radius: accuracy} or a list of {"radius", "accuracy"}; ExportError naming ``path`` else."""
+    table = content.get("certified_accuracy") if isinstance(content, dict) else None
+    try:
+        if isinstance(table, dict):
+            return [(float(radius), float(accuracy)) for radius, accuracy in table.items()]
+        if isinstance(table, list):
+            return [(float(row["radius"]), float(row["accuracy"])) for row in table]
+    except (KeyError, TypeError, ValueError):
+        pass
+    raise ExportError(f"{path}: no certified_accuracy table of radii and accuracies: not a certify.py result")
 
 
 def autoattack_version(sweep: dict) -> str:
@@ -152,6 +155,11 @@ def is_synthetic(settings: dict) -> bool:
     return bool(preset and preset.synthetic_records_per_class)
 
 
+def dataset(settings: dict) -> tuple[str, str]:
+    """(id, name) of the data the run trained and was evaluated on, for the card's and robustness.json's fields."""
+    return ("synthetic-ecg", "synthetic ECGs (synthetic.py)") if is_synthetic(settings) else ("cpsc2018", "CPSC2018")
+
+
 # --- the files -------------------------------------------------------------------------------
 
 def model_config(model, settings: dict, run_config: dict) -> dict:
@@ -175,7 +183,7 @@ def robustness_entry(settings: dict, sweep: dict, eps: float, split: str) -> dic
     version = autoattack_version(sweep)
     robust = accuracy_at(sweep, eps)
     return {"name": f"{settings['run_name']} ({settings['method']}, {settings['model']})",
-            "link": PAPER_URL, "dataset": "synthetic" if is_synthetic(settings) else "cpsc2018",
+            "link": PAPER_URL, "dataset": dataset(settings)[0],
             "threat_model": "Linf", "eps": f"{eps:g}",
             "eps_scale": "model input: each lead divided by its peak |mV|, values in [-1, 1]",
             "clean_acc": f"{100 * sweep['accuracy'][0]:.2f}", "autoattack_acc": f"{100 * robust:.2f}",
@@ -190,27 +198,26 @@ def robustness_entry(settings: dict, sweep: dict, eps: float, split: str) -> dic
 def eval_results(settings: dict, results: dict, eps: float, split: str) -> list[EvalResult]:
     """The model-index entries: clean accuracy and mean F1, PGD and AutoAttack accuracy at ``eps``,
     certified accuracy at each radius."""
-    dataset = dict(task_type="time-series-classification", task_name="12-lead ECG classification",
-                   dataset_type="synthetic" if is_synthetic(settings) else "cpsc2018",
-                   dataset_name="synthetic ECGs (synthetic.py)" if is_synthetic(settings) else "CPSC2018",
-                   dataset_split=split)
+    data_id, data_name = dataset(settings)
+    task = dict(task_type="time-series-classification", task_name="12-lead ECG classification",
+                dataset_type=data_id, dataset_name=data_name, dataset_split=split)
     entries = []
     if results["clean"]:
-        entries += [EvalResult(**dataset, metric_type="accuracy", metric_name="class-balanced accuracy (clean)",
+        entries += [EvalResult(**task, metric_type="accuracy", metric_name="class-balanced accuracy (clean)",
                                metric_value=round(results["clean"]["accuracy"], 4)),
-                    EvalResult(**dataset, metric_type="f1", metric_name="mean F1 (clean)",
+                    EvalResult(**task, metric_type="f1", metric_name="mean F1 (clean)",
                                metric_value=round(results["clean"]["mean_f1"], 4))]
     for name in ("pgd_linf", AUTOATTACK_SWEEP):
         sweep = results["sweeps"].get(name)
         robust = accuracy_at(sweep, eps) if sweep else None
         if robust is not None:
-            entries.append(EvalResult(**dataset, metric_type="accuracy",
+            entries.append(EvalResult(**task, metric_type="accuracy",
                                       metric_name=f"class-balanced accuracy under {SWEEPS[name].title} eps={eps:g}",
                                       metric_value=round(robust, 4)))
-    for sigma, content in results["certified"].items():
-        entries += [EvalResult(**dataset, metric_type="accuracy",
+    for sigma, rows in results["certified"].items():
+        entries += [EvalResult(**task, metric_type="accuracy",
                                metric_name=f"certified accuracy, sigma={sigma}, L2 radius {radius:g}",
-                               metric_value=round(accuracy, 4)) for radius, accuracy in certified_rows(content)]
+                               metric_value=round(accuracy, 4)) for radius, accuracy in rows]
     return entries
 
 
@@ -232,20 +239,20 @@ def evaluation_text(results: dict, split: str) -> str:
     check = masking_check(results["sweeps"])
     if check:
         lines += ["### PGD against the ensemble (gradient-masking check)", "", masking_check_markdown({"model": check}), ""]
-    for sigma, content in results["certified"].items():
+    for sigma, rows in results["certified"].items():
         lines += [f"### Certified accuracy (randomized smoothing, sigma {sigma})", "", "| L2 radius | certified accuracy |",
-                  "|---|---|", *(f"| {radius:g} | {accuracy:.3f} |" for radius, accuracy in certified_rows(content)), ""]
+                  "|---|---|", *(f"| {radius:g} | {accuracy:.3f} |" for radius, accuracy in rows), ""]
     return "\n".join(lines)
 
 
 def model_card(config: dict, results: dict, eps: float, split: str, license_name: str) -> str:
     """README.md: YAML front matter (Hub conventions, model-index) and the card's prose."""
     settings = config["training"]
-    name = f"{settings['run_name']}"
+    name = settings["run_name"]
     synthetic = is_synthetic(settings)
     data = ModelCardData(
         license=license_name, library_name="pytorch", model_name=name,
-        datasets=["synthetic-ecg" if synthetic else "cpsc2018"], metrics=["accuracy", "f1"],
+        datasets=[dataset(settings)[0]], metrics=["accuracy", "f1"],
         tags=["ecg", "electrocardiogram", "12-lead-ecg", "time-series-classification", "adversarial-robustness",
               "safetensors", settings["method"], settings["model"], *(["synthetic-data"] if synthetic else [])],
         eval_results=eval_results(settings, results, eps, split) or None)

@@ -157,3 +157,13 @@ def test_an_out_dir_that_is_a_link_is_refused(evaluated_run, tmp_path, one_error
     assert export.main([str(evaluated_run), str(tmp_path / "out")]) == 2
     assert "a link or a file: the export writes into a real folder of its own" in one_error_line()
     assert not any(Path(tmp_path / "target").iterdir())
+
+
+@pytest.mark.parametrize("content", ['{"sigma": 0.5}', '{"certified_accuracy": {"0.5": "high"}}', "[1, 2]",
+                                     '{"certified_accuracy": [{"radius": 0.5}]}'])
+def test_a_certify_file_without_its_table_is_refused_in_one_line(evaluated_run, tmp_path, one_error_line, content):
+    (evaluated_run / "certify_0.5.json").write_text(content)
+    assert export.main([str(evaluated_run), str(tmp_path / "out")]) == 2
+    assert one_error_line() == (f"error: {evaluated_run / 'certify_0.5.json'}: no certified_accuracy table of radii "
+                                "and accuracies: not a certify.py result")
+    assert not (tmp_path / "out").exists()
