@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import export
 import predict
 from cpsc2018 import CLASSES
 from ECG_CNN import from_pretrained
@@ -44,6 +45,37 @@ def test_predict_gives_the_evaluations_probabilities_and_predictions(exported_mo
     assert [p["predicted"] for p in output["predictions"]] == [CLASSES[i] for i in predicted]
     probabilities = np.array([list(p["probabilities"].values()) for p in output["predictions"]])
     np.testing.assert_allclose(probabilities, expected, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def variable_length_model(untrained_run, tmp_path_factory):
+    """An untrained resnet18a_vl saved as a bucketed run reading up to 7168 samples, exported."""
+    root = tmp_path_factory.mktemp("vl")
+    run = untrained_run(root / "VL", 0, "--model", "resnet18a_vl", "--bucket", "--max_length", "7168",
+                        "--random_pad", "1024")
+    assert export.main([str(run), str(root / "model")]) == 0
+    return root / "model"
+
+
+def test_bucketed_records_of_several_lengths_come_back_in_the_order_given(variable_length_model, sample_dir,
+                                                                          sample_test_split, capsys):
+    """resnet18a_vl in bucketed batches (by length, 5000 to 7168 samples here) against the same records
+    fully padded, one batch in split order: its logits do not depend on the padding."""
+    model = from_pretrained(variable_length_model)
+    steps = model.config["preprocessing"]
+    assert steps["bucket"] and steps["max_length"] == 7168
+    loader = get_dataloaders(sample_test_split, eval_batch_size=9, max_length=steps["max_length"],
+                             random_pad=steps["input_length"] - steps["max_length"], splits=("test",))["test"]
+    with torch.no_grad():
+        expected = torch.cat([torch.softmax(model(x, mask), dim=1) for x, _, mask in loader]).numpy()
+    lengths = loader.dataset.lengths
+    assert len(set(lengths)) > 3 and list(lengths) != sorted(lengths)
+    records = [str(sample_dir / f"{name}.hea") for name in loader.dataset.names]
+    assert predict.main([str(variable_length_model), *records, "--json"]) == 0
+    output = json.loads(capsys.readouterr().out)
+    assert [p["record"] for p in output["predictions"]] == records
+    probabilities = np.array([list(p["probabilities"].values()) for p in output["predictions"]])
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
 
 
 def test_a_mat_file_reads_as_its_header_does_and_the_table_lists_every_record(exported_model, sample_dir, capsys):
