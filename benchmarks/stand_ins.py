@@ -16,7 +16,7 @@ import importlib.machinery
 import sys
 import types
 
-OPTIONAL_PACKAGES = ("pandas", "scipy", "matplotlib", "tqdm", "wfdb", "sklearn")
+OPTIONAL_PACKAGES = ("pandas", "scipy", "matplotlib", "tqdm", "wfdb", "sklearn", "safetensors", "huggingface_hub")
 # Calls that the project's modules make while being imported: without the package they do nothing.
 IMPORT_TIME_CALLS = {"matplotlib.use"}
 
