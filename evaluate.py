@@ -193,13 +193,11 @@ TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", s
 
 def checkpoint_file(run: str | Path) -> Path:
     """The checkpoint a run folder stands for (its model.pt), an exported model folder's weights
-    (its model.safetensors: a folder with a config.json and no model.pt), or ``run`` itself when
-    it is a file."""
+    (its model.safetensors, which no run folder holds), or ``run`` itself when it is a file."""
     run = Path(run)
     if not run.is_dir():
         return run
-    exported = (run / pretrained.CONFIG_FILE).is_file() and not (run / "model.pt").exists()
-    return run / (pretrained.WEIGHTS_FILE if exported else "model.pt")
+    return run / (pretrained.WEIGHTS_FILE if (run / pretrained.WEIGHTS_FILE).is_file() else "model.pt")
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:

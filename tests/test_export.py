@@ -69,6 +69,15 @@ def test_evaluate_reads_an_exported_folder_as_it_reads_the_run(exported_model, t
     assert exported["clean"] == json.loads((tmp_path / "run" / "eval_test.json").read_text())["clean"]
 
 
+def test_a_run_folder_without_its_model_is_still_a_run_without_a_checkpoint(untrained_run, tmp_path):
+    """A run folder holds a config.json too: without model.pt it is a run not yet trained, not a model folder."""
+    run = untrained_run(tmp_path / "CE")
+    (run / "config.json").write_text(json.dumps({"run_name": "CE", "method": "CE"}))
+    (run / "model.pt").unlink()
+    with pytest.raises(evaluate.EvaluationError, match=r"model.pt: no such checkpoint \(train the run first\)$"):
+        evaluate.load_model(run)
+
+
 def test_the_model_card_is_yaml_front_matter_and_markdown_with_the_runs_results(evaluated_run, tmp_path, capsys):
     assert export.main([str(evaluated_run), str(tmp_path / "out")]) == 0
     assert capsys.readouterr().out == f"exported {evaluated_run} to {tmp_path / 'out'}/: model.safetensors, " \
