@@ -284,8 +284,8 @@ def _ensemble(version: str) -> Perturb:
 
 
 def _ensemble_text(version: str) -> Callable[[dict], str]:
-    second = {"standard": "APGD-T (every other class as a target in turn)", "fast": "APGD-DLR"}[version]
-    return lambda s: (f"AutoAttack {version}: APGD-CE, then {second} ({_apgd_steps(s)} each) and Square "
+    second = {"standard": "APGD-T (every other class as a target in turn; {} each)", "fast": "APGD-DLR ({} each)"}
+    return lambda s: (f"AutoAttack {version}: APGD-CE, then {second[version].format(_apgd_steps(s))} and Square "
                       f"({square_queries(s['steps'], version)} queries) on the survivors, {IN_EVAL}")
 
 

@@ -112,7 +112,7 @@ def test_every_sweep_has_its_title_levels_and_one_line_description():
     # The autoattack sweep is AutoAttack's standard version, Square's budget scaled from 5000 queries
     # at 100 steps; autoattack_fast the earlier line-up with 1000.
     assert config.SWEEPS["autoattack"].describe(settings) == (
-        "AutoAttack standard: APGD-CE, then APGD-T (every other class as a target in turn) (3 steps, 2 random "
+        "AutoAttack standard: APGD-CE, then APGD-T (every other class as a target in turn; 3 steps, 2 random "
         "start(s) each) and Square (150 queries) on the survivors, early stop, model in eval mode")
     assert config.SWEEPS["autoattack_fast"].describe(settings) == (
         "AutoAttack fast: APGD-CE, then APGD-DLR (3 steps, 2 random start(s) each) and Square (30 queries) on the "
