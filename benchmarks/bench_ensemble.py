@@ -6,7 +6,7 @@ sweeps run them (evaluate.robustness_sweep): each eps attacks only the records s
 the smaller ones (the envelope); per eps the robust accuracy (fraction of the records), which
 attack broke how many records first, and the seconds. For each Square start
 (autoattack.SQUARE_STARTS), Square alone at each eps on the clean-correct records with the
-standard ensemble's budget: records broken and seconds. Budgets follow the sweeps: ``--steps``
+standard ensemble's budget at the levels ``--square_eps``: records broken and seconds. Budgets follow the sweeps: ``--steps``
 APGD iterations, Square's queries config.square_queries(steps, version).
 
 Example: python benchmarks/bench_ensemble.py result/demo/CE --records 18 --steps 5 --eps 0.001,0.003,0.005,0.007,0.01,0.03
@@ -31,7 +31,7 @@ from ECG_Dataset import get_dataloaders  # noqa: E402
 from evaluate import balanced_records, load_model  # noqa: E402
 from plumbing.flags import OneLineParser  # noqa: E402
 
-SMOKE = dict(records=2, steps=1, eps=[0.01])
+SMOKE = dict(records=2, steps=1, eps=[0.01], square_eps=[0.01])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_flag("--restarts", type=int, default=1)
     parser.add_flag("--eps", type=lambda text: [float(v) for v in text.split(",")],
                     default=[0.001, 0.003, 0.005, 0.007, 0.01, 0.03], help="comma-separated L-inf levels")
+    parser.add_flag("--square_eps", type=lambda text: [float(v) for v in text.split(",")], default=[0.003, 0.01],
+                    help="comma-separated L-inf levels of the Square starts' comparison")
     parser.add_flag("--seed", type=int, default=0)
     add_common_arguments(parser, "ensemble", "tiny run for CI: 2 records, 1 step, eps 0.01")
     args = parser.parse_args(argv)
@@ -90,17 +92,19 @@ def main(argv: list[str] | None = None) -> int:
                 unbroken[rows[[by != "" for by in broken_by]]] = False
             levels.append({"eps": eps, "robust_accuracy": float(unbroken.float().mean()), "broken_by": counts,
                            "seconds": round(time.perf_counter() - began, 2)})
+            print(f"{version} eps {eps:g}: {levels[-1]}", flush=True)  # progress: the runs are long
         ensembles[version] = levels
     queries = square_queries(args.steps, "standard")
     starts = {}
     for square_start in SQUARE_STARTS:
         rows, levels = (~wrong(x, everyone)).nonzero().squeeze(1), []
-        for eps in args.eps:
+        for eps in args.square_eps:
             began = time.perf_counter()
             x_adv = square_attack(model, x[rows], y[rows], mask[rows], eps, "inf", queries,
                                   generator=generator(), start=square_start)
             levels.append({"eps": eps, "broken": int(wrong(x_adv, rows).sum()),
                            "seconds": round(time.perf_counter() - began, 2)})
+            print(f"square start {square_start} eps {eps:g}: {levels[-1]}", flush=True)
         starts[square_start] = levels
 
     command = command_line("bench_ensemble.py", argv)
