@@ -48,8 +48,8 @@ ATTACKS = {
         m, x, y, mask, eps, queries=30, generator=g),
     "apgd-t-linf": lambda m, x, y, mask, eps, g: autoattack.apgd_attack(
         m, x, y, mask, eps, steps=4, loss="dlr_targeted", target_classes=2, generator=g),
-    "square-lead-start": lambda m, x, y, mask, eps, g: autoattack.square_attack(
-        m, x, y, mask, eps, queries=30, generator=g, start="lead"),
+    "square-stripes-start": lambda m, x, y, mask, eps, g: autoattack.square_attack(
+        m, x, y, mask, eps, queries=30, generator=g, start="stripes"),
     "ensemble-linf": lambda m, x, y, mask, eps, g: autoattack.ensemble_attack(
         m, x, y, mask, eps, steps=4, queries=20, generator=g)[0],
     "ensemble-fast-linf": lambda m, x, y, mask, eps, g: autoattack.ensemble_attack(
@@ -175,11 +175,11 @@ def test_ensemble_reports_who_broke_each_sample(trained_tiny):
 def _one_reachable_class(samples: int = 2, scale: float = 1.0
                          ) -> tuple[LinearModel, torch.Tensor, torch.Tensor, torch.Tensor]:
     """5 classes ranked 0 > 1 > 2 > 3 > 4 on the clean (zero) input, class 0 right; only class 3's
-    logit depends on the input (0.125 per sample of one 64-sample lead): an L-inf eps of 0.5 can
-    lift it to 4, above class 0's 3, and no other class can be reached. ``scale`` multiplies
-    the logits."""
+    logit depends on the input (+-0.125 per sample of one 64-sample lead, the sign alternating
+    so that no constant offset moves it): an L-inf eps of 0.5 can lift it to 4, above class 0's
+    3, and no other class can be reached. ``scale`` multiplies the logits."""
     weight = torch.zeros(5, 1, 64)
-    weight[3] = 0.125 * scale
+    weight[3] = 0.125 * scale * (-1.0) ** torch.arange(64)
     model = LinearModel(weight, scale * torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0]))
     return model, torch.zeros(samples, 1, 64), torch.zeros(samples, dtype=torch.long), torch.ones(samples, 1, 64)
 
@@ -219,8 +219,9 @@ def test_apgd_t_refuses_too_few_classes_or_targets():
 def test_standard_ensemble_breaks_with_apgd_t_what_the_fast_one_misses():
     # Logits 100 times larger: the cross-entropy saturates (class 3's softmax weight underflows,
     # its input gradient is exactly 0), the untargeted DLR loss does not see class 3 (4th of the
-    # top logits), and Square's margin only moves once class 3 passes class 1. Only the targeted
-    # DLR loss aimed at class 3 (scale-free, like every DLR loss) lifts it.
+    # top logits), and Square's margin only moves once class 3 passes class 1, which its
+    # constant-sign windows on an alternating weight do not do. Only the targeted DLR loss aimed
+    # at class 3 (scale-free, like every DLR loss) lifts it.
     model, x, y, mask = _one_reachable_class(4, scale=100.0)
     kept, fast = autoattack.ensemble_attack(model, x, y, mask, 0.5, version="fast", steps=5, queries=20,
                                             generator=generator())
