@@ -12,7 +12,7 @@ left on the model's parameters.
   and restarts (the paper's evaluation) or a plain fixed-iteration run (adversarial
   training).
 - Losses to ascend: ``ce_loss``, ``soft_margin_loss`` and ``dlr_loss`` (summed over the
-  batch), ``margins`` and ``dlr_losses`` per sample.
+  batch), ``margins``, ``dlr_losses`` and ``dlr_targeted_losses`` per sample.
 """
 from __future__ import annotations
 
@@ -65,6 +65,18 @@ def dlr_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"the DLR loss needs at least 3 classes, got {logits.shape[1]}")
     top = logits.topk(3, dim=1).values
     return -margins(logits, y) / (top[:, 0] - top[:, 2] + DLR_EPS)
+
+
+def dlr_targeted_losses(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample targeted DLR loss (Croce and Hein, ICML 2020, eq. 5):
+    ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)``, t the target class and
+    z_pi1 >= ... >= z_pi4 the top four logits; ascending it pushes z_t above z_y. Needs at
+    least 4 classes."""
+    if logits.shape[1] < 4:
+        raise ValueError(f"the targeted DLR loss needs at least 4 classes, got {logits.shape[1]}")
+    top = logits.topk(4, dim=1).values
+    own, aimed = (logits.gather(1, labels[:, None]).squeeze(1) for labels in (y, target))
+    return -(own - aimed) / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + DLR_EPS)
 
 
 def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -226,7 +226,9 @@ L2_LEVELS = {"paper": (1, 3, 5, 10, 15, 20, 25, 30),
 WHITE_LEVELS = dict.fromkeys(LEVEL_LISTS, (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6))
 SNR_DB_LEVELS = dict.fromkeys(LEVEL_LISTS, (40, 30, 20, 15, 10, 5, 0))
 SNR_AXIS = "noise/signal amplitude"
-SQUARE_QUERIES_PER_STEP = 10  # Square's queries per gradient-attack iteration: 1000 at the paper's 100
+# Square's queries scale with the gradient attacks' iterations: at the paper's 100 the published
+# budgets (autoattack.SQUARE_QUERIES: 1000 alone and in the fast ensemble, 5000 in the standard one).
+REFERENCE_STEPS = 100
 
 # perturb(model, x, y, mask, level, steps, restarts, generator) -> the perturbed x
 Perturb = Callable[..., torch.Tensor]
@@ -245,11 +247,15 @@ class Sweep:
     # PGD and the ensemble are compared on equal footing (analysis.compare.masking_check).
     attacks_model: bool = False
     snr_db: bool = False             # levels are signal-to-noise ratios in dB
+    # An ensemble_attack version: perturb returns (x, broken_by), and the sweep reports who broke
+    # how many records and AutoAttack's warnings.
+    ensemble: str = ""
 
 
-def square_queries(steps: int) -> int:
-    """Square's query budget in a sweep run with ``steps`` gradient-attack iterations."""
-    return max(1, SQUARE_QUERIES_PER_STEP * steps)
+def square_queries(steps: int, version: str = "fast") -> int:
+    """Square's query budget in a sweep run with ``steps`` gradient-attack iterations, alone or in the
+    ensemble ``version``."""
+    return max(1, autoattack.SQUARE_QUERIES[version] * steps // REFERENCE_STEPS)
 
 
 def _pgd(norm: str) -> Perturb:
@@ -271,9 +277,16 @@ def _square(model, x, y, mask, level, steps, restarts, generator):
     return autoattack.square_attack(model, x, y, mask, level, "inf", queries=square_queries(steps), generator=generator)
 
 
-def _ensemble(model, x, y, mask, level, steps, restarts, generator):
-    return autoattack.ensemble_attack(model, x, y, mask, level, "inf", steps=steps, queries=square_queries(steps),
-                                      restarts=restarts, generator=generator)[0]
+def _ensemble(version: str) -> Perturb:
+    return lambda model, x, y, mask, level, steps, restarts, generator: autoattack.ensemble_attack(
+        model, x, y, mask, level, "inf", version, steps=steps, queries=square_queries(steps, version),
+        restarts=restarts, generator=generator)
+
+
+def _ensemble_text(version: str) -> Callable[[dict], str]:
+    second = {"standard": "APGD-T (every other class as a target in turn; {} each)", "fast": "APGD-DLR ({} each)"}
+    return lambda s: (f"AutoAttack {version}: APGD-CE, then {second[version].format(_apgd_steps(s))} and Square "
+                      f"({square_queries(s['steps'], version)} queries) on the survivors, {IN_EVAL}")
 
 
 def _white(model, x, y, mask, level, steps, restarts, generator):
@@ -317,10 +330,15 @@ SWEEPS = {
                       lambda s: f"APGD-DLR, {_apgd_steps(s)}, {IN_EVAL}", attacks_model=True),
     "square": Sweep("Square, L-inf budget", _square, LINF_LEVELS, "L-inf eps",
                     lambda s: f"Square L-inf, {square_queries(s['steps'])} queries, {IN_EVAL}", attacks_model=True),
-    "autoattack": Sweep("Ensemble (APGD-CE, APGD-DLR, Square), L-inf budget", _ensemble, LINF_LEVELS, "L-inf eps",
-                        lambda s: f"APGD-CE, then APGD-DLR ({_apgd_steps(s)} each) and Square "
-                                  f"({square_queries(s['steps'])} queries) on the survivors, {IN_EVAL}",
-                        attacks_model=True),
+    "apgd_t": Sweep("APGD-T, L-inf budget", _apgd("dlr_targeted"), LINF_LEVELS, "L-inf eps",
+                    lambda s: f"APGD-T, every other class as a target in turn, {_apgd_steps(s)} per target, "
+                              f"{IN_EVAL}", attacks_model=True),
+    "autoattack": Sweep("AutoAttack standard (APGD-CE, APGD-T, Square), L-inf budget", _ensemble("standard"),
+                        LINF_LEVELS, "L-inf eps", _ensemble_text("standard"), attacks_model=True,
+                        ensemble="standard"),
+    "autoattack_fast": Sweep("AutoAttack fast (APGD-CE, APGD-DLR, Square), L-inf budget", _ensemble("fast"),
+                             LINF_LEVELS, "L-inf eps", _ensemble_text("fast"), attacks_model=True,
+                             ensemble="fast"),
     "white": Sweep("White noise", _white, WHITE_LEVELS, "white noise amplitude eps", _noise_text),
     "baseline_wander": Sweep("Real-ECG noise: baseline wander", _snr_noise(noises.baseline_wander), SNR_DB_LEVELS,
                              SNR_AXIS, _noise_text, snr_db=True),
@@ -331,7 +349,7 @@ SWEEPS = {
     "muscle": Sweep("Real-ECG noise: muscle (EMG)", _snr_noise(noises.muscle_noise), SNR_DB_LEVELS, SNR_AXIS,
                     _noise_text, snr_db=True),
 }
-GRADIENT_SWEEPS = ("pgd_linf", "apgd_ce", "apgd_dlr")  # the L-inf gradient attacks (analysis.compare.masking_check)
+GRADIENT_SWEEPS = ("pgd_linf", "apgd_ce", "apgd_dlr", "apgd_t")  # the L-inf gradient attacks (analysis.compare.masking_check)
 
 
 def noise_levels(sweep: str, levels: str = "paper") -> tuple:

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import attacks
+import autoattack
 from analysis import figures
 from analysis.compare import EXAMPLE_STEM, EvaluationError, compare_runs, run_names
 from analysis.metrics import (NUM_CLASSES, class_balanced_accuracy, classification_scores, confusion_matrix,
@@ -117,15 +118,37 @@ def sweep_levels(sweep: str, levels: str = "paper") -> tuple[list[float], list[f
     return [0.0, *chosen], [0.0, *chosen]
 
 
+def _level_scores(matrices: np.ndarray, axis: list[float]) -> dict:
+    """Class-balanced accuracy, mean F1, per-class sensitivity, confusion matrices and the AUCs of
+    one curve's per-level confusion matrices."""
+    accuracy = [class_balanced_accuracy(cm) for cm in matrices]
+    f1 = [mean_f1(cm) for cm in matrices]
+    return {"accuracy": accuracy, "mean_f1": f1,
+            "sensitivity": [ratio(np.diag(cm), cm.sum(axis=1)).tolist() for cm in matrices],
+            "confusion_matrix": matrices.tolist(),
+            "auc": robustness_auc(axis, accuracy), "auc_f1": robustness_auc(axis, f1)}
+
+
 def robustness_sweep(model: torch.nn.Module, loader, sweep: str, device: torch.device,
                      steps: int = 100, restarts: int = 2, max_batches: int = 0,
-                     seed: int = 0, sharded: bool = False, levels: str = "paper") -> dict:
+                     seed: int = 0, sharded: bool = False, levels: str = "paper",
+                     per_level: bool = False) -> dict:
     """Class-balanced accuracy, mean F1, per-class sensitivity and the confusion matrix at
     every level of one sweep (the level list ``levels``), and the AUC of accuracy and of F1.
 
     A record misclassified on the clean input keeps its clean prediction at every level, as
     in the original evaluation: noise never counts a wrong record right (the attacks leave
     such records unperturbed anyway, PROTOCOL section 6).
+
+    Attacks (``Sweep.attacks_model``) report the envelope: a record broken at a level counts as
+    broken, with the prediction that broke it, at every larger level (its adversarial input lies
+    in every larger ball), so robust accuracy never rises with the budget. Each level attacks
+    only the records unbroken at the levels below, unless ``per_level``: then every level
+    attacks every record, as the paper does, and its own numbers are kept beside the envelope
+    ("per_level"). Noise sweeps are not attacks (a noise draw bounds nothing at other levels):
+    their numbers are per level, as in the paper. Ensemble sweeps (``Sweep.ensemble``) also
+    count the records each attack broke first per level ("broken_by") and run AutoAttack's
+    checks on every clean batch ("checks", "warnings" in plain words).
 
     ``sharded``: under torchrun, ``loader`` is this process's share (``shard_loader``); the
     counts are summed over the processes and rank r draws its noise from seed + r.
@@ -135,50 +158,84 @@ def robustness_sweep(model: torch.nn.Module, loader, sweep: str, device: torch.d
     was_training = model.training
     model.eval()
     noise, axis = sweep_levels(sweep, levels)
+    chosen = SWEEPS[sweep]
+    envelope = chosen.attacks_model
     generator = torch.Generator(device=device).manual_seed(seed + (rank() if sharded else 0))
     total = min(len(loader), max_batches) if max_batches else len(loader)
-    matrices = np.zeros((len(noise), NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    shape = (len(noise), NUM_CLASSES, NUM_CLASSES)
+    matrices, own_matrices = np.zeros(shape, dtype=np.int64), np.zeros(shape, dtype=np.int64)
+    attacked = np.zeros(len(noise), dtype=np.int64)  # records perturbed at each level
+    attack_names = autoattack.ENSEMBLE_VERSIONS.get(chosen.ensemble, ())
+    broken_by = np.zeros((len(noise), len(attack_names)), dtype=np.int64)
+    checks: dict[str, int] = {}
     with tqdm(total=total * len(noise), desc=sweep, leave=False, mininterval=1.0,
               disable=not is_main_process()) as bar:
         for index, (x, y, mask) in enumerate(loader):
             if index >= total:
                 break
             x, y, mask = x.to(device), y.to(device), mask.to(device)
+            if chosen.ensemble:
+                for key, count in autoattack.model_checks(model, x, y, mask).items():
+                    checks[key] = checks.get(key, 0) + count
             with torch.no_grad():
                 clean = model(x, mask).argmax(dim=1)
+            kept = clean.clone()  # the envelope's prediction: the one that broke the record, else the latest
             for i, level in enumerate(noise):
-                predicted = clean
+                own = clean
                 if i:
-                    x_noisy = SWEEPS[sweep].perturb(model, x, y, mask, level, steps, restarts, generator)
-                    with torch.no_grad():
-                        predicted = torch.where(clean == y, model(x_noisy, mask).argmax(dim=1), clean)
-                matrices[i] += confusion_matrix(y.cpu().numpy(), predicted.cpu().numpy())
+                    rows = (kept == y if envelope and not per_level else torch.ones_like(y, dtype=torch.bool)
+                            ).nonzero().squeeze(1)
+                    own = clean.clone()
+                    if len(rows):
+                        outcome = chosen.perturb(model, x[rows], y[rows], mask[rows], level, steps, restarts,
+                                                 generator)
+                        x_noisy, by = outcome if chosen.ensemble else (outcome, None)
+                        with torch.no_grad():
+                            own[rows] = torch.where(clean[rows] == y[rows],
+                                                    model(x_noisy, mask[rows]).argmax(dim=1), clean[rows])
+                        attacked[i] += len(rows)
+                        for j, name in enumerate(attack_names):
+                            broken_by[i, j] += by.count(name)
+                    if envelope:
+                        kept = torch.where(kept == y, own, kept)
+                truth = y.cpu().numpy()
+                own_matrices[i] += confusion_matrix(truth, own.cpu().numpy())
+                matrices[i] += confusion_matrix(truth, (kept if envelope else own).cpu().numpy())
                 bar.update()
     model.train(was_training)
     if sharded:
-        matrices = all_reduce(torch.from_numpy(matrices)).numpy()
-    accuracy = [class_balanced_accuracy(cm) for cm in matrices]
-    f1 = [mean_f1(cm) for cm in matrices]
-    return {"sweep": sweep, "axis": SWEEPS[sweep].axis, "level_list": levels,
-            "levels": [None if np.isinf(v) else v for v in noise], "axis_levels": axis,
-            "accuracy": accuracy, "mean_f1": f1,
-            "sensitivity": [ratio(np.diag(cm), cm.sum(axis=1)).tolist() for cm in matrices],
-            "confusion_matrix": matrices.tolist(),
-            "auc": robustness_auc(axis, accuracy), "auc_f1": robustness_auc(axis, f1),
-            "n": int(matrices[0].sum()),
-            "settings": {"steps": steps, "restarts": restarts, "max_batches": max_batches,
-                         "seed": seed},
-            "seconds": round(time.perf_counter() - started, 3)}
+        matrices, own_matrices, attacked, broken_by = (
+            all_reduce(torch.from_numpy(counts)).numpy() for counts in (matrices, own_matrices, attacked, broken_by))
+        checks = {key: int(all_reduce(torch.tensor(count))) for key, count in checks.items()}
+    result = {"sweep": sweep, "axis": chosen.axis, "level_list": levels,
+              "levels": [None if np.isinf(v) else v for v in noise], "axis_levels": axis,
+              "envelope": envelope, **_level_scores(matrices, axis), "n": int(matrices[0].sum()),
+              "attacked": attacked.tolist(),
+              "settings": {"steps": steps, "restarts": restarts, "max_batches": max_batches,
+                           "seed": seed, "per_level": per_level}}
+    if envelope and per_level:
+        result["per_level"] = _level_scores(own_matrices, axis)
+    if chosen.ensemble:
+        result["ensemble_version"] = chosen.ensemble
+        result["broken_by"] = {name: broken_by[:, j].tolist() for j, name in enumerate(attack_names)}
+        result["checks"] = checks
+        result["warnings"] = autoattack.check_warnings(checks, int(broken_by[:, attack_names.index("square")].sum()))
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    return result
 
 
 def sweep_rows(run: str, result: dict) -> list[dict]:
-    """Long-format CSV rows of one sweep: one row per level."""
+    """Long-format CSV rows of one sweep: one row per level (an attack's envelope; its per-level
+    accuracy and mean F1 beside it when the sweep attacked every record at every level)."""
     rows = []
-    for level, axis, acc, f1, sens in zip(result["levels"], result["axis_levels"], result["accuracy"],
-                                          result["mean_f1"], result["sensitivity"]):
+    per_level = result.get("per_level")
+    for i, (level, axis, acc, f1, sens) in enumerate(zip(result["levels"], result["axis_levels"], result["accuracy"],
+                                                         result["mean_f1"], result["sensitivity"])):
+        own = {"per_level_accuracy": per_level["accuracy"][i], "per_level_mean_f1": per_level["mean_f1"][i]} \
+            if per_level else {}
         rows.append({"run": run, "sweep": result["sweep"], "level_list": result["level_list"], "level": level,
-                     "axis_level": axis, "accuracy": acc, "mean_f1": f1,
-                     **{f"sensitivity_{c}": s for c, s in zip(CLASSES, sens)}})
+                     "axis_level": axis, "envelope": result.get("envelope", False), "accuracy": acc, "mean_f1": f1,
+                     **own, **{f"sensitivity_{c}": s for c, s in zip(CLASSES, sens)}})
     return rows
 
 
@@ -340,7 +397,8 @@ def evaluate_run(run_dir: Path, model: torch.nn.Module, cfg: SimpleNamespace, sp
             attacked = SWEEPS[name].attacks_model
             curves[name] = robustness_sweep(model, sweep_loader(attack_loader if attacked else loader),
                                             name, device, cfg.sweep_steps, cfg.sweep_restarts,
-                                            cfg.sweep_max_batches, cfg.seed, sharded, cfg.levels)
+                                            cfg.sweep_max_batches, cfg.seed, sharded, cfg.levels,
+                                            getattr(cfg, "sweep_per_level", False))
             if attacked and max_records:
                 curves[name]["settings"]["max_records"] = max_records
                 curves[name]["records"] = [loader.dataset.names[i] for i in subset]
@@ -357,8 +415,11 @@ def evaluate_run(run_dir: Path, model: torch.nn.Module, cfg: SimpleNamespace, sp
                                     f"{cfg.run_name}: {split} split")
         for name, curve in curves.items():
             print(f"{name} ({cfg.levels} levels): AUC {curve['auc']:.3f}, AUC of F1 {curve['auc_f1']:.3f}; "
-                  "accuracy " + ", ".join(f"{a:.3f}" for a in curve["accuracy"]) +
+                  f"accuracy{' (envelope)' if curve['envelope'] else ''} " +
+                  ", ".join(f"{a:.3f}" for a in curve["accuracy"]) +
                   "; mean F1 " + ", ".join(f"{f:.3f}" for f in curve["mean_f1"]))
+            for warning in curve.get("warnings", []):
+                print(f"  warning ({name}): {warning}")
     return result
 
 
@@ -529,13 +590,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_flag("--sweep_max_records", type=int, default=0,
                             help="attack sweeps: a fixed class-balanced subset of this many records "
                                  "(0: all; the records are listed in the results)")
+        parser.add_flag("--sweep_per_level", action="store_true",
+                        help="attack sweeps: attack every record at every level, as the paper does, and keep "
+                             "each level's own numbers beside the envelope (default: each level attacks only "
+                             "the records unbroken at the levels below)")
         args = parser.parse_args(argv)
         checkpoint = checkpoint_file(args.run)
         model, config = load_model(checkpoint)
         cfg = SimpleNamespace(**config)
         cfg.levels = config.get("levels", "paper")  # a config.json naming no level list: the paper's
         for key in ("device", "data_dir", "sweeps", "levels", "sweep_steps", "sweep_restarts", "sweep_max_batches",
-                    "sweep_max_records"):
+                    "sweep_max_records", "sweep_per_level"):
             if getattr(args, key) is not None:
                 setattr(cfg, key, getattr(args, key))
         for key in ("sweep_max_records", "eval_max_batches"):

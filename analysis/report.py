@@ -136,6 +136,39 @@ def _sweep_settings_line(sweep: str, results: dict[str, dict], split: str = "tes
     return "; ".join(f"{run}: {text}" for run, text in described.items())
 
 
+def _sweep_notes(sweep: str, results: dict[str, dict]) -> list[str]:
+    """What a sweep's numbers are (an attack's envelope or each level's own), and for an ensemble
+    which version ran, which attack broke how many records and AutoAttack's warnings; then the
+    paper's per-level numbers beside the envelope where the sweep kept them (fidelity)."""
+    if not SWEEPS[sweep].attacks_model:
+        return ["Numbers per level: a noise draw is no attack, so a record's outcome at one level bounds "
+                "nothing at another.", ""]
+    if not all(r.get("envelope") for r in results.values()):
+        return ["Numbers per level (each eps attacked every record on its own; results written before this "
+                "project reported the envelope).", ""]
+    lines = ["Robust accuracy is the envelope: a record broken at an eps counts as broken at every larger "
+             "eps (its adversarial input lies inside every larger ball), so it never rises with the budget; "
+             "each eps attacked only the records unbroken below it" +
+             (", except where the per-level table below says otherwise." if any("per_level" in r for r in
+                                                                                 results.values()) else ".")]
+    for run, result in results.items():
+        if "broken_by" in result:
+            counts = ", ".join(f"{name} {sum(n)}" for name, n in result["broken_by"].items())
+            lines.append(f"- **{run}**: AutoAttack {result['ensemble_version']} ran; records broken first by "
+                         f"each attack (all eps): {counts}.")
+            lines += [f"  - Warning: {warning}" for warning in result.get("warnings", [])]
+    per_level = {run: r["per_level"] for run, r in results.items() if "per_level" in r}
+    if per_level:
+        levels = next(iter(results.values()))["levels"][1:]
+        lines += ["", "The paper's numbers, each eps attacking every record on its own (`--sweep_per_level`; "
+                  "class-balanced accuracy):", "",
+                  "| run | clean | " + " | ".join(f"{level:g}" for level in levels) + " |",
+                  "|---|---|" + "---|" * len(levels)]
+        lines += [f"| {run} | " + " | ".join(f"{a:.3f}" for a in own["accuracy"]) + " |"
+                  for run, own in per_level.items()]
+    return lines + [""]
+
+
 def build_report(plan_name: str, plan: Preset, raw_dir: Path, data_dir: Path, result_dir: Path, jobs: list,
                  ready: list, tables: dict[str, str], timings: Timings, *, meta: dict | None,
                  histories: dict, configs: dict) -> str:
@@ -224,6 +257,7 @@ def build_report(plan_name: str, plan: Preset, raw_dir: Path, data_dir: Path, re
         lines += [f"### {SWEEPS[sweep].title} (`{sweep}`)", "",
                   f"Split: test, {', '.join(map(str, n_used))} records used; {level_note}. "
                   f"Settings: {_sweep_settings_line(sweep, results)}. Time: {times}.", "",
+                  *_sweep_notes(sweep, results),
                   "Class-balanced accuracy:", "", tables[f"{sweep}_accuracy"], "",
                   f"![{sweep}, accuracy]({rel(result_dir / 'compare' / f'{sweep}_accuracy.png')})", "",
                   "Mean F1:", "", tables[f"{sweep}_f1"], "",

@@ -66,6 +66,21 @@ def test_dlr_loss_matches_brute_force():
         attacks.dlr_losses(torch.randn(2, 2), torch.tensor([0, 1]))
 
 
+def test_targeted_dlr_loss_matches_numpy_by_hand():
+    # Croce and Hein (ICML 2020), eq. 5, computed in numpy with a full sort.
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(8, 9))
+    logits[0, [2, 5, 7, 8]] = 3.0  # ties among the top four
+    y, target = rng.integers(0, 9, 8), rng.integers(0, 9, 8)
+    ranked = -np.sort(-logits, axis=1)
+    rows = np.arange(8)
+    expected = -(logits[rows, y] - logits[rows, target]) / (ranked[:, 0] - (ranked[:, 2] + ranked[:, 3]) / 2 + 1e-12)
+    got = attacks.dlr_targeted_losses(torch.from_numpy(logits), torch.from_numpy(y), torch.from_numpy(target))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        attacks.dlr_targeted_losses(torch.randn(2, 3), torch.tensor([0, 1]), torch.tensor([1, 2]))
+
+
 # ----------------------------------------------------------------------------- budgets and masks
 
 @pytest.mark.parametrize("norm, eps", [("inf", 0.05), (2, 0.5)])

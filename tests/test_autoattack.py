@@ -1,7 +1,8 @@
-"""Tests for autoattack.py: Auto-PGD's checkpoints and its first-fooling and best points,
-Square's windows and schedule, the ensemble's report, the budget, mask, clip and model state
-of all three, their strength against the Adversarial Robustness Toolbox's APGD and Square, and
-a model with masked gradients that fools PGD but not the ensemble."""
+"""Tests for autoattack.py: Auto-PGD's checkpoints and its first-fooling and best points, APGD-T's
+targets, Square's starts, windows and schedule, the ensemble's versions and report, the budget,
+mask, clip and model state of all of them, their strength against the Adversarial Robustness
+Toolbox's APGD and Square, AutoAttack's checks, and a model with masked gradients that fools PGD
+but not the ensemble."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +17,8 @@ import attacks
 import autoattack
 from analysis.compare import masking_check
 from analysis.metrics import class_balanced_accuracy, confusion_matrix
-from helpers import (RecordingModel, TinyCNN, binary_linear_problem, generator, per_sample_norms, predictions,
-                     right_aligned_masks, sinusoid_task)
+from helpers import (LinearModel, RecordingModel, TinyCNN, binary_linear_problem, generator, per_sample_norms,
+                     predictions, right_aligned_masks, sinusoid_task)
 
 
 # ----------------------------------------------------------------------------- Auto-PGD, Square, ensemble
@@ -45,16 +46,23 @@ ATTACKS = {
         m, x, y, mask, 10 * eps, norm=2, steps=6, generator=g),
     "square-linf": lambda m, x, y, mask, eps, g: autoattack.square_attack(
         m, x, y, mask, eps, queries=30, generator=g),
+    "apgd-t-linf": lambda m, x, y, mask, eps, g: autoattack.apgd_attack(
+        m, x, y, mask, eps, steps=4, loss="dlr_targeted", target_classes=2, generator=g),
+    "square-stripes-start": lambda m, x, y, mask, eps, g: autoattack.square_attack(
+        m, x, y, mask, eps, queries=30, generator=g, start="stripes"),
     "ensemble-linf": lambda m, x, y, mask, eps, g: autoattack.ensemble_attack(
         m, x, y, mask, eps, steps=4, queries=20, generator=g)[0],
+    "ensemble-fast-linf": lambda m, x, y, mask, eps, g: autoattack.ensemble_attack(
+        m, x, y, mask, eps, version="fast", steps=4, queries=20, generator=g)[0],
 }
+NEEDS_FOUR_CLASSES = ("apgd-t-linf", "ensemble-linf")  # APGD-T
 
 
 @pytest.mark.parametrize("name", ATTACKS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_new_attacks_keep_budget_mask_clip_type_and_model_state(name, dtype):
     torch.manual_seed(0)
-    model = TinyCNN().to(dtype).train()  # train mode: the attack must leave it so
+    model = TinyCNN(classes=5).to(dtype).train()  # train mode: the attack must leave it so
     mask = right_aligned_masks([200, 256, 130, 256, 90, 256], 256).to(dtype)
     x = ((2 * torch.rand(6, 2, 256) - 1) * mask).to(dtype)  # up to +-1: the clip is exercised
     with torch.no_grad():
@@ -76,7 +84,7 @@ def test_new_attacks_keep_budget_mask_clip_type_and_model_state(name, dtype):
     assert model.training and all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ATTACKS)
+@pytest.mark.parametrize("name", [name for name in ATTACKS if name not in NEEDS_FOUR_CLASSES])
 def test_new_attacks_are_reproducible_and_leave_clean_wrong_samples(name, trained_tiny):
     model, x, y, mask = trained_tiny
     x, y, mask = x[:12], y[:12], mask[:12]
@@ -110,18 +118,36 @@ def test_apgd_returns_first_fooling_iterate_and_best_point_otherwise(trained_tin
             assert not fooled.any() and torch.equal(x_adv[i], mine[losses.argmax()])
 
 
-def test_square_windows_stay_inside_the_signal_and_at_the_ball_corners():
-    # Every signal sample of Square's output sits at x +- eps (or the clip): the stripes
-    # start puts every sample at a corner and windows only move them between corners.
+@pytest.mark.parametrize("start", autoattack.SQUARE_STARTS)
+def test_square_windows_stay_inside_the_signal_and_at_the_ball_corners(start):
+    # Every signal sample of Square's output sits at x +- eps (or the clip): both starts put
+    # every sample at a corner and windows only move them between corners.
     torch.manual_seed(0)
     model = TinyCNN().eval()
     mask = right_aligned_masks([256, 100, 30], 256)
     x = 0.5 * (2 * torch.rand(3, 2, 256) - 1) * mask
     y = predictions(model, x, mask)
-    x_adv = autoattack.square_attack(model, x, y, mask, 0.1, queries=50, generator=generator())
+    x_adv = autoattack.square_attack(model, x, y, mask, 0.1, queries=50, generator=generator(), start=start)
     delta = (x_adv - x)[mask.expand_as(x).bool()]
     torch.testing.assert_close(delta.abs(), torch.full_like(delta, 0.1), rtol=0, atol=1e-6)
     assert torch.equal(x_adv * (1 - mask), x * (1 - mask))
+
+
+def test_square_starts_are_stripes_along_time_or_one_sign_per_lead():
+    # One query is the start alone: "stripes" draws a sign per lead and time sample (both signs
+    # along each lead's signal), "lead" one sign per lead over its whole signal.
+    model = TinyCNN().eval()
+    mask = right_aligned_masks([256, 128], 256)
+    x = torch.zeros(2, 2, 256)
+    y = predictions(model, x, mask)
+    for start, changes_along_time in (("stripes", True), ("lead", False)):
+        delta = autoattack.square_attack(model, x, y, mask, 0.1, queries=1, generator=generator(), start=start)
+        for sample in range(2):
+            signal = delta[sample][:, mask[sample, 0].bool()]
+            assert (signal.abs() == 0.1).all()
+            assert all((len(lead.unique()) == 2) == changes_along_time for lead in signal), start
+    with pytest.raises(ValueError, match="start 'squares' is not one of"):
+        autoattack.square_attack(model, x, y, mask, 0.1, start="squares")
 
 
 def test_square_fraction_follows_the_published_schedule():
@@ -137,13 +163,111 @@ def test_ensemble_reports_who_broke_each_sample(trained_tiny):
     model, x, y, mask = trained_tiny
     y = y.clone()
     y[:3] = (y[:3] + 1) % 3  # clean-wrong
-    x_adv, broken_by = autoattack.ensemble_attack(model, x, y, mask, 0.2, steps=5, queries=30,
+    x_adv, broken_by = autoattack.ensemble_attack(model, x, y, mask, 0.2, version="fast", steps=5, queries=30,
                                                   generator=generator())
     assert broken_by[:3] == ["clean"] * 3
-    assert set(broken_by) <= {"clean", "", *autoattack.ENSEMBLE_ATTACKS}
+    assert set(broken_by) <= {"clean", "", *autoattack.ENSEMBLE_VERSIONS["fast"]}
     wrong = (predictions(model, x_adv, mask) != y).tolist()
     assert wrong == [by != "" for by in broken_by]
     assert "apgd-ce" in broken_by and "" in broken_by, broken_by
+
+
+def _one_reachable_class(samples: int = 2, scale: float = 1.0
+                         ) -> tuple[LinearModel, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """5 classes ranked 0 > 1 > 2 > 3 > 4 on the clean (zero) input, class 0 right; only class 3's
+    logit depends on the input (+-0.125 per sample of one 64-sample lead, the sign alternating
+    so that no constant offset moves it): an L-inf eps of 0.5 can lift it to 4, above class 0's
+    3, and no other class can be reached. ``scale`` multiplies the logits."""
+    weight = torch.zeros(5, 1, 64)
+    weight[3] = 0.125 * scale * (-1.0) ** torch.arange(64)
+    model = LinearModel(weight, scale * torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0]))
+    return model, torch.zeros(samples, 1, 64), torch.zeros(samples, dtype=torch.long), torch.ones(samples, 1, 64)
+
+
+def test_apgd_t_aims_at_the_top_other_classes_in_turn_and_stops_at_the_first_break():
+    model, x, y, mask = _one_reachable_class()
+
+    def attack(eps, targets, recorder=None):
+        return autoattack.apgd_attack(recorder or model, x, y, mask, eps, steps=5, loss="dlr_targeted",
+                                      target_classes=targets, generator=generator())
+
+    # Classes 1 and 2 are the first two targets: aiming at them never lifts class 3.
+    assert (predictions(model, attack(0.5, 2), mask) == 0).all()
+    assert (predictions(model, attack(0.5, 3), mask) == 3).all()  # the third target, class 3
+    passes = {}
+    for targets in (3, 4, None):
+        recorder = RecordingModel(model)
+        attack(0.5 if targets else 0.01, targets, recorder)
+        passes[targets] = len(recorder.iterates)
+    # Broken at the third target: the fourth never runs. Unbreakable at eps 0.01: every target
+    # (classes - 1 = 4 by default) runs its start and 5 steps.
+    assert passes[4] == passes[3] and passes[None] == 4 * (5 + 1)
+
+
+def test_apgd_t_refuses_too_few_classes_or_targets():
+    model, x, y, mask = _one_reachable_class()
+    with pytest.raises(ValueError, match="target_classes must be 1 to 4"):
+        autoattack.apgd_attack(model, x, y, mask, 0.1, loss="dlr_targeted", target_classes=5)
+    with pytest.raises(ValueError, match="only with loss='dlr_targeted'"):
+        autoattack.apgd_attack(model, x, y, mask, 0.1, loss="ce", target_classes=2)
+    three, x3, y3, mask3 = binary_linear_problem([64, 40])
+    three = LinearModel(torch.randn(3, 2, 64))
+    with pytest.raises(ValueError, match="needs at least 4 classes, the model has 3"):
+        autoattack.apgd_attack(three, x3, y3, mask3, 0.1, loss="dlr_targeted")
+
+
+def test_standard_ensemble_breaks_with_apgd_t_what_the_fast_one_misses():
+    # Logits 100 times larger: the cross-entropy saturates (class 3's softmax weight underflows,
+    # its input gradient is exactly 0), the untargeted DLR loss does not see class 3 (4th of the
+    # top logits), and Square's margin only moves once class 3 passes class 1, which its
+    # constant-sign windows on an alternating weight do not do. Only the targeted DLR loss aimed
+    # at class 3 (scale-free, like every DLR loss) lifts it.
+    model, x, y, mask = _one_reachable_class(4, scale=100.0)
+    kept, fast = autoattack.ensemble_attack(model, x, y, mask, 0.5, version="fast", steps=5, queries=20,
+                                            generator=generator())
+    assert fast == [""] * 4 and (predictions(model, kept, mask) == 0).all()
+    x_adv, broken_by = autoattack.ensemble_attack(model, x, y, mask, 0.5, steps=5, queries=20,
+                                                  generator=generator())
+    assert broken_by == ["apgd-t"] * 4 and (predictions(model, x_adv, mask) == 3).all()
+    assert autoattack.ENSEMBLE_VERSIONS["standard"] == ("apgd-ce", "apgd-t", "square")
+    assert autoattack.SQUARE_QUERIES == {"standard": 5000, "fast": 1000}
+    with pytest.raises(ValueError, match="version 'plus' is not one of"):
+        autoattack.ensemble_attack(model, x, y, mask, 0.5, version="plus")
+
+
+# ----------------------------------------------------------------------------- AutoAttack's checks
+
+class _Softmax(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, mask):
+        return self.model(x, mask).softmax(dim=1)
+
+
+class _Noisy(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, mask):
+        return self.model(x + 0.01 * torch.randn_like(x), mask)
+
+
+def test_model_checks_flag_randomized_probability_and_zero_gradient_models(trained_tiny):
+    model, x, y, mask = trained_tiny
+    x, y, mask = x[:8], y[:8], mask[:8]
+    assert autoattack.model_checks(model, x, y, mask) == {"randomized": 0, "probabilities": 0,
+                                                          "zero_gradients": 0, "n": 8}
+    assert autoattack.model_checks(_Noisy(model), x, y, mask)["randomized"] == 1
+    assert autoattack.model_checks(_Softmax(model), x, y, mask)["probabilities"] == 1
+    assert autoattack.model_checks(QuantizedInput(model), x, y, mask)["zero_gradients"] == 8
+    assert autoattack.check_warnings({"randomized": 0, "probabilities": 0, "zero_gradients": 0, "n": 8}, 0) == []
+    words = autoattack.check_warnings({"randomized": 1, "probabilities": 1, "zero_gradients": 8, "n": 8}, 3)
+    assert len(words) == 4 and "EOT" in words[0] and "logits" in words[1]
+    assert words[2].startswith("8 of 8 records have an input gradient that is zero")
+    assert words[3].startswith("Square, which uses no gradients, broke 3 records")
 
 
 # ----------------------------------------------------------------------------- against ART
@@ -239,7 +363,7 @@ def test_masked_gradients_fool_pgd_but_not_the_ensemble(trained_tiny):
         return class_balanced_accuracy(confusion_matrix(y.numpy(), predictions(masked, inputs, mask).numpy(), 3))
 
     x_pgd = attacks.pgd_attack(masked, x, y, mask, eps, steps=10, generator=generator())
-    x_ens, broken_by = autoattack.ensemble_attack(masked, x, y, mask, eps, steps=10, queries=200,
+    x_ens, broken_by = autoattack.ensemble_attack(masked, x, y, mask, eps, version="fast", steps=10, queries=200,
                                                   generator=generator())
     x_square = autoattack.square_attack(masked, x, y, mask, eps, queries=200, generator=generator())
     clean, pgd, ensemble, square = accuracy(x), accuracy(x_pgd), accuracy(x_ens), accuracy(x_square)

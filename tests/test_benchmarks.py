@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import autoattack
 import reproduce
 from analysis import selection
-from benchmarks import bench_autoattack, bench_methods, bench_pgd, bench_variable_length, common, gpu_check
+from benchmarks import bench_autoattack, bench_ensemble, bench_methods, bench_pgd, bench_variable_length, common, gpu_check
 from helpers import REPO, run_script
 
 # script: its module (its main(argv) is what the script runs)
@@ -225,3 +226,17 @@ def test_gpu_check_projects_from_its_own_rows_with_pgd_scaled_to_100_iterations(
         "CE", job.cfg, reproduce.SELECTION_SWEEP, tmp_path / "methods.json")
     assert projection["runs"][job.run_dir.name]["seconds"] != selection.estimate_seconds(
         "CE", job.cfg, reproduce.SELECTION_SWEEP)  # the repository's CPU figures are not the ones read
+
+
+@pytest.mark.slow  # a benchmark
+def test_bench_ensemble_measures_both_versions_and_square_starts_on_a_run(untrained_run, tmp_path, one_error_line):
+    run = untrained_run(tmp_path / "run")
+    out = tmp_path / "ensemble.json"
+    assert bench_ensemble.main([str(run), "--smoke", "--threads", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["records"] == 2 and set(result["square_starts"]) == {"queries", "stripes", "lead"}
+    for version, levels in result["ensembles"].items():
+        assert [level["eps"] for level in levels] == [0.01]
+        assert list(levels[0]["broken_by"]) == list(autoattack.ENSEMBLE_VERSIONS[version])
+    assert bench_ensemble.main([str(run), "--records", "0"]) == 2
+    assert one_error_line() == "error: --records, --steps and --restarts must be >= 1"

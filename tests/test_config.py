@@ -97,7 +97,7 @@ def test_level_lists_are_the_papers_by_default_and_extended_on_request():
     assert config.noise_levels("pgd_linf", "extended") == paper["pgd_linf"] + (0.2, 0.3)
     assert config.noise_levels("pgd_l2", "extended") == (0.1, 0.2, 0.3, 0.5, 0.7) + paper["pgd_l2"]
     assert all(config.noise_levels(s, "extended") == paper["pgd_linf"] + (0.2, 0.3)
-               for s in ("ifgsm_linf", "apgd_ce", "apgd_dlr", "square", "autoattack"))
+               for s in ("ifgsm_linf", "apgd_ce", "apgd_dlr", "apgd_t", "square", "autoattack", "autoattack_fast"))
     assert config.noise_levels("white", "extended") == paper["white"]
     assert config.parse_config("CE", {}, argv=["--levels", "extended"], training=PAPER_TRAINING).levels == "extended"
     with pytest.raises(ConfigError, match=r"^--levels: unknown level list 'long' \(known: paper, extended\)$"):
@@ -109,9 +109,17 @@ def test_every_sweep_has_its_title_levels_and_one_line_description():
     for name, sweep in config.SWEEPS.items():
         assert sweep.title and sweep.axis and set(sweep.levels) == set(config.LEVEL_LISTS), name
         assert sweep.describe(settings).endswith("early stop, model in eval mode") == sweep.attacks_model, name
+    # The autoattack sweep is AutoAttack's standard version, Square's budget scaled from 5000 queries
+    # at 100 steps; autoattack_fast the earlier line-up with 1000.
     assert config.SWEEPS["autoattack"].describe(settings) == (
-        "APGD-CE, then APGD-DLR (3 steps, 2 random start(s) each) and Square (30 queries) on the survivors, "
-        "early stop, model in eval mode")
+        "AutoAttack standard: APGD-CE, then APGD-T (every other class as a target in turn; 3 steps, 2 random "
+        "start(s) each) and Square (150 queries) on the survivors, early stop, model in eval mode")
+    assert config.SWEEPS["autoattack_fast"].describe(settings) == (
+        "AutoAttack fast: APGD-CE, then APGD-DLR (3 steps, 2 random start(s) each) and Square (30 queries) on the "
+        "survivors, early stop, model in eval mode")
+    assert config.square_queries(100, "standard") == 5000 and config.square_queries(100) == 1000
+    assert {name: sweep.ensemble for name, sweep in config.SWEEPS.items() if sweep.ensemble} == {
+        "autoattack": "standard", "autoattack_fast": "fast"}
     assert config.SWEEPS["apgd_dlr"].title == "APGD-DLR, L-inf budget"
 
 

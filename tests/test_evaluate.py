@@ -9,11 +9,12 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
+import config
 import evaluate
 from analysis.metrics import classification_scores
 from cpsc2018 import CLASSES
 from ECG_Dataset import get_dataloaders
-from helpers import TINY_MAX_LENGTH, TINY_RANDOM_PAD
+from helpers import TINY_MAX_LENGTH, TINY_RANDOM_PAD, LinearModel
 from plumbing.safe_writes import lock_folder
 
 
@@ -248,8 +249,71 @@ def test_noise_never_counts_a_wrong_record_right(sweep):
     y = torch.tensor([0, 1])  # Normal (right when clean), AF (wrong when clean)
     result = evaluate.robustness_sweep(_WigglyIsAF(), [(x, y, mask)], sweep, torch.device("cpu"))
     assert result["accuracy"] == [0.5] + [0.0] * (len(result["levels"]) - 1)
+    assert not result["envelope"] and "per_level" not in result  # noise is no attack: per level
     for cm in result["confusion_matrix"][1:]:  # AF keeps its clean prediction, Normal
         assert cm[1][0] == 1 and cm[0][1] == 1
+
+
+class _FirstSample(torch.nn.Module):
+    """Predicts the class written in each record's first sample (x[:, 0, 0])."""
+
+    def forward(self, x, mask):
+        return torch.nn.functional.one_hot(x[:, 0, 0].round().long(), 9).float()
+
+
+# Record i (its id in x[i, 1, 0]) is broken at these levels only: an attack that finds record 0's
+# adversarial input at 0.001 but not at the larger levels, and record 1's only at 0.03.
+_BROKEN_AT = {0: {0.001}, 1: {0.03}, 2: set()}
+
+
+def _fake_attack(calls):
+    def perturb(model, x, y, mask, level, steps, restarts, generator):
+        calls.append((level, x[:, 1, 0].long().tolist()))
+        x = x.clone()
+        for row, record in enumerate(x[:, 1, 0].long().tolist()):
+            if level in _BROKEN_AT[record]:
+                x[row, 0, 0] = (y[row] + 1) % 9
+        return x
+    return perturb
+
+
+@pytest.mark.parametrize("per_level", [False, True])
+def test_attack_sweeps_report_the_envelope_and_attack_only_the_survivors(monkeypatch, per_level):
+    calls = []
+    monkeypatch.setitem(evaluate.SWEEPS, "fake", config.Sweep("Fake", _fake_attack(calls), config.LINF_LEVELS,
+                                                               "L-inf eps", str, attacks_model=True))
+    y = torch.tensor([0, 1, 2])
+    x = torch.zeros(3, 2, 16)
+    x[:, 0, 0], x[:, 1, 0] = y.float(), torch.arange(3.0)
+    result = evaluate.robustness_sweep(_FirstSample(), [(x, y, torch.ones(3, 1, 16))], "fake", torch.device("cpu"),
+                                       per_level=per_level)
+    right = [int(np.trace(cm)) for cm in result["confusion_matrix"]]
+    # levels: clean, 0.001, 0.003, 0.005, 0.007, 0.01, 0.03, 0.05, 0.1
+    assert result["envelope"] and right == [3, 2, 2, 2, 2, 2, 1, 1, 1]
+    assert result["accuracy"] == sorted(result["accuracy"], reverse=True)
+    attacked = {level: records for level, records in calls}
+    if per_level:  # every record at every level, and the paper's per-level numbers beside the envelope
+        assert all(records == [0, 1, 2] for records in attacked.values()) and result["attacked"][1:] == [3] * 8
+        assert [int(np.trace(cm)) for cm in result["per_level"]["confusion_matrix"]] == [3, 2, 3, 3, 3, 3, 2, 3, 3]
+    else:  # record 0 is not attacked after 0.001, record 1 not after 0.03
+        assert attacked[0.001] == [0, 1, 2] and attacked[0.003] == [1, 2] and attacked[0.05] == [2]
+        assert result["attacked"] == [0, 3, 2, 2, 2, 2, 2, 1, 1] and "per_level" not in result
+
+
+def test_ensemble_sweeps_count_who_broke_each_record_and_run_autoattacks_checks():
+    torch.manual_seed(0)
+    model = LinearModel(torch.randn(9, 2, 32))
+    x, mask = 0.1 * torch.randn(4, 2, 32), torch.ones(4, 1, 32)
+    with torch.no_grad():
+        y = model(x, mask).argmax(dim=1)
+    result = evaluate.robustness_sweep(model, [(x, y, mask)], "autoattack", torch.device("cpu"), steps=2, restarts=1)
+    assert result["ensemble_version"] == "standard" and list(result["broken_by"]) == ["apgd-ce", "apgd-t", "square"]
+    broken = np.sum(list(result["broken_by"].values()), axis=0)  # per level
+    # Each level attacks the records no lower level broke.
+    assert result["attacked"][1] == 4 and all(result["attacked"][i + 1] == result["attacked"][i] - broken[i]
+                                              for i in range(1, 8))
+    assert result["checks"] == {"randomized": 0, "probabilities": 0, "zero_gradients": 0, "n": 4}
+    assert (result["warnings"] == []) == (sum(result["broken_by"]["square"]) == 0)
 
 
 def test_sweep_results_hold_f1_and_the_confusion_matrix_of_every_level(two_runs):
