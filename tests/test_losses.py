@@ -3,9 +3,12 @@ code's per-class NSR loop on the real CNN, hand-made margins, the eps schedule, 
 adversarial-training term against the attack it runs."""
 from __future__ import annotations
 
+import importlib
 import math
+from types import SimpleNamespace
 
 import pytest
+import scipy.special
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,7 +16,7 @@ import torch.nn.functional as F
 import attacks
 import losses
 from ECG_CNN import build_model
-from helpers import LinearModel, TinyCNN, right_aligned_masks
+from helpers import LinearModel, RecordingModel, TinyCNN, right_aligned_masks
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -358,3 +361,75 @@ def test_empty_batches_give_zero():
     x, y, mask = torch.zeros(0, 2, 16), torch.zeros(0, dtype=torch.long), torch.zeros(0, 1, 16)
     assert losses.nsr_loss(model, x, y, mask).item() == 0.0
     assert losses.adversarial_loss(model, x, y, mask, 0.01, 0.002).item() == 0.0
+
+
+# ----------------------------------------------------------------------------- TRADES and fast AT
+
+def test_trades_kl_is_the_summed_kl_divergence_of_the_softmaxes():
+    """Against scipy's elementwise relative entropy p log(p / q), summed over classes and samples."""
+    g = torch.Generator().manual_seed(0)
+    clean, adversarial = 3 * torch.randn(5, 9, generator=g, dtype=torch.float64), \
+        3 * torch.randn(5, 9, generator=g, dtype=torch.float64)
+    p, q = F.softmax(clean, dim=1).numpy(), F.softmax(adversarial, dim=1).numpy()
+    expected = scipy.special.rel_entr(p, q).sum()
+    assert losses.trades_kl(clean, adversarial).item() == pytest.approx(expected, rel=1e-10)
+    assert losses.trades_kl(clean, clean).item() == pytest.approx(0, abs=1e-12)
+    # the order of the arguments matters: KL(clean || adversarial)
+    assert losses.trades_kl(adversarial, clean).item() == pytest.approx(scipy.special.rel_entr(q, p).sum())
+
+
+class ModeRecordingModel(nn.Module):
+    """Records the mode of every forward pass of the model it wraps."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.modes = model, []
+
+    def forward(self, x, mask):
+        self.modes.append(self.training)
+        return self.model(x, mask)
+
+
+def test_trades_attack_stays_on_the_signal_in_the_ball_and_raises_the_kl(trained_tiny):
+    model, x, y, mask = trained_tiny
+    x, mask = x[:16], mask[:16]
+    recording = ModeRecordingModel(model).train()
+    eps = 0.05
+    x_adv = losses.trades_attack(recording, x, mask, eps, eps / 4, steps=10, generator=torch.Generator().manual_seed(0))
+    delta = x_adv - x
+    assert delta.abs().max() <= eps + 1e-6 and delta.abs().max() > 0.9 * eps
+    assert (delta * (1 - mask)).abs().max() == 0  # never on the padding
+    assert x_adv.abs().max() <= 1
+    assert recording.modes == [False] * 11 and recording.training  # eval during the attack, then restored
+    with torch.no_grad():
+        clean = model(x, mask)
+        start = x + losses.TRADES_START_SD * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)) * mask
+        assert losses.trades_kl(clean, model(x_adv, mask)) > 10 * losses.trades_kl(clean, model(start, mask))
+
+
+def test_fast_adversarial_step_is_fgsm_from_a_uniform_start_on_a_linear_model():
+    """fast_adv's adversarial input, rebuilt independently on a linear model (whose CE gradient in x
+    is sum_k (p_k - onehot_k) W_k * mask): a uniform start in the eps ball on the signal, then one
+    step of 1.25 eps along the sign of that gradient, projected onto the ball and clipped."""
+    fast_adv = importlib.import_module("CPSC2018_CNN_fast_adv")
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(9, 2, 40, generator=g, dtype=torch.float64) / 10
+    model = RecordingModel(LinearModel(weight))
+    mask = right_aligned_masks([40, 25, 10], 40, torch.float64)
+    x = (0.98 * (2 * torch.rand(3, 2, 40, generator=g, dtype=torch.float64) - 1)) * mask  # some near +-1
+    with torch.no_grad():
+        y = model(x, mask).argmax(dim=1)  # every sample correct: all are attacked
+    cfg = SimpleNamespace(**fast_adv.HYPERPARAMETERS, epochs=70)
+    torch.manual_seed(0)
+    fast_adv.loss_fn(model, x, y, mask, 69, cfg)  # the last epoch: eps_t = eps
+    eps = cfg.eps
+    torch.manual_seed(0)
+    start = (x + eps * (2 * torch.rand(x.shape, dtype=torch.float64) - 1) * mask).clamp(-1, 1)
+    p = F.softmax(torch.einsum("blt,klt->bk", start * mask, weight), dim=1)
+    gradient = torch.einsum("bk,klt->blt", p - F.one_hot(y, 9).double(), weight) * mask
+    expected = (x + (start - x + 1.25 * eps * gradient.sign() * mask).clamp(-eps, eps)).clamp(-1, 1)
+    clean, attack_start, adversarial = model.iterates  # the clean pass, the FGSM step's pass, the trained-on pass
+    torch.testing.assert_close(attack_start, start)
+    torch.testing.assert_close(adversarial, expected)
+    delta = adversarial - x
+    assert delta.abs().max() <= eps + 1e-12 and (delta * (1 - mask)).abs().max() == 0
