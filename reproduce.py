@@ -133,7 +133,7 @@ def plan_jobs(preset: str, methods: list[str], result_dir: str | None = None, ba
     BASELINE_GRID besides (CE with Gaussian noise)."""
     plan = PRESETS[preset]
     grids = {method: (setting, values) for method, setting, values in plan.grid}
-    if baselines:
+    if baselines and not plan.selection:
         grids.update(BASELINE_GRID)
     planned = METHODS if baselines else PAPER_METHODS
     jobs = []
