@@ -7,7 +7,7 @@
 Every row runs in its own process so that its peak memory is its own (peak RSS on the
 CPU, peak allocated memory on CUDA). A training step is forward, the method's loss,
 backward and an Adam step at the method's last epoch, so that its extra terms are active
-(NSR's from its start epoch, advls at its final eps); the labels are the model's own
+(NSR's from its start epoch, advls, TRADES and fast_adv at their final eps); the labels are the model's own
 predictions, so the terms that apply to correctly classified samples run on the whole batch
 (their worst case).
 Evaluation rows: a clean forward pass, and PGD with 100 iterations (L-inf, eps 0.01, no

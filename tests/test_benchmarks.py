@@ -60,8 +60,8 @@ def test_benchmark_smoke_run_writes_its_figures(script, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("row", ["CE", "NSR", "jacob", "jacob (1 projection)", "advls", "data: training loader",
-                                 "eval: clean forward", "eval: PGD-100"])
+@pytest.mark.parametrize("row", ["CE", "NSR", "jacob", "jacob (1 projection)", "advls", "trades", "fast_adv",
+                                 "data: training loader", "eval: clean forward", "eval: PGD-100"])
 def test_every_row_of_bench_methods_is_measured(row, capsys):
     assert bench_methods.main(["--smoke", "--threads", "1", "--worker", row]) == 0
     measured = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

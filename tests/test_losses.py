@@ -3,9 +3,7 @@ code's per-class NSR loop on the real CNN, hand-made margins, the eps schedule, 
 adversarial-training term against the attack it runs."""
 from __future__ import annotations
 
-import importlib
 import math
-from types import SimpleNamespace
 
 import pytest
 import scipy.special
@@ -16,7 +14,7 @@ import torch.nn.functional as F
 import attacks
 import losses
 from ECG_CNN import build_model
-from helpers import LinearModel, RecordingModel, TinyCNN, right_aligned_masks
+from helpers import LinearModel, TinyCNN, right_aligned_masks
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -405,31 +403,3 @@ def test_trades_attack_stays_on_the_signal_in_the_ball_and_raises_the_kl(trained
         clean = model(x, mask)
         start = x + losses.TRADES_START_SD * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)) * mask
         assert losses.trades_kl(clean, model(x_adv, mask)) > 10 * losses.trades_kl(clean, model(start, mask))
-
-
-def test_fast_adversarial_step_is_fgsm_from_a_uniform_start_on_a_linear_model():
-    """fast_adv's adversarial input, rebuilt independently on a linear model (whose CE gradient in x
-    is sum_k (p_k - onehot_k) W_k * mask): a uniform start in the eps ball on the signal, then one
-    step of 1.25 eps along the sign of that gradient, projected onto the ball and clipped."""
-    fast_adv = importlib.import_module("CPSC2018_CNN_fast_adv")
-    g = torch.Generator().manual_seed(1)
-    weight = torch.randn(9, 2, 40, generator=g, dtype=torch.float64) / 10
-    model = RecordingModel(LinearModel(weight))
-    mask = right_aligned_masks([40, 25, 10], 40, torch.float64)
-    x = (0.98 * (2 * torch.rand(3, 2, 40, generator=g, dtype=torch.float64) - 1)) * mask  # some near +-1
-    with torch.no_grad():
-        y = model(x, mask).argmax(dim=1)  # every sample correct: all are attacked
-    cfg = SimpleNamespace(**fast_adv.HYPERPARAMETERS, epochs=70)
-    torch.manual_seed(0)
-    fast_adv.loss_fn(model, x, y, mask, 69, cfg)  # the last epoch: eps_t = eps
-    eps = cfg.eps
-    torch.manual_seed(0)
-    start = (x + eps * (2 * torch.rand(x.shape, dtype=torch.float64) - 1) * mask).clamp(-1, 1)
-    p = F.softmax(torch.einsum("blt,klt->bk", start * mask, weight), dim=1)
-    gradient = torch.einsum("bk,klt->blt", p - F.one_hot(y, 9).double(), weight) * mask
-    expected = (x + (start - x + 1.25 * eps * gradient.sign() * mask).clamp(-eps, eps)).clamp(-1, 1)
-    clean, attack_start, adversarial = model.iterates  # the clean pass, the FGSM step's pass, the trained-on pass
-    torch.testing.assert_close(attack_start, start)
-    torch.testing.assert_close(adversarial, expected)
-    delta = adversarial - x
-    assert delta.abs().max() <= eps + 1e-12 and (delta * (1 - mask)).abs().max() == 0

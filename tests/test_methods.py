@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import harness
 import losses
 from config import parse_script, run_name
-from helpers import REPO, SMOKE_RUNS, LinearModel, TinyCNN, run_script
+from helpers import REPO, SMOKE_RUNS, LinearModel, RecordingModel, TinyCNN, right_aligned_masks, run_script
 from reproduce import SCRIPTS
 
 
@@ -207,6 +207,34 @@ def test_fast_adv_guard_is_pgd_accuracy_at_eps_from_its_start_epoch(trained_tiny
         assert fast_adv.guard(model, x, y, mask, 10, SimpleNamespace(**{**vars(cfg), "eps": 0.3})) == attacked
     finally:
         model.eval()
+
+
+def test_fast_adversarial_step_is_fgsm_from_a_uniform_start_on_a_linear_model():
+    """fast_adv's adversarial input, rebuilt independently on a linear model (whose CE gradient in x
+    is sum_k (p_k - onehot_k) W_k * mask): a uniform start in the eps ball on the signal, then one
+    step of 1.25 eps along the sign of that gradient, projected onto the ball and clipped."""
+    fast_adv = SCRIPTS["fast_adv"]
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(9, 2, 40, generator=g, dtype=torch.float64) / 10
+    model = RecordingModel(LinearModel(weight))
+    mask = right_aligned_masks([40, 25, 10], 40, torch.float64)
+    x = (0.98 * (2 * torch.rand(3, 2, 40, generator=g, dtype=torch.float64) - 1)) * mask  # some near +-1
+    with torch.no_grad():
+        y = model(x, mask).argmax(dim=1)  # every sample correct: all are attacked
+    cfg = SimpleNamespace(**fast_adv.HYPERPARAMETERS, epochs=70)
+    torch.manual_seed(0)
+    fast_adv.loss_fn(model, x, y, mask, 69, cfg)  # the last epoch: eps_t = eps
+    eps = cfg.eps
+    torch.manual_seed(0)
+    start = (x + eps * (2 * torch.rand(x.shape, dtype=torch.float64) - 1) * mask).clamp(-1, 1)
+    p = F.softmax(torch.einsum("blt,klt->bk", start * mask, weight), dim=1)
+    gradient = torch.einsum("bk,klt->blt", p - F.one_hot(y, 9).double(), weight) * mask
+    expected = (x + (start - x + 1.25 * eps * gradient.sign() * mask).clamp(-eps, eps)).clamp(-1, 1)
+    clean, attack_start, adversarial = model.iterates  # the clean pass, the FGSM step's pass, the trained-on pass
+    torch.testing.assert_close(attack_start, start)
+    torch.testing.assert_close(adversarial, expected)
+    delta = adversarial - x
+    assert delta.abs().max() <= eps + 1e-12 and (delta * (1 - mask)).abs().max() == 0
 
 
 @pytest.mark.slow  # two tiny trainings end to end
