@@ -118,9 +118,12 @@ def evaluation_step(row: str, model: torch.nn.Module, x: torch.Tensor, y: torch.
 def training_step(row: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
                   amp: bool = False) -> Callable[[], None]:
     """One training step of a STEP_ROWS row on this batch, as the harness takes it (the loss under
-    bf16 autocast with ``amp``), at the method's last epoch; puts the model in train mode."""
+    bf16 autocast with ``amp``), at the method's last epoch; puts the model in train mode. Adam
+    runs at learning rate 0 (the same work): the weights stay as they are, so the labels stay the
+    model's predictions and every timed step attacks the whole batch, not the fewer samples an
+    updated model still gets right."""
     method, cfg = STEP_ROWS[row]
-    optimizer = harness.make_optimizer(model, cfg.lr, x.device)
+    optimizer = harness.make_optimizer(model, 0.0, x.device)
     model.train()
 
     def step():

@@ -225,3 +225,16 @@ def test_gpu_check_projects_from_its_own_rows_with_pgd_scaled_to_100_iterations(
         "CE", job.cfg, reproduce.SELECTION_SWEEP, tmp_path / "methods.json")
     assert projection["runs"][job.run_dir.name]["seconds"] != selection.estimate_seconds(
         "CE", job.cfg, reproduce.SELECTION_SWEEP)  # the repository's CPU figures are not the ones read
+
+
+@pytest.mark.parametrize("row", ["advls", "fast_adv"])
+def test_timed_training_steps_keep_the_weights_so_every_sample_stays_attacked(row):
+    """A timed step changes no weight: the labels (the model's predictions) stay right and the
+    adversarial term attacks the whole batch at every repeat (with lr 1e-3 the model moved and
+    later repeats attacked fewer samples, timing advls and fast_adv too cheap)."""
+    model, x, y, mask = bench_methods.model_and_batch("resnet18a", 2, 3072, torch.device("cpu"))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    step = bench_methods.training_step(row, model, x, y, mask)
+    for _ in range(2):
+        step()
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
