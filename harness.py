@@ -174,20 +174,20 @@ def stop_at_signal(signum: int, cfg: SimpleNamespace, model, optimizer, progress
 
 
 def end_epoch(cfg: SimpleNamespace, model, optimizer, progress: Progress, loader, val_loader, device: torch.device,
-              started: float, run_dir: Path, guard_score: Callable | None = None) -> bool:
+              started: float, run_dir: Path, guard: Guard | None = None, guarded: tuple = ()) -> bool:
     """Validate, record the epoch in the history, save the checkpoints (``last.pt``, and
     ``epoch_NNN.pt`` every ``checkpoint_every`` epochs and at the end), write history.json and
-    curves.png. With ``guard_score(model, epoch)``, the method's guard (module docstring): its
-    score joins the record, ``best.pt`` is saved at a best score, and the result is whether the
-    score collapsed."""
+    curves.png. With the method's ``guard`` (module docstring), its score on the batch
+    ``guarded`` joins the record, ``best.pt`` is saved at a best score, and the result is whether
+    the score collapsed."""
     epoch = progress.epoch
     samples = max(progress.running.pop("samples", 0), 1)
     progress.running.pop("seconds", None)
     record = {"epoch": epoch, **{k: v / samples for k, v in progress.running.items()},
               "val_accuracy": validation_accuracy(model, val_loader, device),
               "seconds": round(time.time() - started, 3)}
-    if guard_score:
-        score = guard_score(unwrap(model), epoch)
+    if guard:
+        score = guard(unwrap(model), *guarded, epoch, cfg)
         # the same on every rank (the same weights and batch), made exactly so for the stop decision
         if score is not None:
             score = float(all_reduce(torch.tensor(score, dtype=torch.float64), "max"))
@@ -205,12 +205,12 @@ def end_epoch(cfg: SimpleNamespace, model, optimizer, progress: Progress, loader
         save_checkpoint(checkpoints / f"epoch_{progress.epoch:03d}.pt", cfg, model, optimizer, progress,
                         loader.generator)
     scores = [h.get("guard_accuracy") for h in progress.history]
-    if guard_score and scores[-1] is not None and scores[-1] >= max(s for s in scores if s is not None):
+    if guard and scores[-1] is not None and scores[-1] >= max(s for s in scores if s is not None):
         save_checkpoint(checkpoints / "best.pt", cfg, model, optimizer, progress, loader.generator)
     if is_main_process():
         write_json(progress.history, run_dir / "history.json")
         figures.training_curves_figure(progress.history, run_dir / "curves.png", f"{cfg.method}: {cfg.run_name}")
-    return bool(guard_score) and collapsed(scores, cfg.overfit_drop)
+    return bool(guard) and collapsed(scores, cfg.overfit_drop)
 
 
 def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path, cache: Cache,
@@ -236,12 +236,8 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path, cache: Cache,
                               num_replicas=world, rank=this_rank, bucket=cfg.bucket)
     train_loader = loaders["train"]
     val_loader = evaluate.shard_loader(loaders["val"], this_rank, world) if world > 1 else loaders["val"]
-    guard_score = None
-    if guard:  # its batch: the first records of the validation split, the same every epoch
-        batch = guard_batch(loaders["val"], cfg.eval_batch_size, device)
-
-        def guard_score(model, epoch):
-            return guard(model, *batch, epoch, cfg)
+    # the guard's batch: class-balanced records of the validation split, the same every epoch
+    guarded = guard_batch(loaders["val"], cfg.eval_batch_size, device) if guard else ()
     # model and optimizer
     model = build_model(cfg.model).to(device)  # the same initial weights on every rank
     if this_rank:  # other random pads, projections and PGD starts than rank 0's
@@ -286,7 +282,7 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path, cache: Cache,
                         return unwrap(model), stop_at_signal(stop.signum, cfg, model, optimizer, progress,
                                                              train_loader, started, run_dir / "checkpoints")
             if end_epoch(cfg, model, optimizer, progress, train_loader, val_loader, device, started, run_dir,
-                         guard_score):
+                         guard, guarded):
                 stop_collapsed(cfg, model, progress.history, run_dir)
                 break
         if stop.signum is not None:  # arrived after the last batch: stop before the evaluation
