@@ -13,12 +13,9 @@ and, as an option, label smoothing of both CE terms (default 0, as in the refere
 """
 import sys
 
-import torch.nn.functional as F
-
 import harness
-from config import non_negative
-from losses import adversarial_eps, adversarial_loss, adversarial_step
-from plumbing.distributed import union_sum, unwrap
+from config import non_negative, within_one
+from losses import adversarial_eps, adversarial_step, mixed_adversarial_loss
 from plumbing.flags import ConfigError
 
 # The settings to edit; each is also a flag (types and presets: config.py). Shared (PROTOCOL section 5):
@@ -39,29 +36,14 @@ def check_hyperparameters(cfg):
     non_negative(cfg, *HYPERPARAMETERS)
     if cfg.pgd_steps < 1:
         raise ConfigError(f"--pgd_steps must be at least 1, got {cfg.pgd_steps}")
-    # beta > 1 would give the clean term a negative weight; the inputs are scaled to [-1, 1], so an
-    # eps beyond 1 perturbs by more than half their range (the paper's largest is 0.1).
-    for key in ("eps", "beta", "label_smoothing"):
-        if getattr(cfg, key) > 1:
-            raise ConfigError(f"--{key} must be between 0 and 1, got {getattr(cfg, key):g}")
+    within_one(cfg, "eps", "beta", "label_smoothing")  # beta > 1: a negative weight of the clean term
 
 
 def loss_fn(model, x, y, mask, epoch, cfg):
-    logits = model(x, mask)
-    loss1 = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
     eps_t = adversarial_eps(epoch, cfg.eps, cfg.adv_start_epoch, cfg.epochs)
-    correct = logits.argmax(dim=1) == y
-    # The loss keeps its weights in every batch (the original's): the adversarial term is 0
-    # before adv_start_epoch and when no sample is correct. Whether to attack is decided over
-    # the whole batch (all processes under torchrun); the attack and the adversarial pass run
-    # on the plain module (see unwrap).
-    if eps_t == 0 or not union_sum(correct.sum()):
-        return (1 - cfg.beta) * loss1, {"loss_ce": loss1.detach(), "loss_adv": 0.0}
-    loss2 = adversarial_loss(unwrap(model), x[correct], y[correct], mask[correct], eps_t,
-                             adversarial_step(eps_t, cfg.pgd_alpha, cfg.pgd_steps),
-                             steps=cfg.pgd_steps, label_smoothing=cfg.label_smoothing) / len(y)
-    loss = (1 - cfg.beta) * loss1 + cfg.beta * loss2
-    return loss, {"loss_ce": loss1.detach(), "loss_adv": loss2.detach(), "eps_t": eps_t}
+    return mixed_adversarial_loss(model, x, y, mask, eps_t, cfg.beta,
+                                  adversarial_step(eps_t, cfg.pgd_alpha, cfg.pgd_steps), cfg.pgd_steps,
+                                  label_smoothing=cfg.label_smoothing)
 
 
 if __name__ == "__main__":

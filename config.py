@@ -47,6 +47,7 @@ TRAIN_DEFAULTS = dict(
     cudnn_benchmark=False,   # CUDA only: cuDNN autotuning (faster, no longer deterministic)
     checkpoint_every=10,
     max_batches=0,           # >0: stop each epoch after this many batches (quick looks)
+    noise_sd=0.0,            # >0: Gaussian noise of this std on each training batch's signal (not the paper's)
     resume=False,
     overwrite=False,
     sweeps="pgd_linf,pgd_l2,white",  # robustness sweeps after training (empty: none)
@@ -70,12 +71,27 @@ class Method:
     named_when_set: dict[str, str] = field(default_factory=dict)
 
 
-# The four methods in the paper's order, by the name that presets' sections and --methods use.
+# The methods by the name that presets' sections and --methods use: the paper's four in its order,
+# then the baselines beyond the paper (PROTOCOL section 10).
 METHODS = {"CE": Method("CPSC2018_CNN_CE"),
            "NSR": Method("CPSC2018_CNN_NSR", named=("beta1", "beta2")),
            "jacob": Method("CPSC2018_CNN_jacob", named=("beta",), named_when_set={"jacobian_projections": "proj"}),
            "advls": Method("CPSC2018_CNN_ce_adv_pgd_ls", named=("eps", "beta"),
-                           named_when_set={"label_smoothing": "ls"})}
+                           named_when_set={"label_smoothing": "ls"}),
+           "trades": Method("CPSC2018_CNN_trades", named=("eps", "beta")),
+           "fast_adv": Method("CPSC2018_CNN_fast_adv", named=("eps", "beta"))}
+PAPER_METHODS = ("CE", "NSR", "jacob", "advls")
+# The Gaussian noise of the noise-trained CE baseline (Cohen et al.'s sigma 0.25): its RMS is 1.5 times
+# the median RMS of a scaled lead of real CPSC2018 records (0.164; PROTOCOL section 10).
+BASELINE_NOISE_SD = 0.25
+# What a plan with baselines (Preset.baselines, or reproduce.py --methods all) runs besides the
+# paper's: every method of METHODS, and CE also trained with Gaussian noise ({method: (setting, values)},
+# one run per value, as Preset.grid).
+BASELINE_GRID = {"CE": ("noise_sd", (0.0, BASELINE_NOISE_SD))}
+
+
+# The shared settings that every method's run name shows when they are not 0 ({setting: label}).
+SHARED_NAMED_WHEN_SET = {"noise_sd": "noise"}
 
 
 def method_of(script: str | Path) -> str:
@@ -92,7 +108,8 @@ def run_name(cfg: SimpleNamespace) -> str:
         return cfg.run_name
     method = METHODS[cfg.method]
     shown = {**{key: key for key in method.named},
-             **{label: key for key, label in method.named_when_set.items() if getattr(cfg, key)}}
+             **{label: key for key, label in {**method.named_when_set, **SHARED_NAMED_WHEN_SET}.items()
+                if getattr(cfg, key)}}
     return "_".join([cfg.method, *(f"{label}_{_name_part(getattr(cfg, key))}" for label, key in shown.items())])
 
 
@@ -160,6 +177,12 @@ class Preset:
     synthetic_records_per_class: int = 0  # > 0: a synthetic dataset (synthetic.py)
     synthetic_max_seconds: float = 60.0
     selection: bool = False    # the coefficient study: only the grid's methods, judged on the validation split
+    baselines: bool = False    # the baselines beyond the paper (every method, BASELINE_GRID) are in its plan
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods its plan runs by default."""
+        return tuple(METHODS) if self.baselines else PAPER_METHODS
 
 
 CPSC2018_NOTE = ("**Data: CPSC2018** (real 12-lead ECGs, the official training set) with the paper's reference "
@@ -172,6 +195,9 @@ SYNTHETIC_NOTE = ("**Data: synthetic signals, not CPSC2018.** The records are si
 # --preset demo|smoke` generates and preprocesses first (see README).
 PRESETS = {
     "paper": Preset({}, f"{CPSC2018_NOTE}.", DEFAULT_RAW_DIR, 5, 50, (("advls", "eps", (0.005, 0.01, 0.05, 0.1)),)),
+    # The paper's runs (the same folders: finished ones are reused) and the baselines beyond it.
+    "baselines": Preset({}, f"{CPSC2018_NOTE}.", DEFAULT_RAW_DIR, 5, 50, (("advls", "eps", (0.005, 0.01, 0.05, 0.1)),),
+                        baselines=True),
     # Sized for about ten minutes of `python reproduce.py --preset demo` on 2 CPU cores: no L2
     # sweep, and in the grid the paper's default eps only.
     "demo": Preset(dict(data_dir="data/demo/processed", result_dir="result/demo", max_length=4096,
@@ -199,7 +225,8 @@ PRESETS = {
                    "**Data: real CPSC2018 records, but only a small sample of them** with a small "
                    "stratified split of its own (2 validation and 4 test records per class), not the "
                    "paper's 450-record test set: a small-scale check of the pipeline on real ECGs, "
-                   "not a reproduction of the paper's numbers.", None, 2, 4, (("advls", "eps", (0.01, 0.05)),)),
+                   "not a reproduction of the paper's numbers.", None, 2, 4, (("advls", "eps", (0.01, 0.05)),),
+                   baselines=True),
     # How the paper chose its NSR and Jacobian coefficients: each value trained with the paper's
     # settings and judged on the validation split under PGD L-inf (reproduce.SELECTION_SWEEP), so
     # no sweeps of the test split.
@@ -414,6 +441,14 @@ def non_negative(cfg: SimpleNamespace, *keys: str) -> None:
             raise ConfigError(f"--{key} must be a finite non-negative number, got {value}")
 
 
+def within_one(cfg: SimpleNamespace, *keys: str) -> None:
+    """Refuse a value of ``keys`` above 1 (a weight or a fraction of 1, or an L-inf budget: the inputs
+    are scaled to [-1, 1], so an eps beyond 1 perturbs by more than half their range)."""
+    for key in keys:
+        if getattr(cfg, key) > 1:
+            raise ConfigError(f"--{key} must be between 0 and 1, got {getattr(cfg, key):g}")
+
+
 def parse_script(script, argv: list[str] | None = None) -> SimpleNamespace:
     """parse_config for a method script (its module): the method its file is, its TRAINING,
     HYPERPARAMETERS, WHOLE_NUMBERS and check_hyperparameters if it has one."""
@@ -472,6 +507,7 @@ def validate_config(cfg: SimpleNamespace) -> None:
     check_least(config, "max_batches", "random_pad")
     if not 0 <= config["seed"] <= MAX_SEED:
         raise ConfigError(f"--seed must be between 0 and {MAX_SEED} (numpy's seeds), got {config['seed']}")
+    non_negative(cfg, "noise_sd")
     if not 0 < config["lr"] < math.inf:
         raise ConfigError(f"--lr must be positive and finite, got {config['lr']}")
     if config["model"] not in MODELS:

@@ -12,6 +12,16 @@ Everything lands in ``result/<run name>/``.
 
 A loss function has the signature ``loss_fn(model, x, y, mask, epoch, cfg)`` and returns
 ``(loss, parts)``: the scalar to minimise and a dict of named detached scalars to log.
+With ``--noise_sd S`` > 0 every training batch gets Gaussian noise of standard deviation S on
+its signal before the loss sees it (``gaussian_noise``; Cohen et al.'s base classifiers).
+
+A script may also define ``guard(model, x, y, mask, epoch, cfg) -> float | None`` and the
+hyperparameter ``overfit_drop`` (fast_adv: against catastrophic overfitting): its score of each
+epoch on a fixed class-balanced validation batch (None: not scored) goes into the history as
+``guard_accuracy``; ``checkpoints/best.pt`` holds the best-scored epoch; when a score falls by
+more than the fraction overfit_drop below the best before it (``collapsed``), training stops,
+the model returns to best.pt's weights (so model.pt is the best epoch's), one line says so and
+the run's settings record it as ``stopped_early`` (in model.pt and eval_<split>.json).
 """
 from __future__ import annotations
 
@@ -35,7 +45,7 @@ from config import check_run_name, parse_script, run_name
 from cpsc2018 import DataError
 from ECG_CNN import build_model
 from ECG_Dataset import batch_records, get_dataloaders, set_loader_epoch
-from plumbing.checkpoints import Progress, data_fingerprint, resume, save_atomic, save_checkpoint
+from plumbing.checkpoints import Progress, data_fingerprint, load_checkpoint, resume, save_atomic, save_checkpoint
 from plumbing.distributed import (all_reduce, average_logged, distributed_model, in_process_group, init_distributed,
                                   is_main_process, on_main_process, rank, shutdown_distributed, unwrap, world_size)
 from plumbing.flags import ConfigError
@@ -44,6 +54,7 @@ from plumbing.safe_writes import FolderInUseError, write_json
 from preprocess import Cache, load_cache
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+Guard = Callable[..., "float | None"]  # guard(model, x, y, mask, epoch, cfg)
 
 
 class TrainingError(Exception):
@@ -104,6 +115,42 @@ def validation_accuracy(model: torch.nn.Module, loader, device: torch.device) ->
     return class_balanced_accuracy(all_reduce(torch.from_numpy(counts)).numpy())
 
 
+def gaussian_noise(x: torch.Tensor, mask: torch.Tensor, sd: float) -> torch.Tensor:
+    """x + sd * N(0, 1) on the signal (the mask), never on the padding, unclipped: the noise of
+    randomized smoothing (Cohen et al. 2019), which draws it the same way."""
+    return x + sd * torch.randn_like(x) * mask
+
+
+def collapsed(scores: list, drop: float) -> bool:
+    """Whether the last of ``scores`` (None: an epoch not scored) is below (1 - drop) times the
+    best score before it."""
+    earlier = [score for score in scores[:-1] if score is not None]
+    return scores[-1] is not None and bool(earlier) and scores[-1] < (1 - drop) * max(earlier)
+
+
+def guard_batch(loader, size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(x, y, mask) of at most ``size`` records of ``loader``'s split, class-balanced and the
+    same at every call (evaluate.balanced_records), on ``device``."""
+    records = evaluate.balanced_records(loader.dataset.labels, size)
+    x, y, mask = next(iter(evaluate.loader_over(loader, records)))
+    return x.to(device), y.to(device), mask.to(device)
+
+
+def stop_collapsed(cfg: SimpleNamespace, model: torch.nn.Module, history: list[dict], run_dir: Path) -> None:
+    """The guard's score collapsed: back to best.pt's weights, one line, cfg.stopped_early."""
+    scores = [h.get("guard_accuracy") for h in history]
+    best = max((i for i, score in enumerate(scores) if score is not None), key=lambda i: (scores[i], i))
+    path = run_dir / "checkpoints" / "best.pt"
+    unwrap(model).load_state_dict(load_checkpoint(path)["model"])
+    cfg.stopped_early = {"epoch": history[-1]["epoch"], "guard_accuracy": scores[-1],
+                         "best_epoch": history[best]["epoch"], "best_guard_accuracy": scores[best]}
+    if is_main_process():
+        print(f"catastrophic overfitting: the guard's PGD accuracy fell from {scores[best]:.3f} (epoch "
+              f"{history[best]['epoch']}) to {scores[-1]:.3f} at epoch {history[-1]['epoch']}, more than "
+              f"--overfit_drop {cfg.overfit_drop:g} below its best; training stopped and the run keeps epoch "
+              f"{history[best]['epoch']}'s model ({path})")
+
+
 def non_finite_loss(loss: float, epoch: int, progress: Progress, loader, run_dir: Path) -> TrainingError:
     records = batch_records(loader, progress.batch)
     share = " (this process's share)" if world_size() > 1 else ""
@@ -127,35 +174,50 @@ def stop_at_signal(signum: int, cfg: SimpleNamespace, model, optimizer, progress
 
 
 def end_epoch(cfg: SimpleNamespace, model, optimizer, progress: Progress, loader, val_loader, device: torch.device,
-              started: float, run_dir: Path) -> None:
+              started: float, run_dir: Path, guard: Guard | None = None, guarded: tuple = ()) -> bool:
     """Validate, record the epoch in the history, save the checkpoints (``last.pt``, and
     ``epoch_NNN.pt`` every ``checkpoint_every`` epochs and at the end), write history.json and
-    curves.png."""
+    curves.png. With the method's ``guard`` (module docstring), its score on the batch
+    ``guarded`` joins the record, ``best.pt`` is saved at a best score, and the result is whether
+    the score collapsed."""
     epoch = progress.epoch
     samples = max(progress.running.pop("samples", 0), 1)
     progress.running.pop("seconds", None)
     record = {"epoch": epoch, **{k: v / samples for k, v in progress.running.items()},
               "val_accuracy": validation_accuracy(model, val_loader, device),
               "seconds": round(time.time() - started, 3)}
+    if guard:
+        score = guard(unwrap(model), *guarded, epoch, cfg)
+        # the same on every rank (the same weights and batch), made exactly so for the stop decision
+        if score is not None:
+            score = float(all_reduce(torch.tensor(score, dtype=torch.float64), "max"))
+        record["guard_accuracy"] = score
     progress.history.append(record)
     if is_main_process():
+        guarded = f", guard's PGD accuracy {record['guard_accuracy']:.4f}" \
+            if record.get("guard_accuracy") is not None else ""
         print(f"epoch {epoch}: loss {record['loss']:.4f}, val class-balanced accuracy "
-              f"{record['val_accuracy']:.4f} ({record['seconds']:.1f} s)")
+              f"{record['val_accuracy']:.4f}{guarded} ({record['seconds']:.1f} s)")
     progress.epoch, progress.batch, progress.running = epoch + 1, 0, {}
     checkpoints = run_dir / "checkpoints"
     save_checkpoint(checkpoints / "last.pt", cfg, model, optimizer, progress, loader.generator)
     if progress.epoch % cfg.checkpoint_every == 0 or progress.epoch == cfg.epochs:
         save_checkpoint(checkpoints / f"epoch_{progress.epoch:03d}.pt", cfg, model, optimizer, progress,
                         loader.generator)
+    scores = [h.get("guard_accuracy") for h in progress.history]
+    if guard and scores[-1] is not None and scores[-1] >= max(s for s in scores if s is not None):
+        save_checkpoint(checkpoints / "best.pt", cfg, model, optimizer, progress, loader.generator)
     if is_main_process():
         write_json(progress.history, run_dir / "history.json")
         figures.training_curves_figure(progress.history, run_dir / "curves.png", f"{cfg.method}: {cfg.run_name}")
+    return bool(guard) and collapsed(scores, cfg.overfit_drop)
 
 
 def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path, cache: Cache,
-          hyperparameters: tuple[str, ...] = ()) -> tuple[torch.nn.Module, int]:
+          hyperparameters: tuple[str, ...] = (), guard: Guard | None = None) -> tuple[torch.nn.Module, int]:
     """Train per ``cfg`` on ``cache`` (cfg.data_dir, loaded); returns (model, exit status): 0
-    when done, 128+signal when stopped.
+    when done (or stopped by ``guard``, the model then at its best epoch: module docstring),
+    128+signal when stopped by a signal.
 
     Under torchrun every process runs this together: each takes its share of every batch,
     DistributedDataParallel averages the gradients, and rank 0 alone writes checkpoints,
@@ -174,6 +236,8 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path, cache: Cache,
                               num_replicas=world, rank=this_rank, bucket=cfg.bucket)
     train_loader = loaders["train"]
     val_loader = evaluate.shard_loader(loaders["val"], this_rank, world) if world > 1 else loaders["val"]
+    # the guard's batch: class-balanced records of the validation split, the same every epoch
+    guarded = guard_batch(loaders["val"], cfg.eval_batch_size, device) if guard else ()
     # model and optimizer
     model = build_model(cfg.model).to(device)  # the same initial weights on every rank
     if this_rank:  # other random pads, projections and PGD starts than rank 0's
@@ -197,6 +261,8 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path, cache: Cache,
                     if progress.batch >= batches_per_epoch:
                         break
                     x, y, mask = (t.to(device, non_blocking=True) for t in (x, y, mask))
+                    if cfg.noise_sd:
+                        x = gaussian_noise(x, mask, cfg.noise_sd)
                     with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
                         loss, parts = loss_fn(model, x, y, mask, progress.epoch, cfg)
                     # One all_reduce decides for every rank: the logged means, a non-finite loss
@@ -215,7 +281,10 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path, cache: Cache,
                         bar.close()
                         return unwrap(model), stop_at_signal(stop.signum, cfg, model, optimizer, progress,
                                                              train_loader, started, run_dir / "checkpoints")
-            end_epoch(cfg, model, optimizer, progress, train_loader, val_loader, device, started, run_dir)
+            if end_epoch(cfg, model, optimizer, progress, train_loader, val_loader, device, started, run_dir,
+                         guard, guarded):
+                stop_collapsed(cfg, model, progress.history, run_dir)
+                break
         if stop.signum is not None:  # arrived after the last batch: stop before the evaluation
             return unwrap(model), 128 + stop.signum
     return unwrap(model), 0
@@ -238,7 +307,8 @@ def main(script, argv: list[str] | None = None) -> int:
         cfg.data_fingerprint = data_fingerprint(cache)  # recorded with the run; a resume on other data is refused
         device = init_distributed(cfg.device)
         run_dir = on_main_process(lambda: start_run(cfg, device, locks))
-        model, status = train(cfg, script.loss_fn, run_dir, cache, tuple(script.HYPERPARAMETERS))
+        model, status = train(cfg, script.loss_fn, run_dir, cache, tuple(script.HYPERPARAMETERS),
+                              getattr(script, "guard", None))
         if status:
             return status
         if is_main_process():

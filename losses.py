@@ -1,12 +1,15 @@
-"""Loss pieces of the three defenses (PROTOCOL section 5), for any model called as ``model(x, mask)``.
+"""Loss pieces of the three defenses (PROTOCOL section 5) and of the baselines beyond the paper
+(TRADES, fast adversarial training; PROTOCOL section 10), for any model called as ``model(x, mask)``.
 
 Inputs follow the project's batch convention: x (B, leads, T), y (B,) int64 labels, mask
 (B, 1, T) with 1 on signal samples and 0 on padding; logits are (B, classes).
 
 - NSR: ``mse_onehot_loss`` (loss1), ``multi_margin_loss`` (loss2), ``nsr_loss`` (loss3).
 - Jacobian: ``jacobian_loss`` (loss2), exact or by random projections (Hoffman et al. 2019).
-- Adversarial training: ``adversarial_eps`` and ``adversarial_step`` (the budget schedule)
-  and ``adversarial_loss`` (CE on 20-step PGD inputs).
+- Adversarial training: ``adversarial_eps`` and ``adversarial_step`` (the budget schedule),
+  ``adversarial_loss`` (CE on PGD inputs) and ``mixed_adversarial_loss`` (the paper's mix of
+  the clean and adversarial terms; advls with PGD-20, fast_adv with one FGSM step).
+- TRADES: ``trades_kl`` and ``trades_attack``.
 
 The input-gradient terms need a model without cross-sample interaction (each sample's logits
 depend on its own input only), which GroupNorm and the CNN of ECG_CNN.py guarantee (no
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import attacks
+from plumbing.distributed import union_sum, unwrap
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -163,20 +167,84 @@ def adversarial_step(eps_t: float, alpha: float = 4.0, steps: int = 20) -> float
 
 def adversarial_loss(model: Model, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
                      eps_t: float, step_size: float, steps: int = 20,
-                     label_smoothing: float = 0.0, generator: torch.Generator | None = None
-                     ) -> torch.Tensor:
+                     label_smoothing: float = 0.0, generator: torch.Generator | None = None,
+                     attack_loss: attacks.LossFn = attacks.soft_margin_loss) -> torch.Tensor:
     """Sum over samples of CE(model(X_adv, mask), y), X_adv from L-inf PGD at budget eps_t.
 
     PGD as adversarial training runs it: random start, one start, no early stop, ``steps``
-    iterations of ``step_size`` ascending the soft logit margin loss, the model left in its
-    current (training) mode. The caller passes the correctly classified samples and divides
-    by the whole batch size.
+    iterations of ``step_size`` ascending ``attack_loss`` (the soft logit margin loss by
+    default), the model left in its current (training) mode. With steps=1 and a step of
+    1.25 eps_t on the CE loss this is Wong et al.'s FGSM with a random start. The caller
+    passes the correctly classified samples and divides by the whole batch size.
     """
     if x.shape[0] == 0:
         return x.new_zeros(())
     x_adv = attacks.pgd_attack(model, x, y, mask, eps_t, norm="inf", steps=steps,
                                step_size=step_size, random_start=True, restarts=1,
-                               early_stop=False, loss_fn=attacks.soft_margin_loss,
-                               generator=generator)
+                               early_stop=False, loss_fn=attack_loss, generator=generator)
     return F.cross_entropy(model(x_adv, mask), y, reduction="sum",
                            label_smoothing=label_smoothing)
+
+
+def mixed_adversarial_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                           eps_t: float, beta: float, step_size: float, steps: int,
+                           attack_loss: attacks.LossFn = attacks.soft_margin_loss, label_smoothing: float = 0.0
+                           ) -> tuple[torch.Tensor, dict]:
+    """The paper's adversarial training loss at budget eps_t, and its logged parts:
+    (1 - beta) * CE(clean) + beta * sum CE(adversarial) / B, the adversarial inputs from
+    ``adversarial_loss`` for the correctly classified samples only.
+
+    The loss keeps its weights in every batch (the original's): the adversarial term is 0
+    when eps_t is 0 and when no sample is correct. Whether to attack is decided over the whole
+    batch (all processes under torchrun); the attack and the adversarial pass run on the plain
+    module (see unwrap).
+    """
+    logits = model(x, mask)
+    loss1 = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    correct = logits.argmax(dim=1) == y
+    if eps_t == 0 or not union_sum(correct.sum()):
+        return (1 - beta) * loss1, {"loss_ce": loss1.detach(), "loss_adv": 0.0}
+    loss2 = adversarial_loss(unwrap(model), x[correct], y[correct], mask[correct], eps_t, step_size, steps=steps,
+                             label_smoothing=label_smoothing, attack_loss=attack_loss) / len(y)
+    loss = (1 - beta) * loss1 + beta * loss2
+    return loss, {"loss_ce": loss1.detach(), "loss_adv": loss2.detach(), "eps_t": eps_t}
+
+
+# ----------------------------------------------------------------------------- TRADES
+
+TRADES_START_SD = 0.001  # the published start x + 0.001 N(0, 1): at x' = x the KL's gradient is 0
+
+
+def trades_kl(clean_logits: torch.Tensor, adversarial_logits: torch.Tensor) -> torch.Tensor:
+    """sum_i KL(softmax(clean_i) || softmax(adversarial_i)), summed over the batch: the reference
+    code's KLDivLoss(size_average=False); the caller divides by the batch size ("batchmean")."""
+    return F.kl_div(F.log_softmax(adversarial_logits, dim=1), F.log_softmax(clean_logits, dim=1),
+                    reduction="sum", log_target=True)
+
+
+def trades_attack(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, eps: float, step_size: float,
+                  steps: int = 10, generator: torch.Generator | None = None) -> torch.Tensor:
+    """TRADES' adversarial input (Zhang et al. 2019): L-inf PGD ascending trades_kl(model(x),
+    model(x')) from x' = x + 0.001 N(0, 1), ``steps`` sign steps of ``step_size``, each projected
+    onto the eps ball around x and clipped to [-1, 1]; noise and steps on the signal only (the
+    mask). The model runs in eval mode during the attack, as in the reference code, and its mode
+    is restored after. Returns x' detached."""
+    x = x.detach()
+    mask = attacks.check_batch(x, mask)
+    eps = attacks.check_eps(eps)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            clean_logits = model(x, mask)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_adv = x + TRADES_START_SD * noise * mask
+        for _ in range(steps):
+            x_req = x_adv.detach().requires_grad_(True)
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(trades_kl(clean_logits, model(x_req, mask)), x_req)
+            delta = (x_adv - x).addcmul_(grad.sign(), mask, value=step_size)
+            x_adv = (x + attacks.project_onto_ball(delta, eps, "inf")).clamp_(-1, 1)
+    finally:
+        model.train(was_training)
+    return x_adv.detach()

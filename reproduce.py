@@ -7,6 +7,8 @@
     python reproduce.py --dry_run          # print the commands, run nothing
     python reproduce.py --nproc_per_node 4 # each run trained and evaluated by 4 processes (torchrun, 4 GPUs)
     python reproduce.py --preset demo --methods CE advls  # only these runs (the tables show every finished one)
+    python reproduce.py --preset baselines # the paper's runs and the baselines beyond it (TRADES, fast AT, noise CE)
+    python reproduce.py --preset demo --methods all       # the demo with the baselines
     python reproduce.py --preset demo --skip_train        # tables and report from the finished runs
     python reproduce.py --preset paper-selection --dry_run  # the coefficient study: its runs and their cost
 
@@ -42,7 +44,8 @@ import evaluate
 from analysis import selection
 from analysis.compare import EvaluationError, first_wrong, is_number, read_clean, read_sweeps
 from analysis.report import Timings, build_report, duration, write_selection_report
-from config import METHODS, PRESETS, Preset, parse_script, parse_sweeps, preset_setting, run_name
+from config import (BASELINE_GRID, METHODS, PAPER_METHODS, PRESETS, Preset, parse_script, parse_sweeps,
+                    preset_setting, run_name)
 from cpsc2018 import CLASSES, DataError
 from plumbing.checkpoints import RESUME_KEYS, changed_settings
 from plumbing.flags import ConfigError, OneLineParser, folder
@@ -122,14 +125,19 @@ class Job:
         return (*RESUME_KEYS, "epochs", *self.hyperparameters)
 
 
-def plan_jobs(preset: str, methods: list[str], result_dir: str | None = None) -> list[Job]:
-    """The training runs of ``preset`` for ``methods``, in the paper's order: the method scripts
+def plan_jobs(preset: str, methods: list[str], result_dir: str | None = None, baselines: bool = False) -> list[Job]:
+    """The training runs of ``preset`` for ``methods``, in the order of METHODS: the method scripts
     with ``--preset``, the plan's grid setting and ``result_dir`` when given (else the preset's),
-    settings resolved exactly as the script will resolve them (so the run folder is the script's)."""
+    settings resolved exactly as the script will resolve them (so the run folder is the script's).
+    Without ``baselines`` only the paper's methods run; with them every method, and the runs of
+    BASELINE_GRID besides (CE with Gaussian noise)."""
     plan = PRESETS[preset]
     grids = {method: (setting, values) for method, setting, values in plan.grid}
+    if baselines and not plan.selection:
+        grids.update(BASELINE_GRID)
+    planned = METHODS if baselines else PAPER_METHODS
     jobs = []
-    for method in (m for m in METHODS if m in methods and (m in grids or not plan.selection)):
+    for method in (m for m in planned if m in methods and (m in grids or not plan.selection)):
         module = SCRIPTS[method]
         setting, values = grids.get(method, ("", (None,)))
         for value in values:
@@ -439,7 +447,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                            epilog="Presets: paper (CPSC2018, the paper's settings), demo (synthetic, ~10 min "
                                   "on 2 CPU cores), smoke (synthetic, CI), mini (a small real set given with --raw_dir), "
                                   "paper-selection (the NSR and Jacobian coefficient study on CPSC2018's validation "
-                                  "split; with --dry_run: every run and its estimated cost).")
+                                  "split; with --dry_run: every run and its estimated cost), baselines (the paper's "
+                                  "runs, TRADES, fast adversarial training and CE with Gaussian noise; mini has them "
+                                  "too).")
     parser.add_flag("--preset", default="paper", choices=list(PRESETS))
     parser.add_flag("--raw_dir", type=folder,
                     help="the records (synthetic presets generate them there); default per preset: "
@@ -447,8 +457,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_flag("--result_dir", type=folder,
                     help="where the runs, compare/, report.md and timings.json go (default per preset: "
                          + ", ".join(f"{k} {preset_setting(k, 'result_dir')}" for k in PRESETS) + ")")
-    parser.add_flag("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
-                    help=f"a subset of {', '.join(METHODS)} (space- or comma-separated)")
+    parser.add_flag("--methods", nargs="+", metavar="METHOD",
+                    help=f"a subset of {', '.join(METHODS)} (space- or comma-separated), or all; default: the "
+                         f"preset's ({', '.join(PAPER_METHODS)}; every method for presets with the baselines). "
+                         "Naming a method beyond the paper's, or all, adds the baselines' runs to the plan "
+                         "(CE also with Gaussian noise)")
     parser.add_flag("--skip_train", action="store_true",
                     help="no data or training stages: compare the finished runs and write the report")
     parser.add_flag("--dry_run", action="store_true", help="print the commands, run nothing")
@@ -462,12 +475,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "see the README, 'Reproducing the paper')")
     if args.nproc_per_node < 1:
         raise ReproduceError(f"--nproc_per_node must be at least 1, got {args.nproc_per_node}")
-    methods = [m.strip() for token in args.methods for m in token.split(",") if m.strip()]
+    plan = PRESETS[args.preset]
+    methods = [m.strip() for token in args.methods or plan.methods for m in token.split(",") if m.strip()]
+    methods = list(METHODS) if methods == ["all"] else methods
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ReproduceError(f"--methods: unknown method '{unknown[0] if unknown else ''}' "
-                             f"(known: {', '.join(METHODS)})")
+                             f"(known: {', '.join(METHODS)}, all)")
     args.methods = methods
+    args.baselines = plan.baselines or not set(methods) <= set(PAPER_METHODS)
     # `torchrun --nproc_per_node N reproduce.py ...` means what `--nproc_per_node N` says: the
     # first process runs the chain, starting every run with N processes; the others are done.
     args.torchrun_rank = int(os.environ.get("RANK", 0)) if _torchrun_world() > 1 else None
@@ -499,7 +515,7 @@ def _without_torchrun(environment: dict[str, str]) -> dict[str, str]:
 def reproduce(args: argparse.Namespace) -> int:
     plan = PRESETS[args.preset]
     raw_dir = Path(args.raw_dir or plan.raw_dir)
-    all_jobs = plan_jobs(args.preset, list(METHODS), args.result_dir)
+    all_jobs = plan_jobs(args.preset, list(METHODS), args.result_dir, args.baselines)
     # The runs' own settings name the cache and the result folder (whatever set them).
     data_dir, result_dir = Path(all_jobs[0].cfg.data_dir), Path(all_jobs[0].cfg.result_dir)
     jobs = [job for job in all_jobs if job.method in args.methods]

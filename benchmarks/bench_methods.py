@@ -7,7 +7,7 @@
 Every row runs in its own process so that its peak memory is its own (peak RSS on the
 CPU, peak allocated memory on CUDA). A training step is forward, the method's loss,
 backward and an Adam step at the method's last epoch, so that its extra terms are active
-(NSR's from its start epoch, advls at its final eps); the labels are the model's own
+(NSR's from its start epoch, advls, TRADES and fast_adv at their final eps); the labels are the model's own
 predictions, so the terms that apply to correctly classified samples run on the whole batch
 (their worst case).
 Evaluation rows: a clean forward pass, and PGD with 100 iterations (L-inf, eps 0.01, no
@@ -118,9 +118,12 @@ def evaluation_step(row: str, model: torch.nn.Module, x: torch.Tensor, y: torch.
 def training_step(row: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
                   amp: bool = False) -> Callable[[], None]:
     """One training step of a STEP_ROWS row on this batch, as the harness takes it (the loss under
-    bf16 autocast with ``amp``), at the method's last epoch; puts the model in train mode."""
+    bf16 autocast with ``amp``), at the method's last epoch; puts the model in train mode. Adam
+    runs at learning rate 0 (the same work): the weights stay as they are, so the labels stay the
+    model's predictions and every timed step attacks the whole batch, not the fewer samples an
+    updated model still gets right."""
     method, cfg = STEP_ROWS[row]
-    optimizer = harness.make_optimizer(model, cfg.lr, x.device)
+    optimizer = harness.make_optimizer(model, 0.0, x.device)
     model.train()
 
     def step():

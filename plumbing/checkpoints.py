@@ -162,7 +162,7 @@ def data_difference(saved: dict | None, now: dict, data_dir: str) -> str | None:
 # The settings that change what is trained (besides the method's hyperparameters and
 # --epochs, which a resume may raise): a resumed run must share them with its checkpoint.
 RESUME_KEYS = ("data_dir", "model", "batch_size", "lr", "seed", "max_length", "random_pad", "bucket",
-               "max_batches", "amp")
+               "max_batches", "amp", "noise_sd")
 
 
 def changed_settings(saved: dict, cfg: SimpleNamespace, keys) -> list[tuple[str, object, object]]:

@@ -61,8 +61,8 @@ def test_benchmark_smoke_run_writes_its_figures(script, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("row", ["CE", "NSR", "jacob", "jacob (1 projection)", "advls", "data: training loader",
-                                 "eval: clean forward", "eval: PGD-100"])
+@pytest.mark.parametrize("row", ["CE", "NSR", "jacob", "jacob (1 projection)", "advls", "trades", "fast_adv",
+                                 "data: training loader", "eval: clean forward", "eval: PGD-100"])
 def test_every_row_of_bench_methods_is_measured(row, capsys):
     assert bench_methods.main(["--smoke", "--threads", "1", "--worker", row]) == 0
     measured = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -240,3 +240,16 @@ def test_bench_ensemble_measures_both_versions_and_square_starts_on_a_run(untrai
         assert list(levels[0]["broken_by"]) == list(autoattack.ENSEMBLE_VERSIONS[version])
     assert bench_ensemble.main([str(run), "--records", "0"]) == 2
     assert one_error_line() == "error: --records, --steps and --restarts must be >= 1"
+
+
+@pytest.mark.parametrize("row", ["advls", "fast_adv"])
+def test_timed_training_steps_keep_the_weights_so_every_sample_stays_attacked(row):
+    """A timed step changes no weight: the labels (the model's predictions) stay right and the
+    adversarial term attacks the whole batch at every repeat (with lr 1e-3 the model moved and
+    later repeats attacked fewer samples, timing advls and fast_adv too cheap)."""
+    model, x, y, mask = bench_methods.model_and_batch("resnet18a", 2, 3072, torch.device("cpu"))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    step = bench_methods.training_step(row, model, x, y, mask)
+    for _ in range(2):
+        step()
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())

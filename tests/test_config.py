@@ -70,7 +70,7 @@ def test_a_preset_means_the_same_through_the_script_and_reproduce():
     """Every setting of every run of every preset: `--preset P` in a method script resolves as
     reproduce.py --preset P does, but for the setting reproduce's grid varies."""
     for preset in config.PRESETS:
-        jobs = reproduce.plan_jobs(preset, list(config.METHODS))
+        jobs = reproduce.plan_jobs(preset, list(config.METHODS), baselines=True)
         plan = config.PRESETS[preset]
         assert {job.method for job in jobs} == \
             ({method for method, _, _ in plan.grid} if plan.selection else set(config.METHODS)), preset
@@ -133,3 +133,19 @@ def test_a_method_declares_its_whole_number_hyperparameters_and_config_only_the_
         config.parse_script(reproduce.SCRIPTS["advls"], argv=["--pgd_steps", "2.5"])
     with pytest.raises(ConfigError, match=r"^train\.py: not the script of a method of config\.METHODS$"):
         config.method_of("train.py")
+
+
+def test_the_paper_plans_the_papers_runs_and_the_baselines_add_theirs():
+    """Without baselines only the paper's methods run (whatever --methods lists); with them every
+    method, and CE also with Gaussian noise (config.BASELINE_GRID) under its own run name."""
+    paper = [job.run_dir.name for job in reproduce.plan_jobs("paper", list(config.METHODS))]
+    assert paper == ["CE", "NSR_beta1_1_beta2_1", "jacob_beta_44", "advls_eps_0.005_beta_0.5", "advls_eps_0.01_beta_0.5",
+                     "advls_eps_0.05_beta_0.5", "advls_eps_0.1_beta_0.5"]
+    assert config.PRESETS["paper"].methods == config.PAPER_METHODS
+    assert config.PRESETS["baselines"].methods == config.PRESETS["mini"].methods == tuple(config.METHODS)
+    both = [job.run_dir.name for job in reproduce.plan_jobs("baselines", list(config.METHODS), baselines=True)]
+    assert both == [paper[0], "CE_noise_0.25", *paper[1:], "trades_eps_0.01_beta_6", "fast_adv_eps_0.01_beta_0.5"]
+    noisy = reproduce.plan_jobs("baselines", ["CE"], baselines=True)[1]
+    assert (noisy.cfg.noise_sd, noisy.varied, noisy.cfg.epochs, noisy.cfg.result_dir) == (0.25, "noise_sd", 70, "result")
+    selection = reproduce.plan_jobs("paper-selection", list(config.METHODS), baselines=True)
+    assert {job.method for job in selection} == {"NSR", "jacob"}  # the coefficient study stays the paper's

@@ -232,6 +232,9 @@ def test_resume_refuses_a_checkpoint_of_another_model(tiny_cache, ce_run_copy, c
     (["--data_dir", ""], "argument --data_dir/--data-dir: an empty path names no folder"),
     (["--result_dir", ""], "argument --result_dir/--result-dir: an empty path names no folder"),
     (["--run_name", "a" * 300], "--run_name aaaaaaaaaaaaaaaaaaaa...: 300 characters, a folder name has at most 255"),
+    (["--noise_sd", "-0.5"], "--noise_sd must be a finite non-negative number, got -0.5"),
+    (["--noise_sd", "nan"], "--noise_sd must be a finite non-negative number, got nan"),
+    (["--noise_sd", "inf"], "--noise_sd must be a finite non-negative number, got inf"),
 ])
 def test_bad_flags_give_one_line_and_exit_status_2(tmp_path, capsys, flags, message, monkeypatch):
     monkeypatch.chdir(tmp_path)  # where an empty folder flag would write
@@ -532,3 +535,79 @@ def test_data_the_loaders_refuse_ends_the_training_in_one_line(tiny_cache, tmp_p
     monkeypatch.setattr(harness, "get_dataloaders", empty_training_split)
     assert train_ce(tiny_cache, tmp_path, "--epochs", "1") == 2
     assert one_error_line() == f"error: {tiny_cache}/train.csv: the training split is empty"
+
+
+# --- Gaussian-noise training (--noise_sd) ---------------------------------------------------
+
+def test_gaussian_noise_is_on_the_signal_only_with_the_requested_variance():
+    """Against the sample variance over 600 000 signal values: its standard error is
+    sd^2 * sqrt(2 / n) (0.18 % of sd^2), so a 1 % tolerance is more than 5 standard errors."""
+    torch.manual_seed(0)
+    lengths = [5000, 3000, 1000, 3000]
+    mask = (torch.arange(5000) >= 5000 - torch.tensor(lengths)[:, None]).float()[:, None, :]
+    x = (2 * torch.rand(4, 50, 5000) - 1) * mask
+    sd = 0.25
+    noisy = harness.gaussian_noise(x, mask, sd)
+    assert torch.equal(noisy * (1 - mask), torch.zeros_like(x))  # the padding stays exactly zero
+    noise = (noisy - x)[mask.expand_as(x).bool()]
+    assert noise.numel() == 50 * sum(lengths)
+    assert noise.var().item() == pytest.approx(sd ** 2, rel=0.01)
+    assert abs(noise.mean().item()) < 5 * sd / noise.numel() ** 0.5
+    assert noisy.abs().max() > 1  # not clipped: the noise of randomized smoothing
+
+
+def test_noise_sd_reaches_every_training_batch_and_names_the_run(tiny_cache, tmp_path):
+    """The loss sees inputs beyond the scaled range [-1, 1] on the signal (the noise, sd 0.5)
+    and zeros on the padding; the run is named for it."""
+    seen = []
+
+    def recording_ce(model, x, y, mask, epoch, cfg):
+        seen.append((x.detach().clone(), mask.clone()))
+        return ce_loss(model, x, y, mask, epoch, cfg)
+
+    assert train_ce(tiny_cache, tmp_path, "--epochs", "1", "--max_batches", "2", "--noise_sd", "0.5",
+                    loss_fn=recording_ce) == 0
+    assert (tmp_path / "CE_noise_0.5" / "model.pt").is_file()
+    assert len(seen) == 2
+    for x, mask in seen:
+        assert (x * (1 - mask)).abs().max() == 0 and (x * mask).abs().max() > 1.2
+
+
+# --- a method's guard (fast_adv's against catastrophic overfitting) ----------------------------
+
+@pytest.mark.parametrize("scores,collapsed", [
+    ([0.5], False), ([None, None, 0.5], False), ([0.4, 0.8, 0.41], False), ([0.4, 0.8, 0.39], True),
+    ([0.6, 0.35, 0.25], True), ([0.6, 0.2, None], False), ([0.0, 0.0], False),
+])
+def test_a_score_collapses_when_it_falls_more_than_the_fraction_below_the_best(scores, collapsed):
+    assert harness.collapsed(scores, 0.5) is collapsed
+
+
+def test_a_collapsed_guard_stops_the_run_and_the_best_epoch_is_its_model(tiny_cache, tmp_path, capsys):
+    """A stubbed guard whose PGD accuracy collapses at the third epoch (0.8 -> 0.1): training stops
+    there, model.pt holds the second epoch's weights (best.pt's, not last.pt's) and the
+    evaluated model is that one; one line and the results say so."""
+    sequence = {0: 0.5, 1: 0.8, 2: 0.1, 3: 0.9}
+
+    def stubbed_guard(model, x, y, mask, epoch, cfg):
+        assert len(x) == len(set(y.tolist())) == 9  # the class-balanced validation batch of tiny_cache
+        return sequence[epoch]
+
+    script = script_with(SCRIPTS["fast_adv"], guard=stubbed_guard, loss_fn=ce_loss)
+    assert harness.main(script, argv=tiny_flags(tiny_cache, tmp_path, "--epochs", "4", "--max_batches", "1",
+                                                "--checkpoint_every", "1", "--run_name", "F")) == 0
+    run = tmp_path / "F"
+    lines = [line for line in capsys.readouterr().out.splitlines() if "catastrophic overfitting" in line]
+    assert lines == [f"catastrophic overfitting: the guard's PGD accuracy fell from 0.800 (epoch 1) to 0.100 at "
+                     f"epoch 2, more than --overfit_drop 0.5 below its best; training stopped and the run keeps "
+                     f"epoch 1's model ({run / 'checkpoints' / 'best.pt'})"]
+    history = json.loads((run / "history.json").read_text())
+    assert [h["guard_accuracy"] for h in history] == [0.5, 0.8, 0.1]
+    checkpoints = run / "checkpoints"
+    assert_same_weights(weights(run / "model.pt"), weights(checkpoints / "epoch_002.pt"))
+    assert_same_weights(weights(checkpoints / "best.pt"), weights(checkpoints / "epoch_002.pt"))
+    assert not torch.equal(weights(run / "model.pt")["classifier.weight"],
+                           weights(checkpoints / "last.pt")["classifier.weight"])
+    stopped = {"epoch": 2, "guard_accuracy": 0.1, "best_epoch": 1, "best_guard_accuracy": 0.8}
+    assert json.loads((run / "eval_test.json").read_text())["settings"]["stopped_early"] == stopped
+    assert torch.load(run / "model.pt", weights_only=True)["config"]["stopped_early"] == stopped

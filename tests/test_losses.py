@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import scipy.special
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -358,3 +359,47 @@ def test_empty_batches_give_zero():
     x, y, mask = torch.zeros(0, 2, 16), torch.zeros(0, dtype=torch.long), torch.zeros(0, 1, 16)
     assert losses.nsr_loss(model, x, y, mask).item() == 0.0
     assert losses.adversarial_loss(model, x, y, mask, 0.01, 0.002).item() == 0.0
+
+
+# ----------------------------------------------------------------------------- TRADES and fast AT
+
+def test_trades_kl_is_the_summed_kl_divergence_of_the_softmaxes():
+    """Against scipy's elementwise relative entropy p log(p / q), summed over classes and samples."""
+    g = torch.Generator().manual_seed(0)
+    clean, adversarial = 3 * torch.randn(5, 9, generator=g, dtype=torch.float64), \
+        3 * torch.randn(5, 9, generator=g, dtype=torch.float64)
+    p, q = F.softmax(clean, dim=1).numpy(), F.softmax(adversarial, dim=1).numpy()
+    expected = scipy.special.rel_entr(p, q).sum()
+    assert losses.trades_kl(clean, adversarial).item() == pytest.approx(expected, rel=1e-10)
+    assert losses.trades_kl(clean, clean).item() == pytest.approx(0, abs=1e-12)
+    # the order of the arguments matters: KL(clean || adversarial)
+    assert losses.trades_kl(adversarial, clean).item() == pytest.approx(scipy.special.rel_entr(q, p).sum())
+
+
+class ModeRecordingModel(nn.Module):
+    """Records the mode of every forward pass of the model it wraps."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.modes = model, []
+
+    def forward(self, x, mask):
+        self.modes.append(self.training)
+        return self.model(x, mask)
+
+
+def test_trades_attack_stays_on_the_signal_in_the_ball_and_raises_the_kl(trained_tiny):
+    model, x, y, mask = trained_tiny
+    x, mask = x[:16], mask[:16]
+    recording = ModeRecordingModel(model).train()
+    eps = 0.05
+    x_adv = losses.trades_attack(recording, x, mask, eps, eps / 4, steps=10, generator=torch.Generator().manual_seed(0))
+    delta = x_adv - x
+    assert delta.abs().max() <= eps + 1e-6 and delta.abs().max() > 0.9 * eps
+    assert (delta * (1 - mask)).abs().max() == 0  # never on the padding
+    assert x_adv.abs().max() <= 1
+    assert recording.modes == [False] * 11 and recording.training  # eval during the attack, then restored
+    with torch.no_grad():
+        clean = model(x, mask)
+        start = x + losses.TRADES_START_SD * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)) * mask
+        assert losses.trades_kl(clean, model(x_adv, mask)) > 10 * losses.trades_kl(clean, model(start, mask))

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import harness
+import losses
 from config import parse_script, run_name
-from helpers import REPO, SMOKE_RUNS, LinearModel, TinyCNN, run_script
-from losses import jacobian_loss
+from helpers import REPO, SMOKE_RUNS, LinearModel, RecordingModel, TinyCNN, right_aligned_masks, run_script
 from reproduce import SCRIPTS
 
 
@@ -74,7 +74,7 @@ def test_jacobian_term_starts_at_its_epoch():
     before, parts = jacob.loss_fn(model, x, y, mask, 1, cfg)
     assert before.item() == ce.item() and set(parts) == {"loss_ce"}
     after, parts = jacob.loss_fn(model, x, y, mask, 2, cfg)
-    term = jacobian_loss(model, x, mask, 0)
+    term = losses.jacobian_loss(model, x, mask, 0)
     assert after.item() == pytest.approx(ce.item() + 3 * term.item(), rel=1e-5) and term.item() > 0
 
 
@@ -146,3 +146,109 @@ def test_adversarial_loss_weighs_both_terms_once_attacks_start(linear_model):
     clean = F.cross_entropy(model(x, mask), y).item()
     assert logged["loss_adv"].item() > 0
     assert loss.item() == pytest.approx((1 - cfg.beta) * clean + cfg.beta * logged["loss_adv"].item())
+
+
+# --- the baselines beyond the paper: TRADES and fast adversarial training ------------------------
+
+def test_baseline_defaults_follow_their_papers():
+    trades = SCRIPTS["trades"].HYPERPARAMETERS
+    assert (trades["beta"], trades["pgd_steps"], trades["pgd_alpha"] / trades["pgd_steps"]) == (6.0, 10, 0.25)
+    fast = SCRIPTS["fast_adv"].HYPERPARAMETERS
+    assert (fast["fgsm_alpha"], fast["eps"], fast["beta"], fast["adv_start_epoch"]) == (1.25, 0.01, 0.5, 10)
+    assert run_name(parse_script(SCRIPTS["trades"], argv=[])) == "trades_eps_0.01_beta_6"
+    assert run_name(parse_script(SCRIPTS["fast_adv"], argv=["--noise_sd", "0.1"])) == "fast_adv_eps_0.01_beta_0.5_noise_0.1"
+    assert run_name(parse_script(SCRIPTS["CE"], argv=["--noise_sd", "0.25"])) == "CE_noise_0.25"
+
+
+@pytest.mark.parametrize("method,flags,message", [
+    ("trades", ["--pgd_steps", "0"], "--pgd_steps must be at least 1, got 0"),
+    ("trades", ["--eps", "2"], "--eps must be between 0 and 1, got 2"),
+    ("trades", ["--beta", "-1"], "--beta must be a finite non-negative number, got -1.0"),
+    ("fast_adv", ["--overfit_drop", "1.5"], "--overfit_drop must be between 0 and 1, got 1.5"),
+    ("fast_adv", ["--guard_pgd_steps", "0"], "--guard_pgd_steps must be at least 1, got 0"),
+    ("fast_adv", ["--fgsm_alpha", "nan"], "--fgsm_alpha must be a finite non-negative number, got nan"),
+])
+def test_baseline_hyperparameters_that_cannot_train_are_refused(tmp_path, capsys, method, flags, message):
+    status = harness.main(SCRIPTS[method], argv=["--result_dir", str(tmp_path), *flags])
+    assert status == 2 and capsys.readouterr().err == f"error: {message}\n"
+    assert not any(tmp_path.iterdir())
+
+
+def test_trades_loss_is_ce_then_ce_plus_beta_times_the_kl_of_its_attack(linear_model):
+    trades = SCRIPTS["trades"]
+    cfg = SimpleNamespace(**{**trades.HYPERPARAMETERS, "pgd_steps": 3}, epochs=70)
+    x, mask = torch.rand(4, 8, 32) * 2 - 1, torch.ones(4, 1, 32)
+    y = torch.tensor([0, 3, 5, 8])
+    ce = F.cross_entropy(linear_model(x, mask), y)
+    before, parts = trades.loss_fn(linear_model, x, y, mask, 9, cfg)
+    assert before.item() == ce.item() and parts["loss_kl"] == 0.0
+    torch.manual_seed(0)
+    after, parts = trades.loss_fn(linear_model, x, y, mask, 69, cfg)
+    torch.manual_seed(0)
+    x_adv = losses.trades_attack(linear_model, x, mask, cfg.eps, cfg.eps / 4 * 10 / 3, 3)  # 2.5 eps / 3
+    kl = losses.trades_kl(linear_model(x, mask), linear_model(x_adv, mask)) / 4
+    assert parts["loss_kl"].item() == pytest.approx(kl.item(), rel=1e-5) and kl.item() > 0
+    assert after.item() == pytest.approx(ce.item() + 6 * kl.item(), rel=1e-5)
+
+
+def test_fast_adv_guard_is_pgd_accuracy_at_eps_from_its_start_epoch(trained_tiny):
+    """None before adversarial training; at eps 0 the clean accuracy; at a large eps below it; the
+    same at every call (its random start is seeded); the model's mode restored."""
+    fast_adv = SCRIPTS["fast_adv"]
+    model, x, y, mask = trained_tiny
+    cfg = SimpleNamespace(**fast_adv.HYPERPARAMETERS)
+    assert fast_adv.guard(model, x, y, mask, 9, cfg) is None
+    clean = (model(x, mask).argmax(dim=1) == y).float().mean().item()
+    assert fast_adv.guard(model, x, y, mask, 10, SimpleNamespace(**{**vars(cfg), "eps": 0.0})) == clean
+    model.train()
+    try:
+        attacked = fast_adv.guard(model, x, y, mask, 10, SimpleNamespace(**{**vars(cfg), "eps": 0.3}))
+        assert model.training and attacked < clean - 0.2
+        assert fast_adv.guard(model, x, y, mask, 10, SimpleNamespace(**{**vars(cfg), "eps": 0.3})) == attacked
+    finally:
+        model.eval()
+
+
+def test_fast_adversarial_step_is_fgsm_from_a_uniform_start_on_a_linear_model():
+    """fast_adv's adversarial input, rebuilt independently on a linear model (whose CE gradient in x
+    is sum_k (p_k - onehot_k) W_k * mask): a uniform start in the eps ball on the signal, then one
+    step of 1.25 eps along the sign of that gradient, projected onto the ball and clipped."""
+    fast_adv = SCRIPTS["fast_adv"]
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(9, 2, 40, generator=g, dtype=torch.float64) / 10
+    model = RecordingModel(LinearModel(weight))
+    mask = right_aligned_masks([40, 25, 10], 40, torch.float64)
+    x = (0.98 * (2 * torch.rand(3, 2, 40, generator=g, dtype=torch.float64) - 1)) * mask  # some near +-1
+    with torch.no_grad():
+        y = model(x, mask).argmax(dim=1)  # every sample correct: all are attacked
+    cfg = SimpleNamespace(**fast_adv.HYPERPARAMETERS, epochs=70)
+    torch.manual_seed(0)
+    fast_adv.loss_fn(model, x, y, mask, 69, cfg)  # the last epoch: eps_t = eps
+    eps = cfg.eps
+    torch.manual_seed(0)
+    start = (x + eps * (2 * torch.rand(x.shape, dtype=torch.float64) - 1) * mask).clamp(-1, 1)
+    p = F.softmax(torch.einsum("blt,klt->bk", start * mask, weight), dim=1)
+    gradient = torch.einsum("bk,klt->blt", p - F.one_hot(y, 9).double(), weight) * mask
+    expected = (x + (start - x + 1.25 * eps * gradient.sign() * mask).clamp(-eps, eps)).clamp(-1, 1)
+    clean, attack_start, adversarial = model.iterates  # the clean pass, the FGSM step's pass, the trained-on pass
+    torch.testing.assert_close(attack_start, start)
+    torch.testing.assert_close(adversarial, expected)
+    delta = adversarial - x
+    assert delta.abs().max() <= eps + 1e-12 and (delta * (1 - mask)).abs().max() == 0
+
+
+@pytest.mark.slow  # two tiny trainings end to end
+@pytest.mark.parametrize("method,terms", [("trades", {"loss_ce", "loss_kl"}), ("fast_adv", {"loss_ce", "loss_adv"})])
+def test_baseline_scripts_train_and_evaluate_end_to_end(tiny_cache, tmp_path, method, terms):
+    """The smoke chain runs the paper's methods only (CI time); the baselines run here at tiny size,
+    their terms active from epoch 0, the fast AT guard scoring each epoch."""
+    status = harness.main(SCRIPTS[method], argv=[
+        "--data_dir", str(tiny_cache), "--result_dir", str(tmp_path), "--max_length", "2048", "--random_pad", "1024",
+        "--batch_size", "8", "--eval_batch_size", "18", "--epochs", "2", "--max_batches", "1", "--sweeps", "",
+        "--adv_start_epoch", "0", "--run_name", "run", *(["--pgd_steps", "2"] if method == "trades" else [])])
+    assert status == 0
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert len(history) == 2 and terms <= set(history[0])
+    if method == "fast_adv":
+        assert all(0 <= h["guard_accuracy"] <= 1 for h in history)
+    assert (tmp_path / "run" / "eval_test.json").is_file()

@@ -357,7 +357,7 @@ def test_flags_are_never_abbreviated(capsys):
 def test_bad_methods_flag_is_one_line_error(capsys):
     assert reproduce.main(["--methods", "CE,svm", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: --methods: unknown method 'svm' (known: CE, NSR, jacob, advls)"
+    assert err == "error: --methods: unknown method 'svm' (known: CE, NSR, jacob, advls, trades, fast_adv, all)"
 
 
 def test_mini_without_raw_dir_says_what_to_pass(tmp_path, monkeypatch, capsys):
@@ -372,3 +372,32 @@ def test_mini_takes_its_records_from_raw_dir(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert reproduce.main(["--preset", "mini", "--raw-dir", "records", "--dry-run"]) == 0
     assert "preprocess.py --raw_dir records --out_dir data/mini/processed" in capsys.readouterr().out
+
+
+def planned_scripts(out: str) -> list[str]:
+    """The training commands a dry run printed, each as its script's name and its flags after --preset P."""
+    return [re.sub(r"^.*/(CPSC2018_CNN_\w+)\.py --preset \S+", r"\1", line) for line in out.splitlines()
+            if line.startswith("$ ") and "CPSC2018_CNN_" in line]
+
+
+@pytest.mark.parametrize("flags,runs", [
+    (["--preset", "baselines"], ["CPSC2018_CNN_CE --noise_sd 0", "CPSC2018_CNN_CE --noise_sd 0.25", "CPSC2018_CNN_NSR",
+                                 "CPSC2018_CNN_jacob", *(f"CPSC2018_CNN_ce_adv_pgd_ls --eps {eps}"
+                                                         for eps in ("0.005", "0.01", "0.05", "0.1")),
+                                 "CPSC2018_CNN_trades", "CPSC2018_CNN_fast_adv"]),
+    (["--preset", "demo"], ["CPSC2018_CNN_CE", "CPSC2018_CNN_NSR", "CPSC2018_CNN_jacob",
+                            "CPSC2018_CNN_ce_adv_pgd_ls --eps 0.01"]),
+    (["--preset", "demo", "--methods", "all"], ["CPSC2018_CNN_CE --noise_sd 0", "CPSC2018_CNN_CE --noise_sd 0.25",
+                                                "CPSC2018_CNN_NSR", "CPSC2018_CNN_jacob",
+                                                "CPSC2018_CNN_ce_adv_pgd_ls --eps 0.01", "CPSC2018_CNN_trades",
+                                                "CPSC2018_CNN_fast_adv"]),
+    (["--preset", "demo", "--methods", "CE,trades"], ["CPSC2018_CNN_CE --noise_sd 0", "CPSC2018_CNN_CE --noise_sd 0.25",
+                                                      "CPSC2018_CNN_trades"]),
+    (["--preset", "baselines", "--methods", "fast_adv"], ["CPSC2018_CNN_fast_adv"]),
+])
+def test_the_baselines_join_the_plan_by_preset_or_by_name(tmp_path, monkeypatch, capsys, flags, runs):
+    """The paper's presets plan the paper's runs; `baselines` (and mini) add TRADES, fast adversarial
+    training and CE with Gaussian noise, as does --methods all or naming a baseline with any preset."""
+    monkeypatch.chdir(tmp_path)
+    assert reproduce.main([*flags, "--dry_run"]) == 0
+    assert planned_scripts(capsys.readouterr().out) == runs
