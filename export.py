@@ -22,8 +22,8 @@ from huggingface_hub import EvalResult, ModelCardData
 
 from analysis.compare import EvaluationError, masking_check, masking_check_markdown, read_clean, read_sweeps, sweep_table
 from analysis.metrics import SWEEP_METRICS, scores_table, to_markdown
-from autoattack import ENSEMBLE_ATTACKS
-from config import METHODS, PRESETS, SWEEPS, TRAIN_DEFAULTS
+from autoattack import ENSEMBLE_VERSIONS
+from config import METHODS, PRESETS, SWEEPS, TRAIN_DEFAULTS, Sweep
 from cpsc2018 import CLASSES
 from evaluate import load_model
 from plumbing import pretrained
@@ -35,8 +35,9 @@ CARD_FILE = "README.md"
 ROBUSTNESS_FILE = "robustness.json"
 EXPORT_FILES = (pretrained.WEIGHTS_FILE, pretrained.CONFIG_FILE, CARD_FILE, ROBUSTNESS_FILE)
 AUTOATTACK_SWEEP = "autoattack"
-# An autoattack sweep that names no version ran the line-up of autoattack.ENSEMBLE_ATTACKS.
-DEFAULT_AUTOATTACK_VERSION = "fast"
+# An autoattack sweep that names no ensemble_version was written before the standard line-up
+# existed: it ran the fast one.
+UNNAMED_AUTOATTACK_VERSION = "fast"
 DEFAULT_LICENSE = "cc-by-4.0"  # the PhysioNet/CinC redistribution of CPSC2018 is CC BY 4.0
 DEFAULT_EPS = 0.01  # robustness.json's L-inf budget: the paper's adversarial-training eps, in every level list
 LEVEL_SLACK = 1e-12  # levels read back from JSON
@@ -108,7 +109,14 @@ def certified_rows(path: Path, content) -> list[tuple[float, float]]:
 
 
 def autoattack_version(sweep: dict) -> str:
-    return sweep.get("version", DEFAULT_AUTOATTACK_VERSION)
+    return sweep.get("ensemble_version", UNNAMED_AUTOATTACK_VERSION)
+
+
+def sweep_entry(name: str, sweep: dict) -> Sweep | None:
+    """The SWEEPS entry that produced ``sweep``: an autoattack sweep by the version it ran."""
+    if name == AUTOATTACK_SWEEP:
+        return next(entry for entry in SWEEPS.values() if entry.ensemble == autoattack_version(sweep))
+    return SWEEPS.get(name)
 
 
 def accuracy_at(sweep: dict, eps: float) -> float | None:
@@ -188,8 +196,8 @@ def robustness_entry(settings: dict, sweep: dict, eps: float, split: str) -> dic
             "eps_scale": "model input: each lead divided by its peak |mV|, values in [-1, 1]",
             "clean_acc": f"{100 * sweep['accuracy'][0]:.2f}", "autoattack_acc": f"{100 * robust:.2f}",
             "autoattack_version": version,
-            "attacks": list(ENSEMBLE_ATTACKS) if version == DEFAULT_AUTOATTACK_VERSION else sweep.get("attacks"),
-            "attack_settings": {**sweep["settings"], "description": SWEEPS[AUTOATTACK_SWEEP].describe(sweep["settings"])},
+            "attacks": list(ENSEMBLE_VERSIONS[version]),
+            "attack_settings": {**sweep["settings"], "description": sweep_entry(AUTOATTACK_SWEEP, sweep).describe(sweep["settings"])},
             "metric": "class-balanced accuracy", "split": split, "n_records": sweep["n"],
             "architecture": f"{settings['model']} (1D CNN, ECG_CNN.py)", "number_forward_passes": 1,
             "additional_data": False}
@@ -212,7 +220,7 @@ def eval_results(settings: dict, results: dict, eps: float, split: str) -> list[
         robust = accuracy_at(sweep, eps) if sweep else None
         if robust is not None:
             entries.append(EvalResult(**task, metric_type="accuracy",
-                                      metric_name=f"class-balanced accuracy under {SWEEPS[name].title} eps={eps:g}",
+                                      metric_name=f"class-balanced accuracy under {sweep_entry(name, sweep).title} eps={eps:g}",
                                       metric_value=round(robust, 4)))
     for sigma, rows in results["certified"].items():
         entries += [EvalResult(**task, metric_type="accuracy",
@@ -230,10 +238,11 @@ def evaluation_text(results: dict, split: str) -> str:
         lines += [f"The run was not evaluated on its {split} split (`python evaluate.py RUN`).", ""]
     curves = {"model": results["sweeps"]}
     for name, sweep in results["sweeps"].items():
-        lines += [f"### {SWEEPS[name].title if name in SWEEPS else name} ({sweep['n']} records)", "",
+        entry = sweep_entry(name, sweep)
+        lines += [f"### {entry.title if entry else name} ({sweep['n']} records)", "",
                   "Class-balanced accuracy by level (a record misclassified clean stays misclassified)"
                   + (f"; AutoAttack version: {autoattack_version(sweep)}" if name == AUTOATTACK_SWEEP else "")
-                  + (f"; {SWEEPS[name].describe(sweep['settings'])}" if name in SWEEPS else "") + ".", ""]
+                  + (f"; {entry.describe(sweep['settings'])}" if entry else "") + ".", ""]
         for metric, (_, label) in SWEEP_METRICS.items():
             lines += [f"{label}:", "", to_markdown(sweep_table(curves, name, metric)), ""]
     check = masking_check(results["sweeps"])

@@ -91,7 +91,7 @@ def test_the_model_card_is_yaml_front_matter_and_markdown_with_the_runs_results(
     assert values == {"class-balanced accuracy (clean)": round(clean["accuracy"], 4),
                       "mean F1 (clean)": round(clean["mean_f1"], 4),
                       "class-balanced accuracy under PGD, L-inf budget eps=0.01": 0.7,
-                      "class-balanced accuracy under Ensemble (APGD-CE, APGD-DLR, Square), L-inf budget eps=0.01": 0.66,
+                      "class-balanced accuracy under AutoAttack fast (APGD-CE, APGD-DLR, Square), L-inf budget eps=0.01": 0.66,
                       "certified accuracy, sigma=0.25, L2 radius 0": 0.6,
                       "certified accuracy, sigma=0.25, L2 radius 0.5": 0.4}
     assert len(ModelCard.load(tmp_path / "out" / "README.md").data.eval_results) == 6  # the Hub's own reader
@@ -116,11 +116,12 @@ def test_robustness_json_is_a_robustbench_entry_at_eps(evaluated_run, tmp_path):
 
 def test_an_autoattack_sweep_that_names_its_version_is_exported_with_it(evaluated_run, tmp_path):
     results = json.loads((evaluated_run / "robustness_test.json").read_text())
-    results["sweeps"]["autoattack"].update(version="standard", attacks=["apgd-ce", "apgd-t", "fab-t", "square"])
+    results["sweeps"]["autoattack"].update(ensemble_version="standard")
     (evaluated_run / "robustness_test.json").write_text(json.dumps(results))
     assert export.main([str(evaluated_run), str(tmp_path / "out")]) == 0
     entry = json.loads((tmp_path / "out" / "robustness.json").read_text())
-    assert entry["autoattack_version"] == "standard" and entry["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert entry["autoattack_version"] == "standard" and entry["attacks"] == ["apgd-ce", "apgd-t", "square"]
+    assert entry["attack_settings"]["description"].startswith("AutoAttack standard")
 
 
 def test_an_eps_that_the_sweep_lacks_is_refused_before_anything_is_written(evaluated_run, tmp_path, one_error_line):
