@@ -106,12 +106,13 @@ def _batched_group_norm(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tenso
 class _MaskedGroupNormFunction(torch.autograd.Function):
     """MaskedGroupNorm's computation: x (B, C, L), mask (B, 1, L) of 0/1 -> (B, C, L).
 
-    The whole batch at once, with no loop over samples: sums over the valid positions are sums
-    over the tensor with the padding multiplied by zero. The forward and the first-order backward
-    (closed form) work in place in one new tensor each, as GroupNorm's own kernels allocate one:
-    on the CPU a new tensor costs page faults comparable to a pass over it. A backward that
-    must itself be differentiable (create_graph: the Jacobian and NSR losses) differentiates
-    _batched_group_norm instead, so every higher order is autograd's.
+    The whole batch at once, with no loop over samples or intervals and no read of the mask on
+    the host: sums over the valid positions are sums over the tensor with the padding multiplied
+    by zero. The forward and the first-order backward (closed form) each allocate one tensor, as
+    GroupNorm's kernels do, and work in place in it: a new tensor costs more than a pass over
+    one (benchmarks/README.md, "resnet18a_vl"). A backward that must itself be differentiable
+    (create_graph: the Jacobian and NSR losses) differentiates _batched_group_norm instead, so
+    every higher order is autograd's.
     """
 
     @staticmethod
@@ -120,6 +121,7 @@ class _MaskedGroupNormFunction(torch.autograd.Function):
         batch, channels, length = x.shape
         per_group = channels // num_groups
         out = x * mask
+        mask = mask.to(out.dtype)  # the backward's bmm needs one dtype
         grouped = out.view(batch, num_groups, per_group, length)
         count = mask.sum(dim=2, keepdim=True)[..., None].mul_(per_group).clamp_min_(1)  # (B, 1, 1, 1)
         mean = grouped.sum(dim=(2, 3), keepdim=True) / count  # (B, G, 1, 1)

@@ -415,3 +415,12 @@ def test_float32_model_matches_the_per_sample_norms(per_sample_norms):
 
     for got, expected in zip(logits_and_gradients(), per_sample_norms(logits_and_gradients)):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_mask_of_another_dtype_than_x():
+    """A float32 mask with a float64 x (the backward's bmm needs one dtype)."""
+    norm = random_norm(3, 6)
+    x, mask = interval_batch()
+    expected = outputs_and_gradients(norm, norm, x, mask, 0.0)
+    for got, want in zip(outputs_and_gradients(norm, norm, x, mask.float(), 0.0), expected):
+        torch.testing.assert_close(got, want)
