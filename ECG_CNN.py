@@ -80,43 +80,12 @@ def erode_mask(mask: torch.Tensor) -> torch.Tensor:
     return -F.max_pool1d(-mask, 3, 1)
 
 
-def signal_spans(mask: torch.Tensor) -> list[tuple[int, int]] | None:
-    """Each sample's valid positions as (start, count) when they form one interval; else None.
-
-    mask: (B, 1, L) of 0/1. A sample without any valid position gives (0, 0).
-    """
-    valid = mask[:, 0] > 0
-    first = valid.int().argmax(dim=1)
-    stop = valid.shape[1] - valid.flip(1).int().argmax(dim=1)
-    starts, widths, counts = torch.stack([first, stop - first, valid.sum(dim=1)]).tolist()
-    if any(count not in (0, width) for width, count in zip(widths, counts)):
-        return None
-    return [(start, count) for start, count in zip(starts, counts)]
-
-
-def _row_group_norm(x: torch.Tensor, spans: list[tuple[int, int]], weight: torch.Tensor | None,
-                    bias: torch.Tensor | None, num_groups: int, eps: float, fill: float) -> torch.Tensor:
-    """GroupNorm of each sample's valid interval (spans from signal_spans), one sample at a
-    time; positions outside the intervals get ``fill``. Autograd differentiates it (to any order).
-
-    The samples come from one ``split``: its backward joins their gradients in one copy, where
-    indexing x per sample would give each a gradient of x's full size to add up (quadratic in B).
-    """
-    length = x.shape[2]
-    rows = []
-    for sample, (start, count) in zip(x.split(1), spans):
-        piece = sample.narrow(2, start, count)
-        if count:
-            piece = F.group_norm(piece, num_groups, weight, bias, eps)
-        rows.append(F.pad(piece, (start, length - start - count), value=fill))
-    return torch.cat(rows)
-
-
 def _batched_group_norm(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None,
                         bias: torch.Tensor | None, num_groups: int, eps: float,
                         fill: float) -> torch.Tensor:
-    """Masked GroupNorm for the whole batch at once: sums over valid positions are products
-    with the mask; the variance is taken around the mean (two passes, as accurate as GroupNorm)."""
+    """Masked GroupNorm in differentiable operations (autograd differentiates it to any order):
+    sums over valid positions are products with the mask; the variance is taken around the
+    mean (two passes, as accurate as GroupNorm). _MaskedGroupNormFunction's second order."""
     batch, channels, _ = x.shape
     per_group = channels // num_groups
     valid = mask.to(x.dtype).transpose(1, 2)  # (B, L, 1)
@@ -137,35 +106,84 @@ def _batched_group_norm(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tenso
     return torch.where(mask > 0, out, fill)
 
 
+class _MaskedGroupNormFunction(torch.autograd.Function):
+    """MaskedGroupNorm's computation: x (B, C, L), mask (B, 1, L) of 0/1 -> (B, C, L).
+
+    The whole batch at once, with no loop over samples or intervals and no read of the mask on
+    the host: sums over the valid positions are sums over the tensor with the padding multiplied
+    by zero. The forward and the first-order backward (closed form) each allocate one tensor, as
+    GroupNorm's kernels do, and work in place in it: a new tensor costs more than a pass over
+    one (benchmarks/README.md, "resnet18a_vl"). A backward that must itself be differentiable
+    (create_graph: the Jacobian and NSR losses) differentiates _batched_group_norm instead, so
+    every higher order is autograd's.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None,
+                bias: torch.Tensor | None, num_groups: int, eps: float, fill: float) -> torch.Tensor:
+        batch, channels, length = x.shape
+        per_group = channels // num_groups
+        out = x * mask
+        mask = mask.to(out.dtype)  # the backward's bmm needs one dtype
+        grouped = out.view(batch, num_groups, per_group, length)
+        count = mask.sum(dim=2, keepdim=True)[..., None].mul_(per_group).clamp_min_(1)  # (B, 1, 1, 1)
+        mean = grouped.sum(dim=(2, 3), keepdim=True) / count  # (B, G, 1, 1)
+        grouped.addcmul_(mean, mask[:, None], value=-1)  # centred on the valid positions, 0 elsewhere
+        rstd = (torch.linalg.vector_norm(grouped, dim=(2, 3), keepdim=True).square_() / count + eps).rsqrt_()
+        ctx.save_for_backward(x, mask, weight, bias, mean, rstd, count)
+        ctx.num_groups, ctx.eps, ctx.fill = num_groups, eps, fill
+        if weight is None:
+            grouped.mul_(rstd)
+        else:
+            affine = (num_groups, per_group, 1)
+            grouped.mul_(rstd * weight.view(affine)).addcmul_(bias.view(affine), mask[:, None])
+        return out.masked_fill_(mask == 0, fill) if fill else out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, mask, weight, bias, mean, rstd, count = ctx.saved_tensors
+        wanted = (ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2],
+                  bias is not None and ctx.needs_input_grad[3])
+        if torch.is_grad_enabled():  # create_graph: this backward must be differentiable
+            inputs = [t for t, want in zip((x, weight, bias), wanted) if want]
+            out = _batched_group_norm(x, mask, weight, bias, ctx.num_groups, ctx.eps, ctx.fill)
+            grads = iter(torch.autograd.grad(out, inputs, grad, create_graph=True))
+            grad_x, grad_weight, grad_bias = (next(grads) if want else None for want in wanted)
+            return grad_x, None, grad_weight, grad_bias, None, None, None
+        batch, channels, _ = x.shape
+        grouped = (batch, ctx.num_groups, channels // ctx.num_groups, 1)
+        # Per channel, over the valid positions: the sums of grad and of grad * x (bmm with the
+        # mask reads without writing), then of grad * normalized.
+        grad_sum = torch.bmm(mask, grad.mT).view(grouped)
+        product = grad * x
+        grad_dot = (torch.bmm(mask, product.mT).view(grouped) - mean * grad_sum) * rstd
+        w = 1 if weight is None else weight.view(grouped[1:])
+        # grad_x = mask * rstd * (w grad - mean of w grad - normalized * mean of w grad normalized)
+        #        = mask * (grad * scale + x * coef_x + shift), means over each group's valid positions
+        coef_x = -rstd.square() * (grad_dot * w).sum(dim=2, keepdim=True) / count
+        shift = -rstd * (grad_sum * w).sum(dim=2, keepdim=True) / count - coef_x * mean
+        scale = rstd * w
+        per_channel = (batch, channels, 1)
+        grad_x = torch.mul(grad, scale.expand(grouped).reshape(per_channel), out=product)
+        grad_x.addcmul_(x, coef_x.expand(grouped).reshape(per_channel))
+        grad_x.add_(shift.expand(grouped).reshape(per_channel)).mul_(mask)
+        return (grad_x if wanted[0] else None, None, grad_dot.sum(0).flatten() if wanted[1] else None,
+                grad_sum.sum(0).flatten() if wanted[2] else None, None, None, None)
+
+
 class MaskedGroupNorm(nn.GroupNorm):
     """GroupNorm whose statistics use only the valid positions; outputs are ``fill`` elsewhere.
 
     ``forward(x, mask, fill=0.0)`` with x (B, C, L) and mask (B, 1, L) of 0/1. Same parameters
     as nn.GroupNorm; without a mask (None) or with an all-ones mask it computes nn.GroupNorm.
     A sample without any valid position gives ``fill`` everywhere (no division by zero).
-
-    Two exact computations of the same thing, chosen for speed:
-
-    - On the CPU, for layers of at least ROW_PATH_MIN values per sample and when every
-      sample's valid positions form one interval (always, for the masks of this project's
-      data), F.group_norm on each sample's interval: no arithmetic on the padding.
-    - Otherwise the batched form: a fixed number of kernels whatever the batch size, which
-      suits CUDA and small layers.
     """
-
-    # Below this many values per sample (channels x length), the per-sample path's fixed cost
-    # per sample outweighs its savings (benchmarks/README.md, "resnet18a_vl").
-    ROW_PATH_MIN = 16384
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,  # type: ignore[override]
                 fill: float = 0.0) -> torch.Tensor:
         if mask is None:
             return super().forward(x)
-        rows = x.device.type == "cpu" and x.shape[1] * x.shape[2] >= self.ROW_PATH_MIN
-        spans = signal_spans(mask) if rows and len(x) else None
-        if spans is None:
-            return _batched_group_norm(x, mask, self.weight, self.bias, self.num_groups, self.eps, fill)
-        return _row_group_norm(x, spans, self.weight, self.bias, self.num_groups, self.eps, fill)
+        return _MaskedGroupNormFunction.apply(x, mask, self.weight, self.bias, self.num_groups, self.eps, fill)
 
 
 # --------------------------------------------------------------------------- the models

@@ -7,13 +7,14 @@ import huggingface_hub
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from cpsc2018 import LEADS
 from helpers import hub_cache, logits_of
 from losses import jacobian_squared_norm
 from plumbing.pretrained import ModelFolderError
 from ECG_CNN import (DOWNSAMPLE, MaskedGroupNorm, build_model, from_pretrained, check_length, downsample_mask, erode_mask,
-                     masked_average_pool, signal_spans)
+                     masked_average_pool)
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -145,38 +146,27 @@ def test_with_an_all_ones_mask_it_computes_resnet18a(models):
         torch.testing.assert_close(variable(x, mask), paper(x, mask), rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(params=["rows", "batched"])
-def norm_path(request, monkeypatch) -> str:
-    """Run a test with MaskedGroupNorm's per-sample path forced on (every layer size), then off."""
-    monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", 0 if request.param == "rows" else 10 ** 12)
-    return request.param
+def reference_norm(norm: MaskedGroupNorm, x: torch.Tensor, mask: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """An independent computation of MaskedGroupNorm: per sample, F.group_norm of its valid
+    positions alone (gathered, any mask), ``fill`` elsewhere; autograd differentiates it."""
+    rows = []
+    for sample, valid in zip(x, mask[:, 0] > 0):
+        row = torch.full_like(sample, fill)
+        if valid.any():
+            row[:, valid] = F.group_norm(sample[:, valid][None], norm.num_groups, norm.weight, norm.bias,
+                                         norm.eps)[0]
+        rows.append(row)
+    return torch.stack(rows)
 
 
-def path_taken(out: torch.Tensor) -> str:
-    return "rows" if type(out.grad_fn).__name__.startswith("Cat") else "batched"  # rows: one per sample, then cat
-
-
-@pytest.mark.parametrize("num_groups", [4, 2])
-def test_masked_group_norm_matches_group_norm_on_the_valid_part(num_groups, norm_path):
+def random_norm(num_groups: int, channels: int, dtype=torch.float64, affine: bool = True) -> MaskedGroupNorm:
     torch.manual_seed(2)
-    masked = MaskedGroupNorm(num_groups, 4).double()
-    plain = nn.GroupNorm(num_groups, 4).double()
-    with torch.no_grad():
-        for norm in (masked, plain):
-            norm.weight.copy_(torch.tensor([0.5, 1.0, 1.5, -2.0]))
-            norm.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.4]))
-    x = torch.randn(3, 4, 20, dtype=torch.float64) * 3 + 1
-    mask = torch.zeros(3, 1, 20, dtype=torch.float64)
-    mask[0, :, 5:17] = 1
-    mask[1, :, :] = 1
-    # sample 2: no valid position at all
-    out = masked(x.requires_grad_(True), mask)
-    assert path_taken(out) == norm_path
-    for b, (start, stop) in enumerate([(5, 17), (0, 20)]):
-        expected = torch.zeros(4, 20, dtype=torch.float64)
-        expected[:, start:stop] = plain(x[b:b + 1, :, start:stop])[0]
-        torch.testing.assert_close(out[b], expected)
-    assert torch.equal(out[2], torch.zeros(4, 20, dtype=torch.float64))
+    norm = MaskedGroupNorm(num_groups, channels, affine=affine).to(dtype)
+    if affine:
+        with torch.no_grad():
+            norm.weight.uniform_(-2, 2)
+            norm.bias.uniform_(-0.5, 0.5)
+    return norm
 
 
 def interval_batch(dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,79 +191,94 @@ def small_interval_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return x, mask
 
 
+def outputs_and_gradients(function, norm: MaskedGroupNorm, x: torch.Tensor, mask: torch.Tensor,
+                          fill: float) -> list[torch.Tensor]:
+    """The output (invalid positions set to 0, as ``fill`` may be infinite) and the gradients of
+    a fixed random projection of it with respect to x and the norm's parameters."""
+    x = x.clone().requires_grad_(True)
+    out = function(x, mask, fill).masked_fill(mask == 0, 0.0)
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)
+    return [out, *torch.autograd.grad(out, [x, *norm.parameters()], cotangent)]
+
+
+@pytest.mark.parametrize("num_groups, fill, affine", [(6, 0.0, True), (3, -3.5, True), (2, float("-inf"), True),
+                                                      (3, 0.0, False)])
+def test_masked_group_norm_matches_group_norm_of_each_valid_part(num_groups, fill, affine):
+    """Outputs, input and parameter gradients against F.group_norm of each sample's valid
+    positions alone; invalid positions are ``fill``; an empty sample is ``fill`` everywhere."""
+    norm = random_norm(num_groups, 6, affine=affine)
+    x, mask = interval_batch()
+    out = norm(x, mask, fill)
+    assert torch.equal(out.masked_select(mask == 0), torch.full_like(out.masked_select(mask == 0), fill))
+    expected = outputs_and_gradients(lambda *a: reference_norm(norm, *a), norm, x, mask, fill)
+    for got, want in zip(outputs_and_gradients(norm, norm, x, mask, fill), expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_any_mask_not_only_intervals_and_float32():
+    """Holes in the mask (two intervals) and float32 (to float32 rounding)."""
+    norm = random_norm(3, 6, torch.float32)
+    x, mask = interval_batch(torch.float32)
+    mask[1, :, 10:12] = 0
+    mask[0, :, 3] = 1
+    expected = outputs_and_gradients(lambda *a: reference_norm(norm, *a), norm, x, mask, 0.0)
+    for got, want in zip(outputs_and_gradients(norm, norm, x, mask, 0.0), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_all_ones_mask_gives_group_norm():
+    norm = random_norm(3, 6)
+    x, _ = interval_batch()
+    torch.testing.assert_close(norm(x, torch.ones(4, 1, 24, dtype=x.dtype)), nn.GroupNorm.forward(norm, x))
+
+
 @pytest.mark.parametrize("fill", [0.0, -3.5])
-def test_masked_group_norm_gradients_match_finite_differences(norm_path, fill):
+def test_masked_group_norm_gradients_match_finite_differences(fill):
     """First and second derivatives (Jacobian regularization differentiates twice) against
-    numerical differentiation, on both computations; groups of two channels."""
+    numerical differentiation; groups of two channels."""
     x, mask = small_interval_batch()
-    norm = MaskedGroupNorm(2, 4).double()
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5)
-        norm.bias.uniform_(-0.5, 0.5)
+    norm = random_norm(2, 4)
     inputs = (x.requires_grad_(True), norm.weight, norm.bias)
 
     def function(x, weight, bias):
         return torch.func.functional_call(norm, {"weight": weight, "bias": bias}, (x, mask, fill))
 
-    assert path_taken(function(*inputs)) == norm_path
     assert torch.autograd.gradcheck(function, inputs)
     assert torch.autograd.gradgradcheck(function, inputs)
 
 
-def test_masked_group_norm_paths_agree_and_fill_the_invalid_positions(monkeypatch):
+@pytest.mark.parametrize("frozen", ["norm parameters", "input"])
+def test_second_order_gradients_when_some_inputs_need_no_gradient(frozen):
+    """create_graph with frozen norm parameters (input gradients only) or an input that needs
+    no gradient (weight gradients only), against the per-sample F.group_norm computation."""
     x, mask = interval_batch()
-    norm = MaskedGroupNorm(6, 6).double()
-    cotangent = torch.randn_like(x)
+    norm = random_norm(3, 6)
     results = []
-    for row_path_min in (0, 10 ** 12):
-        monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", row_path_min)
-        x_leaf = x.clone().requires_grad_(True)
-        out = norm(x_leaf, mask, float("-inf"))
-        assert torch.equal(torch.isinf(out), (mask == 0).expand_as(out))
-        finite = out.masked_fill(mask == 0, 0.0)
-        grads = torch.autograd.grad(finite, (x_leaf, norm.weight, norm.bias), cotangent)
-        results.append((finite, *grads))
-    for rows, batched in zip(*results):
-        torch.testing.assert_close(rows, batched)
+    for function in (norm, lambda *a: reference_norm(norm, *a)):
+        if frozen == "norm parameters":
+            norm.requires_grad_(False)
+            inputs = [x.clone().requires_grad_(True)]
+            out = function(torch.sin(inputs[0]), mask)
+        else:
+            inputs = list(norm.parameters())
+            out = function(x, mask)
+        first = torch.autograd.grad(out.square().sum(), inputs, create_graph=True)
+        second = torch.autograd.grad(sum(g.square().sum() for g in first), inputs)
+        results.append([*first, *second])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
 
 
-def test_the_per_sample_path_reads_the_batch_through_one_node(monkeypatch):
-    """Its backward joins the samples' gradients in one copy. A node per sample reading x would
-    give each sample a gradient of the whole batch's size to add up: quadratic in the batch size."""
-    monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", 0)
-    x, mask = interval_batch()
-    out = MaskedGroupNorm(6, 6).double()(x.requires_grad_(True), mask)
-    assert path_taken(out) == "rows"
-    readers, seen, pending = 0, set(), [out.grad_fn]
-    while pending:
-        node = pending.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        for child, _ in node.next_functions:
-            if child is not None:
-                readers += getattr(child, "variable", None) is x
-                pending.append(child)
-    assert readers == 1
-
-
-def test_off_the_cpu_the_norm_is_batched_without_reading_values(monkeypatch):
-    """CUDA's path: a fixed number of kernels, no loop over samples or intervals and no read of the
-    mask on the host. On the meta device (shapes only) any read of a value would raise."""
-    monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", 0)
+def test_the_norm_reads_no_value_on_the_host_and_accepts_an_empty_batch():
+    """CUDA's requirement: a fixed number of kernels, no loop over samples or intervals and no
+    read of the mask on the host. On the meta device (shapes only) any read of a value raises."""
     x, mask = (t.to("meta") for t in interval_batch(torch.float32))
-    out = MaskedGroupNorm(6, 6).to("meta")(x.requires_grad_(True), mask)
-    assert path_taken(out) == "batched" and out.shape == x.shape
-
-
-def test_non_interval_masks_take_the_batched_path(monkeypatch):
-    monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", 0)
+    norm = MaskedGroupNorm(3, 6).to("meta")
+    out = norm(x.requires_grad_(True), mask, float("-inf"))
+    assert out.shape == x.shape
+    assert torch.autograd.grad(out.sum(), x)[0].shape == x.shape
     x, mask = interval_batch()
-    mask[1, :, 10:12] = 0  # a hole: two intervals
-    assert signal_spans(mask) is None
-    out = MaskedGroupNorm(6, 6).double()(x.requires_grad_(True), mask)
-    assert path_taken(out) == "batched"
-    assert signal_spans(interval_batch()[1]) == [(5, 14), (0, 24), (0, 7), (0, 0)]
+    assert random_norm(3, 6)(x[:0], mask[:0]).shape == (0, 6, 24)
 
 
 def test_final_mask_follows_the_cell_rule():
@@ -367,93 +372,64 @@ def test_a_record_without_a_valid_final_position_gives_the_bias_and_finite_gradi
     assert torch.isfinite(x.grad).all()
 
 
-@pytest.mark.slow  # second derivatives of the whole model in float64
-def test_jacobian_regularization_differentiates_twice_through_either_norm_path(monkeypatch):
-    """The Jacobian term's weight gradients are the same whichever computation the norms use.
-    With the per-sample one, the input-gradient pass (create_graph) recomputes the batched
-    form and the final backward runs the per-sample first-order backward of the forward pass."""
+
+@pytest.fixture
+def per_sample_norms(monkeypatch):
+    """A function that runs a callable with every MaskedGroupNorm of a mask computed by
+    reference_norm (per sample, F.group_norm of the valid positions)."""
+    def run(function):
+        with monkeypatch.context() as patch:
+            patch.setattr(MaskedGroupNorm, "forward", lambda norm, x, mask=None, fill=0.0: (
+                nn.GroupNorm.forward(norm, x) if mask is None else reference_norm(norm, x, mask, fill)))
+            return function()
+    return run
+
+
+@pytest.mark.slow  # second derivatives of the whole model in float64, twice
+def test_jacobian_regularization_differentiates_twice_as_the_per_sample_norms(per_sample_norms):
+    """The Jacobian term and its weight gradients (a backward through a create_graph backward)
+    are those of the model whose norms are computed per sample by F.group_norm."""
     torch.manual_seed(8)
     model = build_model("resnet18a_vl").double()
     x, mask = place(torch.rand(len(LEADS), 2500, dtype=torch.float64) * 2 - 1, 3 * DOWNSAMPLE, [0, 300])
-    results = []
-    for row_path_min in (0, 10 ** 12):
-        monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", row_path_min)
-        generator = torch.Generator().manual_seed(0)
-        penalty = jacobian_squared_norm(model, x, mask, projections=1, generator=generator)
-        results.append([penalty, *torch.autograd.grad(penalty, list(model.parameters()),
-                                                      materialize_grads=True)])
-    # Rounding differs between the two computations; GroupNorm over the two or three valid
-    # positions of the last blocks amplifies it in second derivatives, hence a scale-relative bound.
-    for rows, batched in zip(*results):
-        assert (rows - batched).abs().max() <= 1e-6 * batched.abs().max()
-    assert results[0][0] > 0 and any(g.abs().sum() > 0 for g in results[0][1:])
 
+    def penalty_and_gradients() -> list[torch.Tensor]:
+        penalty = jacobian_squared_norm(model, x, mask, projections=1, generator=torch.Generator().manual_seed(0))
+        return [penalty, *torch.autograd.grad(penalty, list(model.parameters()), materialize_grads=True)]
 
-@pytest.mark.parametrize("frozen", ["norm parameters", "input"])
-def test_second_order_gradients_when_some_inputs_need_no_gradient(monkeypatch, frozen):
-    """create_graph with frozen norm parameters (input gradients only) or an input that needs
-    no gradient (weight gradients only): both computations give the same values."""
-    x, mask = interval_batch()
-    results = []
-    for row_path_min in (0, 10 ** 12):
-        monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", row_path_min)
-        torch.manual_seed(9)
-        norm = MaskedGroupNorm(3, 6).double()
-        if frozen == "norm parameters":
-            norm.requires_grad_(False)
-            inputs = [x.clone().requires_grad_(True)]
-            out = norm(torch.sin(inputs[0]), mask)
-        else:
-            inputs = [norm.weight, norm.bias]
-            out = norm(x, mask)
-        assert path_taken(out) == ("rows" if row_path_min == 0 else "batched")
-        first = torch.autograd.grad(out.square().sum(), inputs, create_graph=True)
-        second = torch.autograd.grad(sum(g.square().sum() for g in first), inputs)
-        results.append([*first, *second])
-    for rows, batched in zip(*results):
-        torch.testing.assert_close(rows, batched)
-
-
-def test_norm_without_affine_parameters_and_an_empty_batch(monkeypatch):
-    monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", 0)
-    x, mask = interval_batch()
-    plain = MaskedGroupNorm(3, 6, affine=False).double()
-    x_leaf = x.clone().requires_grad_(True)
-    out = plain(x_leaf, mask)
-    assert path_taken(out) == "rows"
-    (grad,) = torch.autograd.grad(out[:, :, ::2].sum(), x_leaf)
-    monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", 10 ** 12)
-    x_leaf = x.clone().requires_grad_(True)
-    expected = plain(x_leaf, mask)
-    torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(grad, torch.autograd.grad(expected[:, :, ::2].sum(), x_leaf)[0])
-    monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", 0)
-    assert plain(x[:0], mask[:0]).shape == (0, 6, 24)
+    got, expected = penalty_and_gradients(), per_sample_norms(penalty_and_gradients)
+    # GroupNorm over the two or three valid positions of the last blocks amplifies rounding in
+    # second derivatives, hence a scale-relative bound.
+    for a, b in zip(got, expected):
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max()
+    assert got[0] > 0 and any(g.abs().sum() > 0 for g in got[1:])
 
 
 @pytest.mark.slow  # the whole model forward and backward at T = 8192, twice
-def test_float32_model_at_the_default_threshold_matches_the_batched_norms(monkeypatch):
-    """The training configuration: float32, the default ROW_PATH_MIN (the per-sample path in
-    the early layers, the batched one in the late ones) against the batched path everywhere."""
+def test_float32_model_matches_the_per_sample_norms(per_sample_norms):
+    """The training configuration (float32): logits and weight gradients of resnet18a_vl against
+    the same model with its norms computed per sample by F.group_norm, to float32 rounding."""
     torch.manual_seed(10)
     model = build_model("resnet18a_vl")
     x, mask = place(torch.rand(len(LEADS), 6000) * 2 - 1, 8 * DOWNSAMPLE, [0, 1500])
     x[1] = 0.5 * x[1].roll(100, dims=1) * mask[1]
     y = torch.tensor([2, 5])
-    results = []
-    for row_path_min in (MaskedGroupNorm.ROW_PATH_MIN, 10 ** 12):
-        monkeypatch.setattr(MaskedGroupNorm, "ROW_PATH_MIN", row_path_min)
-        logits = model(x, mask)
-        grads = torch.autograd.grad(nn.functional.cross_entropy(logits, y), list(model.parameters()))
-        results.append([logits, *grads])
-    monkeypatch.undo()
-    norm_paths = {path_taken(norm(torch.ones(2, c, n), torch.ones(2, 1, n)))
-                  for c, n, norm in [(64, 4096, model.trunk.stem[1]),
-                                     (512, 8, model.trunk.blocks[-1].norm1)]}
-    assert norm_paths == {"rows", "batched"}  # the threshold splits this model
-    for rows, batched in zip(*results):
-        torch.testing.assert_close(rows, batched, rtol=1e-4, atol=1e-5)
 
+    def logits_and_gradients() -> list[torch.Tensor]:
+        logits = model(x, mask)
+        return [logits, *torch.autograd.grad(F.cross_entropy(logits, y), list(model.parameters()))]
+
+    for got, expected in zip(logits_and_gradients(), per_sample_norms(logits_and_gradients)):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_mask_of_another_dtype_than_x():
+    """A float32 mask with a float64 x (the backward's bmm needs one dtype)."""
+    norm = random_norm(3, 6)
+    x, mask = interval_batch()
+    expected = outputs_and_gradients(norm, norm, x, mask, 0.0)
+    for got, want in zip(outputs_and_gradients(norm, norm, x, mask.float(), 0.0), expected):
+        torch.testing.assert_close(got, want)
 
 
 # --------------------------------------------------------------------------- from_pretrained
