@@ -18,7 +18,6 @@ import contextlib
 import math
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
