@@ -7,48 +7,18 @@ import pytest
 import config
 import reproduce
 from analysis.compare import EvaluationError, compare_runs
-from helpers import certificate
 from analysis.report import Timings, build_report
+from helpers import certificate
 
 
-def test_report_has_the_gradient_masking_check_for_runs_with_pgd_and_the_ensemble(tmp_path, fake_run):
-
-    result = tmp_path / "result"
-    settings = {"steps": 2, "restarts": 1, "max_batches": 0, "seed": 0}
-
-    def sweep(name, accuracy):
-        return {"sweep": name, "level_list": "paper", "levels": [0.0, 0.01, 0.05], "axis_levels": [0.0, 0.01, 0.05],
-                "accuracy": accuracy, "mean_f1": accuracy, "auc": 0.5, "auc_f1": 0.5, "n": 3, "settings": settings}
-
-    runs = {"NSR": {"pgd_linf": sweep("pgd_linf", [1.0, 1.0, 1.0]),
-                    "autoattack": sweep("autoattack", [1.0, 0.9, 0.5])},
-            "CE": {"pgd_linf": sweep("pgd_linf", [1.0, 0.5, 0.0])}}  # no ensemble: not checked
-    jobs = []
-    for name, sweeps in runs.items():
-        fake_run(result / name, sweeps, clean=([0, 1, 2], [0, 1, 2]))
-        cfg = config.parse_script(reproduce.SCRIPTS[name], ["--preset", "smoke"])
-        jobs.append(reproduce.Job(name, reproduce.SCRIPTS[name], [], cfg, result / name))
-    tables = compare_runs([job.run_dir for job in jobs], result / "compare")
-    report = build_report("smoke", config.PRESETS["smoke"], tmp_path / "raw", tmp_path / "data", result, jobs, jobs,
-                          tables, Timings(result / "timings.json", "smoke", dry_run=True), meta=None,
-                          histories=dict.fromkeys(jobs, []), configs=dict.fromkeys(jobs, {}))
-    section = report.split("## Gradient-masking check")[1].split("## Stage timings")[0]
-    assert "| NSR | 0.05 | 1.000 | 0.500 | 50.0 |  |  |" in section
-    assert ("- **NSR**: FLAGGED. PGD overstates this model's robustness by 50.0 points at eps=0.05"
-            in section)
-    assert "| CE |" not in section and "**CE**" not in section
-    # Each sweep's heading is its title in config.SWEEPS, the ensemble's too.
-    assert "### PGD, L-inf budget (`pgd_linf`)" in report
-    assert "### Ensemble (APGD-CE, APGD-DLR, Square), L-inf budget (`autoattack`)" in report
-
-
-def smoke_report(tmp_path, fake_run, certificates: dict) -> tuple[str, Path]:
-    """The smoke preset's report of runs CE and NSR, with ``certificates`` ({run: certify_0.25.json content})."""
+def smoke_report(tmp_path, fake_run, runs: dict[str, dict], certificates: dict | None = None) -> tuple[str, Path]:
+    """(report.md's text, its result folder) of the smoke preset over ``runs`` ({run: fake_run's keyword
+    arguments}), each a method's run, with ``certificates`` ({run: its certify_0.25.json content})."""
     result = tmp_path / "result"
     jobs = []
-    for name in ("CE", "NSR"):
-        fake_run(result / name)
-        if name in certificates:
+    for name, made in runs.items():
+        fake_run(result / name, **made)
+        if name in (certificates or {}):
             (result / name / "certify_0.25.json").write_text(json.dumps(certificates[name]))
         cfg = config.parse_script(reproduce.SCRIPTS[name], ["--preset", "smoke"])
         jobs.append(reproduce.Job(name, reproduce.SCRIPTS[name], [], cfg, result / name))
@@ -59,9 +29,32 @@ def smoke_report(tmp_path, fake_run, certificates: dict) -> tuple[str, Path]:
     return report, result
 
 
+def test_report_has_the_gradient_masking_check_for_runs_with_pgd_and_the_ensemble(tmp_path, fake_run):
+
+    settings = {"steps": 2, "restarts": 1, "max_batches": 0, "seed": 0}
+
+    def sweep(name, accuracy):
+        return {"sweep": name, "level_list": "paper", "levels": [0.0, 0.01, 0.05], "axis_levels": [0.0, 0.01, 0.05],
+                "accuracy": accuracy, "mean_f1": accuracy, "auc": 0.5, "auc_f1": 0.5, "n": 3, "settings": settings}
+
+    runs = {"NSR": {"pgd_linf": sweep("pgd_linf", [1.0, 1.0, 1.0]),
+                    "autoattack": sweep("autoattack", [1.0, 0.9, 0.5])},
+            "CE": {"pgd_linf": sweep("pgd_linf", [1.0, 0.5, 0.0])}}  # no ensemble: not checked
+    report, _ = smoke_report(tmp_path, fake_run, {name: dict(sweeps=sweeps, clean=([0, 1, 2], [0, 1, 2]))
+                                                  for name, sweeps in runs.items()})
+    section = report.split("## Gradient-masking check")[1].split("## Stage timings")[0]
+    assert "| NSR | 0.05 | 1.000 | 0.500 | 50.0 |  |  |" in section
+    assert ("- **NSR**: FLAGGED. PGD overstates this model's robustness by 50.0 points at eps=0.05"
+            in section)
+    assert "| CE |" not in section and "**CE**" not in section
+    # Each sweep's heading is its title in config.SWEEPS, the ensemble's too.
+    assert "### PGD, L-inf budget (`pgd_linf`)" in report
+    assert "### Ensemble (APGD-CE, APGD-DLR, Square), L-inf budget (`autoattack`)" in report
+
+
 def test_report_has_the_certified_accuracy_of_the_certified_runs_and_their_figure(tmp_path, fake_run):
-    report, result = smoke_report(tmp_path, fake_run, {"CE": certificate([(0.3, True), (1.2, True), (0.0, False),
-                                                                          (0.6, True)])})
+    report, result = smoke_report(tmp_path, fake_run, {"CE": {}, "NSR": {}},
+                                  {"CE": certificate([(0.3, True), (1.2, True), (0.0, False), (0.6, True)])})
     section = report.split("## Certified robustness (randomized smoothing)")[1].split("\n## ")[0]
     assert "upper bound on the model's robustness" in section and "guarantee" in section
     header, row = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
@@ -75,11 +68,11 @@ def test_a_report_without_certified_runs_has_no_certified_section_and_no_stale_f
     figure = tmp_path / "result" / "compare" / "certified_accuracy.png"
     figure.parent.mkdir(parents=True)
     figure.write_bytes(b"an earlier report's figure")
-    report, _ = smoke_report(tmp_path, fake_run, {})
+    report, _ = smoke_report(tmp_path, fake_run, {"CE": {}})
     assert "Certified robustness" not in report and not figure.exists()
 
 
 def test_a_malformed_certificate_is_refused_naming_the_file(tmp_path, fake_run):
     damaged = {**certificate([(0.3, True)]), "records": [{"radius": "far", "correct": True}]}
     with pytest.raises(EvaluationError, match=r"certify_0\.25\.json: malformed certification \('records' is"):
-        smoke_report(tmp_path, fake_run, {"CE": damaged})
+        smoke_report(tmp_path, fake_run, {"CE": {}}, {"CE": damaged})
