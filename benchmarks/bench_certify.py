@@ -86,25 +86,25 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.bare_passes):
                 model(batch, batch_mask)
 
+    print(f"command: {command}")
+    print(f"device {device}, torch {torch.__version__}, {args.model}, T {args.length}, n0 {args.n0}, n {args.n}, "
+          f"batch {args.batch_size} noisy copies per pass, {args.records} record(s)")
+    print(f"{'threads':>8}{'records/s':>12}{'s/record':>11}{'CPU s/record':>14}{'bare pass s':>13}{'ratio':>8}")
     rows = []
-    for threads in args.threads:
+    for threads in args.threads:  # each row printed as soon as it is measured
         torch.set_num_threads(threads)
         bare()  # warm-up: allocator, thread pools, kernels
         pass_seconds = statistics.median(timed(bare, device)[0] for _ in range(2)) / args.bare_passes
         generator = torch.Generator(device=device).manual_seed(args.seed)
         wall, cpu = timed(lambda: certify(model, x, mask, args.sigma, args.n0, args.n, batch_size=args.batch_size,
                                           generator=generator), device)
-        rows.append({"threads": threads, "records_per_s": args.records / wall, "seconds_per_record": wall / args.records,
-                     "cpu_seconds_per_record": cpu / args.records, "forward_passes": passes,
-                     "bare_pass_s": pass_seconds, "ratio_to_bare_passes": wall / (passes * pass_seconds)})
-
-    print(f"command: {command}")
-    print(f"device {device}, torch {torch.__version__}, {args.model}, T {args.length}, n0 {args.n0}, n {args.n}, "
-          f"batch {args.batch_size} noisy copies per pass, {args.records} record(s)")
-    print(f"{'threads':>8}{'records/s':>12}{'s/record':>11}{'CPU s/record':>14}{'bare pass s':>13}{'ratio':>8}")
-    for row in rows:
+        row = {"threads": threads, "records_per_s": args.records / wall, "seconds_per_record": wall / args.records,
+               "cpu_seconds_per_record": cpu / args.records, "forward_passes": passes,
+               "bare_pass_s": pass_seconds, "ratio_to_bare_passes": wall / (passes * pass_seconds)}
+        rows.append(row)
         print(f"{row['threads']:>8}{row['records_per_s']:>12.4f}{row['seconds_per_record']:>11.2f}"
-              f"{row['cpu_seconds_per_record']:>14.2f}{row['bare_pass_s']:>13.3f}{row['ratio_to_bare_passes']:>8.3f}")
+              f"{row['cpu_seconds_per_record']:>14.2f}{row['bare_pass_s']:>13.3f}{row['ratio_to_bare_passes']:>8.3f}",
+              flush=True)
     out = args.out or default_out("certify", device, args.smoke)
     save_result(out, {"command": command, **environment(device), "model": args.model, "length": args.length,
                       "n0": args.n0, "n": args.n, "batch_size": args.batch_size, "records": args.records,
