@@ -159,6 +159,19 @@ REAL_NOISE_SWEEPS = "baseline_wander,powerline_50hz,muscle"  # noise that real E
 ENSEMBLE_SWEEPS = "apgd_ce,apgd_dlr,square,autoattack"  # the gradient-masking check
 
 @dataclass(frozen=True)
+class Certify:
+    """What reproduce.py certifies by randomized smoothing (certify.py, PROTOCOL section 10) after
+    each run's evaluation: every sigma on the test split, with these settings."""
+
+    sigmas: tuple[float, ...]
+    n0: int = 100
+    n: int = 10_000
+    alpha: float = 0.001
+    max_records: int = 0       # > 0: a fixed class-balanced subset of the test split
+    methods: tuple[str, ...] = ()  # the methods whose runs are certified; empty: every run
+
+
+@dataclass(frozen=True)
 class Preset:
     """One --preset, the same whichever entry point runs it (a method script or reproduce.py).
 
@@ -177,6 +190,7 @@ class Preset:
     synthetic_records_per_class: int = 0  # > 0: a synthetic dataset (synthetic.py)
     synthetic_max_seconds: float = 60.0
     selection: bool = False    # the coefficient study: only the grid's methods, judged on the validation split
+    certify: Certify | None = None  # None: no certification
     baselines: bool = False    # the baselines beyond the paper (every method, BASELINE_GRID) are in its plan
 
     @property
@@ -191,12 +205,15 @@ SYNTHETIC_NOTE = ("**Data: synthetic signals, not CPSC2018.** The records are si
                   "`synthetic.py` (Gaussian-wave beats with a textbook feature per class, in "
                   "CPSC2018's file format); they are not recordings of patients, and nothing "
                   "below says anything about real ECGs or about the paper's numbers.")
+PAPER_GRID = (("advls", "eps", (0.005, 0.01, 0.05, 0.1)),)
+# Cohen et al.'s sigmas; n = 10^4 (radii up to 3.2 sigma) on 10 records per class (PROTOCOL 10)
+PAPER_CERTIFY = Certify((0.12, 0.25, 0.5), max_records=90)
 # "paper" is the defaults; "demo" and "smoke" run on synthetic data that `python reproduce.py
 # --preset demo|smoke` generates and preprocesses first (see README).
 PRESETS = {
-    "paper": Preset({}, f"{CPSC2018_NOTE}.", DEFAULT_RAW_DIR, 5, 50, (("advls", "eps", (0.005, 0.01, 0.05, 0.1)),)),
+    "paper": Preset({}, f"{CPSC2018_NOTE}.", DEFAULT_RAW_DIR, 5, 50, PAPER_GRID, certify=PAPER_CERTIFY),
     # The paper's runs (the same folders: finished ones are reused) and the baselines beyond it.
-    "baselines": Preset({}, f"{CPSC2018_NOTE}.", DEFAULT_RAW_DIR, 5, 50, (("advls", "eps", (0.005, 0.01, 0.05, 0.1)),),
+    "baselines": Preset({}, f"{CPSC2018_NOTE}.", DEFAULT_RAW_DIR, 5, 50, PAPER_GRID, certify=PAPER_CERTIFY,
                         baselines=True),
     # Sized for about ten minutes of `python reproduce.py --preset demo` on 2 CPU cores: no L2
     # sweep, and in the grid the paper's default eps only.
@@ -207,14 +224,16 @@ PRESETS = {
                         NSR=dict(batch_size=8, reg_start_epoch=7, beta1=0.1, beta2=0.05),
                         jacob=dict(beta=0.5, reg_start_epoch=4)),
                    SYNTHETIC_NOTE, "data/demo/train", 3, 6, (("advls", "eps", (0.01,)),),
-                   synthetic_records_per_class=30, synthetic_max_seconds=20.0),
+                   synthetic_records_per_class=30, synthetic_max_seconds=20.0,
+                   certify=Certify((0.25, 0.5), n0=10, n=100, max_records=18, methods=("CE", "advls"))),
     "smoke": Preset(dict(data_dir="data/smoke/processed", result_dir="result/smoke", max_length=2048,
                          random_pad=1024, epochs=1, batch_size=16, checkpoint_every=1,
                          max_batches=2, sweeps="white,pgd_linf", sweep_steps=2, sweep_restarts=1,
                          sweep_max_batches=1,
                          reg_start_epoch=0, adv_start_epoch=0, pgd_steps=2, jacobian_projections=1),
                     SYNTHETIC_NOTE, "data/smoke/train", 1, 1, (("advls", "eps", (0.01,)),),
-                    synthetic_records_per_class=4, synthetic_max_seconds=8.0),
+                    synthetic_records_per_class=4, synthetic_max_seconds=8.0,
+                    certify=Certify((0.25,), n0=4, n=16, max_records=9, methods=("CE",))),
     # A small real CPSC2018 set given with reproduce.py --preset mini --raw_dir DIR.
     "mini": Preset(dict(data_dir="data/mini/processed", result_dir="result/mini", max_length=4096,
                         random_pad=1024, epochs=10, batch_size=16, checkpoint_every=5,
@@ -226,6 +245,7 @@ PRESETS = {
                    "stratified split of its own (2 validation and 4 test records per class), not the "
                    "paper's 450-record test set: a small-scale check of the pipeline on real ECGs, "
                    "not a reproduction of the paper's numbers.", None, 2, 4, (("advls", "eps", (0.01, 0.05)),),
+                   certify=Certify((0.25, 0.5), n0=50, n=500, max_records=18, methods=("CE", "advls")),
                    baselines=True),
     # How the paper chose its NSR and Jacobian coefficients: each value trained with the paper's
     # settings and judged on the validation split under PGD L-inf (reproduce.SELECTION_SWEEP), so

@@ -14,7 +14,8 @@
 
 Stages: the data (synthetic presets generate their records; a valid preprocessed cache is
 reused), one training subprocess per run (the method scripts, with this Python; each
-evaluates its final model and runs the sweeps at the end), `evaluate.compare_with_example` into
+evaluates its final model and runs the sweeps at the end), certify.py on the runs the preset
+certifies (Preset.certify), `evaluate.compare_with_example` into
 <result dir>/compare/, then <result dir>/report.md and timings.json. A finished run
 (model.pt and its evaluation files) is skipped, an interrupted one resumed from its
 checkpoints, so rerunning the same command continues where it stopped. A stage that fails
@@ -42,9 +43,10 @@ import pandas as pd
 
 import evaluate
 from analysis import selection
-from analysis.compare import EvaluationError, first_wrong, is_number, read_clean, read_sweeps
+from analysis.compare import (EvaluationError, certificate_path, first_wrong, is_number, read_certificate, read_clean,
+                              read_sweeps)
 from analysis.report import Timings, build_report, duration, write_selection_report
-from config import (BASELINE_GRID, METHODS, PAPER_METHODS, PRESETS, Preset, parse_script, parse_sweeps,
+from config import (BASELINE_GRID, METHODS, PAPER_METHODS, PRESETS, Certify, Preset, parse_script, parse_sweeps,
                     preset_setting, run_name)
 from cpsc2018 import CLASSES, DataError
 from plumbing.checkpoints import RESUME_KEYS, changed_settings
@@ -390,6 +392,51 @@ def validate_all(jobs: list[Job], timings: Timings, dry_run: bool, nproc_per_nod
         run_stage(stage, job_command(job, "validate", nproc_per_node), timings, dry_run)
 
 
+# --- certification (certify.py, PROTOCOL section 10) ------------------------------------------
+
+def certified_jobs(plan: Preset, jobs: list[Job]) -> list[Job]:
+    """The runs of ``jobs`` that ``plan`` certifies (Preset.certify)."""
+    if plan.certify is None:
+        return []
+    return [job for job in jobs if not plan.certify.methods or job.method in plan.certify.methods]
+
+
+def certify_command(job: Job, settings: Certify, sigma: float) -> list[str]:
+    """certify.py on the run's test split at ``sigma`` with the preset's settings (one process: the
+    noisy copies of a record are batched on one device)."""
+    return [sys.executable, str(REPO / "certify.py"), str(job.run_dir), "--sigma", f"{sigma:g}",
+            "--n0", str(settings.n0), "--n", str(settings.n), "--alpha", f"{settings.alpha:g}",
+            "--max_records", str(settings.max_records), "--data_dir", job.cfg.data_dir]
+
+
+def certification_complete(job: Job, settings: Certify, sigma: float) -> bool:
+    """The run's certify_<sigma>.json is there, newer than its model.pt, with these settings; one
+    that certify.py would not have written counts as missing (a note says so)."""
+    path = certificate_path(job.run_dir, sigma)
+    if not path.is_file() or path.stat().st_mtime < (job.run_dir / "model.pt").stat().st_mtime:
+        return False
+    try:
+        saved = read_certificate(path)["settings"]
+    except EvaluationError as error:
+        print(f"note: {error} (this invocation does)", flush=True)
+        return False
+    wanted = {"sigma": sigma, "n0": settings.n0, "n": settings.n, "alpha": settings.alpha,
+              "max_records": settings.max_records, "split": "test"}
+    return all(saved.get(key) == value for key, value in wanted.items())
+
+
+def certify_all(plan: Preset, jobs: list[Job], timings: Timings, dry_run: bool) -> None:
+    """Each run the preset certifies, at each of its sigmas, after the run's evaluation; a
+    certification already done with these settings is skipped."""
+    for job in certified_jobs(plan, jobs):
+        for sigma in plan.certify.sigmas:
+            stage = f"certify {job.label} sigma {sigma:g}"
+            if not dry_run and certification_complete(job, plan.certify, sigma):
+                skip_stage(stage, f"{certificate_path(job.run_dir, sigma)} holds it", timings)
+                continue
+            run_stage(stage, certify_command(job, plan.certify, sigma), timings, dry_run)
+
+
 def print_costs(jobs: list[Job]) -> None:
     """Each run's estimated cost (selection.estimate_seconds) and the total."""
     rows = [selection.benchmark_row(job.method, job.cfg) for job in jobs]
@@ -528,6 +575,7 @@ def reproduce(args: argparse.Namespace) -> int:
     if not args.skip_train:
         prepare_data(plan, raw_dir, data_dir, timings, args.dry_run)
         train_all(jobs, timings, args.dry_run, args.nproc_per_node)
+        certify_all(plan, jobs, timings, args.dry_run)
         if plan.selection:
             validate_all(jobs, timings, args.dry_run, args.nproc_per_node)
     if plan.selection:

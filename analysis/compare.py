@@ -270,3 +270,36 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, split: str = "
         markdown["masking_check"] = masking_check_markdown(checks)
         write_text_atomic(out_dir / "masking_check.md", markdown["masking_check"] + "\n")
     return markdown
+
+
+# --- certificates (certify.py) -----------------------------------------------------------
+
+def certificate_path(run_dir: str | Path, sigma: float) -> Path:
+    """The JSON of a run's certification at ``sigma`` (certify.py writes its .csv and .png beside it)."""
+    return Path(run_dir) / f"certify_{sigma:g}.json"
+
+
+def _is_record(row) -> bool:
+    return isinstance(row, dict) and is_number(row.get("radius")) and isinstance(row.get("correct"), bool)
+
+
+CERTIFICATE_CHECKS = {
+    "settings": lambda v: isinstance(v, dict) and all(is_number(v.get(k)) for k in ("sigma", "n0", "n", "alpha",
+                                                                                      "max_records")),
+    "n": lambda v: type(v) is int, "abstained": lambda v: type(v) is int, "seconds": is_number,
+    "certified_accuracy": lambda v: isinstance(v, dict) and isinstance(v.get("radii"), list)
+    and _are_numbers(v["radii"], len(v["radii"])) and _are_numbers(v.get("accuracy"), len(v["radii"])),
+    "records": lambda v: isinstance(v, list) and all(map(_is_record, v)),
+}
+
+
+def read_certificate(path: Path) -> dict:
+    """A certify_<sigma>.json, checked to hold what the report and reproduce read of it."""
+    content = read_json(path) if Path(path).is_file() else None
+    if not isinstance(content, dict):
+        raise EvaluationError(f"{path}: missing or not a JSON object: certify the run again")
+    wrong = first_wrong(content, CERTIFICATE_CHECKS)
+    if wrong:
+        raise EvaluationError(f"{path}: malformed certification ({wrong if len(wrong) < 200 else wrong[:200] + '...'}"
+                              "): certify the run again")
+    return content

@@ -6,11 +6,14 @@ only draws: what it plots comes computed from the callers.
 - ``confusion_matrix_figure``: a heatmap of one run's confusion matrix, class names on both axes.
 - ``adversarial_example_figure``: one record of a split, clean and under L-inf PGD, for
   several runs side by side (same record, same eps), as evaluate.adversarial_example computes it.
+- ``certified_accuracy_figure``: certified accuracy against the L2 radius (randomized smoothing),
+  one curve per run or sigma, as certify.py computes it.
 
 harness.py draws a run's curves.png; evaluate.py robustness_<split>.png and
 confusion_<split>.png for each run it evaluates, and adversarial_example.png in the folder of
 ``python evaluate.py compare``; analysis/compare.py the sweep figures there; analysis/selection.py
-the validation curves of the coefficient study.
+the validation curves of the coefficient study; certify.py a run's certify_<sigma>.png and
+analysis/report.py the report's certified-accuracy figure.
 """
 from __future__ import annotations
 
@@ -144,5 +147,20 @@ def adversarial_example_figure(example: dict, path: Path) -> None:
     strip = f"first {STRIP_SECONDS} s of {length / fs:.1f} s" if shown < length else f"{length / fs:.1f} s"
     fig.suptitle(f"Record {example['record']} (true class {example['true_class']}, {example['split']} split, "
                  f"{strip}): L-inf PGD at eps {eps:g}; {example['selection']}", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def certified_accuracy_figure(panels: dict[str, dict[str, tuple]], path: Path, title: str) -> None:
+    """Certified accuracy against the L2 radius: one panel per entry of ``panels`` ({panel title:
+    {curve label: (radii, certified accuracy at each)}}, analysis.metrics.certified_curve)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (panel, curves) in zip(axes.flat, panels.items()):
+        for label, (radii, accuracy) in curves.items():
+            ax.plot(radii, accuracy, label=label)
+        ax.set(title=panel, xlabel="L2 radius (model input units, signal only)", ylabel="certified accuracy",
+               ylim=(0, 1), xlim=(0, None))
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path)

@@ -101,3 +101,18 @@ def scores_table(scores: dict) -> str:
     summary = pd.DataFrame([{k: scores[k] for k in ("accuracy", "mean_f1", "Faf", "Fblock", "Fpc", "Fst")}],
                            index=pd.Index([scores["n"]], name="records"))
     return to_markdown(per_class) + "\n\n" + to_markdown(summary)
+
+
+def certified_accuracy(radius, correct, radii) -> list[float]:
+    """Certified accuracy at each of ``radii`` (Cohen, Rosenfeld and Kolter 2019): the fraction of
+    records that the smoothed classifier gets right (``correct``) with a certified L2 ``radius`` of
+    at least r; an abstention counts as wrong. 0 at every radius when there are no records."""
+    radius, correct = np.asarray(radius, float), np.asarray(correct, bool)
+    return [float(np.mean(correct & (radius >= r))) if len(radius) else 0.0 for r in radii]
+
+
+def certified_curve(radius, correct, points: int = 200) -> tuple[np.ndarray, list[float]]:
+    """(radii, certified accuracy at each): ``points`` radii from 0 to 5 % past the largest
+    certified radius, or past 2 when none is larger."""
+    radii = np.linspace(0.0, 1.05 * max([2.0, *np.asarray(radius, float)]), points)
+    return radii, certified_accuracy(radius, correct, radii)

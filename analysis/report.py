@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from analysis import compare, selection
+from analysis import compare, figures, selection
+from analysis.metrics import certified_curve
 from config import PRESETS, SWEEPS, TRAIN_DEFAULTS, Preset, preset_settings
 from cpsc2018 import CLASSES
 from plumbing.safe_writes import read_json, write_json, write_text_atomic
@@ -263,6 +264,8 @@ def build_report(plan_name: str, plan: Preset, raw_dir: Path, data_dir: Path, re
                   "Mean F1:", "", tables[f"{sweep}_f1"], "",
                   f"![{sweep}, mean F1]({rel(result_dir / 'compare' / f'{sweep}_f1.png')})", ""]
 
+    lines += certified_section(plan, ready, result_dir, rel)
+
     example = result_dir / "compare" / "adversarial_example.png"
     if example.is_file():
         plotted = read_json(example.with_suffix(".json"))
@@ -295,6 +298,53 @@ def build_report(plan_name: str, plan: Preset, raw_dir: Path, data_dir: Path, re
                      f"{_format_seconds(shown['cpu_seconds'])} | {shown['finished']} |")
     lines += ["", f"Total wall time of this invocation: {duration(time.time() - timings.started)}.", ""]
     return "\n".join(lines)
+
+
+# --- certified robustness (certify.py's results) ----------------------------------------------
+
+CERTIFIED_FIGURE = "certified_accuracy.png"  # in the compare folder
+
+
+def certified_section(plan: Preset, ready: list, result_dir: Path, rel) -> list[str]:
+    """The report's section on certified robustness: for each run of ``ready`` that has a
+    certification at a sigma of ``plan.certify`` (compare.certificate_path), its certified
+    accuracy at each radius, and compare/CERTIFIED_FIGURE (one panel per sigma, one curve per run),
+    drawn here; ``rel`` writes a path as the report links it. No lines and no figure (an earlier
+    one is removed) when no run was certified."""
+    figure = result_dir / "compare" / CERTIFIED_FIGURE
+    sigmas = plan.certify.sigmas if plan.certify else ()
+    found = {(job.run_dir.name, sigma): compare.read_certificate(path) for job in ready for sigma in sigmas
+             if (path := compare.certificate_path(job.run_dir, sigma)).is_file()}
+    if not found:
+        figure.unlink(missing_ok=True)
+        return []
+    lines = ["## Certified robustness (randomized smoothing)", "",
+             "The attacks above measure empirical robustness, an upper bound on the model's robustness: a "
+             "stronger attack can only lower it. Certified accuracy is a guarantee, but for the smoothed model "
+             "(the class the run's model predicts most often under Gaussian noise of standard deviation sigma "
+             "on the signal), not for the run's model itself: a record counts at radius r when the smoothed "
+             "model classifies it correctly and, with probability at least 1 - alpha, no perturbation of its "
+             "signal of L2 norm below r changes that (Cohen, Rosenfeld and Kolter 2019; `certify.py`, PROTOCOL "
+             "section 10). The radius is in the units of the `pgd_l2` sweep (the model input). Abstentions count "
+             "as wrong. Split: test.", ""]
+    radii = next(iter(found.values()))["certified_accuracy"]["radii"]
+    lines += ["| run | sigma | " + " | ".join(f"r = {r:g}" for r in radii) + " | abstained | records | n0 | n | "
+              "alpha | time |", "|---|" + "---|" * (len(radii) + 7)]
+    for (run, sigma), certificate in found.items():
+        settings, table = certificate["settings"], certificate["certified_accuracy"]
+        accuracy = dict(zip(table["radii"], table["accuracy"]))
+        lines.append(f"| {run} | {sigma:g} | " + " | ".join(f"{accuracy[r]:.3f}" if r in accuracy else "n/a"
+                                                          for r in radii)
+                     + f" | {certificate['abstained']} | {certificate['n']} | {settings['n0']} | {settings['n']} | "
+                     f"{settings['alpha']:g} | {_format_seconds(certificate['seconds'])} |")
+    panels: dict[str, dict] = {}
+    for (run, sigma), certificate in found.items():
+        records = certificate["records"]
+        panels.setdefault(f"sigma {sigma:g}", {})[run] = certified_curve([r["radius"] for r in records],
+                                                                         [r["correct"] for r in records])
+    figures.certified_accuracy_figure(panels, figure, "Certified accuracy (randomized smoothing), test split")
+    lines += ["", f"![certified accuracy]({rel(figure)})", ""]
+    return lines
 
 
 def write_selection_report(preset: str, plan: Preset, jobs: list, result_dir: Path, timings: Timings,

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from analysis.metrics import certified_accuracy
+from certify import CERTIFIED_RADII
 from cpsc2018 import CLASSES, LEAD_NAMES
 
 REPO = Path(__file__).resolve().parents[1]  # the repository root
@@ -175,6 +177,24 @@ def file_size_limit(size: int):
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, handler)
+
+
+# --- certify.py's results ---------------------------------------------------------------------
+
+def certificate(radii_and_correct: list[tuple[float, bool]], sigma: float = 0.25, n0: int = 4, n: int = 16,
+                max_records: int = 9) -> dict:
+    """The content of a certify_<sigma>.json as certify.py writes it, for records with these (radius,
+    correct) and these settings (alpha 0.001, the test split)."""
+    records = [{"record": f"A{i:04d}", "label": "Normal", "prediction": "Normal" if correct else "abstain",
+                "radius": radius, "correct": correct, "seconds": 0.1}
+               for i, (radius, correct) in enumerate(radii_and_correct)]
+    radii = list(CERTIFIED_RADII)
+    return {"settings": {"sigma": sigma, "n0": n0, "n": n, "alpha": 0.001, "max_records": max_records,
+                         "split": "test"},
+            "n": len(records), "abstained": sum(not correct for _, correct in radii_and_correct),
+            "certified_accuracy": {"radii": radii, "accuracy": certified_accuracy(
+                [r for r, _ in radii_and_correct], [c for _, c in radii_and_correct], radii)},
+            "seconds": 3.0, "records": records}
 
 
 # --- CPSC2018 record files (PROTOCOL section 1) -----------------------------------------------

@@ -14,12 +14,13 @@ import torch
 import autoattack
 import reproduce
 from analysis import selection
-from benchmarks import bench_autoattack, bench_ensemble, bench_methods, bench_pgd, bench_variable_length, common, gpu_check
+from benchmarks import (bench_autoattack, bench_certify, bench_ensemble, bench_methods, bench_pgd, bench_variable_length,
+                        common, gpu_check)
 from helpers import REPO, run_script
 
 # script: its module (its main(argv) is what the script runs)
 BENCHMARKS = {f"{module.__name__.removeprefix('benchmarks.')}.py": module
-              for module in (bench_methods, bench_pgd, bench_variable_length, bench_autoattack)}
+              for module in (bench_methods, bench_pgd, bench_variable_length, bench_autoattack, bench_certify)}
 SCRIPTS = list(BENCHMARKS)
 
 
@@ -58,6 +59,9 @@ def test_benchmark_smoke_run_writes_its_figures(script, tmp_path, capsys):
         assert set(result["results"]) == {"bare forward+input-grad", "apgd-ce", "apgd-dlr",
                                           "bare forward", "square"}
         assert result["results"]["square"]["queries_per_s"] > 0
+    if script == "bench_certify.py":
+        assert [row["threads"] for row in result["results"]] == [1]
+        assert result["results"][0]["records_per_s"] > 0 and result["results"][0]["forward_passes"] == 3
 
 
 @pytest.mark.slow

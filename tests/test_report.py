@@ -1,13 +1,36 @@
 """analysis/report.py: the reproduction report, built from result files written directly (no training)."""
+import json
+from pathlib import Path
+
+import pytest
+
 import config
 import reproduce
-from analysis.compare import compare_runs
+from analysis.compare import EvaluationError, compare_runs
 from analysis.report import Timings, build_report
+from helpers import certificate
+
+
+def smoke_report(tmp_path, fake_run, runs: dict[str, dict], certificates: dict | None = None) -> tuple[str, Path]:
+    """(report.md's text, its result folder) of the smoke preset over ``runs`` ({run: fake_run's keyword
+    arguments}), each a method's run, with ``certificates`` ({run: its certify_0.25.json content})."""
+    result = tmp_path / "result"
+    jobs = []
+    for name, made in runs.items():
+        fake_run(result / name, **made)
+        if name in (certificates or {}):
+            (result / name / "certify_0.25.json").write_text(json.dumps(certificates[name]))
+        cfg = config.parse_script(reproduce.SCRIPTS[name], ["--preset", "smoke"])
+        jobs.append(reproduce.Job(name, reproduce.SCRIPTS[name], [], cfg, result / name))
+    tables = compare_runs([job.run_dir for job in jobs], result / "compare")
+    report = build_report("smoke", config.PRESETS["smoke"], tmp_path / "raw", tmp_path / "data", result, jobs, jobs,
+                          tables, Timings(result / "timings.json", "smoke", dry_run=True), meta=None,
+                          histories=dict.fromkeys(jobs, []), configs=dict.fromkeys(jobs, {}))
+    return report, result
 
 
 def test_report_has_the_gradient_masking_check_for_runs_with_pgd_and_the_ensemble(tmp_path, fake_run):
 
-    result = tmp_path / "result"
     settings = {"steps": 2, "restarts": 1, "max_batches": 0, "seed": 0}
 
     def sweep(name, accuracy):
@@ -21,15 +44,8 @@ def test_report_has_the_gradient_masking_check_for_runs_with_pgd_and_the_ensembl
     runs = {"NSR": {"pgd_linf": sweep("pgd_linf", [1.0, 1.0, 1.0]),
                     "autoattack": ensemble},
             "CE": {"pgd_linf": sweep("pgd_linf", [1.0, 0.5, 0.0])}}  # no ensemble: not checked
-    jobs = []
-    for name, sweeps in runs.items():
-        fake_run(result / name, sweeps, clean=([0, 1, 2], [0, 1, 2]))
-        cfg = config.parse_script(reproduce.SCRIPTS[name], ["--preset", "smoke"])
-        jobs.append(reproduce.Job(name, reproduce.SCRIPTS[name], [], cfg, result / name))
-    tables = compare_runs([job.run_dir for job in jobs], result / "compare")
-    report = build_report("smoke", config.PRESETS["smoke"], tmp_path / "raw", tmp_path / "data", result, jobs, jobs,
-                          tables, Timings(result / "timings.json", "smoke", dry_run=True), meta=None,
-                          histories=dict.fromkeys(jobs, []), configs=dict.fromkeys(jobs, {}))
+    report, _ = smoke_report(tmp_path, fake_run, {name: dict(sweeps=sweeps, clean=([0, 1, 2], [0, 1, 2]))
+                                                  for name, sweeps in runs.items()})
     section = report.split("## Gradient-masking check")[1].split("## Stage timings")[0]
     assert "| NSR | 0.05 | 1.000 | 0.500 | 50.0 |  |  |" in section
     assert ("- **NSR**: FLAGGED. PGD overstates this model's robustness by 50.0 points at eps=0.05"
@@ -47,3 +63,29 @@ def test_report_has_the_gradient_masking_check_for_runs_with_pgd_and_the_ensembl
     assert "  - Warning: Square, which uses no gradients, broke 1 records" in section
     assert "| run | clean | 0.01 | 0.05 |" in section and "| NSR | 1.000 | 0.900 | 0.600 |" in section
     assert "Numbers per level (each eps attacked every record on its own" in report.split("(`pgd_linf`)")[1]
+
+
+def test_report_has_the_certified_accuracy_of_the_certified_runs_and_their_figure(tmp_path, fake_run):
+    report, result = smoke_report(tmp_path, fake_run, {"CE": {}, "NSR": {}},
+                                  {"CE": certificate([(0.3, True), (1.2, True), (0.0, False), (0.6, True)])})
+    section = report.split("## Certified robustness (randomized smoothing)")[1].split("\n## ")[0]
+    assert "upper bound on the model's robustness" in section and "guarantee" in section
+    header, row = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    assert header.startswith("| run | sigma | r = 0 | r = 0.25 | r = 0.5 | r = 0.75 | r = 1 | r = 1.5 | r = 2 |")
+    assert row == "| CE | 0.25 | 0.750 | 0.750 | 0.500 | 0.250 | 0.250 | 0.000 | 0.000 | 1 | 4 | 4 | 16 | 0.001 | 3 s |"
+    assert "![certified accuracy](compare/certified_accuracy.png)" in section
+    assert (result / "compare" / "certified_accuracy.png").stat().st_size > 0
+
+
+def test_a_report_without_certified_runs_has_no_certified_section_and_no_stale_figure(tmp_path, fake_run):
+    figure = tmp_path / "result" / "compare" / "certified_accuracy.png"
+    figure.parent.mkdir(parents=True)
+    figure.write_bytes(b"an earlier report's figure")
+    report, _ = smoke_report(tmp_path, fake_run, {"CE": {}})
+    assert "Certified robustness" not in report and not figure.exists()
+
+
+def test_a_malformed_certificate_is_refused_naming_the_file(tmp_path, fake_run):
+    damaged = {**certificate([(0.3, True)]), "records": [{"radius": "far", "correct": True}]}
+    with pytest.raises(EvaluationError, match=r"certify_0\.25\.json: malformed certification \('records' is"):
+        smoke_report(tmp_path, fake_run, {"CE": {}}, {"CE": damaged})

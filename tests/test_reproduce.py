@@ -1,5 +1,7 @@
 """reproduce.py: the smoke chain end to end, skipping on a rerun, the report, the paper's plan."""
+import dataclasses
 import json
+import os
 import re
 import shutil
 import signal
@@ -12,7 +14,7 @@ import pytest
 import config
 import reproduce
 from analysis.report import Timings
-from helpers import PAPER_TRAINING, SMOKE_RUNS
+from helpers import PAPER_TRAINING, SMOKE_RUNS, certificate
 
 RUNS = list(SMOKE_RUNS.values())
 
@@ -47,6 +49,10 @@ def test_smoke_chain_writes_report_runs_and_timings(smoke_chain):
     assert order == sorted(order)
     assert all(f"({run}): done in" in first.stdout for run in RUNS)
     assert "=== data: generate synthetic records" in first.stdout and "=== data: preprocess" in first.stdout
+    # The preset's certification (config.PRESETS["smoke"].certify: CE at sigma 0.25), after the trainings.
+    assert first.stdout.index("=== certify CE (CE) sigma 0.25") > first.stdout.index("=== train advls")
+    certified = json.loads((result / "CE" / "certify_0.25.json").read_text())
+    assert certified["n"] == 9 and certified["settings"]["n"] == 16
 
 
 @pytest.mark.slow
@@ -57,6 +63,7 @@ def test_second_invocation_skips_every_finished_stage(smoke_chain):
         assert re.search(rf"^skip train .*\({re.escape(run)}\)", second.stdout, re.M), run
     assert "skip data: generate synthetic records" in second.stdout
     assert "skip data: preprocess" in second.stdout
+    assert "=== certify" not in second.stdout and "skip certify CE (CE) sigma 0.25" in second.stdout
     timings = json.loads((root / "result" / "smoke" / "timings.json").read_text())
     skipped = [s for s in timings["stages"] if s["stage"].startswith(("train ", "data: "))]
     assert len(skipped) == 6 and all(s["status"] == "skipped" for s in skipped)
@@ -102,6 +109,7 @@ def test_report_tables_have_one_row_per_run_with_the_runs_numbers(smoke_chain):
     assert all(f"{run}/{name}" in links for run in RUNS for name in ("curves.png", "confusion_test.png"))
     assert all((result / link).is_file() for link in links)
     assert "## Stage timings" in report and "train CE (CE)" in report
+    assert "## Certified robustness (randomized smoothing)" in report and "compare/certified_accuracy.png" in links
 
 
 @pytest.mark.slow
@@ -401,3 +409,36 @@ def test_the_baselines_join_the_plan_by_preset_or_by_name(tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)
     assert reproduce.main([*flags, "--dry_run"]) == 0
     assert planned_scripts(capsys.readouterr().out) == runs
+
+
+def test_the_demo_certifies_its_presets_runs_at_each_sigma_after_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert reproduce.main(["--preset", "demo", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    stages = re.findall(r"^=== (\w+) (\S+)", out, re.M)
+    certified = [run for stage, run in stages if stage == "certify"]
+    assert certified == ["CE", "CE", "advls", "advls"]  # config.PRESETS["demo"].certify.methods
+    assert stages.index(("certify", "CE")) > max(i for i, (stage, _) in enumerate(stages) if stage == "train")
+    settings = config.PRESETS["demo"].certify
+    for sigma in settings.sigmas:
+        assert re.search(rf"certify\.py result/demo/CE --sigma {sigma:g} --n0 {settings.n0} --n {settings.n} "
+                         rf"--alpha {settings.alpha:g} --max_records {settings.max_records} --data_dir "
+                         r"data/demo/processed$", out, re.M), sigma
+
+
+def test_a_certification_is_redone_unless_done_with_the_presets_settings_after_training(tmp_path, capsys):
+    (job,) = reproduce.plan_jobs("smoke", ["CE"], str(tmp_path))
+    settings = config.PRESETS["smoke"].certify
+    job.run_dir.mkdir()
+    (job.run_dir / "model.pt").write_bytes(b"")
+    path = job.run_dir / "certify_0.25.json"
+    path.write_text(json.dumps(certificate([(0.1, True)], 0.25, settings.n0, settings.n, settings.max_records)))
+    assert reproduce.certification_complete(job, settings, 0.25)
+    assert not reproduce.certification_complete(job, settings, 0.5)  # no such file
+    assert not reproduce.certification_complete(job, dataclasses.replace(settings, n=settings.n + 1), 0.25)
+    os.utime(job.run_dir / "model.pt", (path.stat().st_mtime + 10,) * 2)  # retrained since
+    assert not reproduce.certification_complete(job, settings, 0.25)
+    path.write_text(json.dumps({"settings": "damaged"}))
+    os.utime(job.run_dir / "model.pt", (0, 0))
+    assert not reproduce.certification_complete(job, settings, 0.25)
+    assert capsys.readouterr().out.startswith(f"note: {path}: malformed certification ('settings' is 'damaged')")
