@@ -238,7 +238,7 @@ PRESETS = {
     "mini": Preset(dict(data_dir="data/mini/processed", result_dir="result/mini", max_length=4096,
                         random_pad=1024, epochs=10, batch_size=16, checkpoint_every=5,
                         sweeps=f"pgd_linf,white,{ENSEMBLE_SWEEPS},{REAL_NOISE_SWEEPS}", sweep_steps=10,
-                        sweep_restarts=1, adv_start_epoch=3, jacobian_projections=1,
+                        sweep_restarts=1, adv_start_epoch=3, pgd_steps=5, jacobian_projections=1,
                         NSR=dict(batch_size=8, reg_start_epoch=7, beta1=0.1, beta2=0.05),
                         jacob=dict(beta=0.5, reg_start_epoch=4)),
                    "**Data: real CPSC2018 records, but only a small sample of them** with a small "
