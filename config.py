@@ -156,7 +156,7 @@ def as_flag_type(key: str, value, whole_numbers: tuple[str, ...] = ()):
 
 # Sweeps beyond the paper's (TRAIN_DEFAULTS' sweeps), named once for the presets below.
 REAL_NOISE_SWEEPS = "baseline_wander,powerline_50hz,muscle"  # noise that real ECGs carry
-ENSEMBLE_SWEEPS = "apgd_ce,apgd_dlr,square,autoattack"  # the gradient-masking check
+ENSEMBLE_SWEEPS = "apgd_ce,apgd_dlr,square,autoattack,autoattack_fast"  # the gradient-masking check, both line-ups
 
 @dataclass(frozen=True)
 class Certify:
