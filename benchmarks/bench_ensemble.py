@@ -27,8 +27,9 @@ from autoattack import ENSEMBLE_VERSIONS, SQUARE_STARTS, ensemble_attack, square
 from benchmarks.common import (add_common_arguments, command_line, default_out, environment,  # noqa: E402
                                save_result, start)
 from config import square_queries  # noqa: E402
+from cpsc2018 import DataError  # noqa: E402
 from ECG_Dataset import get_dataloaders  # noqa: E402
-from evaluate import balanced_records, load_model  # noqa: E402
+from evaluate import EvaluationError, balanced_records, load_model  # noqa: E402
 from plumbing.flags import OneLineParser  # noqa: E402
 
 SMOKE = dict(records=2, steps=1, eps=[0.01], square_eps=[0.01])
@@ -60,11 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     if started is None:
         return 2
     args, device = started
-    model, config = load_model(args.run, device)
+    try:
+        model, config = load_model(args.run, device)
+        dataset = get_dataloaders(config["data_dir"], eval_batch_size=config["eval_batch_size"],
+                                  max_length=config["max_length"], random_pad=config["random_pad"],
+                                  splits=("test",))["test"].dataset
+    except (EvaluationError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     model.eval()
-    dataset = get_dataloaders(config["data_dir"], eval_batch_size=config["eval_batch_size"],
-                              max_length=config["max_length"], random_pad=config["random_pad"],
-                              splits=("test",))["test"].dataset
     chosen = balanced_records(dataset.labels, args.records)
     x, y, mask = (torch.stack(parts).to(device) for parts in zip(*(dataset[i] for i in chosen)))
 
