@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 
 from autoattack import ENSEMBLE_VERSIONS, SQUARE_STARTS, ensemble_attack, square_attack  # noqa: E402
-from benchmarks.common import (add_common_arguments, command_line, default_out, environment,  # noqa: E402
-                               save_result, start)
+from benchmarks.common import (add_common_arguments, apply_smoke, check_at_least_one, command_line,  # noqa: E402
+                               default_out, environment, save_result, start)
 from config import square_queries  # noqa: E402
 from cpsc2018 import DataError  # noqa: E402
 from ECG_Dataset import get_dataloaders  # noqa: E402
@@ -48,11 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_flag("--seed", type=int, default=0)
     add_common_arguments(parser, "ensemble", "tiny run for CI: 2 records, 1 step, eps 0.01")
     args = parser.parse_args(argv)
-    if args.smoke:
-        for key, value in SMOKE.items():
-            setattr(args, key, value)
-    if args.records < 1 or args.steps < 1 or args.restarts < 1:
-        raise ValueError("--records, --steps and --restarts must be >= 1")
+    apply_smoke(args, SMOKE)
+    check_at_least_one(args, "records", "steps", "restarts")
     return args
 
 

@@ -243,7 +243,7 @@ def test_bench_ensemble_measures_both_versions_and_square_starts_on_a_run(untrai
         assert [level["eps"] for level in levels] == [0.01]
         assert list(levels[0]["broken_by"]) == list(autoattack.ENSEMBLE_VERSIONS[version])
     assert bench_ensemble.main([str(run), "--records", "0"]) == 2
-    assert one_error_line() == "error: --records, --steps and --restarts must be >= 1"
+    assert one_error_line() == "error: --records must be >= 1, got 0"
     assert bench_ensemble.main([str(tmp_path / "absent")]) == 2
     assert one_error_line().startswith(f"error: {tmp_path / 'absent'}")
     no_cache = untrained_run(tmp_path / "no_cache", 0, "--data_dir", str(tmp_path / "no_cache_here"))
