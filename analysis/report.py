@@ -108,9 +108,20 @@ def _format_seconds(seconds) -> str:
 
 
 def _run_settings(job) -> str:
-    """The run's own hyperparameters (method-specific), as key=value."""
+    """The run's own hyperparameters (method-specific) and its training noise, as key=value."""
+    keys = [*job.hyperparameters, *(["noise_sd"] if getattr(job.cfg, "noise_sd", 0) else [])]
     return ", ".join(f"{k}={getattr(job.cfg, k):g}" if isinstance(getattr(job.cfg, k), float)
-                     else f"{k}={getattr(job.cfg, k)}" for k in job.hyperparameters) or "none"
+                     else f"{k}={getattr(job.cfg, k)}" for k in keys) or "none"
+
+
+def _epochs_done(job, history: list[dict]) -> str:
+    """The epochs trained, and the epoch model.pt holds when the run's guard stopped it early
+    (harness.stop_collapsed records that in the evaluation's settings)."""
+    stopped = read_json(job.run_dir / "eval_test.json").get("settings", {}).get("stopped_early")
+    if not stopped:
+        return str(len(history))
+    return (f"{len(history)}, stopped by its guard: `model.pt` is epoch {stopped['best_epoch']}'s "
+            f"(guard accuracy {stopped['best_guard_accuracy']:.3f}, then {stopped['guard_accuracy']:.3f})")
 
 
 def _preset_changes(preset: str, job) -> str:
@@ -202,7 +213,8 @@ def build_report(plan_name: str, plan: Preset, raw_dir: Path, data_dir: Path, re
               ", ".join(f"{k}={getattr(jobs[0].cfg, k)}" for k in
                         ("epochs", "batch_size", "lr", "max_length", "random_pad", "max_batches", "model")) +
               " (a run's own changes are in its row). Checkpoint evaluated: each run's final `model.pt` "
-              "(the last epoch).", "",
+              "(the last epoch, except where its row says the run's guard stopped it and kept an earlier one).",
+              "",
               "| run | method | method settings | preset's changes to the paper's settings | epochs done | "
               "checkpoint | device | training time | final val accuracy | figures |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -211,7 +223,7 @@ def build_report(plan_name: str, plan: Preset, raw_dir: Path, data_dir: Path, re
         train_seconds = sum(h.get("seconds", 0) for h in history) if history else None
         val = f"{history[-1]['val_accuracy']:.3f}" if history else "n/a"
         lines.append(f"| {job.run_dir.name} | {job.method} | {_run_settings(job)} | "
-                     f"{_preset_changes(plan_name, job)} | {len(history)} | "
+                     f"{_preset_changes(plan_name, job)} | {_epochs_done(job, history)} | "
                      f"`{rel(job.run_dir / 'model.pt')}` | {configs[job].get('device_used', '?')} | "
                      f"{_format_seconds(train_seconds)} | {val} | [training curves]({rel(job.run_dir / 'curves.png')}), "
                      f"[test confusion matrix]({rel(job.run_dir / 'confusion_test.png')}) |")

@@ -11,16 +11,23 @@ from analysis.report import Timings, build_report
 from helpers import certificate
 
 
-def smoke_report(tmp_path, fake_run, runs: dict[str, dict], certificates: dict | None = None) -> tuple[str, Path]:
+def smoke_report(tmp_path, fake_run, runs: dict[str, dict], certificates: dict | None = None,
+                 flags: dict[str, list[str]] | None = None, eval_settings: dict[str, dict] | None = None
+                 ) -> tuple[str, Path]:
     """(report.md's text, its result folder) of the smoke preset over ``runs`` ({run: fake_run's keyword
-    arguments}), each a method's run, with ``certificates`` ({run: its certify_0.25.json content})."""
+    arguments}), each a method's run, with ``certificates`` ({run: its certify_0.25.json content}),
+    ``flags`` ({run: its script's flags beside --preset smoke}) and ``eval_settings`` ({run: the
+    settings its eval_test.json records})."""
     result = tmp_path / "result"
     jobs = []
     for name, made in runs.items():
         fake_run(result / name, **made)
+        if name in (eval_settings or {}):
+            evaluation = result / name / "eval_test.json"
+            evaluation.write_text(json.dumps({**json.loads(evaluation.read_text()), "settings": eval_settings[name]}))
         if name in (certificates or {}):
             (result / name / "certify_0.25.json").write_text(json.dumps(certificates[name]))
-        cfg = config.parse_script(reproduce.SCRIPTS[name], ["--preset", "smoke"])
+        cfg = config.parse_script(reproduce.SCRIPTS[name], ["--preset", "smoke", *(flags or {}).get(name, [])])
         jobs.append(reproduce.Job(name, reproduce.SCRIPTS[name], [], cfg, result / name))
     tables = compare_runs([job.run_dir for job in jobs], result / "compare")
     report = build_report("smoke", config.PRESETS["smoke"], tmp_path / "raw", tmp_path / "data", result, jobs, jobs,
@@ -89,3 +96,15 @@ def test_a_malformed_certificate_is_refused_naming_the_file(tmp_path, fake_run):
     damaged = {**certificate([(0.3, True)]), "records": [{"radius": "far", "correct": True}]}
     with pytest.raises(EvaluationError, match=r"certify_0\.25\.json: malformed certification \('records' is"):
         smoke_report(tmp_path, fake_run, {"CE": {}}, {"CE": damaged})
+
+
+def test_the_runs_table_names_the_training_noise_and_the_epoch_a_stopped_run_kept(tmp_path, fake_run):
+    """A run its catastrophic-overfitting guard stopped (harness.stop_collapsed) is evaluated on the
+    best epoch it kept, not the last: its row says which; a noise-trained run names its noise."""
+    stopped = {"epoch": 6, "guard_accuracy": 0.1, "best_epoch": 4, "best_guard_accuracy": 0.5}
+    report, _ = smoke_report(tmp_path, fake_run, {"CE": {}, "fast_adv": {}}, flags={"CE": ["--noise_sd", "0.25"]},
+                             eval_settings={"fast_adv": {"stopped_early": stopped}})
+    rows = {line.split(" | ")[0]: line for line in report.split("## Runs")[1].split("\n## ")[0].splitlines()
+            if line.startswith("| CE ") or line.startswith("| fast_adv ")}
+    assert rows["| CE"].startswith("| CE | CE | noise_sd=0.25 | ") and "stopped by its guard" not in rows["| CE"]
+    assert " | 0, stopped by its guard: `model.pt` is epoch 4's (guard accuracy 0.500, then 0.100) | " in rows["| fast_adv"]
