@@ -79,7 +79,7 @@ METHODS = {"CE": Method("CPSC2018_CNN_CE"),
            "advls": Method("CPSC2018_CNN_ce_adv_pgd_ls", named=("eps", "beta"),
                            named_when_set={"label_smoothing": "ls"}),
            "trades": Method("CPSC2018_CNN_trades", named=("eps", "beta")),
-           "fast_adv": Method("CPSC2018_CNN_fast_adv", named=("eps", "beta"))}
+           "fast_adv": Method("CPSC2018_CNN_fast_adv", named=("eps", "beta"), named_when_set={"wong_loss": "wong"})}
 PAPER_METHODS = ("CE", "NSR", "jacob", "advls")
 # The Gaussian noise of the noise-trained CE baseline (Cohen et al.'s sigma 0.25): its RMS is 1.5 times
 # the median RMS of a scaled lead of real CPSC2018 records (0.164; PROTOCOL section 10).

@@ -82,6 +82,8 @@ def benchmark_row(method: str, cfg) -> str:
     """The row of methods_cpu.json that times a training step of ``method`` with its settings."""
     if method == "jacob":
         return "jacob" if cfg.jacobian_projections == 0 else f"jacob ({cfg.jacobian_projections} projection)"
+    if method == "fast_adv" and cfg.wong_loss:
+        return "fast_adv (Wong's loss)"
     return method
 
 

@@ -43,7 +43,7 @@ from plumbing.flags import ConfigError, OneLineParser  # noqa: E402
 from preprocess import Cache  # noqa: E402
 from reproduce import SCRIPTS  # noqa: E402
 
-STEP_VARIANTS = {"jacob": [["--jacobian_projections", "1"]]}  # settings timed besides a method's defaults
+STEP_VARIANTS = {"jacob": [["--jacobian_projections", "1"]], "fast_adv": [["--wong_loss", "1"]]}  # settings timed besides a method's defaults
 # The training-step rows, {row: (method, its settings)}, in config.METHODS' order
 STEP_ROWS = {benchmark_row(method, cfg): (method, cfg)
              for method, script in SCRIPTS.items() for flags in [[], *STEP_VARIANTS.get(method, [])]

@@ -157,6 +157,7 @@ def test_baseline_defaults_follow_their_papers():
     assert (fast["fgsm_alpha"], fast["eps"], fast["beta"], fast["adv_start_epoch"]) == (1.25, 0.01, 0.5, 10)
     assert run_name(parse_script(SCRIPTS["trades"], argv=[])) == "trades_eps_0.01_beta_6"
     assert run_name(parse_script(SCRIPTS["fast_adv"], argv=["--noise_sd", "0.1"])) == "fast_adv_eps_0.01_beta_0.5_noise_0.1"
+    assert run_name(parse_script(SCRIPTS["fast_adv"], argv=["--wong_loss", "1"])) == "fast_adv_eps_0.01_beta_0.5_wong_1"
     assert run_name(parse_script(SCRIPTS["CE"], argv=["--noise_sd", "0.25"])) == "CE_noise_0.25"
 
 
@@ -166,6 +167,7 @@ def test_baseline_defaults_follow_their_papers():
     ("trades", ["--beta", "-1"], "--beta must be a finite non-negative number, got -1.0"),
     ("fast_adv", ["--overfit_drop", "1.5"], "--overfit_drop must be between 0 and 1, got 1.5"),
     ("fast_adv", ["--guard_pgd_steps", "0"], "--guard_pgd_steps must be at least 1, got 0"),
+    ("fast_adv", ["--wong_loss", "2"], "--wong_loss must be 0 (the paper's loss mix) or 1 (Wong et al.'s loss), got 2"),
     ("fast_adv", ["--fgsm_alpha", "nan"], "--fgsm_alpha must be a finite non-negative number, got nan"),
 ])
 def test_baseline_hyperparameters_that_cannot_train_are_refused(tmp_path, capsys, method, flags, message):
@@ -235,6 +237,39 @@ def test_fast_adversarial_step_is_fgsm_from_a_uniform_start_on_a_linear_model():
     torch.testing.assert_close(adversarial, expected)
     delta = adversarial - x
     assert delta.abs().max() <= eps + 1e-12 and (delta * (1 - mask)).abs().max() == 0
+
+
+def test_wongs_loss_is_ce_on_every_samples_fgsm_input_without_a_clean_pass():
+    """--wong_loss 1: the same FGSM input (rebuilt as above) for every sample, right or wrong, and the
+    loss is its mean CE alone: two passes, the FGSM step's and the trained-on one."""
+    fast_adv = SCRIPTS["fast_adv"]
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(9, 2, 40, generator=g, dtype=torch.float64) / 10
+    model = RecordingModel(LinearModel(weight))
+    mask = right_aligned_masks([40, 25, 10], 40, torch.float64)
+    x = (2 * torch.rand(3, 2, 40, generator=g, dtype=torch.float64) - 1) * mask
+    with torch.no_grad():
+        y = (model(x, mask).argmax(dim=1) + torch.tensor([0, 1, 2])) % 9  # two samples misclassified
+    model.iterates.clear()
+    cfg = SimpleNamespace(**{**fast_adv.HYPERPARAMETERS, "wong_loss": 1}, epochs=70)
+    torch.manual_seed(0)
+    loss, parts = fast_adv.loss_fn(model, x, y, mask, 69, cfg)
+    eps = cfg.eps
+    torch.manual_seed(0)
+    start = (x + eps * (2 * torch.rand(x.shape, dtype=torch.float64) - 1) * mask).clamp(-1, 1)
+    p = F.softmax(torch.einsum("blt,klt->bk", start * mask, weight), dim=1)
+    gradient = torch.einsum("bk,klt->blt", p - F.one_hot(y, 9).double(), weight) * mask
+    expected = (x + (start - x + 1.25 * eps * gradient.sign() * mask).clamp(-eps, eps)).clamp(-1, 1)
+    attack_start, adversarial = model.iterates  # no clean pass
+    torch.testing.assert_close(attack_start, start)
+    torch.testing.assert_close(adversarial, expected)
+    logits = torch.einsum("blt,klt->bk", expected * mask, weight)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, y))
+    assert set(parts) == {"loss_adv", "eps_t"} and parts["eps_t"] == eps
+    model.iterates.clear()
+    loss, _ = fast_adv.loss_fn(model, x, y, mask, 0, cfg)  # before the adversarial start: plain CE
+    torch.testing.assert_close(loss, F.cross_entropy(torch.einsum("blt,klt->bk", x * mask, weight), y))
+    assert len(model.iterates) == 1
 
 
 @pytest.mark.slow  # two tiny trainings end to end
