@@ -211,6 +211,17 @@ def test_fast_adv_guard_is_pgd_accuracy_at_eps_from_its_start_epoch(trained_tiny
         model.eval()
 
 
+def fgsm_from_a_uniform_start(weight, x, y, mask, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, adversarial input) of FGSM-RS on the linear model of ``weight``, computed by hand from
+    torch's global RNG seeded 0: a uniform start in the eps ball on the signal, then one step of
+    1.25 eps along the sign of the CE gradient sum_k (p_k - onehot_k) W_k * mask, projected and clipped."""
+    torch.manual_seed(0)
+    start = (x + eps * (2 * torch.rand(x.shape, dtype=torch.float64) - 1) * mask).clamp(-1, 1)
+    p = F.softmax(torch.einsum("blt,klt->bk", start * mask, weight), dim=1)
+    gradient = torch.einsum("bk,klt->blt", p - F.one_hot(y, 9).double(), weight) * mask
+    return start, (x + (start - x + 1.25 * eps * gradient.sign() * mask).clamp(-eps, eps)).clamp(-1, 1)
+
+
 def test_fast_adversarial_step_is_fgsm_from_a_uniform_start_on_a_linear_model():
     """fast_adv's adversarial input, rebuilt independently on a linear model (whose CE gradient in x
     is sum_k (p_k - onehot_k) W_k * mask): a uniform start in the eps ball on the signal, then one
@@ -227,11 +238,7 @@ def test_fast_adversarial_step_is_fgsm_from_a_uniform_start_on_a_linear_model():
     torch.manual_seed(0)
     fast_adv.loss_fn(model, x, y, mask, 69, cfg)  # the last epoch: eps_t = eps
     eps = cfg.eps
-    torch.manual_seed(0)
-    start = (x + eps * (2 * torch.rand(x.shape, dtype=torch.float64) - 1) * mask).clamp(-1, 1)
-    p = F.softmax(torch.einsum("blt,klt->bk", start * mask, weight), dim=1)
-    gradient = torch.einsum("bk,klt->blt", p - F.one_hot(y, 9).double(), weight) * mask
-    expected = (x + (start - x + 1.25 * eps * gradient.sign() * mask).clamp(-eps, eps)).clamp(-1, 1)
+    start, expected = fgsm_from_a_uniform_start(weight, x, y, mask, eps)
     clean, attack_start, adversarial = model.iterates  # the clean pass, the FGSM step's pass, the trained-on pass
     torch.testing.assert_close(attack_start, start)
     torch.testing.assert_close(adversarial, expected)
@@ -255,11 +262,7 @@ def test_wongs_loss_is_ce_on_every_samples_fgsm_input_without_a_clean_pass():
     torch.manual_seed(0)
     loss, parts = fast_adv.loss_fn(model, x, y, mask, 69, cfg)
     eps = cfg.eps
-    torch.manual_seed(0)
-    start = (x + eps * (2 * torch.rand(x.shape, dtype=torch.float64) - 1) * mask).clamp(-1, 1)
-    p = F.softmax(torch.einsum("blt,klt->bk", start * mask, weight), dim=1)
-    gradient = torch.einsum("bk,klt->blt", p - F.one_hot(y, 9).double(), weight) * mask
-    expected = (x + (start - x + 1.25 * eps * gradient.sign() * mask).clamp(-eps, eps)).clamp(-1, 1)
+    start, expected = fgsm_from_a_uniform_start(weight, x, y, mask, eps)
     attack_start, adversarial = model.iterates  # no clean pass
     torch.testing.assert_close(attack_start, start)
     torch.testing.assert_close(adversarial, expected)
