@@ -10,7 +10,7 @@ import sys
 
 import torch.nn.functional as F
 
-import harness
+from training import harness
 
 # The settings to edit; each is also a flag (types and presets: config.py). Shared (PROTOCOL section 5):
 TRAINING = dict(epochs=70, batch_size=64, lr=1e-3)

@@ -8,8 +8,8 @@ two from epoch ``reg_start_epoch`` on and only over the correctly classified sam
 """
 import sys
 
-import harness
-from losses import mse_onehot_loss, multi_margin_loss, nsr_loss
+from training import harness
+from training.losses import mse_onehot_loss, multi_margin_loss, nsr_loss
 from plumbing.distributed import union_sum, unwrap
 
 # The settings to edit; each is also a flag (types and presets: config.py). Shared (PROTOCOL section 5):

@@ -13,9 +13,9 @@ and, as an option, label smoothing of both CE terms (default 0, as in the refere
 """
 import sys
 
-import harness
+from training import harness
 from config import non_negative, within_one
-from losses import adversarial_eps, adversarial_step, mixed_adversarial_loss
+from training.losses import adversarial_eps, adversarial_step, mixed_adversarial_loss
 from plumbing.flags import ConfigError
 
 # The settings to edit; each is also a flag (types and presets: config.py). Shared (PROTOCOL section 5):

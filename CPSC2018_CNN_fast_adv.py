@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 import attacks
-import harness
+from training import harness
 from config import non_negative, within_one
-from losses import adversarial_eps, mixed_adversarial_loss
+from training.losses import adversarial_eps, mixed_adversarial_loss
 from plumbing.distributed import unwrap
 from plumbing.flags import ConfigError
 

@@ -10,8 +10,8 @@ import sys
 
 import torch.nn.functional as F
 
-import harness
-from losses import jacobian_loss
+from training import harness
+from training.losses import jacobian_loss
 from plumbing.distributed import union_sum, unwrap
 
 # The settings to edit; each is also a flag (types and presets: config.py). Shared (PROTOCOL section 5):

@@ -13,9 +13,9 @@ import sys
 
 import torch.nn.functional as F
 
-import harness
+from training import harness
 from config import non_negative, within_one
-from losses import adversarial_eps, adversarial_step, trades_attack, trades_kl
+from training.losses import adversarial_eps, adversarial_step, trades_attack, trades_kl
 from plumbing.distributed import unwrap
 from plumbing.flags import ConfigError
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cpsc2018 import CLASSES, LEADS
+from databases.cpsc2018 import CLASSES, LEADS
 from plumbing import pretrained
 
 DOWNSAMPLE = 1024  # stem (4) x eight stride-2 blocks (256)

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, default_collate
 
-from cpsc2018 import LEADS
+from databases.cpsc2018 import LEADS
 from ECG_CNN import DOWNSAMPLE, MIN_LENGTH
 from preprocess import Cache, load_cache
 

@@ -30,7 +30,7 @@ from analysis import figures
 from analysis.compare import EvaluationError, certificate_path
 from analysis.metrics import certified_accuracy, certified_curve
 from config import MAX_SEED, check_device
-from cpsc2018 import CLASSES, DataError
+from databases.cpsc2018 import CLASSES, DataError
 from ECG_Dataset import get_dataloaders
 from plumbing.distributed import choose_device
 from plumbing.flags import ConfigError, OneLineParser, folder

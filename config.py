@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 
 import attacks
-import autoattack
-import noises
+from perturbations import autoattack
+from perturbations import noises
 from ECG_CNN import MODELS, check_length
 from ECG_Dataset import MAX_LENGTH, RANDOM_PAD
 from plumbing.distributed import choose_device, world_size

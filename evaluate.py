@@ -26,14 +26,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import attacks
-import autoattack
+from perturbations import autoattack
 from analysis import figures
 from analysis.compare import EXAMPLE_STEM, EvaluationError, compare_runs, run_names
 from analysis.metrics import (NUM_CLASSES, class_balanced_accuracy, classification_scores, confusion_matrix,
                               mean_f1, ratio, robustness_auc, scores_table)
 from config import (LEAST, LEVEL_LISTS, SWEEPS, check_device, check_levels, check_sweep_settings, noise_levels,
                     parse_sweeps, value_type)
-from cpsc2018 import CLASSES, FS, LEAD_NAMES, LEADS, DataError
+from databases.cpsc2018 import CLASSES, FS, LEAD_NAMES, LEADS, DataError
 from ECG_CNN import build_model, check_length, from_pretrained
 from ECG_Dataset import BucketBatchSampler, crop_collate, get_dataloaders
 from plumbing.distributed import (all_reduce, choose_device, distributed, init_distributed, is_main_process,

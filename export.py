@@ -22,9 +22,9 @@ from huggingface_hub import EvalResult, ModelCardData
 
 from analysis.compare import EvaluationError, masking_check, masking_check_markdown, read_clean, read_sweeps, sweep_table
 from analysis.metrics import SWEEP_METRICS, scores_table, to_markdown
-from autoattack import ENSEMBLE_VERSIONS
+from perturbations.autoattack import ENSEMBLE_VERSIONS
 from config import METHODS, PRESETS, SWEEPS, TRAIN_DEFAULTS, Sweep
-from cpsc2018 import CLASSES
+from databases.cpsc2018 import CLASSES
 from evaluate import load_model
 from plumbing import pretrained
 from plumbing.flags import ConfigError, OneLineParser, folder

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from config import check_device
-from cpsc2018 import CLASSES, LEAD_NAMES, REFERENCE_COLUMNS, RecordError, read_original_record, read_wfdb_header, \
+from databases.cpsc2018 import CLASSES, LEAD_NAMES, REFERENCE_COLUMNS, RecordError, read_original_record, read_wfdb_header, \
     read_wfdb_signal
 from ECG_CNN import from_pretrained
 from ECG_Dataset import get_dataloaders

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from cpsc2018 import (CLASSES, FS, LABEL_COLUMNS, LEAD_NAMES, OFFICIAL_REFERENCE, REFERENCE_COLUMNS, DataError,
+from databases.cpsc2018 import (CLASSES, FS, LABEL_COLUMNS, LEAD_NAMES, OFFICIAL_REFERENCE, REFERENCE_COLUMNS, DataError,
                       Inventory, RecordError, WfdbHeader, read_folder, read_original_record, read_reference,
                       read_wfdb_signal, record_issue)
 from plumbing.download import CPSC2018_ARCHIVE_URL, DownloadError, fetch_cpsc2018

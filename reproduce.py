@@ -48,12 +48,12 @@ from analysis.compare import (EvaluationError, certificate_path, first_wrong, is
 from analysis.report import Timings, build_report, duration, write_selection_report
 from config import (BASELINE_GRID, METHODS, PAPER_METHODS, PRESETS, Certify, Preset, parse_script, parse_sweeps,
                     preset_setting, run_name)
-from cpsc2018 import CLASSES, DataError
+from databases.cpsc2018 import CLASSES, DataError
 from plumbing.checkpoints import RESUME_KEYS, changed_settings
 from plumbing.flags import ConfigError, OneLineParser, folder
 from plumbing.safe_writes import read_json, write_text_atomic
 from preprocess import load_cache
-from synthetic import MARKER_NAME
+from databases.synthetic import MARKER_NAME
 
 REPO = Path(__file__).resolve().parent
 # method -> its script's module (config.METHODS names them), imported here once
@@ -356,7 +356,7 @@ def prepare_data(plan: Preset, raw_dir: Path, data_dir: Path, timings: Timings, 
         if synthetic_complete(raw_dir, plan.synthetic_records_per_class):
             skip_stage(stage, f"{raw_dir} holds the complete synthetic dataset", timings)
         else:
-            run_stage(stage, [sys.executable, str(REPO / "synthetic.py"), "--out_dir", str(raw_dir),
+            run_stage(stage, [sys.executable, str(REPO / "databases" / "synthetic.py"), "--out_dir", str(raw_dir),
                               "--records_per_class", str(plan.synthetic_records_per_class), "--seed", "0",
                               "--max_seconds", f"{plan.synthetic_max_seconds:g}"], timings, dry_run)
             regenerated = True

@@ -15,7 +15,7 @@ import pandas as pd
 from analysis import figures
 from analysis.metrics import NUM_CLASSES, SWEEP_METRICS, to_markdown
 from config import GRADIENT_SWEEPS, SWEEPS
-from cpsc2018 import CLASSES
+from databases.cpsc2018 import CLASSES
 from plumbing.safe_writes import read_json, write_text_atomic
 
 MASKING_GAP = 0.02  # ensemble accuracy this far below PGD's (2 points) flags gradient masking

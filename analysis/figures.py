@@ -24,7 +24,7 @@ import numpy as np
 
 from analysis.metrics import SWEEP_METRICS
 from config import SWEEPS
-from cpsc2018 import CLASSES
+from databases.cpsc2018 import CLASSES
 from plumbing.safe_writes import atomic_path
 
 matplotlib.use("Agg")  # files only, no display

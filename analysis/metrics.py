@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cpsc2018 import CLASSES
+from databases.cpsc2018 import CLASSES
 
 NUM_CLASSES = len(CLASSES)
 

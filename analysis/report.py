@@ -12,7 +12,7 @@ from pathlib import Path
 from analysis import compare, figures, selection
 from analysis.metrics import certified_curve
 from config import PRESETS, SWEEPS, TRAIN_DEFAULTS, Preset, preset_settings
-from cpsc2018 import CLASSES
+from databases.cpsc2018 import CLASSES
 from plumbing.safe_writes import read_json, write_json, write_text_atomic
 
 CHANCE_NOTE_ACCURACY = 1.5 / len(CLASSES)  # the report flags runs whose clean accuracy is no better than this

@@ -13,7 +13,7 @@ from pathlib import Path
 from analysis import compare, figures
 from analysis.metrics import SWEEP_METRICS, to_markdown
 from config import noise_levels
-from cpsc2018 import CLASSES
+from databases.cpsc2018 import CLASSES
 from plumbing.safe_writes import read_json, write_json, write_text_atomic
 
 # criterion: its score in one PGD sweep result (robustness_sweep) on the validation split

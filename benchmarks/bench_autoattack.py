@@ -27,7 +27,7 @@ from benchmarks.common import (RATIO_TARGET, add_attack_arguments, add_common_ar
                                apply_smoke, attack_setup, bare_passes, check_at_least_one, command_line,
                                default_out, environment, save_result, start, timed)
 from ECG_CNN import check_length  # noqa: E402
-from autoattack import apgd_attack, square_attack  # noqa: E402
+from perturbations.autoattack import apgd_attack, square_attack  # noqa: E402
 from plumbing.flags import OneLineParser  # noqa: E402
 
 SMOKE = dict(batch_size=2, length=3072, steps=3, queries=3, repeats=1)

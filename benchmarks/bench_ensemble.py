@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 
-from autoattack import ENSEMBLE_VERSIONS, SQUARE_STARTS, ensemble_attack, square_attack  # noqa: E402
+from perturbations.autoattack import ENSEMBLE_VERSIONS, SQUARE_STARTS, ensemble_attack, square_attack  # noqa: E402
 from benchmarks.common import (add_common_arguments, apply_smoke, check_at_least_one, command_line,  # noqa: E402
                                default_out, environment, save_result, start)
 from config import square_queries  # noqa: E402
-from cpsc2018 import DataError  # noqa: E402
+from databases.cpsc2018 import DataError  # noqa: E402
 from ECG_Dataset import get_dataloaders  # noqa: E402
 from evaluate import EvaluationError, balanced_records, load_model  # noqa: E402
 from plumbing.flags import OneLineParser  # noqa: E402

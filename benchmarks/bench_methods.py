@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 
 import attacks  # noqa: E402
-import harness  # noqa: E402
+from training import harness  # noqa: E402
 from analysis.selection import CLEAN_ROW, PGD_ROW, benchmark_row  # noqa: E402
 from benchmarks.common import (add_common_arguments, apply_smoke, command_line,  # noqa: E402
                                default_out, environment, open_device, save_result, timed)

@@ -42,13 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's
 
 from benchmarks.common import (add_common_arguments, apply_smoke, check_at_least_one,  # noqa: E402
                                command_line, default_out, environment, open_device, save_result, timed)
-from cpsc2018 import DataError  # noqa: E402
+from databases.cpsc2018 import DataError  # noqa: E402
 from ECG_CNN import build_model, check_length  # noqa: E402
 from ECG_Dataset import MAX_LENGTH, RANDOM_PAD, get_dataloaders, set_loader_epoch  # noqa: E402
-from harness import make_optimizer  # noqa: E402
+from training.harness import make_optimizer  # noqa: E402
 from plumbing.flags import ConfigError, OneLineParser  # noqa: E402
 from preprocess import preprocess  # noqa: E402
-from synthetic import generate_dataset  # noqa: E402
+from databases.synthetic import generate_dataset  # noqa: E402
 
 SMOKE = dict(batch_size=2, max_length=4096, random_pad=1024, fixed_steps=1, repeats=1,
              synthetic_per_class=2, synthetic_max_seconds=8.0)

@@ -56,8 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's
 
 from benchmarks import stand_ins  # noqa: E402  (first: the project's modules import optional packages)
 import attacks  # noqa: E402
-import autoattack  # noqa: E402
-import harness  # noqa: E402
+from perturbations import autoattack  # noqa: E402
+from training import harness  # noqa: E402
 import reproduce  # noqa: E402
 from analysis import selection  # noqa: E402
 from benchmarks.bench_methods import (PGD_EPS, STEP_ROWS, evaluation_step, make_batch, model_and_batch,  # noqa: E402

@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from tqdm import tqdm
 
-from cpsc2018 import REFERENCE_FILE, read_reference
+from databases.cpsc2018 import REFERENCE_FILE, read_reference
 from plumbing.safe_writes import atomic_path
 
 # WFDB_CPSC2018.tar.gz of the PhysioNet/CinC Challenge 2021's public training data (listed under

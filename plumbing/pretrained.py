@@ -23,7 +23,7 @@ import torch
 from huggingface_hub.utils import HFValidationError
 from safetensors.torch import load_file, save
 
-from cpsc2018 import CLASSES, FS, LEAD_NAMES, LEADS
+from databases.cpsc2018 import CLASSES, FS, LEAD_NAMES, LEADS
 from plumbing.safe_writes import atomic_path, read_json
 
 WEIGHTS_FILE = "model.safetensors"

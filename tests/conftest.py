@@ -14,11 +14,11 @@ import evaluate
 import export
 from analysis.metrics import classification_scores, confusion_matrix
 from config import noise_levels, parse_config
-from cpsc2018 import OFFICIAL_REFERENCE
+from databases.cpsc2018 import OFFICIAL_REFERENCE
 from ECG_CNN import build_model
 from helpers import PAPER_TRAINING, TINY_MAX_LENGTH, TINY_RANDOM_PAD, TinyCNN, run_reproduce, sinusoid_task
 from preprocess import preprocess
-from synthetic import generate_dataset
+from databases.synthetic import generate_dataset
 
 # One torch thread here and in every process a test starts: the tests' tensors are small, and on
 # a 2-core machine a second thread per process oversubscribes the cores and slows every run.

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import harness  # noqa: E402
+from training import harness  # noqa: E402
 from config import parse_script  # noqa: E402
 from ECG_CNN import build_model  # noqa: E402
 from helpers import script_with  # noqa: E402

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from analysis.metrics import certified_accuracy
 from certify import CERTIFIED_RADII
-from cpsc2018 import CLASSES, LEAD_NAMES
+from databases.cpsc2018 import CLASSES, LEAD_NAMES
 
 REPO = Path(__file__).resolve().parents[1]  # the repository root
 # The input of conftest's untrained_run: records truncated to TINY_MAX_LENGTH samples, then

@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cpsc2018 import LEADS
+from databases.cpsc2018 import LEADS
 from helpers import hub_cache, logits_of
-from losses import jacobian_squared_norm
+from training.losses import jacobian_squared_norm
 from plumbing.pretrained import ModelFolderError
 from ECG_CNN import (DOWNSAMPLE, MaskedGroupNorm, build_model, from_pretrained, check_length, downsample_mask, erode_mask,
                      masked_average_pool)

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cpsc2018 import FS, LEADS
+from databases.cpsc2018 import FS, LEADS
 from ECG_CNN import build_model
 from ECG_Dataset import (PADDED_LENGTH, RANDOM_PAD, BucketBatchSampler, ClassBalancedSampler,
                          ECGDataset, batch_records, crop_collate, get_dataloaders, scale_leads, set_loader_epoch)

@@ -13,7 +13,7 @@ from art.attacks.evasion import ProjectedGradientDescentPyTorch
 from art.estimators.classification import PyTorchClassifier
 
 import attacks
-import noises
+from perturbations import noises
 from ECG_CNN import build_model
 from helpers import (LinearModel, RecordingModel, TinyCNN, binary_linear_problem, generator, per_sample_norms,
                      predictions, right_aligned_masks)

@@ -14,7 +14,7 @@ from art.attacks.evasion import AutoProjectedGradientDescent, SquareAttack
 from art.estimators.classification import PyTorchClassifier
 
 import attacks
-import autoattack
+from perturbations import autoattack
 from analysis.compare import masking_check
 from analysis.metrics import class_balanced_accuracy, confusion_matrix
 from helpers import (LinearModel, RecordingModel, TinyCNN, binary_linear_problem, generator, per_sample_norms,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import autoattack
+from perturbations import autoattack
 import reproduce
 from analysis import selection
 from benchmarks import (bench_autoattack, bench_certify, bench_ensemble, bench_methods, bench_pgd, bench_variable_length,

@@ -12,7 +12,7 @@ import torch.nn as nn
 import certify
 import evaluate
 from analysis.metrics import certified_accuracy
-from cpsc2018 import CLASSES
+from databases.cpsc2018 import CLASSES
 from helpers import LinearModel, generator, right_aligned_masks
 
 

@@ -15,7 +15,7 @@ with warnings.catch_warnings():  # wfdb's import warns about pandas deprecations
     warnings.simplefilter("ignore")
     import wfdb
 
-from cpsc2018 import (CLASSES, DataError, RecordError, read_original_record, read_reference, read_wfdb_record,
+from databases.cpsc2018 import (CLASSES, DataError, RecordError, read_original_record, read_reference, read_wfdb_record,
                       read_wfdb_signal, read_wfdb_header)
 from helpers import SAMPLE_COUNTS, write_original_record, write_wfdb_record
 

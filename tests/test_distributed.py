@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler
 
-import harness
+from training import harness
 from config import parse_config
 import reproduce
 from ECG_Dataset import ClassBalancedSampler, get_dataloaders

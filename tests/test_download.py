@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cpsc2018 import OFFICIAL_REFERENCE, read_reference
+from databases.cpsc2018 import OFFICIAL_REFERENCE, read_reference
 from helpers import REPO
 from plumbing import download
 from preprocess import load_cache, main

@@ -12,7 +12,7 @@ from sklearn import metrics as skm
 import config
 import evaluate
 from analysis.metrics import classification_scores
-from cpsc2018 import CLASSES
+from databases.cpsc2018 import CLASSES
 from ECG_Dataset import get_dataloaders
 from helpers import TINY_MAX_LENGTH, TINY_RANDOM_PAD, LinearModel
 from plumbing.safe_writes import lock_folder

@@ -12,7 +12,7 @@ from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 import attacks
 import evaluate
 from analysis import figures
-from cpsc2018 import CLASSES, LEAD_NAMES
+from databases.cpsc2018 import CLASSES, LEAD_NAMES
 from ECG_Dataset import get_dataloaders
 from helpers import TINY_MAX_LENGTH, TINY_RANDOM_PAD, file_size_limit
 from plumbing.distributed import choose_device

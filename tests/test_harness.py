@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import config
-import harness
-from cpsc2018 import DataError
+from training import harness
+from databases.cpsc2018 import DataError
 from evaluate import load_model
 from helpers import PAPER_TRAINING, REPO, run_script, script_with, weights
 from plumbing.checkpoints import newest_checkpoint
@@ -346,7 +346,7 @@ from pathlib import Path
 from types import SimpleNamespace
 import torch.nn.functional as F
 import CPSC2018_CNN_CE
-import harness
+from training import harness
 started, go = Path(sys.argv[1]), Path(sys.argv[2])
 def loss(model, x, y, mask, epoch, cfg):
     if not started.exists():

@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-PACKAGES = ("analysis", "benchmarks", "plumbing")  # the package folders of the repository root
+PACKAGES = ("analysis", "benchmarks", "databases", "perturbations", "plumbing", "training")  # the package folders of the repository root
 
 
 def module_name(path: Path) -> str:
@@ -169,7 +169,7 @@ def may_precede_imports(name: str, statement: ast.stmt) -> bool:
         return True
     call = ast.unparse(statement.value.func) if isinstance(statement.value, ast.Call) else ""
     return (call == "matplotlib.use" and name == "analysis.figures"
-            or call == "sys.path.insert" and (name.startswith("benchmarks.") or name == "ddp_worker"))
+            or call == "sys.path.insert" and (name.startswith("benchmarks.") or name in ("ddp_worker", "databases.synthetic")))
 
 
 def imports_outside_functions(node: ast.AST):
@@ -198,10 +198,10 @@ def test_imports_come_before_other_module_level_code():
 
 
 def test_the_packages_name_each_module_and_import_nothing():
-    """plumbing/__init__.py and analysis/__init__.py are their folders' tables of contents: a line
+    """Each package's __init__.py is its folder's table of contents: a line
     "- <module>: <purpose>" for each of its modules, and no import (a module of it imports only
     what it needs)."""
-    for package in ("analysis", "plumbing"):
+    for package in ("analysis", "databases", "perturbations", "plumbing", "training"):
         listed = {line[2:].split(":")[0] for line in ast.get_docstring(TREES[package]).splitlines()
                   if line.startswith("- ")}
         assert listed == {path.stem for path in (ROOT / package).glob("*.py")} - {"__init__"}, package

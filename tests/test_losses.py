@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attacks
-import losses
+from training import losses
 from ECG_CNN import build_model
 from helpers import LinearModel, TinyCNN, right_aligned_masks
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import harness
-import losses
+from training import harness
+from training import losses
 from config import parse_script, run_name
 from helpers import REPO, SMOKE_RUNS, LinearModel, RecordingModel, TinyCNN, right_aligned_masks, run_script
 from reproduce import SCRIPTS

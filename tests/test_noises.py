@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import noises
-from cpsc2018 import FS
+from perturbations import noises
+from databases.cpsc2018 import FS
 from helpers import generator, right_aligned_masks
 
 

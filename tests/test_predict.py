@@ -13,7 +13,7 @@ import torch
 
 import export
 import predict
-from cpsc2018 import CLASSES
+from databases.cpsc2018 import CLASSES
 from ECG_CNN import from_pretrained
 from ECG_Dataset import get_dataloaders
 from evaluate import predict as evaluate_predictions

@@ -19,7 +19,7 @@ import scipy.io
 import torch
 
 import preprocess
-from cpsc2018 import CLASSES, REFERENCE_COLUMNS, SNOMED_TO_CLASS, DataError, read_reference, read_wfdb_record
+from databases.cpsc2018 import CLASSES, REFERENCE_COLUMNS, SNOMED_TO_CLASS, DataError, read_reference, read_wfdb_record
 from ECG_CNN import DOWNSAMPLE, POOL_KERNEL, build_model
 from helpers import (REPO, SAMPLE_COUNTS, run_script, write_original_record, write_reference,
                      write_wfdb_record)

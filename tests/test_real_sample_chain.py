@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import evaluate
-import harness
+from training import harness
 import preprocess
 from reproduce import SCRIPTS
 

@@ -19,9 +19,9 @@ from scipy import signal as sps
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-import synthetic
-from cpsc2018 import CLASSES, read_original_record
-from synthetic import AF, IAVB, LBBB, NORMAL, PAC, PVC, RBBB, STD, STE, generate_dataset, synthesize_record
+from databases import synthetic
+from databases.cpsc2018 import CLASSES, read_original_record
+from databases.synthetic import AF, IAVB, LBBB, NORMAL, PAC, PVC, RBBB, STD, STE, generate_dataset, synthesize_record
 
 FS = 500
 INDEPENDENT_LEADS = [0, 1, 6, 7, 8, 9, 10, 11]  # I, II, V1..V6

@@ -19,7 +19,7 @@ and not clinical data. Their morphology is a caricature: a model that does well 
 nothing about real ECGs. They exist so that a new user can run the whole pipeline without
 downloading CPSC2018, and so that tests have data with known properties.
 
-Usage: ``python synthetic.py --out_dir data/demo/train --records_per_class 30 --seed 0
+Usage: ``python databases/synthetic.py --out_dir data/demo/train --records_per_class 30 --seed 0
 [--max_seconds 10]``. From Python: ``generate_dataset(...)`` writes a dataset;
 ``synthesize_record(label, n_samples, rng)`` returns one (12, n) signal in mV.
 """
@@ -40,9 +40,11 @@ import scipy.io
 import scipy.signal
 import scipy.stats
 
-from config import PRESETS
-from cpsc2018 import CLASSES, FS, LABEL_COLUMNS, REFERENCE_FILE
-from plumbing.flags import ConfigError, OneLineParser, folder
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules, when run as a command
+
+from config import PRESETS  # noqa: E402
+from databases.cpsc2018 import CLASSES, FS, LABEL_COLUMNS, REFERENCE_FILE  # noqa: E402
+from plumbing.flags import ConfigError, OneLineParser, folder  # noqa: E402
 
 NORMAL, AF, IAVB, LBBB, RBBB, PAC, PVC, STD, STE = range(1, 10)  # label k is CLASSES[k - 1]
 QUANTA_PER_MV = 1000  # values are multiples of 0.001 mV, the resolution of the real CPSC2018 data

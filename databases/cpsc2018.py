@@ -68,7 +68,7 @@ REFERENCE_FILE = "REFERENCE.csv"
 REFERENCE_COLUMNS = ("Recording", "First_label", "Second_label", "Third_label")
 LABEL_COLUMNS = REFERENCE_COLUMNS[1:]
 # The official CPSC2018 label file for all 6877 records (data/README.md says where it comes from).
-OFFICIAL_REFERENCE = Path(__file__).resolve().parent / "data" / "CPSC2018_REFERENCE.csv"
+OFFICIAL_REFERENCE = Path(__file__).resolve().parents[1] / "data" / "CPSC2018_REFERENCE.csv"
 # Where to get CPSC2018: the end of the message for a records folder without records.
 DOWNLOAD_HINT = (
     "run `python preprocess.py --download`, or put A0001.mat..A6877.mat and REFERENCE.csv there "

@@ -42,7 +42,7 @@ import evaluate
 from analysis import figures
 from analysis.metrics import class_balanced_accuracy, confusion_matrix
 from config import check_run_name, parse_script, run_name
-from cpsc2018 import DataError
+from databases.cpsc2018 import DataError
 from ECG_CNN import build_model
 from ECG_Dataset import batch_records, get_dataloaders, set_loader_epoch
 from plumbing.checkpoints import Progress, data_fingerprint, load_checkpoint, resume, save_atomic, save_checkpoint

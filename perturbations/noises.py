@@ -20,7 +20,7 @@ import math
 import torch
 
 from attacks import check_batch, check_eps
-from cpsc2018 import FS
+from databases.cpsc2018 import FS
 
 BASELINE_COMPONENTS = 3  # low-frequency sinusoids summed per record and lead
 BASELINE_BAND_HZ = (0.05, 0.5)  # respiration and electrode drift
