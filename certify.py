@@ -73,12 +73,12 @@ def noise_counts(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, si
                 size = min(batch_size, num - start)
                 noise = torch.randn((size, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
                 logits = model(record + sigma * noise * signal, signal.expand(size, -1, -1))
-                if counts is None:
-                    counts = torch.zeros(len(x), logits.shape[1], dtype=torch.int64)
-                counts[i] += torch.bincount(logits.argmax(dim=1).cpu(), minlength=counts.shape[1])
+                if counts is None:  # on x's device: no read back to the host per forward pass
+                    counts = torch.zeros(len(x), logits.shape[1], dtype=torch.int64, device=x.device)
+                counts[i] += torch.bincount(logits.argmax(dim=1), minlength=counts.shape[1])
     finally:
         model.train(was_training)
-    return counts
+    return counts.cpu()
 
 
 def lower_confidence_bound(successes, trials: int, alpha: float) -> np.ndarray:
