@@ -46,7 +46,9 @@ def save_figure(fig: plt.Figure, path: Path) -> None:
 
 
 def training_curves_figure(history: list[dict], path: Path, title: str) -> None:
-    """Training loss terms (epoch means) and validation accuracy per epoch: a run's curves.png."""
+    """Training loss terms (epoch means) and validation accuracy per epoch: a run's curves.png.
+    A guarded run's (fast_adv) guard accuracy per epoch joins the accuracy panel, so a
+    catastrophic-overfitting stop shows where it happened."""
     epochs = [h["epoch"] for h in history]
     loss_keys = dict.fromkeys(k for h in history for k in h if k.startswith("loss"))  # terms may start late
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
@@ -55,6 +57,10 @@ def training_curves_figure(history: list[dict], path: Path, title: str) -> None:
     ax_loss.set(xlabel="epoch", ylabel="training loss (epoch mean)", yscale="symlog")
     ax_loss.legend()
     ax_acc.plot(epochs, [h["val_accuracy"] for h in history], marker="o", label="validation")
+    if any(h.get("guard_accuracy") is not None for h in history):
+        guard = [h.get("guard_accuracy") for h in history]
+        ax_acc.plot(epochs, [float("nan") if a is None else a for a in guard], marker="s",
+                    label="guard: PGD accuracy, validation batch")
     ax_acc.set(xlabel="epoch", ylabel="class-balanced accuracy", ylim=(0, 1))
     ax_acc.legend()
     fig.suptitle(title)

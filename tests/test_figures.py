@@ -163,6 +163,21 @@ def test_the_adversarial_example_is_drawn_from_the_arrays_it_is_given(tmp_path, 
 HISTORY = [{"epoch": 0, "loss": 2.0, "val_accuracy": 0.2}, {"epoch": 1, "loss": 1.5, "val_accuracy": 0.4}]
 
 
+def test_the_curves_show_a_guarded_runs_guard_accuracy_beside_the_validation_accuracy(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path: drawn.append(fig))
+    figures.training_curves_figure(HISTORY, tmp_path / "curves.png", "CE")
+    assert len(drawn[0].axes[1].get_lines()) == 1  # no guard, no guard line
+    guarded = [{**HISTORY[0], "guard_accuracy": None}, {**HISTORY[1], "guard_accuracy": 0.25}]
+    figures.training_curves_figure(guarded, tmp_path / "curves.png", "fast_adv")
+    validation, guard = drawn[1].axes[1].get_lines()
+    np.testing.assert_array_equal(validation.get_ydata(), [0.2, 0.4])
+    np.testing.assert_array_equal(guard.get_ydata(), [np.nan, 0.25])
+    assert "guard" in guard.get_label()
+    for fig in drawn:
+        figures.plt.close(fig)
+
+
 def test_a_figure_replaces_a_link_in_its_place_and_leaves_the_target_alone(tmp_path):
     target, figure = tmp_path / "elsewhere.txt", tmp_path / "run" / "curves.png"
     target.write_text("not the run's")
