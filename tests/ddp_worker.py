@@ -43,7 +43,11 @@ CASES = {  # case name: (method, label pattern, extra settings)
     "NSR_one_rank": ("NSR", "one_rank", {}),
     "jacob": ("jacob", "mixed", {}),
     "advls": ("advls", "mixed", dict(adv_start_epoch=0, pgd_steps=2)),
+    "fast_adv_wong": ("fast_adv", "mixed", dict(adv_start_epoch=0, wong_loss=1)),
 }
+# Cases whose random draws (FGSM's random start) are seeded alike before each rank's loss, so that
+# one process computing each rank's share after the same seed gets DDP's gradient exactly.
+SEEDED = {"fast_adv_wong": 5}
 
 
 def union_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +93,8 @@ def grads(out: Path) -> None:
         model = fresh_model()
         y = labels_for(model, x, mask, pattern)
         ddp = distributed.distributed_model(model, device)
+        if case in SEEDED:
+            torch.manual_seed(SEEDED[case])
         loss, parts = module.loss_fn(ddp, x[share], y[share], mask[share], 0, cfg)
         logged, _ = distributed.average_logged({"loss": loss.detach(), **parts}, False)
         loss.backward()

@@ -136,6 +136,8 @@ def single_process_step(case: str, shards: int = 1) -> tuple[torch.Tensor, float
     y = ddp_worker.labels_for(model, x, mask, ddp_worker.CASES[case][1])
     total = 0.0
     for part in np.array_split(np.arange(len(y)), shards):
+        if case in ddp_worker.SEEDED:
+            torch.manual_seed(ddp_worker.SEEDED[case])
         loss, _ = module.loss_fn(model, x[part], y[part], mask[part], 0, cfg)
         (loss / shards).backward()
         total += float(loss.detach()) / shards
@@ -167,6 +169,21 @@ def test_adversarial_training_step_runs_and_synchronises(ddp_gradients):
     assert relative_error(grads[0], expected) < 0.2
     assert ranks[0]["logged"]["loss_ce"] == pytest.approx(ddp_gradients["CE"][0]["logged"]["loss"], rel=1e-6)
     assert ranks[0]["logged"]["loss_adv"] > 0
+
+
+@pytest.mark.slow
+def test_wongs_fast_adversarial_step_averages_the_ranks_gradients(ddp_gradients):
+    """--wong_loss 1: the FGSM step runs on the plain module, the trained-on pass through DDP's
+    wrapper, so the ranks' gradients are averaged: with the random starts seeded alike, the mean
+    of one process's gradients on the two shares (its loss is a per-rank mean)."""
+    ranks = ddp_gradients["fast_adv_wong"]
+    grads = [flat(r["grads"]) for r in ranks]
+    assert torch.equal(grads[0], grads[1]) and torch.isfinite(grads[0]).all()
+    expected, loss = single_process_step("fast_adv_wong", shards=2)
+    assert relative_error(grads[0], expected) < 1e-4
+    assert ranks[0]["logged"]["loss_adv"] == pytest.approx(loss, rel=1e-5) and ranks[0]["logged"]["eps_t"] > 0
+    clean, _ = single_process_step("CE")  # the FGSM inputs did change the gradient
+    assert relative_error(expected, clean) > 1e-3
 
 
 # --- the method scripts under torchrun ---------------------------------------------------
