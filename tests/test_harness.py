@@ -22,7 +22,7 @@ from evaluate import load_model
 from helpers import PAPER_TRAINING, REPO, run_script, script_with, weights
 from plumbing.checkpoints import newest_checkpoint
 from plumbing.run_folder import prepare_run_dir
-from plumbing.safe_writes import temporary_path
+from plumbing.safe_writes import LOCK_NAME, temporary_path
 from preprocess import load_cache
 from reproduce import SCRIPTS
 
@@ -296,6 +296,30 @@ def test_resume_refuses_other_training_settings(tiny_cache, ce_run_copy, capsys)
     assert train_ce(tiny_cache, tmp_path, "--epochs", "2", "--resume", "--lr", "0.01") == 2
     assert "was trained with --lr 0.001, not 0.01" in capsys.readouterr().err
     assert json.loads((tmp_path / "CE" / "config.json").read_text())["lr"] == 1e-3  # kept
+
+
+def folder_state(folder: Path) -> dict:
+    """Each path under ``folder`` (and ``folder``) with its modification time and a file's bytes;
+    the lock file only by its name (every command that takes the folder writes its id there)."""
+    return {path: None if path.name == LOCK_NAME else (path.stat().st_mtime_ns, path.is_file() and path.read_bytes())
+            for path in [folder, *folder.rglob("*")]}
+
+
+@pytest.mark.parametrize("flags,refusal", [
+    (["--lr", "0.01"], "was trained with --lr 0.001, not 0.01"),
+    (["--model", "resnet18m"], "is a resnet18a, not a resnet18m"),
+    (["--epochs", "1", "--bucket"], "--bucket needs --model resnet18a_vl"),
+], ids=["other_settings", "other_model", "bad_flag"])
+def test_a_refused_resume_leaves_the_run_folder_as_it_was_and_an_accepted_one_records_its_config(
+        tiny_cache, ce_run_copy, one_error_line, flags, refusal):
+    run = ce_run_copy / "CE"
+    before = folder_state(run)
+    assert train_ce(tiny_cache, ce_run_copy, "--epochs", "2", "--resume", *flags) == 2
+    assert refusal in one_error_line()
+    assert folder_state(run) == before
+    assert train_ce(tiny_cache, ce_run_copy, "--epochs", "1", "--resume") == 0  # trained already: evaluated again
+    assert sorted(path.name for path in run.glob("config*.json")) == ["config.json", "config_resume_1.json"]
+    assert json.loads((run / "config_resume_1.json").read_text())["resume"] is True
 
 
 def test_resume_refuses_another_data_folder(tiny_cache, ce_run_copy, capsys):
