@@ -229,6 +229,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(tiny_cache, ce_run_copy, c
     (["--bucket"], "--bucket needs --model resnet18a_vl"),
     (["--seed", "-1"], "--seed must be between 0 and 4294967295 (numpy's seeds), got -1"),
     (["--seed", "99999999999"], "--seed must be between 0 and 4294967295 (numpy's seeds), got 99999999999"),
+    (["--seed", str(2**32)], "--seed must be between 0 and 4294967295 (numpy's seeds), got 4294967296"),
     (["--data_dir", ""], "argument --data_dir/--data-dir: an empty path names no folder"),
     (["--result_dir", ""], "argument --result_dir/--result-dir: an empty path names no folder"),
     (["--run_name", "a" * 300], "--run_name aaaaaaaaaaaaaaaaaaaa...: 300 characters, a folder name has at most 255"),
@@ -252,6 +253,15 @@ def test_bad_method_hyperparameter_is_rejected(tmp_path, capsys, value, message)
     script = script_with(SCRIPTS["advls"], loss_fn=ce_loss, HYPERPARAMETERS={"eps": 0.01}, check_hyperparameters=None)
     status = harness.main(script, argv=["--result_dir", str(tmp_path), "--eps", value])
     assert status == 2 and message in capsys.readouterr().err
+
+
+def test_the_largest_seed_trains_and_evaluates_its_sweeps(tiny_cache, tmp_path):
+    """config.MAX_SEED reaches numpy's legacy seeding, the samplers' RandomState([seed, epoch]) and the
+    sweeps' torch generators, and each takes it."""
+    assert train_ce(tiny_cache, tmp_path, "--epochs", "1", "--max_batches", "1", "--seed", str(config.MAX_SEED),
+                    "--sweeps", "white") == 0
+    result = json.loads((tmp_path / "CE" / "robustness_test.json").read_text())
+    assert result["sweeps"]["white"]["settings"]["seed"] == config.MAX_SEED
 
 
 def test_unwritable_result_folder_is_named(tiny_cache, tmp_path, capsys):
