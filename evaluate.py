@@ -31,8 +31,8 @@ from analysis import figures
 from analysis.compare import EXAMPLE_STEM, EvaluationError, compare_runs, run_names
 from analysis.metrics import (NUM_CLASSES, class_balanced_accuracy, classification_scores, confusion_matrix,
                               mean_f1, ratio, robustness_auc, scores_table)
-from config import (LEAST, LEVEL_LISTS, SWEEPS, check_device, check_levels, check_sweep_settings, noise_levels,
-                    parse_sweeps, value_type)
+from config import (LEAST, LEVEL_LISTS, MAX_SEED, SWEEPS, check_device, check_levels, check_sweep_settings,
+                    noise_levels, parse_sweeps, value_type)
 from databases.cpsc2018 import CLASSES, FS, LEAD_NAMES, LEADS, DataError
 from ECG_CNN import build_model, check_length, from_pretrained
 from ECG_Dataset import BucketBatchSampler, crop_collate, get_dataloaders
@@ -312,6 +312,8 @@ def check_saved_settings(path: Path, config: dict) -> None:
         if key in LEAST and value < LEAST[key]:
             raise EvaluationError(f"{path}: its saved {key} is {value}, below the least a training saves "
                                   f"({LEAST[key]})")
+        if key == "seed" and value > MAX_SEED:  # config.validate_config's bound (torch's seeds end at 2**64 - 1)
+            raise EvaluationError(f"{path}: its saved seed is {value}, above the most a training saves ({MAX_SEED})")
     try:
         check_length(saved["max_length"] + saved["random_pad"])
         parse_sweeps(saved["sweeps"])

@@ -67,9 +67,17 @@ def prepare_run_dir(cfg: SimpleNamespace, locks: contextlib.ExitStack) -> Path:
 
 
 def start_run(cfg: SimpleNamespace, device: torch.device, locks: contextlib.ExitStack) -> Path:
-    """Prepare the run folder and record the settings; a resumed run keeps the config.json of
-    its start and records each resume beside it."""
+    """Prepare the run folder; a new run's settings are recorded at once, a resumed run's by
+    record_settings once its checkpoint is accepted, so that a refused resume leaves the folder as it was."""
     run_dir = prepare_run_dir(cfg, locks)
+    if not cfg.resume:
+        record_settings(cfg, device, run_dir)
+    return run_dir
+
+
+def record_settings(cfg: SimpleNamespace, device: torch.device, run_dir: Path) -> None:
+    """Write the run's settings to its config.json; a resumed run keeps the config.json of its
+    start and records each resume beside it (config_resume_N.json)."""
     name = "config.json"
     if cfg.resume and (run_dir / name).exists():
         name = f"config_resume_{len(list(run_dir.glob('config_resume_*.json'))) + 1}.json"
@@ -77,4 +85,3 @@ def start_run(cfg: SimpleNamespace, device: torch.device, locks: contextlib.Exit
                 "torch": torch.__version__, "python": platform.python_version(),
                 "device_used": str(device), "world_size": world_size(),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}, run_dir / name)
-    return run_dir

@@ -102,6 +102,8 @@ def first_weight_halved(weights: dict) -> dict:
     (dict(max_length="abc"), "its saved max_length is 'abc', not a whole number"),
     (dict(batch_size=8.0), "its saved batch_size is 8.0, not a whole number"),
     (dict(seed=True), "its saved seed is True, not a whole number"),
+    (dict(seed=2**32, sweeps="white"), "its saved seed is 4294967296, above the most a training saves (4294967295)"),
+    (dict(seed=2**64), "its saved seed is 18446744073709551616, above the most a training saves (4294967295)"),
     (dict(bucket="yes"), "its saved bucket is 'yes', not true or false"),
     (dict(data_dir=5), "its saved data_dir is 5, not a string"),
     (dict(sweeps="pgd_l3"), "its saved settings cannot be evaluated (--sweeps: unknown sweep 'pgd_l3'"),

@@ -22,7 +22,7 @@ from evaluate import load_model
 from helpers import PAPER_TRAINING, REPO, run_script, script_with, weights
 from plumbing.checkpoints import newest_checkpoint
 from plumbing.run_folder import prepare_run_dir
-from plumbing.safe_writes import temporary_path
+from plumbing.safe_writes import LOCK_NAME, temporary_path
 from preprocess import load_cache
 from reproduce import SCRIPTS
 
@@ -229,6 +229,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(tiny_cache, ce_run_copy, c
     (["--bucket"], "--bucket needs --model resnet18a_vl"),
     (["--seed", "-1"], "--seed must be between 0 and 4294967295 (numpy's seeds), got -1"),
     (["--seed", "99999999999"], "--seed must be between 0 and 4294967295 (numpy's seeds), got 99999999999"),
+    (["--seed", str(2**32)], "--seed must be between 0 and 4294967295 (numpy's seeds), got 4294967296"),
     (["--data_dir", ""], "argument --data_dir/--data-dir: an empty path names no folder"),
     (["--result_dir", ""], "argument --result_dir/--result-dir: an empty path names no folder"),
     (["--run_name", "a" * 300], "--run_name aaaaaaaaaaaaaaaaaaaa...: 300 characters, a folder name has at most 255"),
@@ -252,6 +253,15 @@ def test_bad_method_hyperparameter_is_rejected(tmp_path, capsys, value, message)
     script = script_with(SCRIPTS["advls"], loss_fn=ce_loss, HYPERPARAMETERS={"eps": 0.01}, check_hyperparameters=None)
     status = harness.main(script, argv=["--result_dir", str(tmp_path), "--eps", value])
     assert status == 2 and message in capsys.readouterr().err
+
+
+def test_the_largest_seed_trains_and_evaluates_its_sweeps(tiny_cache, tmp_path):
+    """config.MAX_SEED reaches numpy's legacy seeding, the samplers' RandomState([seed, epoch]) and the
+    sweeps' torch generators, and each takes it."""
+    assert train_ce(tiny_cache, tmp_path, "--epochs", "1", "--max_batches", "1", "--seed", str(config.MAX_SEED),
+                    "--sweeps", "white") == 0
+    result = json.loads((tmp_path / "CE" / "robustness_test.json").read_text())
+    assert result["sweeps"]["white"]["settings"]["seed"] == config.MAX_SEED
 
 
 def test_unwritable_result_folder_is_named(tiny_cache, tmp_path, capsys):
@@ -296,6 +306,30 @@ def test_resume_refuses_other_training_settings(tiny_cache, ce_run_copy, capsys)
     assert train_ce(tiny_cache, tmp_path, "--epochs", "2", "--resume", "--lr", "0.01") == 2
     assert "was trained with --lr 0.001, not 0.01" in capsys.readouterr().err
     assert json.loads((tmp_path / "CE" / "config.json").read_text())["lr"] == 1e-3  # kept
+
+
+def folder_state(folder: Path) -> dict:
+    """Each path under ``folder`` (and ``folder``) with its modification time and a file's bytes;
+    the lock file only by its name (every command that takes the folder writes its id there)."""
+    return {path: None if path.name == LOCK_NAME else (path.stat().st_mtime_ns, path.is_file() and path.read_bytes())
+            for path in [folder, *folder.rglob("*")]}
+
+
+@pytest.mark.parametrize("flags,refusal", [
+    (["--lr", "0.01"], "was trained with --lr 0.001, not 0.01"),
+    (["--model", "resnet18m"], "is a resnet18a, not a resnet18m"),
+    (["--epochs", "1", "--bucket"], "--bucket needs --model resnet18a_vl"),
+], ids=["other_settings", "other_model", "bad_flag"])
+def test_a_refused_resume_leaves_the_run_folder_as_it_was_and_an_accepted_one_records_its_config(
+        tiny_cache, ce_run_copy, one_error_line, flags, refusal):
+    run = ce_run_copy / "CE"
+    before = folder_state(run)
+    assert train_ce(tiny_cache, ce_run_copy, "--epochs", "2", "--resume", *flags) == 2
+    assert refusal in one_error_line()
+    assert folder_state(run) == before
+    assert train_ce(tiny_cache, ce_run_copy, "--epochs", "1", "--resume") == 0  # trained already: evaluated again
+    assert sorted(path.name for path in run.glob("config*.json")) == ["config.json", "config_resume_1.json"]
+    assert json.loads((run / "config_resume_1.json").read_text())["resume"] is True
 
 
 def test_resume_refuses_another_data_folder(tiny_cache, ce_run_copy, capsys):

@@ -49,7 +49,7 @@ from plumbing.checkpoints import Progress, data_fingerprint, load_checkpoint, re
 from plumbing.distributed import (all_reduce, average_logged, distributed_model, in_process_group, init_distributed,
                                   is_main_process, on_main_process, rank, shutdown_distributed, unwrap, world_size)
 from plumbing.flags import ConfigError
-from plumbing.run_folder import start_run
+from plumbing.run_folder import record_settings, start_run
 from plumbing.safe_writes import FolderInUseError, write_json
 from preprocess import Cache, load_cache
 
@@ -247,6 +247,7 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path, cache: Cache,
     progress = Progress()
     if cfg.resume:
         progress = resume(cfg, run_dir, model, optimizer, train_loader.generator, hyperparameters)
+        on_main_process(lambda: record_settings(cfg, device, run_dir))
     model = distributed_model(model, device)
     batches_per_epoch = min(len(train_loader), cfg.max_batches or len(train_loader))
     # the loop
