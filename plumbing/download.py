@@ -2,11 +2,12 @@
 
 ``python preprocess.py --download [--url URL]`` calls ``fetch_cpsc2018``: the archive is
 streamed to ``<name>.part`` beside the records folder (a partial file is resumed with an HTTP
-Range request, here and on the next run), renamed when complete, then its records are
-unpacked into the records folder. The archive is checked before anything is unpacked: a
-member that is a link or a device, whose path is absolute or climbs out with ``..``, or whose
-size is far beyond any CPSC2018 record's, refuses the whole archive, and a refused archive is
-removed. Each file is unpacked under a temporary name and renamed over its target, so a link
+Range request, here and on the next run; a ``.part`` that is a link is removed, never written
+through), renamed when complete, then its records are unpacked into the records folder, which
+the unpack holds (its lock) while it writes there. The archive is checked before anything is
+unpacked: a member that is a link or a device, whose path is absolute or climbs out with
+``..``, or whose size is far beyond any CPSC2018 record's, refuses the whole archive, and a
+refused archive is removed. Each file is unpacked under a temporary name and renamed over its target, so a link
 already in the records folder is replaced, never written through. With ``--sha256`` the
 archive's digest is checked before unpacking (a mismatch refuses and removes it); after
 unpacking, the records folder is checked against the record names of the official REFERENCE.csv
@@ -14,10 +15,12 @@ unpacking, the records folder is checked against the record names of the officia
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
 import shutil
+import stat
 import tarfile
 import time
 import urllib.error
@@ -30,7 +33,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from tqdm import tqdm
 
 from databases.cpsc2018 import REFERENCE_FILE, read_reference
-from plumbing.safe_writes import atomic_path
+from plumbing.safe_writes import FolderInUseError, atomic_path, lock_folder, remove_stale_temporaries
 
 # WFDB_CPSC2018.tar.gz of the PhysioNet/CinC Challenge 2021's public training data (listed under
 # "Data access" on https://moody-challenge.physionet.org/2021/): the 6877 CPSC2018 records as
@@ -95,7 +98,9 @@ def _fetch_once(url: str, partial: Path) -> None:
             offset = 0
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None else None
-        with open(partial, "ab" if resumed else "wb") as out, tqdm(
+        # O_NOFOLLOW: a link put in place of the .part since download() checked it is refused, not written through
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if resumed else os.O_TRUNC)
+        with open(os.open(partial, flags, 0o666), "ab" if resumed else "wb") as out, tqdm(
             total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
             desc=partial.name.removesuffix(".part"), disable=None,
         ) as bar:
@@ -122,6 +127,7 @@ def download(url: str, destination: Path) -> Path:
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(destination.name + ".part")
+    _no_link_to_resume(partial)
     for attempt in range(1, ATTEMPTS + 1):
         try:
             _fetch_once(url, partial)
@@ -137,8 +143,27 @@ def download(url: str, destination: Path) -> Path:
             if attempt == ATTEMPTS or not partial.exists() or isinstance(error, urllib.error.URLError):
                 kept = f"; {partial} is kept and the next run resumes it" if partial.exists() else ""
                 raise DownloadError(f"{url}: download failed ({reason}){kept}") from None
-    os.replace(partial, destination)
+    os.replace(partial, destination)  # a link at destination is replaced, its target left alone
     return destination
+
+
+def _no_link_to_resume(partial: Path) -> None:
+    """Leave ``partial`` a regular file to resume, or absent. A link there (planted, or left by a
+    copy) would send the download into its target, maybe outside this folder: it is removed and
+    the download starts afresh, since its target was never this download's to resume and
+    removing the link loses nothing. A folder or special file there may hold what is not ours
+    to remove (and a FIFO would block the write): refused."""
+    try:
+        mode = os.lstat(partial).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode):
+        print(f"{partial} is a link to {os.readlink(partial)}: removed (its target left alone); the download "
+              "starts afresh", flush=True)
+        partial.unlink()
+    elif not stat.S_ISREG(mode):
+        raise DownloadError(f"{partial}: not a regular file, so no partial download to resume; move it away "
+                            "and run again")
 
 
 def _member_problem(member: tarfile.TarInfo) -> str | None:
@@ -172,13 +197,15 @@ def _copy_member(source, target, size: int) -> None:
         target.write(chunk)
 
 
-def unpack_records(archive: Path, records_dir: Path) -> int:
+def unpack_records(archive: Path, records_dir: Path, locks: contextlib.ExitStack) -> int:
     """Unpack the .hea, .mat and REFERENCE.csv files of ``archive`` flat into ``records_dir``.
 
     The records may sit under any subfolder of the archive (WFDB_CPSC2018/, training/...):
     they are written by file name alone, as preprocess reads them. Every member is checked
-    before anything is written; a refused or damaged archive is removed. Returns the number of
-    files written; raises DownloadError.
+    before anything is written; a refused or damaged archive is removed. Once the archive
+    passes, ``records_dir``'s lock is entered into ``locks`` (the caller holds it for what it
+    writes there next) and the temporaries of an unpack killed before are removed. Returns the
+    number of files written; raises DownloadError (also when another process holds the folder).
     """
     try:
         tar = tarfile.open(archive, "r:gz")
@@ -204,7 +231,7 @@ def unpack_records(archive: Path, records_dir: Path) -> int:
         if total > MAX_TOTAL_BYTES:
             raise _refused(archive, f"its files hold {total} bytes, more than the {MAX_TOTAL_BYTES} that "
                                     "CPSC2018 could take")
-        records_dir.mkdir(parents=True, exist_ok=True)
+        _hold_records_dir(records_dir, locks)
         try:
             for member, name in tqdm(zip(wanted, names), total=len(wanted), desc="unpacking",
                                      unit="file", disable=None):
@@ -218,6 +245,20 @@ def unpack_records(archive: Path, records_dir: Path) -> int:
         except OSError as error:
             raise DownloadError(f"{records_dir / name}: cannot write ({error.strerror})") from None
     return len(wanted)
+
+
+def _hold_records_dir(records_dir: Path, locks: contextlib.ExitStack) -> None:
+    """Lock ``records_dir`` into ``locks`` and remove what an unpack killed while writing left there:
+    every unpack writes under this lock, so no temporary there belongs to a live one."""
+    try:
+        locks.enter_context(lock_folder(records_dir, "records folder"))
+        removed = remove_stale_temporaries(records_dir)
+    except FolderInUseError as error:
+        raise DownloadError(str(error)) from None
+    except OSError as error:
+        raise DownloadError(f"{error.filename or records_dir}: cannot write ({error.strerror})") from None
+    if removed:
+        print(f"removed {removed} temporary files an interrupted unpack left in {records_dir}", flush=True)
 
 
 def sha256_of(path: Path) -> str:
@@ -261,14 +302,14 @@ def fetch_cpsc2018(records_dir: Path, url: str = CPSC2018_ARCHIVE_URL, reference
     archive = download(url, archive_path(url, records_dir.parent))
     if sha256 is not None and (actual := sha256_of(archive)) != sha256.lower():
         raise _refused(archive, f"its SHA-256 is {actual}, not the {sha256.lower()} given with --sha256")
-    count = unpack_records(archive, records_dir)
-    note, check = "", ""
-    if reference is not None:
-        if not (records_dir / REFERENCE_FILE).exists():
+    note = ""
+    with contextlib.ExitStack() as locks:
+        count = unpack_records(archive, records_dir, locks)
+        if reference is not None and not (records_dir / REFERENCE_FILE).exists():
             listed = read_reference(reference)["Recording"]
             if all((records_dir / f"{name}.hea").is_file() for name in listed):
                 with atomic_path(records_dir / REFERENCE_FILE) as temporary:
                     shutil.copyfile(reference, temporary)
                 note = f", with {REFERENCE_FILE} from {reference}"
-        check = "\n" + records_check(records_dir, reference)
+    check = "\n" + records_check(records_dir, reference) if reference is not None else ""
     return f"unpacked {count} files from {archive} into {records_dir}/{note}{check}"

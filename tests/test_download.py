@@ -3,6 +3,7 @@ data/sample: a complete download, interrupted transfers that resume, HTTP and ne
 a file that is not a gzip tar, and malicious archives."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import socket
@@ -20,6 +21,7 @@ import pytest
 from databases.cpsc2018 import OFFICIAL_REFERENCE, read_reference
 from helpers import REPO
 from plumbing import download
+from plumbing.safe_writes import LOCK_NAME, lock_folder, temporary_path
 from preprocess import load_cache, main
 
 
@@ -127,7 +129,8 @@ def test_download_unpacks_flat_and_preprocesses(sample_dir, tmp_path, server, ca
     train = tmp_path / "CPSC2018" / "train"
     assert f"unpacked 36 files from {tmp_path / 'CPSC2018' / 'WFDB_CPSC2018.tar.gz'} into {train}/" in out
     assert "read 18 CPSC2018 records (wfdb form)" in out and "total skipped: 0" in out
-    assert sorted(path.name for path in train.iterdir()) == sorted(path.name for path in sample_dir.glob("A*"))
+    assert sorted(path.name for path in train.iterdir()) == sorted(
+        [LOCK_NAME, *(path.name for path in sample_dir.glob("A*"))])
     assert (tmp_path / "CPSC2018" / "WFDB_CPSC2018.tar.gz").read_bytes() == archive
     assert not list((tmp_path / "CPSC2018").glob("*.part"))
     cache = load_cache(tmp_path / "CPSC2018" / "processed")
@@ -249,6 +252,88 @@ def test_unpacking_replaces_links_in_the_records_folder_and_never_writes_through
         assert not (train / name).is_symlink() and (train / name).read_bytes() == (sample_dir / name).read_bytes()
 
 
+
+def test_a_partial_download_that_is_a_link_is_removed_never_written_through(sample_dir, tmp_path, server, capsys):
+    """A .part left as a link (planted, or by a copy) would send the archive's bytes to its target."""
+    archive = sample_archive(sample_dir)
+    server.files["/a.tar.gz"] = archive
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"someone else's file")
+    partial = tmp_path / "CPSC2018" / "a.tar.gz.part"
+    partial.parent.mkdir()
+    partial.symlink_to(outside)
+    assert run_download(tmp_path, server.url + "/a.tar.gz") == 0
+    assert outside.read_bytes() == b"someone else's file"
+    assert f"{partial} is a link to {outside}: removed (its target left alone); the download starts afresh" in (
+        capsys.readouterr().out)
+    assert server.requests == [("/a.tar.gz", None)]  # no Range: nothing of the target was counted as fetched
+    assert not partial.exists() and not partial.is_symlink()
+    assert (tmp_path / "CPSC2018" / "a.tar.gz").read_bytes() == archive
+
+
+
+def test_a_link_put_in_place_of_the_partial_download_after_the_check_is_not_written_through(
+        sample_dir, tmp_path, server, monkeypatch, one_error_line):
+    server.files["/a.tar.gz"] = sample_archive(sample_dir)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"someone else's file")
+    partial = tmp_path / "CPSC2018" / "a.tar.gz.part"
+    monkeypatch.setattr(download, "_no_link_to_resume", lambda path: path.symlink_to(outside))
+    assert run_download(tmp_path, server.url + "/a.tar.gz") == 1
+    assert "Too many levels of symbolic links" in one_error_line()
+    assert outside.read_bytes() == b"someone else's file" and partial.is_symlink()
+
+def test_a_partial_download_that_is_a_folder_is_refused_in_one_line(tmp_path, server, one_error_line):
+    partial = tmp_path / "CPSC2018" / "a.tar.gz.part"
+    (partial / "inside").mkdir(parents=True)
+    assert run_download(tmp_path, server.url + "/a.tar.gz") == 1
+    assert one_error_line() == (f"error: {partial}: not a regular file, so no partial download to resume; "
+                                "move it away and run again")
+    assert server.requests == [] and (partial / "inside").is_dir()
+
+
+def test_the_archive_replaces_a_link_at_its_destination_never_writes_through_it(sample_dir, tmp_path, server):
+    server.files["/a.tar.gz"] = sample_archive(sample_dir)
+    outside = tmp_path / "outside.tar.gz"
+    destination = tmp_path / "CPSC2018" / "a.tar.gz"
+    destination.parent.mkdir()
+    destination.symlink_to(outside)  # dangling: no archive yet, so the download runs
+    assert run_download(tmp_path, server.url + "/a.tar.gz") == 0
+    assert not outside.exists() and not destination.is_symlink()
+    assert destination.read_bytes() == server.files["/a.tar.gz"]
+
+
+def test_an_unpack_removes_the_temporaries_of_a_killed_unpack_and_nothing_else(sample_dir, tmp_path, server, capsys):
+    server.files["/a.tar.gz"] = sample_archive(sample_dir)
+    train = tmp_path / "CPSC2018" / "train"
+    train.mkdir(parents=True)
+    # as an unpack killed while writing leaves them: atomic_path's temporaries of a record and of REFERENCE.csv
+    left = [temporary_path(train / "A0001.mat"), temporary_path(train / "REFERENCE.csv"),
+            train / ".A0002.hea.4242.0123abcd.tmp"]
+    left[-1].write_bytes(b"half a header")
+    kept = {"notes.txt": b"mine", ".A0001.mat.tmp": b"mine too", "A9999.hea": b"a record of my own",
+            "sub/.A0003.mat.4242.0123abcd.tmp": b"another folder's"}
+    for name, content in kept.items():
+        (train / name).parent.mkdir(exist_ok=True)
+        (train / name).write_bytes(content)
+    download.fetch_cpsc2018(train, server.url + "/a.tar.gz")
+    assert not any(path.exists() for path in left)
+    assert all((train / name).read_bytes() == content for name, content in kept.items())
+    assert f"removed 3 temporary files an interrupted unpack left in {train}" in capsys.readouterr().out
+    assert (train / "A0001.mat").read_bytes() == (sample_dir / "A0001.mat").read_bytes()
+
+
+def test_a_second_unpack_into_a_records_folder_in_use_is_one_line(sample_dir, tmp_path, server, one_error_line):
+    server.files["/a.tar.gz"] = sample_archive(sample_dir)
+    train = tmp_path / "CPSC2018" / "train"
+    with lock_folder(train):  # as an unpack that is still writing
+        live = temporary_path(train / "A0001.mat")
+        assert run_download(tmp_path, server.url + "/a.tar.gz") == 1
+    assert one_error_line().startswith(f"error: {train}: this records folder is in use by process ")
+    assert live.exists() and sorted(path.name for path in train.iterdir()) == sorted([LOCK_NAME, live.name])
+    assert (tmp_path / "CPSC2018" / "a.tar.gz").read_bytes() == server.files["/a.tar.gz"]  # kept for the rerun
+
+
 def _archive_with(sample_dir: Path, name: str, size: int) -> bytes:
     """A tar.gz of data/sample's A0001 and a member ``name`` of ``size`` zero bytes."""
     member = tarfile.TarInfo(name)
@@ -276,8 +361,9 @@ def test_files_larger_together_than_cpsc2018_are_refused_before_unpacking(sample
     archive = tmp_path / "a.tar.gz"
     archive.write_bytes(sample_archive(sample_dir))
     monkeypatch.setattr(download, "MAX_TOTAL_BYTES", sum(path.stat().st_size for path in sample_dir.glob("A*")) - 1)
-    with pytest.raises(download.DownloadError, match="refused, nothing unpacked: its files hold .* bytes, more than"):
-        download.unpack_records(archive, tmp_path / "train")
+    with pytest.raises(download.DownloadError, match="refused, nothing unpacked: its files hold .* bytes, more than"), \
+            contextlib.ExitStack() as locks:
+        download.unpack_records(archive, tmp_path / "train", locks)
     assert not archive.exists() and not (tmp_path / "train").exists()
 
 
@@ -285,9 +371,10 @@ def test_a_member_with_more_data_than_its_header_says_is_cut_off(sample_dir, tmp
     archive = tmp_path / "a.tar.gz"
     archive.write_bytes(sample_archive(sample_dir))
     monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda tar, member: io.BytesIO(bytes(member.size + 1)))
-    with pytest.raises(download.DownloadError, match=r"damaged archive \(more data than the \d+ bytes its header"):
-        download.unpack_records(archive, tmp_path / "train")
-    assert not archive.exists() and not any((tmp_path / "train").iterdir())
+    with pytest.raises(download.DownloadError, match=r"damaged archive \(more data than the \d+ bytes its header"), \
+            contextlib.ExitStack() as locks:
+        download.unpack_records(archive, tmp_path / "train", locks)
+    assert not archive.exists() and [path.name for path in (tmp_path / "train").iterdir()] == [LOCK_NAME]
 
 
 def test_a_refused_archive_is_not_reused_by_a_download_from_another_address(sample_dir, tmp_path, server):
