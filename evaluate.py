@@ -194,8 +194,10 @@ def robustness_sweep(model: torch.nn.Module, loader, sweep: str, device: torch.d
                             own[rows] = torch.where(clean[rows] == y[rows],
                                                     model(x_noisy, mask[rows]).argmax(dim=1), clean[rows])
                         attacked[i] += len(rows)
-                        for j, name in enumerate(attack_names):
-                            broken_by[i, j] += by.count(name)
+                        if chosen.ensemble:  # each record counted once: at the level that first broke it
+                            first = [b for b, unbroken in zip(by, (kept[rows] == y[rows]).tolist()) if unbroken]
+                            for j, name in enumerate(attack_names):
+                                broken_by[i, j] += first.count(name)
                     if envelope:
                         kept = torch.where(kept == y, own, kept)
                 truth = y.cpu().numpy()

@@ -325,11 +325,26 @@ def certified_section(plan: Preset, ready: list, result_dir: Path, rel) -> list[
     one is removed) when no run was certified."""
     figure = result_dir / "compare" / CERTIFIED_FIGURE
     sigmas = plan.certify.sigmas if plan.certify else ()
-    found = {(job.run_dir.name, sigma): compare.read_certificate(path) for job in ready for sigma in sigmas
-             if (path := compare.certificate_path(job.run_dir, sigma)).is_file()}
+    found, left_out = {}, []
+    for job in ready:
+        for sigma in sigmas:
+            path = compare.certificate_path(job.run_dir, sigma)
+            if not path.is_file():
+                continue
+            certificate, model = compare.read_certificate(path), job.run_dir / "model.pt"
+            if certificate["settings"].get("split") != "test":  # certify.py --split val writes the same file
+                left_out.append(f"`{rel(path)}` (the {certificate['settings'].get('split')} split)")
+            elif model.is_file() and path.stat().st_mtime < model.stat().st_mtime:
+                left_out.append(f"`{rel(path)}` (older than the run's model.pt)")
+            else:
+                found[job.run_dir.name, sigma] = certificate
     if not found:
         figure.unlink(missing_ok=True)
-        return []
+    if left_out:
+        left_out = [f"Left out: {', '.join(left_out)}; `reproduce.py` certifies these runs again on the test "
+                    "split.", ""]
+    if not found:
+        return ["## Certified robustness (randomized smoothing)", "", *left_out] if left_out else []
     lines = ["## Certified robustness (randomized smoothing)", "",
              "The attacks above measure empirical robustness, an upper bound on the model's robustness: a "
              "stronger attack can only lower it. Certified accuracy is a guarantee, but for the smoothed model "
@@ -338,7 +353,7 @@ def certified_section(plan: Preset, ready: list, result_dir: Path, rel) -> list[
              "model classifies it correctly and, with probability at least 1 - alpha, no perturbation of its "
              "signal of L2 norm below r changes that (Cohen, Rosenfeld and Kolter 2019; `certify.py`, PROTOCOL "
              "section 10). The radius is in the units of the `pgd_l2` sweep (the model input). Abstentions count "
-             "as wrong. Split: test.", ""]
+             "as wrong. Split: test.", "", *left_out]
     radii = next(iter(found.values()))["certified_accuracy"]["radii"]
     lines += ["| run | sigma | " + " | ".join(f"r = {r:g}" for r in radii) + " | abstained | records | n0 | n | "
               "alpha | time |", "|---|" + "---|" * (len(radii) + 7)]

@@ -77,7 +77,11 @@ class ArchiveServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                pass  # a client that hangs up mid-response (a refused write) is no test output
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         # shutdown() waits up to one poll interval (default 0.5 s)
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.01,), daemon=True)

@@ -302,18 +302,27 @@ def test_attack_sweeps_report_the_envelope_and_attack_only_the_survivors(monkeyp
         assert result["attacked"] == [0, 3, 2, 2, 2, 2, 2, 1, 1] and "per_level" not in result
 
 
-def test_ensemble_sweeps_count_who_broke_each_record_and_run_autoattacks_checks():
+@pytest.mark.parametrize("per_level", [False, True])
+def test_ensemble_sweeps_count_who_broke_each_record_and_run_autoattacks_checks(per_level):
     torch.manual_seed(0)
     model = LinearModel(torch.randn(9, 2, 32))
     x, mask = 0.1 * torch.randn(4, 2, 32), torch.ones(4, 1, 32)
     with torch.no_grad():
         y = model(x, mask).argmax(dim=1)
-    result = evaluate.robustness_sweep(model, [(x, y, mask)], "autoattack", torch.device("cpu"), steps=2, restarts=1)
+    result = evaluate.robustness_sweep(model, [(x, y, mask)], "autoattack", torch.device("cpu"), steps=2, restarts=1,
+                                       per_level=per_level)
     assert result["ensemble_version"] == "standard" and list(result["broken_by"]) == ["apgd-ce", "apgd-t", "square"]
     broken = np.sum(list(result["broken_by"].values()), axis=0)  # per level
-    # Each level attacks the records no lower level broke.
-    assert result["attacked"][1] == 4 and all(result["attacked"][i + 1] == result["attacked"][i] - broken[i]
-                                              for i in range(1, 8))
+    # Each record is counted once, at the level that first broke it (also when every level attacks
+    # every record): the envelope's correct records fall by the level's count.
+    right = [int(np.trace(cm)) for cm in result["confusion_matrix"]]
+    assert right[0] == 4 and list(broken[1:]) == [right[i - 1] - right[i] for i in range(1, 9)]
+    assert broken.sum() == 4 - right[-1]
+    if per_level:
+        assert result["attacked"][1:] == [4] * 8
+    else:  # each level attacks the records no lower level broke
+        assert result["attacked"][1] == 4 and all(result["attacked"][i + 1] == result["attacked"][i] - broken[i]
+                                                  for i in range(1, 8))
     assert result["checks"] == {"randomized": 0, "probabilities": 0, "zero_gradients": 0, "n": 4}
     assert (result["warnings"] == []) == (sum(result["broken_by"]["square"]) == 0)
 

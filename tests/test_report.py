@@ -1,5 +1,6 @@
 """analysis/report.py: the reproduction report, built from result files written directly (no training)."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ import pytest
 import config
 import reproduce
 from analysis.compare import EvaluationError, compare_runs
+from analysis import report as report_module
 from analysis.report import Timings, build_report
 from helpers import certificate
 
@@ -90,6 +92,30 @@ def test_a_report_without_certified_runs_has_no_certified_section_and_no_stale_f
     figure.write_bytes(b"an earlier report's figure")
     report, _ = smoke_report(tmp_path, fake_run, {"CE": {}})
     assert "Certified robustness" not in report and not figure.exists()
+
+
+def test_a_certificate_of_another_split_or_older_than_the_model_is_left_out_and_named(tmp_path, fake_run):
+    validation = certificate([(0.3, True)])
+    validation["settings"]["split"] = "val"
+    report, _ = smoke_report(tmp_path, fake_run, {"CE": {}, "NSR": {}},
+                             {"CE": validation, "NSR": certificate([(0.3, True), (0.6, True)])})
+    section = report.split("## Certified robustness (randomized smoothing)")[1].split("\n## ")[0]
+    assert "Left out: `CE/certify_0.25.json` (the val split)" in section
+    assert [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| ") and "---" not in line] == [
+        "| run", "| NSR"]
+    run = tmp_path / "stale"
+    (run / "result" / "CE").mkdir(parents=True)
+    (run / "result" / "CE" / "certify_0.25.json").write_text(json.dumps(certificate([(0.3, True)])))
+    (run / "result" / "CE" / "model.pt").write_bytes(b"retrained after the certification")
+    certified = run / "result" / "CE" / "certify_0.25.json"
+    os.utime(certified, (certified.stat().st_mtime - 60,) * 2)
+    job = reproduce.Job("CE", reproduce.SCRIPTS["CE"], [], config.parse_script(reproduce.SCRIPTS["CE"], ["--preset", "smoke"]),
+                        run / "result" / "CE")
+    lines = report_module.certified_section(config.PRESETS["smoke"], [job], run / "result",
+                                            lambda path: path.relative_to(run / "result").as_posix())
+    assert lines == ["## Certified robustness (randomized smoothing)", "",
+                     "Left out: `CE/certify_0.25.json` (older than the run's model.pt); `reproduce.py` certifies "
+                     "these runs again on the test split.", ""]
 
 
 def test_a_malformed_certificate_is_refused_naming_the_file(tmp_path, fake_run):
