@@ -473,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.download or args.url or args.sha256:
         try:
             print(fetch_cpsc2018(Path(args.raw_dir), args.url or CPSC2018_ARCHIVE_URL, OFFICIAL_REFERENCE, args.sha256))
-        except DownloadError as error:
+        except (DownloadError, OSError) as error:  # OSError: a file that could not be written
             print(f"error: {error}", file=sys.stderr)
             return 1  # the download failed while running
     try:

@@ -125,6 +125,18 @@ def run_download(tmp_path: Path, url: str) -> int:
                  "--test-per-class", "0"])
 
 
+def test_a_file_the_download_cannot_write_is_one_line(sample_dir, tmp_path, server, monkeypatch, one_error_line):
+    server.files["/a.tar.gz"] = sample_archive(sample_dir)
+    target = tmp_path / "CPSC2018" / "train" / "REFERENCE.csv"
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device", str(target))
+
+    monkeypatch.setattr(download, "unpack_records", full_disk)
+    assert run_download(tmp_path, server.url + "/a.tar.gz") == 1
+    assert one_error_line() == f"error: [Errno 28] No space left on device: '{target}'"
+
+
 def test_download_unpacks_flat_and_preprocesses(sample_dir, tmp_path, server, capsys):
     archive = sample_archive(sample_dir, folder="training/cpsc_2018/g1")
     server.files["/WFDB_CPSC2018.tar.gz"] = archive
