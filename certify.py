@@ -116,7 +116,7 @@ def certify(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, sigma: 
     guess = selection.argmax(dim=1)
     estimation = noise_counts(model, x, mask, sigma, n, batch_size, generator)
     p_lower = lower_confidence_bound(estimation.gather(1, guess[:, None])[:, 0].numpy(), n, alpha)
-    certified = p_lower > 0.5
+    certified = p_lower >= 0.5  # Cohen et al.'s rule: abstain below one half, radius 0 at it
     radius = np.where(certified, sigma * norm.ppf(np.where(certified, p_lower, 0.5)), 0.0)
     prediction = torch.where(torch.from_numpy(certified), guess, torch.full_like(guess, ABSTAIN))
     return prediction, torch.from_numpy(radius)

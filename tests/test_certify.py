@@ -110,6 +110,15 @@ def two_sided_p_value(count1: int, count2: int) -> float:
     return min(1.0, 2 * binomial_tail(count1, count1 + count2, 0.5))
 
 
+def test_certify_abstains_below_a_lower_bound_of_one_half_and_certifies_radius_zero_at_it(monkeypatch):
+    counts = torch.tensor([[0, 9, 1], [8, 2, 0], [0, 3, 7]])
+    monkeypatch.setattr(certify, "noise_counts", lambda *args: counts)
+    monkeypatch.setattr(certify, "lower_confidence_bound", lambda *args: np.array([0.5, 0.4999, 0.8]))
+    predicted, radius = certify.certify(nn.Identity(), torch.zeros(3, 1, 8), torch.ones(3, 1, 8), 0.25, 10, 10)
+    assert predicted.tolist() == [1, certify.ABSTAIN, 2]
+    assert radius.tolist() == [0.0, 0.0, pytest.approx(0.25 * 0.8416212335729143)]  # sigma Phi^-1(0.8)
+
+
 def test_predict_abstains_exactly_when_the_binomial_test_is_not_significant(monkeypatch):
     counts = torch.tensor([[60, 40, 0], [0, 30, 70], [5, 52, 48], [90, 0, 10], [50, 50, 0]])
     monkeypatch.setattr(certify, "noise_counts", lambda *args: counts)
