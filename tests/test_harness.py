@@ -645,3 +645,29 @@ def test_a_collapsed_guard_stops_the_run_and_the_best_epoch_is_its_model(tiny_ca
     stopped = {"epoch": 2, "guard_accuracy": 0.1, "best_epoch": 1, "best_guard_accuracy": 0.8}
     assert json.loads((run / "eval_test.json").read_text())["settings"]["stopped_early"] == stopped
     assert torch.load(run / "model.pt", weights_only=True)["config"]["stopped_early"] == stopped
+
+
+def test_a_signal_while_the_guard_collapses_then_resume_still_stops_at_the_best_epoch(tiny_cache, tmp_path):
+    """SIGTERM arrives during the epoch whose guard collapses: last.pt already holds the collapsed
+    weights and no model.pt is written; --resume must not train on from them but stop again,
+    with the best epoch's model and stopped_early, as the uninterrupted run."""
+    sequence, kill = {0: 0.5, 1: 0.8, 2: 0.1, 3: 0.9}, {"at": None}
+
+    def stubbed_guard(model, x, y, mask, epoch, cfg):
+        if epoch == kill["at"]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return sequence[epoch]
+
+    script = script_with(SCRIPTS["fast_adv"], guard=stubbed_guard, loss_fn=ce_loss)
+    flags = ("--epochs", "4", "--max_batches", "1", "--checkpoint_every", "1", "--run_name", "F")
+    assert harness.main(script, argv=tiny_flags(tiny_cache, tmp_path / "a", *flags)) == 0
+    kill["at"] = 2
+    assert harness.main(script, argv=tiny_flags(tiny_cache, tmp_path / "b", *flags)) == 128 + signal.SIGTERM
+    assert not (tmp_path / "b" / "F" / "model.pt").exists()
+    kill["at"] = None
+    assert harness.main(script, argv=tiny_flags(tiny_cache, tmp_path / "b", *flags, "--resume")) == 0
+    uninterrupted, resumed = tmp_path / "a" / "F", tmp_path / "b" / "F"
+    assert_same_weights(weights(uninterrupted / "model.pt"), weights(resumed / "model.pt"))
+    assert [h["guard_accuracy"] for h in json.loads((resumed / "history.json").read_text())] == [0.5, 0.8, 0.1]
+    stopped = {"epoch": 2, "guard_accuracy": 0.1, "best_epoch": 1, "best_guard_accuracy": 0.8}
+    assert torch.load(resumed / "model.pt", weights_only=True)["config"]["stopped_early"] == stopped

@@ -250,9 +250,14 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path, cache: Cache,
         on_main_process(lambda: record_settings(cfg, device, run_dir))
     model = distributed_model(model, device)
     batches_per_epoch = min(len(train_loader), cfg.max_batches or len(train_loader))
+    # A resumed run whose guard had collapsed (a signal or a kill came before its model.pt) stops again.
+    stopped = bool(guard and progress.history) and collapsed([h.get("guard_accuracy") for h in progress.history],
+                                                             cfg.overfit_drop)
+    if stopped:
+        stop_collapsed(cfg, model, progress.history, run_dir)
     # the loop
     with _StopRequest() as stop:
-        while progress.epoch < cfg.epochs:
+        while not stopped and progress.epoch < cfg.epochs:
             set_loader_epoch(train_loader, progress.epoch, start=progress.batch * batch_size)
             model.train()
             started = time.time() - progress.running.get("seconds", 0.0)
