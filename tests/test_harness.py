@@ -647,6 +647,20 @@ def test_a_collapsed_guard_stops_the_run_and_the_best_epoch_is_its_model(tiny_ca
     assert torch.load(run / "model.pt", weights_only=True)["config"]["stopped_early"] == stopped
 
 
+def test_a_guarded_run_resumes_only_with_the_guards_batch_size(tiny_cache, tmp_path, capsys, one_error_line):
+    script = script_with(SCRIPTS["fast_adv"], guard=lambda *args: 0.5, loss_fn=ce_loss)
+    flags = ("--epochs", "2", "--max_batches", "1", "--run_name", "F")
+    assert harness.main(script, argv=tiny_flags(tiny_cache, tmp_path, *flags, "--epochs", "1")) == 0
+    capsys.readouterr()
+    assert harness.main(script, argv=tiny_flags(tiny_cache, tmp_path, *flags, "--resume", "--eval_batch_size", "4")) == 2
+    assert one_error_line() == f"error: --resume: {tmp_path / 'F'} was trained with --eval_batch_size 18, not 4"
+    assert harness.main(script_with(SCRIPTS["CE"], loss_fn=ce_loss),  # unguarded: the size is free
+                        argv=tiny_flags(tiny_cache, tmp_path, "--epochs", "1", "--max_batches", "1", "--run_name", "C")) == 0
+    assert harness.main(script_with(SCRIPTS["CE"], loss_fn=ce_loss), argv=tiny_flags(
+        tiny_cache, tmp_path, "--epochs", "2", "--max_batches", "1", "--run_name", "C", "--resume",
+        "--eval_batch_size", "4")) == 0
+
+
 def test_a_signal_while_the_guard_collapses_then_resume_still_stops_at_the_best_epoch(tiny_cache, tmp_path):
     """SIGTERM arrives during the epoch whose guard collapses: last.pt already holds the collapsed
     weights and no model.pt is written; --resume must not train on from them but stop again,

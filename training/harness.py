@@ -246,7 +246,9 @@ def train(cfg: SimpleNamespace, loss_fn: LossFn, run_dir: Path, cache: Cache,
     optimizer = make_optimizer(model, cfg.lr, device)
     progress = Progress()
     if cfg.resume:
-        progress = resume(cfg, run_dir, model, optimizer, train_loader.generator, hyperparameters)
+        # the guard scores a batch of eval_batch_size records: another size would change its decisions
+        kept = (*hyperparameters, "eval_batch_size") if guard else hyperparameters
+        progress = resume(cfg, run_dir, model, optimizer, train_loader.generator, kept)
         on_main_process(lambda: record_settings(cfg, device, run_dir))
     model = distributed_model(model, device)
     batches_per_epoch = min(len(train_loader), cfg.max_batches or len(train_loader))
