@@ -58,7 +58,9 @@ CITATION = """@inproceedings{ma2020enhance,
 # The training settings that describe a run's inputs and schedule (the rest: config.json's "training").
 SCHEDULE_KEYS = ("model", "epochs", "batch_size", "lr", "seed", "max_length", "random_pad", "bucket")
 # What a run's saved settings hold besides TRAIN_DEFAULTS' and its method's hyperparameters.
-RUN_RECORD_KEYS = ("method", "preset", "data_fingerprint")
+RUN_RECORD_KEYS = ("method", "preset", "data_fingerprint", "stopped_early")
+# Training settings outside the method's that change what the model learns when set (non-zero).
+TRAINING_EXTRAS = ("noise_sd",)
 
 
 class ExportError(Exception):
@@ -163,6 +165,15 @@ def data_text(settings: dict) -> str:
         lines += ["", "Data fingerprint of the training run: " + ", ".join(f"{k} {v}" for k, v in fingerprint.items())
                   + "."]
     return "\n".join(lines)
+
+
+def stopped_text(stopped) -> str:
+    """The sentence (and a line break) on the epoch the weights come from when the run's guard
+    stopped it early (training.harness.stop_collapsed's record); "" otherwise."""
+    if not isinstance(stopped, dict):
+        return ""
+    return (f"Training stopped early at epoch {stopped.get('epoch')} (catastrophic overfitting); the weights are "
+            f"epoch {stopped.get('best_epoch')}'s, the best guard accuracy {stopped.get('best_guard_accuracy'):.3f}.\n")
 
 
 def is_synthetic(settings: dict) -> bool:
@@ -275,7 +286,8 @@ def model_card(config: dict, results: dict, eps: float, split: str, license_name
     steps = config["preprocessing"]
     schedule = ", ".join(f"{key} {settings[key]}" for key in SCHEDULE_KEYS if key in settings)
     hyperparameters = {key: value for key, value in settings.items()
-                       if key not in (*TRAIN_DEFAULTS, *RUN_RECORD_KEYS, *SCHEDULE_KEYS)}
+                       if key not in (*TRAIN_DEFAULTS, *RUN_RECORD_KEYS, *SCHEDULE_KEYS)
+                       or key in TRAINING_EXTRAS and value}
     body = f"""
 # {name}: {settings['model']} trained with {settings['method']}
 
@@ -318,7 +330,7 @@ order of config.json's "classes".
 {method_text(settings['method'])}
 
 Settings: {schedule}; method settings: {', '.join(f'{k} {v}' for k, v in hyperparameters.items()) or 'none'}.
-Every setting of the run is in config.json's "training".
+{stopped_text(settings.get('stopped_early'))}Every setting of the run is in config.json's "training".
 
 ## Evaluation
 

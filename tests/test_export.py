@@ -57,6 +57,13 @@ def evaluated_run(untrained_run, fake_run, tmp_path):
     return run
 
 
+def write_model_settings(run: Path, **settings) -> None:
+    """Add ``settings`` to those saved in the run's model.pt (as training records them)."""
+    checkpoint = torch.load(run / "model.pt", weights_only=True)
+    checkpoint["config"].update(settings)
+    torch.save(checkpoint, run / "model.pt")
+
+
 def front_matter(card: str) -> tuple[dict, str]:
     """(the YAML front matter, the Markdown after it) of a model card."""
     assert card.startswith("---\n")
@@ -244,3 +251,15 @@ def test_a_malformed_result_file_is_refused_in_one_line_naming_it(evaluated_run,
     assert export.main([str(evaluated_run), str(tmp_path / "out")]) == 2
     assert one_error_line().startswith(f"error: {evaluated_run / name}: {problem}")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_card_names_the_training_noise_and_the_epoch_an_early_stopped_run_keeps(untrained_run, tmp_path):
+    run = untrained_run(tmp_path / "CE", 0, "--noise_sd", "0.1")
+    write_model_settings(run, stopped_early={"epoch": 7, "guard_accuracy": 0.05, "best_epoch": 5,
+                                             "best_guard_accuracy": 0.625})
+    assert export.main([str(run), str(tmp_path / "out")]) == 0
+    body = front_matter((tmp_path / "out" / "README.md").read_text())[1]
+    assert "method settings: noise_sd 0.1." in body
+    assert ("Training stopped early at epoch 7 (catastrophic overfitting); the weights are epoch 5's, the best "
+            "guard accuracy 0.625.") in body
+    assert "{" not in body.split("## Method")[1].split("## Evaluation")[0]
