@@ -7,9 +7,11 @@ other code can read, and that ``ECG_CNN.from_pretrained`` loads back (docs/USAGE
 Writes into OUT_DIR only: model.safetensors and config.json (plumbing/pretrained.py), README.md
 (a model card: YAML front matter in the Hub's conventions, then what the model is for, its data,
 method and the run's evaluation tables) and, when the run has an ``autoattack`` sweep,
-robustness.json (a RobustBench-style entry at --eps). The numbers are those evaluate.py wrote
-into the run folder; nothing here runs the model. A run without a finished model (model.pt) is
-refused, and so is a non-empty OUT_DIR unless --overwrite (which replaces an earlier export only).
+robustness.json (a RobustBench-style entry at --eps). The numbers are those evaluate.py and
+certify.py wrote into the run folder; nothing here runs the model. A result file older than the
+run's model.pt (an earlier model's) is left out, named in one line. A run without a finished model
+(model.pt) is refused, and so is a non-empty OUT_DIR unless --overwrite (which replaces an earlier
+export only).
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCardData
 
-from analysis.compare import EvaluationError, masking_check, masking_check_markdown, read_clean, read_sweeps, sweep_table
+from analysis.compare import (EvaluationError, masking_check, masking_check_markdown, read_certificate, read_clean,
+                              read_sweeps, sweep_table)
 from analysis.metrics import SWEEP_METRICS, scores_table, to_markdown
 from perturbations.autoattack import ENSEMBLE_VERSIONS
 from config import METHODS, PRESETS, SWEEPS, TRAIN_DEFAULTS, Sweep
@@ -55,7 +58,9 @@ CITATION = """@inproceedings{ma2020enhance,
 # The training settings that describe a run's inputs and schedule (the rest: config.json's "training").
 SCHEDULE_KEYS = ("model", "epochs", "batch_size", "lr", "seed", "max_length", "random_pad", "bucket")
 # What a run's saved settings hold besides TRAIN_DEFAULTS' and its method's hyperparameters.
-RUN_RECORD_KEYS = ("method", "preset", "data_fingerprint")
+RUN_RECORD_KEYS = ("method", "preset", "data_fingerprint", "stopped_early")
+# Training settings outside the method's that change what the model learns when set (non-zero).
+TRAINING_EXTRAS = ("noise_sd",)
 
 
 class ExportError(Exception):
@@ -76,36 +81,40 @@ def finished_model(run_dir: Path):
         raise ExportError(str(error)) from None
 
 
-def read_results(run_dir: Path, split: str) -> dict:
-    """The run's evaluation on ``split``: "clean" (or None) and "sweeps" ({} when none) as
-    evaluate.py wrote them, and "certified" ({sigma: its (radius, certified accuracy) rows}) from
-    certify.py's certify_<sigma>.json files."""
+def read_results(run_dir: Path, split: str) -> tuple[dict, list[str]]:
+    """(the run's evaluation on ``split``, a note on each result file left out). The evaluation:
+    "clean" (or None) and "sweeps" ({} when none) as evaluate.py wrote them, and "certified"
+    ({sigma: its (radius, certified accuracy) rows}) from certify.py's certify_<sigma>.json files
+    of ``split``. A result file older than the run's model.pt is that of an earlier model: left out."""
+    model_time = (run_dir / "model.pt").stat().st_mtime
+    notes = []
+
+    def current(path: Path) -> bool:
+        if path.stat().st_mtime >= model_time:
+            return True
+        notes.append(f"{path}: older than the run's model.pt (evaluate or certify the run again)")
+        return False
+
     clean_file, sweeps_file = run_dir / f"eval_{split}.json", run_dir / f"robustness_{split}.json"
-    certified = {}
-    for path in sorted(run_dir.glob("certify_*.json")):
-        content = read_json(path)
-        rows = certified_rows(path, content)  # refuses content that is not a certify.py result
-        certified[content.get("sigma", path.stem.removeprefix("certify_"))] = rows
     try:
-        return {"clean": read_clean(clean_file) if clean_file.is_file() else None,
-                "sweeps": read_sweeps(sweeps_file) if sweeps_file.is_file() else {},
-                "certified": certified}
+        results = {"clean": read_clean(clean_file) if clean_file.is_file() and current(clean_file) else None,
+                   "sweeps": read_sweeps(sweeps_file) if sweeps_file.is_file() and current(sweeps_file) else {},
+                   "certified": {}}
+        certificates = [(path, read_certificate(path)) for path in sorted(run_dir.glob("certify_*.json"))
+                        if current(path)]
     except EvaluationError as error:
         raise ExportError(str(error)) from None
-
-
-def certified_rows(path: Path, content) -> list[tuple[float, float]]:
-    """(radius, certified accuracy) rows of a certify file's content: its "certified_accuracy",
-    either {radius: accuracy} or a list of {"radius", "accuracy"}; ExportError naming ``path`` else."""
-    table = content.get("certified_accuracy") if isinstance(content, dict) else None
-    try:
-        if isinstance(table, dict):
-            return [(float(radius), float(accuracy)) for radius, accuracy in table.items()]
-        if isinstance(table, list):
-            return [(float(row["radius"]), float(row["accuracy"])) for row in table]
-    except (KeyError, TypeError, ValueError):
-        pass
-    raise ExportError(f"{path}: no certified_accuracy table of radii and accuracies: not a certify.py result")
+    version = autoattack_version(results["sweeps"].get(AUTOATTACK_SWEEP, {}))
+    if not isinstance(version, str) or version not in ENSEMBLE_VERSIONS:
+        raise ExportError(f"{sweeps_file}: '{AUTOATTACK_SWEEP}' ran an unknown ensemble_version {version!r} "
+                          f"({', '.join(ENSEMBLE_VERSIONS)}): evaluate the run again")
+    for path, content in sorted(certificates, key=lambda item: item[1]["settings"]["sigma"]):
+        if content["settings"].get("split") != split:  # certify.py --split val writes the same file
+            notes.append(f"{path}: a certification of the {content['settings'].get('split')} split, not of {split}")
+            continue
+        table = content["certified_accuracy"]
+        results["certified"][f"{content['settings']['sigma']:g}"] = list(zip(table["radii"], table["accuracy"]))
+    return results, notes
 
 
 def autoattack_version(sweep: dict) -> str:
@@ -156,6 +165,15 @@ def data_text(settings: dict) -> str:
         lines += ["", "Data fingerprint of the training run: " + ", ".join(f"{k} {v}" for k, v in fingerprint.items())
                   + "."]
     return "\n".join(lines)
+
+
+def stopped_text(stopped) -> str:
+    """The sentence (and a line break) on the epoch the weights come from when the run's guard
+    stopped it early (training.harness.stop_collapsed's record); "" otherwise."""
+    if not isinstance(stopped, dict):
+        return ""
+    return (f"Training stopped early at epoch {stopped.get('epoch')} (catastrophic overfitting); the weights are "
+            f"epoch {stopped.get('best_epoch')}'s, the best guard accuracy {stopped.get('best_guard_accuracy'):.3f}.\n")
 
 
 def is_synthetic(settings: dict) -> bool:
@@ -268,7 +286,8 @@ def model_card(config: dict, results: dict, eps: float, split: str, license_name
     steps = config["preprocessing"]
     schedule = ", ".join(f"{key} {settings[key]}" for key in SCHEDULE_KEYS if key in settings)
     hyperparameters = {key: value for key, value in settings.items()
-                       if key not in (*TRAIN_DEFAULTS, *RUN_RECORD_KEYS, *SCHEDULE_KEYS)}
+                       if key not in (*TRAIN_DEFAULTS, *RUN_RECORD_KEYS, *SCHEDULE_KEYS)
+                       or key in TRAINING_EXTRAS and value}
     body = f"""
 # {name}: {settings['model']} trained with {settings['method']}
 
@@ -311,7 +330,7 @@ order of config.json's "classes".
 {method_text(settings['method'])}
 
 Settings: {schedule}; method settings: {', '.join(f'{k} {v}' for k, v in hyperparameters.items()) or 'none'}.
-Every setting of the run is in config.json's "training".
+{stopped_text(settings.get('stopped_early'))}Every setting of the run is in config.json's "training".
 
 ## Evaluation
 
@@ -357,12 +376,12 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def export(run_dir: Path, out_dir: Path, eps: float = DEFAULT_EPS, split: str = "test",
-           license_name: str = DEFAULT_LICENSE, overwrite: bool = False) -> list[str]:
+           license_name: str = DEFAULT_LICENSE, overwrite: bool = False) -> tuple[list[str], list[str]]:
     """Write the model folder of ``run_dir`` (its finished model and results) into ``out_dir``,
-    holding its lock; returns the names of the files written. The run is read and checked before
-    ``out_dir`` is touched (ExportError)."""
+    holding its lock; returns (the names of the files written, read_results' notes on the result
+    files left out). The run is read and checked before ``out_dir`` is touched (ExportError)."""
     model, settings = finished_model(run_dir)
-    results = read_results(run_dir, split)
+    results, notes = read_results(run_dir, split)
     config = model_config(model, settings, read_json(run_dir / "config.json") or {})
     aa_sweep = results["sweeps"].get(AUTOATTACK_SWEEP)
     if aa_sweep and accuracy_at(aa_sweep, eps) is None:
@@ -380,7 +399,7 @@ def export(run_dir: Path, out_dir: Path, eps: float = DEFAULT_EPS, split: str = 
             written.append(ROBUSTNESS_FILE)
         for stale in set(EXPORT_FILES) - set(written):  # an earlier export's, that this run does not have
             (out_dir / stale).unlink(missing_ok=True)
-    return written
+    return written, notes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -397,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_flag("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR")
     try:
         args = parser.parse_args(argv)
-        written = export(Path(args.run), Path(args.out_dir), args.eps, args.split, args.license_name, args.overwrite)
+        written, notes = export(Path(args.run), Path(args.out_dir), args.eps, args.split, args.license_name, args.overwrite)
     except (ExportError, ConfigError, FolderInUseError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -405,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"exported {args.run} to {args.out_dir}/: {', '.join(written)}")
+    for note in notes:
+        print(f"note: left out {note}")
     if ROBUSTNESS_FILE not in written:
         print(f"note: no {ROBUSTNESS_FILE}: the run has no {AUTOATTACK_SWEEP} sweep on its {args.split} split "
               f"(python evaluate.py {args.run} --sweeps {AUTOATTACK_SWEEP},...)")
