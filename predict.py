@@ -11,8 +11,8 @@ path of the evaluation exactly: read by cpsc2018.py's readers, stored as the cac
 config.json settings, batched as evaluate.py batches. Prints each record's class
 probabilities and predicted class (--json: one JSON object).
 
-A record the model cannot take (unreadable, other leads, too short) is one line on stderr
-naming it, and the others are still classified. Exit status: 0 every record classified, 1 some
+A record the model cannot take (unreadable, other leads, too short, probabilities not finite) is
+one line on stderr naming it, and the others are still classified. Exit status: 0 every record classified, 1 some
 record could not be, 2 refused before running (the model, the flags).
 """
 from __future__ import annotations
@@ -87,6 +87,10 @@ def predict_records(model: torch.nn.Module, paths: list[Path], device: torch.dev
     predictions = []
     if signals:
         for path, row in zip(taken, class_probabilities(model, signals, device)):
+            if not np.isfinite(row).all():  # logits that overflowed: no class to name, and JSON holds no NaN
+                failed.append({"record": str(path),
+                               "reason": "the model's probabilities are not finite (NaN or infinity)"})
+                continue
             predictions.append({"record": str(path), "predicted": CLASSES[int(row.argmax())],
                                 "probabilities": dict(zip(CLASSES, row.round(6).tolist()))})
     return predictions, failed
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {failure['record']}: {failure['reason']}", file=sys.stderr)
     if args.json:
         print(json.dumps({"model": args.model, "classes": list(CLASSES), "predictions": predictions, "failed": failed},
-                         indent=2))
+                         indent=2, allow_nan=False))
     elif predictions:
         print(table(predictions))
     return 1 if failed else 0

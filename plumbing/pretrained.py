@@ -85,7 +85,7 @@ def _config_problem(config, architectures) -> str | None:
     if (config["format"], config["format_version"]) != (FORMAT, FORMAT_VERSION):
         return (f"format {config['format']!r} version {config['format_version']!r}, this code reads "
                 f"{FORMAT!r} version {FORMAT_VERSION}")
-    if config["architecture"] not in architectures:
+    if not isinstance(config["architecture"], str) or config["architecture"] not in architectures:
         return f"unknown architecture {config['architecture']!r} (known: {', '.join(architectures)})"
     arguments, steps = config["architecture_args"], config["preprocessing"]
     if not isinstance(arguments, dict) or set(arguments) != {"in_leads", "num_classes"} or not all(
@@ -102,15 +102,20 @@ def _config_problem(config, architectures) -> str | None:
     expected = preprocessing(steps["max_length"], steps["input_length"], steps["bucket"])
     if arguments["in_leads"] != len(expected["leads"]):
         return f"in_leads {arguments['in_leads']}: this code feeds the {len(expected['leads'])} leads {', '.join(expected['leads'])}"
-    different = [key for key in PREPROCESSING_KEYS if steps[key] != expected[key]]
-    if different:
-        return f"preprocessing {different[0]} {steps[different[0]]!r}: this code applies {expected[different[0]]!r}"
+    # checked first: what this code applies is built from them, and a NaN equals nothing
     if not _is_count(steps["max_length"]) or not _is_count(steps["input_length"], steps["max_length"]) \
             or not isinstance(steps["bucket"], bool):
         return (f"preprocessing max_length {steps['max_length']!r}, input_length {steps['input_length']!r}, "
                 f"bucket {steps['bucket']!r}: whole numbers, input_length >= max_length, and true or false")
+    different = [key for key in PREPROCESSING_KEYS if steps[key] != expected[key]]
+    if different:
+        return f"preprocessing {different[0]} {steps[different[0]]!r}: this code applies {expected[different[0]]!r}"
     if not isinstance(config["training"], dict):
         return "training is not an object"
+    if "eval_batch_size" not in config["training"]:  # the batch size a record is classified in
+        return "training lacks eval_batch_size"
+    if not _is_count(config["training"]["eval_batch_size"]):
+        return f"training eval_batch_size {config['training']['eval_batch_size']!r}: not a whole number of at least 1"
     return None
 
 
@@ -136,14 +141,32 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
         temporary.write_bytes(save(state, metadata={"format": "pt"}))
 
 
+def _weights_problem(weights: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
+    """What makes ``weights`` unfit for a model whose state dict is ``state``, beyond the names and
+    shapes that load_state_dict checks: a dtype it would cast silently (another model than the
+    one exported), a value that is not finite; or None."""
+    for name, tensor in weights.items():
+        if name in state and tensor.dtype != state[name].dtype:
+            return f"tensor {name} is {tensor.dtype}, the model's is {state[name].dtype}"
+        if not torch.isfinite(tensor).all():
+            return f"tensor {name} holds values that are not finite (NaN or infinity)"
+    return None
+
+
 def load_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Load ``folder``'s model.safetensors into ``model`` (every parameter, exactly its shapes)."""
+    """Load ``folder``'s model.safetensors into ``model`` (every parameter, exactly its shapes and
+    dtypes, finite)."""
     path = folder / WEIGHTS_FILE
     if not path.is_file():
         raise ModelFolderError(f"{path}: not found")
     try:
-        model.load_state_dict(load_file(path))
+        weights = load_file(path)
+        problem = _weights_problem(weights, model.state_dict())
+        if problem is None:
+            model.load_state_dict(weights)
     except Exception as error:  # a truncated or foreign file, or weights of another shape: one line
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         raise ModelFolderError(f"{path}: does not load into a {type(model).__name__} "
                                f"({type(error).__name__}: {' '.join(lines[:2])})") from None
+    if problem:
+        raise ModelFolderError(f"{path}: {problem}")

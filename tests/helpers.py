@@ -4,9 +4,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import math
 import resource
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import scipy.io
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from analysis.metrics import certified_accuracy
 from certify import CERTIFIED_RADII
@@ -275,3 +278,19 @@ def hub_cache(cache_dir: Path, repo_id: str, folder: Path, revision: str = "0123
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     return snapshot
+
+
+def tampered(folder: Path, tmp_path: Path, change=None, weights=None) -> Path:
+    """A copy of the model folder ``folder`` (tmp_path / "tampered") whose config.json ``change``
+    (config -> None) and whose model.safetensors ``weights`` (tensors by name -> None) altered."""
+    copy = tmp_path / "tampered"
+    shutil.copytree(folder, copy)
+    if change:
+        config = json.loads((copy / "config.json").read_text())
+        change(config)
+        (copy / "config.json").write_text(json.dumps(config))
+    if weights:
+        tensors = load_file(copy / "model.safetensors")
+        weights(tensors)
+        save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    return copy

@@ -1,7 +1,6 @@
 """ECG_CNN.py: resnet18a and resnet18m (sizes, lengths, masked pooling), and resnet18a_vl,
 resnet18a on the valid positions only, independent of the zero padding."""
 import json
-import shutil
 
 import huggingface_hub
 import pytest
@@ -10,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from databases.cpsc2018 import LEADS
-from helpers import hub_cache, logits_of
+from helpers import hub_cache, logits_of, tampered
 from training.losses import jacobian_squared_norm
 from plumbing.pretrained import ModelFolderError
 from ECG_CNN import (DOWNSAMPLE, MaskedGroupNorm, build_model, from_pretrained, check_length, downsample_mask, erode_mask,
@@ -445,16 +444,6 @@ def test_from_pretrained_returns_the_model_in_eval_mode_with_its_preprocessing(e
     assert all(torch.equal(value, saved["model"][key]) for key, value in model.state_dict().items())
 
 
-def tampered(folder, tmp_path, change) -> object:
-    """A copy of the model folder whose config.json ``change`` (config -> None) altered."""
-    copy = tmp_path / "tampered"
-    shutil.copytree(folder, copy)
-    config = json.loads((copy / "config.json").read_text())
-    change(config)
-    (copy / "config.json").write_text(json.dumps(config))
-    return copy
-
-
 @pytest.mark.parametrize("change, problem", [
     (lambda c: c.update(architecture="resnet50"), "unknown architecture 'resnet50' (known: resnet18a, resnet18m, "
                                                   "resnet18a_vl)"),
@@ -468,6 +457,15 @@ def tampered(folder, tmp_path, change) -> object:
     (lambda c: c["preprocessing"].update(leads=["I", "II"]), "preprocessing leads ['I', 'II']: this code applies"),
     (lambda c: c["preprocessing"].update(input_length=3000), "preprocessing input length 3000 is not supported"),
     (lambda c: c.update(format_version=2), "format 'robust-ecg-cnn' version 2, this code reads 'robust-ecg-cnn' version 1"),
+    (lambda c: c.update(architecture=["resnet18a"]), "unknown architecture ['resnet18a'] (known: resnet18a, "),
+    (lambda c: c.update(architecture={}), "unknown architecture {} (known: resnet18a, "),
+    (lambda c: c.update(training={}), "training lacks eval_batch_size"),
+    (lambda c: c["training"].update(eval_batch_size=0), "training eval_batch_size 0: not a whole number of at least 1"),
+    (lambda c: c["training"].update(eval_batch_size="18"), "training eval_batch_size '18': not a whole number of "),
+    (lambda c: c["training"].update(eval_batch_size=18.0), "training eval_batch_size 18.0: not a whole number of "),
+    (lambda c: c["training"].update(eval_batch_size=True), "training eval_batch_size True: not a whole number of "),
+    (lambda c: c["preprocessing"].update(max_length=float("nan")), "preprocessing max_length nan, input_length 3072, "
+                                                                   "bucket False: whole numbers"),
 ])
 def test_a_tampered_config_is_refused_in_one_line_naming_it(exported_model, tmp_path, change, problem):
     folder = tampered(exported_model[1], tmp_path, change)
@@ -484,6 +482,30 @@ def test_weights_that_do_not_fit_are_refused_in_one_line_naming_the_file(exporte
     with pytest.raises(ModelFolderError, match=r"model.safetensors: does not load into a ResNet18M \(") as refused:
         from_pretrained(folder)
     assert "\n" not in str(refused.value)
+
+
+def cast_classifier(dtype):
+    return lambda tensors: tensors.update({"classifier.weight": tensors["classifier.weight"].to(dtype)})
+
+
+def poison_classifier(value):
+    return lambda tensors: tensors["classifier.weight"].view(-1)[7:9].fill_(value)
+
+
+@pytest.mark.parametrize("weights, problem", [
+    (cast_classifier(torch.float64), "tensor classifier.weight is torch.float64, the model's is torch.float32"),
+    (cast_classifier(torch.float16), "tensor classifier.weight is torch.float16, the model's is torch.float32"),
+    (cast_classifier(torch.int64), "tensor classifier.weight is torch.int64, the model's is torch.float32"),
+    (poison_classifier(float("nan")), "tensor classifier.weight holds values that are not finite (NaN or infinity)"),
+    (poison_classifier(float("-inf")), "tensor classifier.weight holds values that are not finite (NaN or infinity)"),
+])
+def test_weights_of_another_dtype_or_not_finite_are_refused_in_one_line_naming_the_tensor(exported_model, tmp_path,
+                                                                                          weights, problem):
+    """load_state_dict would cast them silently: the folder would load as another model than the one exported."""
+    folder = tampered(exported_model[1], tmp_path, weights=weights)
+    with pytest.raises(ModelFolderError) as refused:
+        from_pretrained(folder)
+    assert str(refused.value) == f"{folder / 'model.safetensors'}: {problem}"
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from databases.cpsc2018 import CLASSES
 from ECG_CNN import from_pretrained
 from ECG_Dataset import get_dataloaders
 from evaluate import predict as evaluate_predictions
-from helpers import REPO, hub_cache, write_original_record, write_wfdb_record
+from helpers import REPO, hub_cache, tampered, write_original_record, write_wfdb_record
 from preprocess import preprocess
 
 
@@ -114,6 +114,40 @@ def test_a_model_folder_that_cannot_be_used_is_refused_in_one_line(exported_mode
                                                                     one_error_line):
     assert predict.main([str(tmp_path), str(sample_dir / "A0001.hea")]) == 2
     assert one_error_line().startswith(f"error: {tmp_path / 'config.json'}: not found (not a model folder")
+
+
+def float64_classifier(tensors):
+    tensors["classifier.weight"] = tensors["classifier.weight"].double()
+
+
+@pytest.mark.parametrize("change, weights, damaged, problem", [
+    (lambda c: c.update(architecture=["resnet18a"]), None, "config.json", "unknown architecture ['resnet18a']"),
+    (lambda c: c.update(training={}), None, "config.json", "training lacks eval_batch_size"),
+    (lambda c: c["training"].update(eval_batch_size=0), None, "config.json", "training eval_batch_size 0: not a "),
+    (lambda c: c["training"].update(eval_batch_size="18"), None, "config.json", "training eval_batch_size '18': not "),
+    (None, float64_classifier, "model.safetensors", "tensor classifier.weight is torch.float64, the model's is "),
+    (None, lambda t: t["trunk.head_conv.bias"].fill_(float("nan")), "model.safetensors",
+     "tensor trunk.head_conv.bias holds values that are not finite"),
+])
+def test_a_damaged_model_folder_is_refused_in_one_line_naming_the_file(exported_model, sample_dir, tmp_path,
+                                                                       one_error_line, change, weights, damaged,
+                                                                       problem):
+    folder = tampered(exported_model[1], tmp_path, change, weights)
+    assert predict.main([str(folder), str(sample_dir / "A0001.hea"), "--json"]) == 2
+    assert one_error_line().startswith(f"error: {folder / damaged}: {problem}")
+
+
+def test_probabilities_that_are_not_finite_fail_the_record_and_the_json_stays_json(exported_model, sample_dir,
+                                                                                     tmp_path, capsys):
+    """Finite weights so large that the logits overflow: the softmax is NaN, which JSON cannot hold."""
+    folder = tampered(exported_model[1], tmp_path, weights=lambda t: t["classifier.weight"].fill_(3e38))
+    records = [str(sample_dir / "A0001.hea"), str(sample_dir / "A0004.hea")]
+    assert predict.main([str(folder), *records, "--json"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"error: {record}: the model's probabilities are not finite (NaN or infinity)"
+                                         for record in records]
+    output = json.loads(captured.out, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert output["predictions"] == [] and [f["record"] for f in output["failed"]] == records
 
 
 @pytest.mark.slow  # a process of its own (importing torch)
