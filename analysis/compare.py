@@ -160,7 +160,8 @@ def _sweep_checks(levels: int) -> dict:
     """What a sweep result of ``levels`` levels holds (robustness_sweep), as _first_wrong's checks."""
     return {"level_list": lambda v: isinstance(v, str), "axis_levels": lambda v: _are_numbers(v, levels),
             # the first (noise-free) level is None for an SNR sweep (infinite SNR)
-            "levels": lambda v: (v[0] is None or is_number(v[0])) and _are_numbers(v[1:], levels - 1),
+            "levels": lambda v: isinstance(v, list) and len(v) == levels and (v[0] is None or is_number(v[0]))
+            and _are_numbers(v[1:], levels - 1),
             "accuracy": lambda v: _are_numbers(v, levels), "mean_f1": lambda v: _are_numbers(v, levels),
             "auc": is_number, "auc_f1": is_number, "n": lambda v: type(v) is int,
             "settings": lambda v: isinstance(v, dict) and all(type(v.get(k)) is int for k in SWEEP_SETTING_KEYS)}
