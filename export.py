@@ -22,8 +22,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCardData
 
-from analysis.compare import (EvaluationError, masking_check, masking_check_markdown, read_certificate, read_clean,
-                              read_sweeps, sweep_table)
+from analysis.compare import (EvaluationError, masking_check, masking_check_markdown, older_than_model, read_certificate,
+                              read_clean, read_sweeps, sweep_table)
 from analysis.metrics import SWEEP_METRICS, scores_table, to_markdown
 from perturbations.autoattack import ENSEMBLE_VERSIONS
 from config import METHODS, PRESETS, SWEEPS, TRAIN_DEFAULTS, Sweep
@@ -86,11 +86,10 @@ def read_results(run_dir: Path, split: str) -> tuple[dict, list[str]]:
     "clean" (or None) and "sweeps" ({} when none) as evaluate.py wrote them, and "certified"
     ({sigma: its (radius, certified accuracy) rows}) from certify.py's certify_<sigma>.json files
     of ``split``. A result file older than the run's model.pt is that of an earlier model: left out."""
-    model_time = (run_dir / "model.pt").stat().st_mtime
     notes = []
 
     def current(path: Path) -> bool:
-        if path.stat().st_mtime >= model_time:
+        if not older_than_model(path, run_dir):
             return True
         notes.append(f"{path}: older than the run's model.pt (evaluate or certify the run again)")
         return False

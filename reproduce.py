@@ -43,8 +43,8 @@ import pandas as pd
 
 import evaluate
 from analysis import selection
-from analysis.compare import (EvaluationError, certificate_path, first_wrong, is_number, read_certificate, read_clean,
-                              read_sweeps)
+from analysis.compare import (EvaluationError, certificate_path, first_wrong, is_number, older_than_model, read_certificate,
+                              read_clean, read_sweeps)
 from analysis.report import Timings, build_report, duration, write_selection_report
 from config import (BASELINE_GRID, METHODS, PAPER_METHODS, PRESETS, Certify, Preset, parse_script, parse_sweeps,
                     preset_setting, run_name)
@@ -413,7 +413,7 @@ def certification_complete(job: Job, settings: Certify, sigma: float) -> bool:
     """The run's certify_<sigma>.json is there, newer than its model.pt, with these settings; one
     that certify.py would not have written counts as missing (a note says so)."""
     path = certificate_path(job.run_dir, sigma)
-    if not path.is_file() or path.stat().st_mtime < (job.run_dir / "model.pt").stat().st_mtime:
+    if not path.is_file() or older_than_model(path, job.run_dir):
         return False
     try:
         saved = read_certificate(path)["settings"]

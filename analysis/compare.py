@@ -135,6 +135,13 @@ def _are_numbers(values, count: int) -> bool:
     return isinstance(values, list) and len(values) == count and all(map(is_number, values))
 
 
+def older_than_model(path: Path, run_dir: str | Path) -> bool:
+    """Whether the result file ``path`` predates its run's model.pt: an earlier model's result
+    (False when the run has no model.pt)."""
+    model = Path(run_dir) / "model.pt"
+    return model.is_file() and path.stat().st_mtime < model.stat().st_mtime
+
+
 def first_wrong(content: dict, checks: dict) -> str | None:
     """What is wrong with ``content`` ("'key' is value") for the first key of ``checks`` ({key: test
     of its value}) whose value fails its test; None when none does."""

@@ -331,10 +331,10 @@ def certified_section(plan: Preset, ready: list, result_dir: Path, rel) -> list[
             path = compare.certificate_path(job.run_dir, sigma)
             if not path.is_file():
                 continue
-            certificate, model = compare.read_certificate(path), job.run_dir / "model.pt"
+            certificate = compare.read_certificate(path)
             if certificate["settings"].get("split") != "test":  # certify.py --split val writes the same file
                 left_out.append(f"`{rel(path)}` (the {certificate['settings'].get('split')} split)")
-            elif model.is_file() and path.stat().st_mtime < model.stat().st_mtime:
+            elif compare.older_than_model(path, job.run_dir):
                 left_out.append(f"`{rel(path)}` (older than the run's model.pt)")
             else:
                 found[job.run_dir.name, sigma] = certificate
