@@ -22,8 +22,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCardData
 
-from analysis.compare import (EvaluationError, masking_check, masking_check_markdown, older_than_model, read_certificate,
-                              read_clean, read_sweeps, sweep_table)
+from analysis.compare import (EvaluationError, certificate_problem, masking_check, masking_check_markdown,
+                              older_than_model, read_certificate, read_clean, read_sweeps, sweep_table)
 from analysis.metrics import SWEEP_METRICS, scores_table, to_markdown
 from perturbations.autoattack import ENSEMBLE_VERSIONS
 from config import METHODS, PRESETS, SWEEPS, TRAIN_DEFAULTS, Sweep
@@ -108,8 +108,9 @@ def read_results(run_dir: Path, split: str) -> tuple[dict, list[str]]:
         raise ExportError(f"{sweeps_file}: '{AUTOATTACK_SWEEP}' ran an unknown ensemble_version {version!r} "
                           f"({', '.join(ENSEMBLE_VERSIONS)}): evaluate the run again")
     for path, content in sorted(certificates, key=lambda item: item[1]["settings"]["sigma"]):
-        if content["settings"].get("split") != split:  # certify.py --split val writes the same file
-            notes.append(f"{path}: a certification of the {content['settings'].get('split')} split, not of {split}")
+        problem = certificate_problem(path, content, run_dir, split)  # the split: current() took the rest
+        if problem:
+            notes.append(f"{path}: {problem}")
             continue
         table = content["certified_accuracy"]
         results["certified"][f"{content['settings']['sigma']:g}"] = list(zip(table["radii"], table["accuracy"]))

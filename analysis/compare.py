@@ -142,6 +142,16 @@ def older_than_model(path: Path, run_dir: str | Path) -> bool:
     return model.is_file() and path.stat().st_mtime < model.stat().st_mtime
 
 
+def certificate_problem(path: Path, certificate: dict, run_dir: str | Path, split: str) -> str | None:
+    """Why certify.py's result ``path`` (``certificate``, read) is not the run's current
+    certification of ``split`` (certify.py --split val writes the same file name), or None."""
+    if certificate["settings"].get("split") != split:
+        return f"a certification of the {certificate['settings'].get('split')} split, not of {split}"
+    if older_than_model(path, run_dir):
+        return "older than the run's model.pt"
+    return None
+
+
 def first_wrong(content: dict, checks: dict) -> str | None:
     """What is wrong with ``content`` ("'key' is value") for the first key of ``checks`` ({key: test
     of its value}) whose value fails its test; None when none does."""

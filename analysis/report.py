@@ -332,10 +332,9 @@ def certified_section(plan: Preset, ready: list, result_dir: Path, rel) -> list[
             if not path.is_file():
                 continue
             certificate = compare.read_certificate(path)
-            if certificate["settings"].get("split") != "test":  # certify.py --split val writes the same file
-                left_out.append(f"`{rel(path)}` (the {certificate['settings'].get('split')} split)")
-            elif compare.older_than_model(path, job.run_dir):
-                left_out.append(f"`{rel(path)}` (older than the run's model.pt)")
+            problem = compare.certificate_problem(path, certificate, job.run_dir, "test")
+            if problem:
+                left_out.append(f"`{rel(path)}` ({problem})")
             else:
                 found[job.run_dir.name, sigma] = certificate
     if not found:

@@ -100,7 +100,7 @@ def test_a_certificate_of_another_split_or_older_than_the_model_is_left_out_and_
     report, _ = smoke_report(tmp_path, fake_run, {"CE": {}, "NSR": {}},
                              {"CE": validation, "NSR": certificate([(0.3, True), (0.6, True)])})
     section = report.split("## Certified robustness (randomized smoothing)")[1].split("\n## ")[0]
-    assert "Left out: `CE/certify_0.25.json` (the val split)" in section
+    assert "Left out: `CE/certify_0.25.json` (a certification of the val split, not of test)" in section
     assert [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| ") and "---" not in line] == [
         "| run", "| NSR"]
     run = tmp_path / "stale"
