@@ -321,8 +321,9 @@ def certified_section(plan: Preset, ready: list, result_dir: Path, rel) -> list[
     """The report's section on certified robustness: for each run of ``ready`` that has a
     certification at a sigma of ``plan.certify`` (compare.certificate_path), its certified
     accuracy at each radius, and compare/CERTIFIED_FIGURE (one panel per sigma, one curve per run),
-    drawn here; ``rel`` writes a path as the report links it. No lines and no figure (an earlier
-    one is removed) when no run was certified."""
+    drawn here; ``rel`` writes a path as the report links it. A certificate of another split or
+    older than the run's model.pt is left out and named. No figure (an earlier one is removed)
+    when no current certificate is found, and no lines when none is left out either."""
     figure = result_dir / "compare" / CERTIFIED_FIGURE
     sigmas = plan.certify.sigmas if plan.certify else ()
     found, left_out = {}, []
